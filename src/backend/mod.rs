@@ -1,0 +1,393 @@
+//! Storage behind an export.
+//!
+//! Every kind of storage (a raw file or block device, an in-memory disk, and later sparse
+//! images and overlays) implements [`Backend`]. Layers such as [`ReadOnly`] wrap any backend
+//! and delegate what they do not change, the way nbdkit filters stack over plugins.
+//!
+//! Backends assume their requests were validated at the protocol boundary (in range, flags
+//! allowed); they only `debug_assert!` it.
+//!
+//! [`Backend`] uses `async fn`s and is therefore not object safe. [`DynBackend`] is its
+//! object-safe twin (boxed futures), implemented for every backend, so that the command line
+//! can pick a stack at run time and hand the server an `Arc<dyn DynBackend>`; that handle
+//! implements [`Backend`] again, so layers can wrap it too.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::error::{Error, ErrorKind, Result};
+
+pub mod memory;
+pub mod raw;
+mod readonly;
+
+pub use memory::MemoryBackend;
+pub use raw::RawBackend;
+pub use readonly::ReadOnly;
+
+/// What a backend can do; the server advertises exactly this to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::struct_excessive_bools)]
+pub struct Capabilities {
+    /// Writes, trims and zeroing are refused.
+    pub read_only: bool,
+    /// `flush` persists data (otherwise it is a no-op and FLUSH is not advertised).
+    pub flush: bool,
+    /// Writes honour force-unit-access.
+    pub fua: bool,
+    /// `trim` can release storage.
+    pub trim: bool,
+    /// `write_zeroes` is efficient (not merely the default fallback).
+    pub write_zeroes: bool,
+    /// `write_zeroes` with `fast` can say quickly whether zeroing is cheap.
+    pub fast_zero: bool,
+    /// `block_status` reports real allocation rather than "all data".
+    pub block_status: bool,
+    /// `cache` does something useful (prefetch).
+    pub cache: bool,
+    /// Connections share one consistent view: a flush on one covers writes on all.
+    pub multi_conn: bool,
+    /// The medium is rotational (seeks are expensive).
+    pub rotational: bool,
+}
+
+impl Capabilities {
+    /// Capabilities with everything off; backends switch on what they support.
+    pub const NONE: Capabilities = Capabilities {
+        read_only: false,
+        flush: false,
+        fua: false,
+        trim: false,
+        write_zeroes: false,
+        fast_zero: false,
+        block_status: false,
+        cache: false,
+        multi_conn: false,
+        rotational: false,
+    };
+}
+
+/// Block size constraints advertised to clients (`NBD_INFO_BLOCK_SIZE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSize {
+    /// Smallest unit of I/O, a power of two.
+    pub minimum: u32,
+    /// Size that avoids read-modify-write, a power of two.
+    pub preferred: u32,
+    /// Largest request payload accepted.
+    pub maximum: u32,
+}
+
+impl BlockSize {
+    /// The largest payload Strata accepts in one request (32 MiB, as qemu and nbdkit do).
+    pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+}
+
+impl Default for BlockSize {
+    fn default() -> Self {
+        BlockSize {
+            minimum: 1,
+            preferred: 4096,
+            maximum: Self::MAX_PAYLOAD,
+        }
+    }
+}
+
+/// Allocation state of a range, as `base:allocation` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes (never zero).
+    pub length: u64,
+    /// The range is not allocated (`NBD_STATE_HOLE`).
+    pub hole: bool,
+    /// The range reads as zeroes (`NBD_STATE_ZERO`).
+    pub zero: bool,
+}
+
+impl Extent {
+    /// An allocated range holding data.
+    pub fn data(length: u64) -> Self {
+        Extent {
+            length,
+            hole: false,
+            zero: false,
+        }
+    }
+
+    /// An unallocated range that reads as zeroes.
+    pub fn hole(length: u64) -> Self {
+        Extent {
+            length,
+            hole: true,
+            zero: true,
+        }
+    }
+
+    /// An allocated range known to read as zeroes.
+    pub fn zero(length: u64) -> Self {
+        Extent {
+            length,
+            hole: false,
+            zero: true,
+        }
+    }
+}
+
+/// A piece of a sparse read: bytes, or a run of zeroes that need not be sent.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ReadChunk {
+    /// Data as stored.
+    Data(Bytes),
+    /// This many bytes read as zero.
+    Zero(u64),
+}
+
+impl ReadChunk {
+    /// Number of bytes this chunk covers.
+    pub fn len(&self) -> u64 {
+        match self {
+            ReadChunk::Data(b) => b.len() as u64,
+            ReadChunk::Zero(n) => *n,
+        }
+    }
+
+    /// True when the chunk covers nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl std::fmt::Debug for ReadChunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadChunk::Data(b) => write!(f, "Data({} bytes)", b.len()),
+            ReadChunk::Zero(n) => write!(f, "Zero({n})"),
+        }
+    }
+}
+
+/// Options of a `write_zeroes` request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// Persist before returning.
+    pub fua: bool,
+    /// Keep the range allocated (do not punch a hole).
+    pub no_hole: bool,
+    /// Fail with [`ErrorKind::NotSupported`] rather than fall back to writing zeroes slowly.
+    pub fast: bool,
+}
+
+/// Granularity of the default `write_zeroes` fallback.
+const ZERO_CHUNK: usize = 1024 * 1024;
+
+/// A virtual disk. All offsets and lengths are in bytes and already validated against
+/// [`Backend::size`] by the caller.
+pub trait Backend: Send + Sync + 'static {
+    /// Size of the disk in bytes.
+    fn size(&self) -> u64;
+
+    /// What this backend supports.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Block size constraints.
+    fn block_size(&self) -> BlockSize {
+        BlockSize::default()
+    }
+
+    /// Reads `len` bytes at `offset`.
+    fn read(&self, offset: u64, len: usize) -> impl Future<Output = Result<Bytes>> + Send;
+
+    /// Reads `len` bytes at `offset`, reporting runs of zeroes without materialising them.
+    /// The chunks cover exactly `len` bytes, in order.
+    fn read_sparse(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> impl Future<Output = Result<Vec<ReadChunk>>> + Send {
+        async move { Ok(vec![ReadChunk::Data(self.read(offset, len).await?)]) }
+    }
+
+    /// Writes `data` at `offset`; with `fua` the data is durable on return.
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = Result<()>> + Send;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Hints that the range is no longer needed. Contents afterwards are unspecified
+    /// (backends in this crate make them read as zeroes).
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> impl Future<Output = Result<()>> + Send {
+        let _ = (offset, len, fua);
+        async { Ok(()) }
+    }
+
+    /// Makes the range read as zeroes. The default writes zero buffers, which is honest but
+    /// slow, so it refuses `fast` requests.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            if flags.fast {
+                return Err(Error::new(ErrorKind::NotSupported).with_op("write_zeroes"));
+            }
+            let zeroes = Bytes::from(vec![0u8; ZERO_CHUNK.min(len as usize)]);
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(zeroes.len() as u64) as usize;
+                self.write(offset + done, zeroes.slice(..n), false).await?;
+                done += n as u64;
+            }
+            if flags.fua {
+                self.flush().await?;
+            }
+            Ok(())
+        }
+    }
+
+    /// Describes allocation from `offset`. Returns at least one extent; extents are
+    /// contiguous, start at `offset` and cover at most `len` bytes.
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Vec<Extent>>> + Send {
+        let _ = offset;
+        async move { Ok(vec![Extent::data(len)]) }
+    }
+
+    /// Hints that the range will be read soon.
+    fn cache(&self, offset: u64, len: u64) -> impl Future<Output = Result<()>> + Send {
+        let _ = (offset, len);
+        async { Ok(()) }
+    }
+}
+
+/// A boxed future, as returned by [`DynBackend`].
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Object-safe form of [`Backend`], implemented for every backend.
+#[allow(missing_docs)]
+pub trait DynBackend: Send + Sync + 'static {
+    fn size(&self) -> u64;
+    fn capabilities(&self) -> Capabilities;
+    fn block_size(&self) -> BlockSize;
+    fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes>>;
+    fn read_sparse(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Vec<ReadChunk>>>;
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<()>>;
+    fn flush(&self) -> BoxFuture<'_, Result<()>>;
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> BoxFuture<'_, Result<()>>;
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>>;
+    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<Extent>>>;
+    fn cache(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>>;
+}
+
+impl<B: Backend> DynBackend for B {
+    fn size(&self) -> u64 {
+        Backend::size(self)
+    }
+    fn capabilities(&self) -> Capabilities {
+        Backend::capabilities(self)
+    }
+    fn block_size(&self) -> BlockSize {
+        Backend::block_size(self)
+    }
+    fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes>> {
+        Box::pin(Backend::read(self, offset, len))
+    }
+    fn read_sparse(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Vec<ReadChunk>>> {
+        Box::pin(Backend::read_sparse(self, offset, len))
+    }
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<()>> {
+        Box::pin(Backend::write(self, offset, data, fua))
+    }
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(Backend::flush(self))
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> BoxFuture<'_, Result<()>> {
+        Box::pin(Backend::trim(self, offset, len, fua))
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>> {
+        Box::pin(Backend::write_zeroes(self, offset, len, flags))
+    }
+    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<Extent>>> {
+        Box::pin(Backend::block_status(self, offset, len))
+    }
+    fn cache(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
+        Box::pin(Backend::cache(self, offset, len))
+    }
+}
+
+/// A backend chosen at run time.
+pub type SharedBackend = Arc<dyn DynBackend>;
+
+impl Backend for SharedBackend {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
+    }
+    fn block_size(&self) -> BlockSize {
+        (**self).block_size()
+    }
+    fn read(&self, offset: u64, len: usize) -> impl Future<Output = Result<Bytes>> + Send {
+        (**self).read(offset, len)
+    }
+    fn read_sparse(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> impl Future<Output = Result<Vec<ReadChunk>>> + Send {
+        (**self).read_sparse(offset, len)
+    }
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = Result<()>> + Send {
+        (**self).write(offset, data, fua)
+    }
+    fn flush(&self) -> impl Future<Output = Result<()>> + Send {
+        (**self).flush()
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> impl Future<Output = Result<()>> + Send {
+        (**self).trim(offset, len, fua)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> impl Future<Output = Result<()>> + Send {
+        (**self).write_zeroes(offset, len, flags)
+    }
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Vec<Extent>>> + Send {
+        (**self).block_status(offset, len)
+    }
+    fn cache(&self, offset: u64, len: u64) -> impl Future<Output = Result<()>> + Send {
+        (**self).cache(offset, len)
+    }
+}
+
+/// Opens the backend named on the command line: `memory:SIZE` or a path to a raw file or
+/// block device.
+pub fn open(spec: &str, read_only: bool) -> Result<SharedBackend> {
+    let backend: SharedBackend = if let Some(size) = spec.strip_prefix("memory:") {
+        let size = crate::size::parse_size(size)?;
+        Arc::new(MemoryBackend::new(size))
+    } else {
+        Arc::new(RawBackend::open(spec, read_only)?)
+    };
+    Ok(if read_only {
+        Arc::new(ReadOnly::new(backend))
+    } else {
+        backend
+    })
+}

@@ -1,0 +1,1 @@
+//! The network side: listeners, connections, sessions.

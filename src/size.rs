@@ -1,0 +1,59 @@
+//! Human-friendly sizes: `512`, `64K`, `1G`, `2TiB`.
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Parses a byte count with an optional binary suffix (K, M, G, T, P, E; with or without
+/// `iB`/`B`). Suffixes are powers of 1024, as disk tools use them.
+pub fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(t.len());
+    let (digits, suffix) = t.split_at(split);
+    let bad = || {
+        Error::msg(
+            ErrorKind::InvalidInput,
+            format!("invalid size {text:?}: expected a number with an optional K/M/G/T suffix"),
+        )
+    };
+    if digits.is_empty() {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let shift = match suffix.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        "P" | "PB" | "PIB" => 50,
+        "E" | "EB" | "EIB" => 60,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(|| {
+        Error::msg(ErrorKind::InvalidInput, format!("size {text:?} is too large"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn suffixes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("64K").unwrap(), 64 << 10);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("2TiB").unwrap(), 2 << 40);
+        assert_eq!(parse_size("3m").unwrap(), 3 << 20);
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(parse_size("").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999E").is_err());
+    }
+}
