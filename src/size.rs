@@ -6,9 +6,7 @@ use crate::error::{Error, ErrorKind, Result};
 /// `iB`/`B`). Suffixes are powers of 1024, as disk tools use them.
 pub fn parse_size(text: &str) -> Result<u64> {
     let t = text.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, suffix) = t.split_at(split);
     let bad = || {
         Error::msg(
@@ -31,7 +29,10 @@ pub fn parse_size(text: &str) -> Result<u64> {
         _ => return Err(bad()),
     };
     n.checked_mul(1u64 << shift).ok_or_else(|| {
-        Error::msg(ErrorKind::InvalidInput, format!("size {text:?} is too large"))
+        Error::msg(
+            ErrorKind::InvalidInput,
+            format!("size {text:?} is too large"),
+        )
     })
 }
 

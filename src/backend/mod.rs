@@ -211,7 +211,8 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// Writes `data` at `offset`; with `fua` the data is durable on return.
-    fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = Result<()>> + Send;
+    fn write(&self, offset: u64, data: Bytes, fua: bool)
+    -> impl Future<Output = Result<()>> + Send;
 
     /// Makes every completed write durable.
     fn flush(&self) -> impl Future<Output = Result<()>> + Send {
@@ -347,7 +348,12 @@ impl Backend for SharedBackend {
     ) -> impl Future<Output = Result<Vec<ReadChunk>>> + Send {
         (**self).read_sparse(offset, len)
     }
-    fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = Result<()>> + Send {
+    fn write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> impl Future<Output = Result<()>> + Send {
         (**self).write(offset, data, fua)
     }
     fn flush(&self) -> impl Future<Output = Result<()>> + Send {

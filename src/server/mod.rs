@@ -1,1 +1,295 @@
-//! The network side: listeners, connections, sessions.
+//! The network side: listeners, connection slots, the handshake driver, sessions and
+//! graceful shutdown.
+//!
+//! A [`Server`] owns the [`Exports`] and its configuration. Each accepted connection takes
+//! a slot (connections are capped), runs the handshake under a deadline, then a
+//! [`session`] until the client leaves or the server shuts down. Shutting down stops the
+//! listeners, lets sessions finish the requests they accepted, and flushes every export.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Semaphore, watch};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::backend::Backend;
+use crate::error::{Error, ErrorKind, Result};
+use crate::proto::{HandshakeConfig, Negotiated, Progress, ProtocolError, ServerHandshake};
+
+pub mod export;
+pub mod listener;
+pub mod session;
+
+pub use export::{Export, Exports};
+pub use listener::{ListenAddr, Listener};
+pub use session::SessionConfig;
+
+use listener::{ReadHalf, Stream, WriteHalf};
+
+/// Server-wide settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// A client that has not finished the handshake by then is dropped.
+    pub handshake_timeout: Duration,
+    /// Connections served at once; further ones are closed on accept.
+    pub max_connections: usize,
+    /// How long shutdown waits for sessions to finish their requests.
+    pub shutdown_grace: Duration,
+    /// Handshake tunables.
+    pub handshake: HandshakeConfig,
+    /// Transmission-phase tunables.
+    pub session: SessionConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+            shutdown_grace: Duration::from_secs(30),
+            handshake: HandshakeConfig::default(),
+            session: SessionConfig::default(),
+        }
+    }
+}
+
+/// State shared by the accept loops and connections.
+struct Shared {
+    exports: Arc<Exports>,
+    config: ServerConfig,
+    slots: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// An NBD server over a set of exports.
+pub struct Server {
+    shared: Arc<Shared>,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+/// A handle that asks a running [`Server`] to shut down.
+#[derive(Clone, Debug)]
+pub struct ShutdownHandle(watch::Sender<bool>);
+
+impl ShutdownHandle {
+    /// Starts a graceful shutdown.
+    pub fn shutdown(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+impl Server {
+    /// Creates a server for `exports`.
+    pub fn new(exports: Arc<Exports>, config: ServerConfig) -> Self {
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let slots = Arc::new(Semaphore::new(config.max_connections));
+        Server {
+            shared: Arc::new(Shared {
+                exports,
+                config,
+                slots,
+                shutdown,
+            }),
+            shutdown_tx,
+        }
+    }
+
+    /// A handle to stop the server from elsewhere.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.shutdown_tx.clone())
+    }
+
+    /// Serves on `listeners` until [`ShutdownHandle::shutdown`] is called, then drains
+    /// connections and flushes every export.
+    pub async fn serve(self, listeners: Vec<Listener>) -> Result<()> {
+        if listeners.is_empty() {
+            return Err(Error::msg(ErrorKind::InvalidInput, "no listen address"));
+        }
+        let mut loops = Vec::new();
+        for listener in listeners {
+            loops.push(tokio::spawn(accept_loop(listener, self.shared.clone())));
+        }
+        let mut shutdown = self.shared.shutdown.clone();
+        while !*shutdown.borrow_and_update() {
+            if shutdown.changed().await.is_err() {
+                break;
+            }
+        }
+        info!("shutting down: no new connections, finishing requests in flight");
+        for l in loops {
+            let _ = l.await;
+        }
+        let all = u32::try_from(self.shared.config.max_connections).unwrap_or(u32::MAX);
+        match tokio::time::timeout(
+            self.shared.config.shutdown_grace,
+            self.shared.slots.acquire_many(all),
+        )
+        .await
+        {
+            Ok(_) => debug!("all connections closed"),
+            Err(_) => warn!("connections still open after the shutdown grace period"),
+        }
+        let mut result = Ok(());
+        for export in self.shared.exports.all() {
+            if let Err(e) = export.backend().flush().await {
+                warn!(export = export.name(), "final flush failed: {e}");
+                result = Err(e);
+            }
+        }
+        info!("shutdown complete");
+        result
+    }
+}
+
+async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.changed() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors and similar: back off briefly instead of spinning.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
+            warn!(%peer, "connection refused: limit of {} connections reached", shared.config.max_connections);
+            drop(stream);
+            continue;
+        };
+        let shared = shared.clone();
+        let span = info_span!("conn", %peer);
+        tokio::spawn(
+            async move {
+                handle_connection(stream, &shared).await;
+                drop(slot);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn handle_connection(stream: Stream, shared: &Shared) {
+    let (mut reader, mut writer) = stream.into_split();
+    debug!("connected");
+    let negotiation = tokio::time::timeout(
+        shared.config.handshake_timeout,
+        negotiate(&mut reader, &mut writer, shared),
+    )
+    .await;
+    let (negotiated, leftover) = match negotiation {
+        Err(_) => {
+            warn!(
+                "handshake not finished within {:?}; dropping",
+                shared.config.handshake_timeout
+            );
+            return;
+        }
+        Ok(Err(e)) => {
+            info!("handshake failed: {e}");
+            return;
+        }
+        Ok(Ok(None)) => {
+            debug!("client aborted the handshake");
+            return;
+        }
+        Ok(Ok(Some(n))) => n,
+    };
+    let Some(export) = shared.exports.get(&negotiated.export.name) else {
+        warn!(
+            export = negotiated.export.name,
+            "export vanished during the handshake"
+        );
+        return;
+    };
+    info!(
+        export = export.name(),
+        structured = negotiated.structured,
+        extended = negotiated.extended,
+        "transmission started"
+    );
+    session::run(
+        reader,
+        writer,
+        leftover,
+        export.backend().clone(),
+        &negotiated,
+        shared.config.session,
+        shared.shutdown.clone(),
+    )
+    .await;
+}
+
+/// Why a handshake ended without an export.
+#[derive(Debug)]
+enum HandshakeError {
+    Protocol(ProtocolError),
+    Io(std::io::Error),
+    Closed,
+    TlsUnavailable,
+}
+
+impl std::fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandshakeError::Protocol(e) => write!(f, "{e}"),
+            HandshakeError::Io(e) => write!(f, "{e}"),
+            HandshakeError::Closed => f.write_str("client closed the connection"),
+            HandshakeError::TlsUnavailable => f.write_str("TLS requested but not available"),
+        }
+    }
+}
+
+impl From<std::io::Error> for HandshakeError {
+    fn from(e: std::io::Error) -> Self {
+        HandshakeError::Io(e)
+    }
+}
+
+/// Drives the handshake state machine over the socket. Returns the negotiated session and
+/// any bytes the client already sent past the handshake, or `None` if the client aborted.
+async fn negotiate(
+    reader: &mut ReadHalf,
+    writer: &mut WriteHalf,
+    shared: &Shared,
+) -> std::result::Result<Option<(Negotiated, BytesMut)>, HandshakeError> {
+    let mut hs = ServerHandshake::new(shared.config.handshake.clone());
+    let mut input = BytesMut::with_capacity(4096);
+    loop {
+        if let Some(out) = hs.poll_transmit() {
+            writer.write_all(&out).await?;
+        }
+        let progress = hs
+            .handle_input(&mut input, &*shared.exports)
+            .map_err(HandshakeError::Protocol)?;
+        match progress {
+            Progress::NeedInput => {
+                if reader.read_buf(&mut input).await? == 0 {
+                    return Err(HandshakeError::Closed);
+                }
+            }
+            Progress::Continue => {}
+            Progress::StartTls => return Err(HandshakeError::TlsUnavailable),
+            Progress::Abort => {
+                if let Some(out) = hs.poll_transmit() {
+                    writer.write_all(&out).await?;
+                }
+                let _ = writer.shutdown().await;
+                return Ok(None);
+            }
+            Progress::Done(negotiated) => {
+                if let Some(out) = hs.poll_transmit() {
+                    writer.write_all(&out).await?;
+                }
+                return Ok(Some((*negotiated, input)));
+            }
+        }
+    }
+}

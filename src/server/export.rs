@@ -1,0 +1,169 @@
+//! The exports a server offers, and how they look to the handshake.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use crate::backend::{Capabilities, DynBackend, SharedBackend};
+use crate::proto::consts::transmission_flags as tf;
+use crate::proto::handshake::default_meta_contexts;
+use crate::proto::{BlockSizes, ExportCatalog, ExportInfo, ExportSummary};
+
+/// One named disk.
+pub struct Export {
+    name: String,
+    description: String,
+    backend: SharedBackend,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export")
+            .field("name", &self.name)
+            .field("size", &self.backend.size())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Export {
+    /// Creates an export named `name` over `backend`.
+    pub fn new(
+        name: impl Into<String>,
+        description: impl Into<String>,
+        backend: SharedBackend,
+    ) -> Self {
+        Export {
+            name: name.into(),
+            description: description.into(),
+            backend,
+        }
+    }
+
+    /// The export's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The storage behind it.
+    pub fn backend(&self) -> &SharedBackend {
+        &self.backend
+    }
+
+    /// Transmission flags derived from the backend's capabilities.
+    pub fn transmission_flags(&self) -> u16 {
+        flags_for(&self.backend.capabilities())
+    }
+
+    /// What the handshake reports about this export.
+    pub fn info(&self) -> ExportInfo {
+        let bs = DynBackend::block_size(&*self.backend);
+        ExportInfo {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            size: self.backend.size(),
+            flags: self.transmission_flags(),
+            block_sizes: BlockSizes {
+                minimum: bs.minimum,
+                preferred: bs.preferred,
+                maximum: bs.maximum,
+            },
+            meta_contexts: default_meta_contexts(),
+        }
+    }
+}
+
+/// Transmission flags for a backend with `caps`. Zeroing and cache are always offered:
+/// the backend trait has honest fallbacks for both.
+pub fn flags_for(caps: &Capabilities) -> u16 {
+    let mut flags = tf::HAS_FLAGS | tf::SEND_FLUSH | tf::SEND_CACHE;
+    let set = |flags: &mut u16, on: bool, bit: u16| {
+        if on {
+            *flags |= bit;
+        }
+    };
+    set(&mut flags, caps.read_only, tf::READ_ONLY);
+    set(
+        &mut flags,
+        !caps.read_only,
+        tf::SEND_FUA | tf::SEND_WRITE_ZEROES,
+    );
+    set(&mut flags, !caps.read_only && caps.trim, tf::SEND_TRIM);
+    set(
+        &mut flags,
+        !caps.read_only && caps.fast_zero,
+        tf::SEND_FAST_ZERO,
+    );
+    set(&mut flags, caps.multi_conn, tf::CAN_MULTI_CONN);
+    set(&mut flags, caps.rotational, tf::ROTATIONAL);
+    flags
+}
+
+/// The set of exports, shared by every connection. The first export added is the default
+/// one, answered for the empty name.
+#[derive(Debug, Default)]
+pub struct Exports {
+    inner: RwLock<Registry>,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    by_name: BTreeMap<String, Arc<Export>>,
+    default: Option<String>,
+}
+
+impl Exports {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) an export.
+    pub fn insert(&self, export: Export) {
+        let mut reg = self
+            .inner
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if reg.default.is_none() {
+            reg.default = Some(export.name.clone());
+        }
+        reg.by_name.insert(export.name.clone(), Arc::new(export));
+    }
+
+    /// Finds an export by the name a client sent; "" is the default export.
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        let reg = self
+            .inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = if name.is_empty() {
+            reg.default.as_deref()?
+        } else {
+            name
+        };
+        reg.by_name.get(key).cloned()
+    }
+
+    /// All exports, in name order.
+    pub fn all(&self) -> Vec<Arc<Export>> {
+        let reg = self
+            .inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        reg.by_name.values().cloned().collect()
+    }
+}
+
+impl ExportCatalog for Exports {
+    fn export(&self, name: &str) -> Option<ExportInfo> {
+        self.get(name).map(|e| e.info())
+    }
+
+    fn list(&self) -> Vec<ExportSummary> {
+        self.all()
+            .iter()
+            .map(|e| ExportSummary {
+                name: e.name.clone(),
+                description: e.description.clone(),
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,245 @@
+//! Listening addresses (TCP over IPv4/IPv6, Unix sockets) and accepted connections.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::str::FromStr;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Where to listen: `HOST:PORT`, `[V6]:PORT` or `unix:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(Error::msg(
+                    ErrorKind::InvalidInput,
+                    "unix: needs a socket path",
+                ));
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        let addr = match s.parse::<SocketAddr>() {
+            Ok(addr) => addr,
+            Err(_) => {
+                // Allow host names such as localhost:10809.
+                use std::net::ToSocketAddrs;
+                s.to_socket_addrs()
+                    .ok()
+                    .and_then(|mut it| it.next())
+                    .ok_or_else(|| {
+                        Error::msg(
+                            ErrorKind::InvalidInput,
+                            format!("invalid listen address {s:?}: expected HOST:PORT, [V6]:PORT or unix:PATH"),
+                        )
+                    })?
+            }
+        };
+        Ok(ListenAddr::Tcp(addr))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// The reading half of a connection.
+pub type ReadHalf = Pin<Box<dyn AsyncRead + Send>>;
+/// The writing half of a connection.
+pub type WriteHalf = Pin<Box<dyn AsyncWrite + Send>>;
+
+/// An accepted connection, before it is split into halves.
+pub enum Stream {
+    /// TCP.
+    Tcp(tokio::net::TcpStream),
+    /// Unix socket.
+    Unix(tokio::net::UnixStream),
+}
+
+impl Stream {
+    /// Splits into owned halves without a shared lock.
+    pub fn into_split(self) -> (ReadHalf, WriteHalf) {
+        match self {
+            Stream::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (Box::pin(r), Box::pin(w))
+            }
+            Stream::Unix(s) => {
+                let (r, w) = s.into_split();
+                (Box::pin(r), Box::pin(w))
+            }
+        }
+    }
+}
+
+/// A bound listener.
+pub enum Listener {
+    /// TCP listener.
+    Tcp(TcpListener),
+    /// Unix listener; the socket file is removed when this is dropped.
+    Unix(UnixListener, UnixSocketGuard),
+}
+
+/// Removes a Unix socket file on drop.
+pub struct UnixSocketGuard(PathBuf);
+
+impl Drop for UnixSocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn bind_error(addr: &ListenAddr, err: io::Error) -> Error {
+    Error::from(err)
+        .with_op("listen")
+        .with_message(format!("cannot listen on {addr}"))
+}
+
+/// Removes a stale socket file left by a previous run, but never a live one or a file of
+/// another kind.
+fn clear_stale_socket(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another server is listening on this socket",
+                ));
+            }
+            std::fs::remove_file(path)
+        }
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "path exists and is not a socket",
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+impl Listener {
+    /// Binds `addr`.
+    pub async fn bind(addr: &ListenAddr) -> Result<Listener> {
+        match addr {
+            ListenAddr::Tcp(sa) => {
+                let socket = match sa {
+                    SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+                    SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+                }
+                .map_err(|e| bind_error(addr, e))?;
+                socket
+                    .set_reuseaddr(true)
+                    .map_err(|e| bind_error(addr, e))?;
+                socket.bind(*sa).map_err(|e| bind_error(addr, e))?;
+                let listener = socket.listen(1024).map_err(|e| bind_error(addr, e))?;
+                Ok(Listener::Tcp(listener))
+            }
+            ListenAddr::Unix(path) => {
+                clear_stale_socket(path).map_err(|e| bind_error(addr, e))?;
+                let listener = UnixListener::bind(path).map_err(|e| bind_error(addr, e))?;
+                Ok(Listener::Unix(listener, UnixSocketGuard(path.clone())))
+            }
+        }
+    }
+
+    /// The bound address (with the real port when port 0 was asked for).
+    pub fn local_addr(&self) -> Result<ListenAddr> {
+        match self {
+            Listener::Tcp(l) => Ok(ListenAddr::Tcp(l.local_addr()?)),
+            Listener::Unix(_, guard) => Ok(ListenAddr::Unix(guard.0.clone())),
+        }
+    }
+
+    /// Accepts one connection, returning it with a printable peer name.
+    pub async fn accept(&self) -> io::Result<(Stream, String)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                s.set_nodelay(true)?;
+                set_keepalive(&s);
+                Ok((Stream::Tcp(s), peer.to_string()))
+            }
+            Listener::Unix(l, guard) => {
+                let (s, _) = l.accept().await?;
+                Ok((Stream::Unix(s), format!("unix:{}", guard.0.display())))
+            }
+        }
+    }
+}
+
+/// Turns on TCP keepalive so that connections of clients that vanished without closing
+/// (power loss, cable pulled) are noticed and their slots freed within a few minutes.
+fn set_keepalive(stream: &tokio::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let opts: [(libc::c_int, libc::c_int, libc::c_int); 4] = [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 60),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6),
+    ];
+    for (level, name, value) in opts {
+        // SAFETY: `fd` is a valid socket owned by `stream` for the duration of the call, and
+        // `value` is a live c_int whose size is passed alongside its address.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&raw const value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(
+                "setsockopt({level}, {name}) failed: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_addresses() {
+        assert_eq!(
+            "127.0.0.1:10809".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Tcp("127.0.0.1:10809".parse().unwrap())
+        );
+        assert_eq!(
+            "[::1]:10809".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Tcp("[::1]:10809".parse().unwrap())
+        );
+        assert_eq!(
+            "unix:/tmp/s.sock".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Unix("/tmp/s.sock".into())
+        );
+        assert!("unix:".parse::<ListenAddr>().is_err());
+        assert!("nonsense".parse::<ListenAddr>().is_err());
+        assert!("1.2.3.4".parse::<ListenAddr>().is_err());
+    }
+}

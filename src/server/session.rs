@@ -1,0 +1,709 @@
+//! The transmission phase of one connection.
+//!
+//! ```text
+//!   socket read half ──> reader loop ──> validate ──> spawn per request ──┐
+//!                        (this task)     (refusals answered at once)      │ backend op
+//!                                                                         v
+//!   socket write half <── writer task <── reply channel <── encoded reply ─┘
+//! ```
+//!
+//! Requests run concurrently and complete in any order; replies carry the request's
+//! cookie. Only the writer task touches the write half, and it batches whatever replies
+//! are ready into one vectored write. Memory in flight is bounded by a per-connection byte
+//! budget: the reader stops reading from the socket while the budget is spent, which
+//! pushes back on the client through TCP flow control.
+
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::listener::{ReadHalf, WriteHalf};
+use crate::backend::{Backend, Extent, ReadChunk, SharedBackend, ZeroFlags};
+use crate::error::Error;
+use crate::proto::consts::{BASE_ALLOCATION, cmd_flags, errno, state};
+use crate::proto::reply::{self, ChunkTarget, Descriptor, ReplyMode};
+use crate::proto::{Command, Limits, MetaContext, Negotiated, ProtocolError, RequestHeader};
+use crate::proto::{errno_for, validate};
+
+/// Largest number of extents sent in one block-status chunk.
+pub const MAX_EXTENTS: usize = 2048;
+
+/// Payloads larger than this cannot be skipped politely and end the connection.
+const MAX_SKIPPABLE_PAYLOAD: u64 = u32::MAX as u64;
+
+/// Minimum charge against the in-flight budget, so that the budget also bounds the number
+/// of requests (and tasks) in flight.
+const MIN_CHARGE: u64 = 64 * 1024;
+
+/// Replies gathered into one vectored write at most.
+const MAX_BATCH: usize = 64;
+
+/// Tunables of the transmission phase.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionConfig {
+    /// Bytes of request and reply payload one connection may have in flight.
+    pub max_in_flight: u64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            max_in_flight: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// The client sent `NBD_CMD_DISC`.
+    Disconnect,
+    /// The client closed the connection without `NBD_CMD_DISC`.
+    ClientClosed,
+    /// The server is shutting down.
+    Shutdown,
+    /// The client broke the protocol.
+    Protocol(ProtocolError),
+    /// The socket failed.
+    Io(io::Error),
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionEnd::Disconnect => f.write_str("client disconnected"),
+            SessionEnd::ClientClosed => f.write_str("client closed the connection"),
+            SessionEnd::Shutdown => f.write_str("server shutting down"),
+            SessionEnd::Protocol(e) => write!(f, "protocol error: {e}"),
+            SessionEnd::Io(e) => write!(f, "I/O error: {e}"),
+        }
+    }
+}
+
+/// Buffered reading of request headers and payloads from the socket.
+struct FrameReader {
+    inner: ReadHalf,
+    buf: BytesMut,
+}
+
+const READ_CHUNK: usize = 64 * 1024;
+
+impl FrameReader {
+    /// Ensures at least `n` bytes are buffered. Returns `false` on a clean end of stream
+    /// before any byte of the frame arrived.
+    async fn fill(&mut self, n: usize) -> io::Result<bool> {
+        while self.buf.len() < n {
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                if self.buf.is_empty() {
+                    return Ok(false);
+                }
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads exactly `n` payload bytes into a buffer of their own, copying only what was
+    /// already buffered and reading the rest straight into place.
+    async fn payload(&mut self, n: usize) -> io::Result<Bytes> {
+        if self.buf.len() >= n {
+            return Ok(self.buf.split_to(n).freeze());
+        }
+        let mut out = BytesMut::with_capacity(n);
+        out.extend_from_slice(&self.buf.split());
+        while out.len() < n {
+            let want = n - out.len();
+            let mut limited = (&mut self.inner).take(want as u64);
+            if limited.read_buf(&mut out).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    /// Reads and drops `n` bytes.
+    async fn skip(&mut self, mut n: u64) -> io::Result<()> {
+        let buffered = (self.buf.len() as u64).min(n);
+        let _ = self.buf.split_to(buffered as usize);
+        n -= buffered;
+        if n > 0 {
+            let copied =
+                tokio::io::copy(&mut (&mut self.inner).take(n), &mut tokio::io::sink()).await?;
+            if copied < n {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One encoded reply, kept with the budget it holds until it is on the wire.
+struct Outgoing {
+    parts: Vec<Bytes>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Builds a reply out of small encoded headers and large data buffers, without copying
+/// the data.
+struct ReplyBuf {
+    parts: Vec<Bytes>,
+    head: BytesMut,
+}
+
+impl ReplyBuf {
+    fn new() -> Self {
+        ReplyBuf {
+            parts: Vec::with_capacity(2),
+            head: BytesMut::with_capacity(64),
+        }
+    }
+
+    fn data(&mut self, data: Bytes) {
+        if !self.head.is_empty() {
+            self.parts.push(self.head.split().freeze());
+        }
+        self.parts.push(data);
+    }
+
+    fn finish(mut self) -> Vec<Bytes> {
+        if !self.head.is_empty() {
+            self.parts.push(self.head.freeze());
+        }
+        self.parts
+    }
+}
+
+/// What every request task of a session needs.
+struct Context {
+    backend: SharedBackend,
+    mode: ReplyMode,
+    contexts: Vec<MetaContext>,
+    sparse_reads: bool,
+    wrote: AtomicBool,
+}
+
+impl Context {
+    fn target(&self, h: &RequestHeader) -> ChunkTarget {
+        ChunkTarget {
+            mode: self.mode,
+            cookie: h.cookie,
+            offset: h.offset,
+        }
+    }
+
+    /// A successful reply without data.
+    fn ok(&self, h: &RequestHeader) -> Vec<Bytes> {
+        let mut b = BytesMut::with_capacity(32);
+        match self.mode {
+            // Structured mode may answer data-less requests with simple replies, which are
+            // smaller; extended headers forbid them.
+            ReplyMode::Simple | ReplyMode::Structured => reply::encode_simple(&mut b, h.cookie, 0),
+            ReplyMode::Extended => reply::encode_done(&mut b, self.target(h)),
+        }
+        vec![b.freeze()]
+    }
+
+    /// An error reply; structured modes carry `message`, and `offset` when it is known.
+    fn error(
+        &self,
+        h: &RequestHeader,
+        errno: u32,
+        message: &str,
+        offset: Option<u64>,
+    ) -> Vec<Bytes> {
+        let mut b = BytesMut::with_capacity(64 + message.len());
+        if self.mode == ReplyMode::Simple {
+            reply::encode_simple(&mut b, h.cookie, errno);
+        } else {
+            reply::encode_error(&mut b, self.target(h), true, errno, message, offset);
+        }
+        vec![b.freeze()]
+    }
+
+    fn failed(&self, h: &RequestHeader, err: &Error) -> Vec<Bytes> {
+        let errno = errno_for(err.kind());
+        if errno == errno::EIO {
+            warn!(
+                command = h.command.name(),
+                offset = h.offset,
+                length = h.length,
+                "{err}"
+            );
+        } else {
+            debug!(
+                command = h.command.name(),
+                offset = h.offset,
+                length = h.length,
+                "{err}"
+            );
+        }
+        let offset = err
+            .offset()
+            .filter(|&o| h.command == Command::Read && o >= h.offset && o < h.offset + h.length);
+        self.error(h, errno, &err.to_string(), offset)
+    }
+
+    fn done_or_error(&self, h: &RequestHeader, result: crate::Result<()>) -> Vec<Bytes> {
+        match result {
+            Ok(()) => self.ok(h),
+            Err(e) => self.failed(h, &e),
+        }
+    }
+
+    async fn execute(&self, h: RequestHeader, payload: Bytes) -> Vec<Bytes> {
+        let fua = h.flags & cmd_flags::FUA != 0;
+        let backend = &self.backend;
+        match h.command {
+            Command::Read => self.read(&h).await,
+            Command::Write => {
+                self.wrote.store(true, Ordering::Relaxed);
+                let r = backend.write(h.offset, payload, fua).await;
+                self.done_or_error(&h, r)
+            }
+            Command::Flush => {
+                let r = backend.flush().await;
+                self.done_or_error(&h, r)
+            }
+            Command::Trim => {
+                self.wrote.store(true, Ordering::Relaxed);
+                let r = if h.length == 0 {
+                    Ok(())
+                } else {
+                    backend.trim(h.offset, h.length, fua).await
+                };
+                self.done_or_error(&h, r)
+            }
+            Command::WriteZeroes => {
+                self.wrote.store(true, Ordering::Relaxed);
+                let flags = ZeroFlags {
+                    fua,
+                    no_hole: h.flags & cmd_flags::NO_HOLE != 0,
+                    fast: h.flags & cmd_flags::FAST_ZERO != 0,
+                };
+                let r = if h.length == 0 {
+                    Ok(())
+                } else {
+                    backend.write_zeroes(h.offset, h.length, flags).await
+                };
+                self.done_or_error(&h, r)
+            }
+            Command::Cache => {
+                let r = backend.cache(h.offset, h.length).await;
+                self.done_or_error(&h, r)
+            }
+            Command::BlockStatus => self.block_status(&h).await,
+            Command::Disconnect | Command::Resize | Command::Unknown(_) => {
+                // Validation refuses these before they are dispatched.
+                self.error(&h, errno::EINVAL, "unsupported command", None)
+            }
+        }
+    }
+
+    async fn read(&self, h: &RequestHeader) -> Vec<Bytes> {
+        let len = h.length as usize;
+        let mut out = ReplyBuf::new();
+        if self.mode == ReplyMode::Simple {
+            return match self.backend.read(h.offset, len).await {
+                Ok(data) => {
+                    reply::encode_simple(&mut out.head, h.cookie, 0);
+                    out.data(data);
+                    out.finish()
+                }
+                Err(e) => self.failed(h, &e),
+            };
+        }
+        let target = self.target(h);
+        if len == 0 {
+            reply::encode_done(&mut out.head, target);
+            return out.finish();
+        }
+        let df = h.flags & cmd_flags::DF != 0;
+        let chunks = if self.sparse_reads && !df {
+            self.backend.read_sparse(h.offset, len).await
+        } else {
+            self.backend
+                .read(h.offset, len)
+                .await
+                .map(|d| vec![ReadChunk::Data(d)])
+        };
+        let chunks = match chunks {
+            Ok(c) => c,
+            Err(e) => return self.failed(h, &e),
+        };
+        let chunks: Vec<ReadChunk> = chunks.into_iter().filter(|c| !c.is_empty()).collect();
+        let covered: u64 = chunks.iter().map(ReadChunk::len).sum();
+        if covered != len as u64 {
+            let msg = format!("backend returned {covered} bytes for a read of {len}");
+            warn!("{msg}");
+            return self.error(h, errno::EIO, &msg, None);
+        }
+        let mut pos = h.offset;
+        let last = chunks.len() - 1;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let done = i == last;
+            let n = chunk.len();
+            match chunk {
+                ReadChunk::Data(data) => {
+                    reply::encode_offset_data_header(&mut out.head, target, done, pos, n);
+                    out.data(data);
+                }
+                ReadChunk::Zero(n) => {
+                    // Reads are capped at the maximum payload, far below 4 GiB.
+                    reply::encode_offset_hole(&mut out.head, target, done, pos, n as u32);
+                }
+            }
+            pos += n;
+        }
+        out.finish()
+    }
+
+    async fn block_status(&self, h: &RequestHeader) -> Vec<Bytes> {
+        let req_one = h.flags & cmd_flags::REQ_ONE != 0;
+        let target = self.target(h);
+        let mut out = BytesMut::with_capacity(256);
+        let last = self.contexts.len() - 1;
+        for (i, ctx) in self.contexts.iter().enumerate() {
+            let extents = if ctx.name == BASE_ALLOCATION {
+                match self.backend.block_status(h.offset, h.length).await {
+                    Ok(e) => e,
+                    Err(e) => return self.failed(h, &e),
+                }
+            } else {
+                Vec::new()
+            };
+            let max_len = if self.mode == ReplyMode::Extended {
+                u64::MAX
+            } else {
+                u64::from(u32::MAX) & !4095
+            };
+            let descriptors = normalize_extents(&extents, h.length, max_len, req_one);
+            reply::encode_block_status(&mut out, target, i == last, ctx.id, &descriptors);
+        }
+        vec![out.freeze()]
+    }
+}
+
+fn extent_flags(e: &Extent) -> u64 {
+    let mut flags = 0;
+    if e.hole {
+        flags |= state::HOLE;
+    }
+    if e.zero {
+        flags |= state::ZERO;
+    }
+    u64::from(flags)
+}
+
+/// Turns a backend's extents into descriptors a client can trust: never empty, never past
+/// the requested length, adjacent runs of equal state merged, each at most `max_len`
+/// bytes, at most [`MAX_EXTENTS`] of them (one with `req_one`).
+pub fn normalize_extents(
+    extents: &[Extent],
+    len: u64,
+    max_len: u64,
+    req_one: bool,
+) -> Vec<Descriptor> {
+    let limit = if req_one { 1 } else { MAX_EXTENTS };
+    let mut out: Vec<Descriptor> = Vec::new();
+    let mut covered = 0u64;
+    for e in extents {
+        if covered >= len {
+            break;
+        }
+        let length = e.length.min(len - covered);
+        if length == 0 {
+            continue;
+        }
+        covered += length;
+        let flags = extent_flags(e);
+        match out.last_mut() {
+            Some(prev) if prev.flags == flags => prev.length += length,
+            _ => out.push(Descriptor { length, flags }),
+        }
+    }
+    if out.is_empty() {
+        // Always make progress: with nothing known, report the range as plain data.
+        out.push(Descriptor {
+            length: len,
+            flags: 0,
+        });
+    }
+    let mut capped = Vec::with_capacity(out.len().min(limit));
+    for d in out {
+        if capped.len() == limit {
+            break;
+        }
+        capped.push(Descriptor {
+            length: d.length.min(max_len),
+            flags: d.flags,
+        });
+        if d.length > max_len {
+            break;
+        }
+    }
+    capped
+}
+
+/// Runs the transmission phase until the client disconnects, the connection fails or the
+/// server shuts down. `leftover` holds bytes read past the end of the handshake.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    reader: ReadHalf,
+    writer: WriteHalf,
+    leftover: BytesMut,
+    backend: SharedBackend,
+    negotiated: &Negotiated,
+    config: SessionConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> SessionEnd {
+    let mode = if negotiated.extended {
+        ReplyMode::Extended
+    } else if negotiated.structured {
+        ReplyMode::Structured
+    } else {
+        ReplyMode::Simple
+    };
+    let limits = Limits {
+        size: negotiated.export.size,
+        flags: negotiated.flags,
+        max_payload: negotiated.export.block_sizes.maximum,
+        structured: negotiated.structured,
+        extended: negotiated.extended,
+        has_contexts: !negotiated.contexts.is_empty(),
+    };
+    let ctx = Arc::new(Context {
+        sparse_reads: backend.capabilities().block_status,
+        backend,
+        mode,
+        contexts: negotiated.contexts.clone(),
+        wrote: AtomicBool::new(false),
+    });
+    let budget_total = config
+        .max_in_flight
+        .max(u64::from(limits.max_payload))
+        .min(u64::from(u32::MAX));
+    let budget = Arc::new(Semaphore::new(budget_total as usize));
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let mut writer_task = tokio::spawn(write_loop(writer, rx));
+    let mut reader = FrameReader {
+        inner: reader,
+        buf: leftover,
+    };
+    let header_len = RequestHeader::wire_len(negotiated.extended);
+
+    let end = loop {
+        if *shutdown.borrow() {
+            break SessionEnd::Shutdown;
+        }
+        let filled = tokio::select! {
+            biased;
+            _ = shutdown.changed() => break SessionEnd::Shutdown,
+            res = &mut writer_task => {
+                break match res {
+                    Ok(Err(e)) => SessionEnd::Io(e),
+                    _ => SessionEnd::ClientClosed,
+                };
+            }
+            r = reader.fill(header_len) => r,
+        };
+        match filled {
+            Ok(true) => {}
+            Ok(false) => break SessionEnd::ClientClosed,
+            Err(e) => break SessionEnd::Io(e),
+        }
+        let header = match RequestHeader::decode(&mut reader.buf, negotiated.extended) {
+            Ok(Some(h)) => h,
+            Ok(None) => continue,
+            Err(e) => break SessionEnd::Protocol(e),
+        };
+        let payload_len = header.payload_len(negotiated.extended);
+        if payload_len > MAX_SKIPPABLE_PAYLOAD {
+            break SessionEnd::Protocol(ProtocolError::PayloadTooLarge(payload_len));
+        }
+        if header.command == Command::Disconnect {
+            break SessionEnd::Disconnect;
+        }
+        if let Err(refusal) = validate(&header, &limits) {
+            debug!(
+                command = header.command.name(),
+                offset = header.offset,
+                length = header.length,
+                "refused: {}",
+                refusal.message
+            );
+            if let Err(e) = reader.skip(payload_len).await {
+                break SessionEnd::Io(e);
+            }
+            let parts = ctx.error(&header, refusal.errno, &refusal.message, None);
+            let _ = tx.send(Outgoing {
+                parts,
+                _permit: None,
+            });
+            continue;
+        }
+        let data_len = match header.command {
+            Command::Read | Command::Write => header.length,
+            _ => 0,
+        };
+        let charge = data_len.max(MIN_CHARGE).min(budget_total) as u32;
+        let Ok(permit) = budget.clone().acquire_many_owned(charge).await else {
+            break SessionEnd::Shutdown;
+        };
+        let payload = if payload_len > 0 {
+            match reader.payload(payload_len as usize).await {
+                Ok(p) => p,
+                Err(e) => break SessionEnd::Io(e),
+            }
+        } else {
+            Bytes::new()
+        };
+        let ctx = ctx.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let parts = ctx.execute(header, payload).await;
+            let _ = tx.send(Outgoing {
+                parts,
+                _permit: Some(permit),
+            });
+        });
+    };
+
+    // Let every request already accepted finish and its reply reach the client: the
+    // writer ends once the last sender (held by in-flight tasks) is gone.
+    drop(tx);
+    if !writer_task.is_finished() {
+        match (&mut writer_task).await {
+            Ok(Err(e)) => debug!("writing final replies failed: {e}"),
+            Err(e) => warn!("reply writer failed: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
+    if ctx.wrote.load(Ordering::Relaxed) {
+        if let Err(e) = ctx.backend.flush().await {
+            warn!("flush at end of session failed: {e}");
+        }
+    }
+    info!("session ended: {end}");
+    end
+}
+
+async fn write_loop(mut w: WriteHalf, mut rx: mpsc::UnboundedReceiver<Outgoing>) -> io::Result<()> {
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(o) => batch.push(o),
+                Err(_) => break,
+            }
+        }
+        write_all_parts(&mut w, batch.iter().flat_map(|o| o.parts.iter())).await?;
+        batch.clear();
+    }
+    w.flush().await?;
+    w.shutdown().await
+}
+
+/// Most buffers handed to one `writev`.
+const MAX_IOVECS: usize = 512;
+
+async fn write_all_parts<'a>(
+    w: &mut WriteHalf,
+    parts: impl Iterator<Item = &'a Bytes>,
+) -> io::Result<()> {
+    let parts: Vec<&Bytes> = parts.filter(|p| !p.is_empty()).collect();
+    let mut start = 0;
+    while start < parts.len() {
+        let end = (start + MAX_IOVECS).min(parts.len());
+        let mut slices: Vec<IoSlice<'_>> =
+            parts[start..end].iter().map(|b| IoSlice::new(b)).collect();
+        let mut view: &mut [IoSlice<'_>] = &mut slices;
+        while !view.is_empty() {
+            let n = w.write_vectored(view).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut view, n);
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_always_progresses() {
+        let d = normalize_extents(&[], 4096, u64::MAX, false);
+        assert_eq!(
+            d,
+            vec![Descriptor {
+                length: 4096,
+                flags: 0
+            }]
+        );
+    }
+
+    #[test]
+    fn normalize_clips_merges_and_caps() {
+        let ext = [
+            Extent::hole(100),
+            Extent::hole(50),
+            Extent::data(1000),
+            Extent::zero(10),
+        ];
+        let d = normalize_extents(&ext, 500, u64::MAX, false);
+        assert_eq!(
+            d,
+            vec![
+                Descriptor {
+                    length: 150,
+                    flags: 3
+                },
+                Descriptor {
+                    length: 350,
+                    flags: 0
+                },
+            ]
+        );
+        let d = normalize_extents(&ext, 500, u64::MAX, true);
+        assert_eq!(
+            d,
+            vec![Descriptor {
+                length: 150,
+                flags: 3
+            }]
+        );
+        let many: Vec<Extent> = (0..5000)
+            .map(|i| {
+                if i % 2 == 0 {
+                    Extent::data(1)
+                } else {
+                    Extent::hole(1)
+                }
+            })
+            .collect();
+        assert_eq!(
+            normalize_extents(&many, 5000, u64::MAX, false).len(),
+            MAX_EXTENTS
+        );
+    }
+
+    #[test]
+    fn normalize_splits_oversized_extents() {
+        let ext = [Extent::hole(10 << 32)];
+        let d = normalize_extents(&ext, 10 << 32, u64::from(u32::MAX) & !4095, false);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].length, u64::from(u32::MAX) & !4095);
+    }
+}
