@@ -179,17 +179,31 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
 async fn handle_connection(stream: Stream, shared: &Shared) {
     let (mut reader, mut writer) = stream.into_split();
     debug!("connected");
-    let negotiation = tokio::time::timeout(
-        shared.config.handshake_timeout,
-        negotiate(&mut reader, &mut writer, shared),
-    )
-    .await;
+    let mut shutdown = shared.shutdown.clone();
+    let negotiation = tokio::select! {
+        r = tokio::time::timeout(
+            shared.config.handshake_timeout,
+            negotiate(&mut reader, &mut writer, shared),
+        ) => r,
+        _ = shutdown.wait_for(|stop| *stop) => {
+            debug!("shutdown during the handshake");
+            return;
+        }
+    };
     let (negotiated, leftover) = match negotiation {
         Err(_) => {
             warn!(
                 "handshake not finished within {:?}; dropping",
                 shared.config.handshake_timeout
             );
+            return;
+        }
+        Ok(Err(HandshakeError::Io(e))) if is_disconnect(&e) => {
+            debug!("client went away during the handshake: {e}");
+            return;
+        }
+        Ok(Err(HandshakeError::Closed)) => {
+            debug!("client closed the connection during the handshake");
             return;
         }
         Ok(Err(e)) => {
@@ -225,6 +239,15 @@ async fn handle_connection(stream: Stream, shared: &Shared) {
         shared.shutdown.clone(),
     )
     .await;
+}
+
+/// True for errors that only mean the peer hung up.
+fn is_disconnect(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::BrokenPipe | K::ConnectionReset | K::ConnectionAborted | K::UnexpectedEof
+    )
 }
 
 /// Why a handshake ended without an export.
