@@ -1,6 +1,36 @@
 //! Strata: a fast NBD (Network Block Device) server for VM storage.
 //!
-//! PLACEHOLDER crate doc; expanded below once the layers land.
+//! Strata exports disks over the NBD protocol to any NBD client: qemu, libnbd tools, the
+//! Linux kernel, and the client built into Apple's Virtualization.framework (macOS 14+).
+//!
+//! ```text
+//!            clients (qemu, nbdcopy, Linux nbd, Virtualization.framework)
+//!                                  │  TCP / Unix socket
+//!   ┌──────────────────────────────▼───────────────────────────────┐
+//!   │ server   listeners ─ slots ─ handshake driver ─ session      │  tokio, sockets
+//!   ├──────────────────────────────────────────────────────────────┤
+//!   │ proto    handshake state machine · request/reply codec ·     │  pure, no I/O
+//!   │          validation · errno mapping                          │
+//!   ├──────────────────────────────────────────────────────────────┤
+//!   │ backend  Backend trait ─ layers (ReadOnly, …)                │
+//!   │          └─ RawBackend (file, block device) · MemoryBackend  │  storage
+//!   └──────────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! A request crosses the layers once: the session decodes it with [`proto`], checks it
+//! with [`proto::validate`] (the only place requests are validated), runs it on the
+//! export's [`backend::Backend`], and maps any failure to a wire errno with
+//! [`proto::errno_for`] (the only place errors are mapped).
+//!
+//! # Layout
+//! - [`proto`]: the NBD protocol without I/O: constants, handshake, request and reply
+//!   codecs, validation. Fuzzed and property-tested in isolation.
+//! - [`server`]: listeners, connection limits, the handshake driver, the transmission
+//!   session (concurrent requests, one reply writer, bounded memory), graceful shutdown.
+//! - [`backend`]: the [`backend::Backend`] trait, its object-safe twin, and the raw,
+//!   memory and read-only implementations.
+//! - [`error`]: the crate's one error type.
+//! - [`size`]: parsing of human-friendly sizes.
 
 pub mod backend;
 pub mod error;
