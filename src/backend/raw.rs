@@ -1,7 +1,7 @@
 //! Raw images: a regular file or a block device, accessed with positional I/O.
 //!
-//! Every system call runs on tokio's blocking thread pool through one helper,
-//! [`RawBackend::blocking`], so the I/O strategy (thread pool, io_uring, ...) can be changed
+//! Every system call runs on tokio's blocking thread pool through one private helper
+//! (`RawBackend::blocking`), so the I/O strategy (thread pool, io_uring, ...) can be changed
 //! in one place.
 //!
 //! | request        | regular file                                  | block device              |
