@@ -148,7 +148,7 @@ impl FrameReader {
 /// One encoded reply, kept with the budget it holds until it is on the wire.
 struct Outgoing {
     parts: Vec<Bytes>,
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: OwnedSemaphorePermit,
 }
 
 /// Builds a reply out of small encoded headers and large data buffers, without copying
@@ -531,7 +531,18 @@ pub async fn run(
         if header.command == Command::Disconnect {
             break SessionEnd::Disconnect;
         }
-        if let Err(refusal) = validate(&header, &limits) {
+        let verdict = validate(&header, &limits);
+        // Refusals are charged too: a client that floods the server with bad requests
+        // while never reading the replies must not grow the reply queue without bound.
+        let data_len = match (&verdict, header.command) {
+            (Ok(()), Command::Read | Command::Write) => header.length,
+            _ => 0,
+        };
+        let charge = data_len.max(MIN_CHARGE).min(budget_total) as u32;
+        let Ok(permit) = budget.clone().acquire_many_owned(charge).await else {
+            break SessionEnd::Shutdown;
+        };
+        if let Err(refusal) = verdict {
             debug!(
                 command = header.command.name(),
                 offset = header.offset,
@@ -545,18 +556,10 @@ pub async fn run(
             let parts = ctx.error(&header, refusal.errno, &refusal.message, None);
             let _ = tx.send(Outgoing {
                 parts,
-                _permit: None,
+                _permit: permit,
             });
             continue;
         }
-        let data_len = match header.command {
-            Command::Read | Command::Write => header.length,
-            _ => 0,
-        };
-        let charge = data_len.max(MIN_CHARGE).min(budget_total) as u32;
-        let Ok(permit) = budget.clone().acquire_many_owned(charge).await else {
-            break SessionEnd::Shutdown;
-        };
         let payload = if payload_len > 0 {
             match reader.payload(payload_len as usize).await {
                 Ok(p) => p,
@@ -571,7 +574,7 @@ pub async fn run(
             let parts = ctx.execute(header, payload).await;
             let _ = tx.send(Outgoing {
                 parts,
-                _permit: Some(permit),
+                _permit: permit,
             });
         });
     };
