@@ -119,7 +119,9 @@ pub fn validate(req: &RequestHeader, limits: &Limits) -> Result<(), Refusal> {
     }
     let end = req.offset.checked_add(req.length);
     if end.is_none_or(|end| end > limits.size) {
-        let errno = if modifies {
+        // The spec asks for ENOSPC from writes (and write zeroes) past the end, but EINVAL
+        // from reads and trims.
+        let errno = if matches!(command, Command::Write | Command::WriteZeroes) {
             errno::ENOSPC
         } else {
             errno::EINVAL
