@@ -17,7 +17,11 @@ fn strata() -> Command {
 
 fn free_port(v6: bool) -> u16 {
     let addr = if v6 { "[::1]:0" } else { "127.0.0.1:0" };
-    TcpListener::bind(addr).unwrap().local_addr().unwrap().port()
+    TcpListener::bind(addr)
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Running(Child);
@@ -46,7 +50,11 @@ fn wait_unix(path: &Path) -> UnixStream {
         if let Ok(s) = UnixStream::connect(path) {
             return s;
         }
-        assert!(Instant::now() < deadline, "server never listened on {}", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "server never listened on {}",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -93,7 +101,10 @@ fn listens_on_ipv4_ipv6_and_unix_at_once() {
 fn export_is_named_after_the_file_stem_or_the_name_flag() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("golden-disk.img");
-    std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
     let port = free_port(false);
     let child = strata()
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
@@ -115,7 +126,13 @@ fn export_is_named_after_the_file_stem_or_the_name_flag() {
 
     let port = free_port(false);
     let child = strata()
-        .args(["serve", "--name", "vm1", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "serve",
+            "--name",
+            "vm1",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
         .arg(&img)
         .stderr(Stdio::null())
         .spawn()
@@ -129,16 +146,25 @@ fn fails_with(args: &[&str], expect: &str) {
     let out = strata().args(args).output().unwrap();
     assert!(!out.status.success(), "{args:?} should fail");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(expect), "{args:?}: expected {expect:?} in {stderr}");
+    assert!(
+        stderr.contains(expect),
+        "{args:?}: expected {expect:?} in {stderr}"
+    );
 }
 
 #[test]
 fn bad_arguments_give_clear_errors() {
     fails_with(&["serve", "/nonexistent/disk.img"], "/nonexistent/disk.img");
     fails_with(&["serve", "memory:lots"], "invalid size");
-    fails_with(&["serve", "--listen", "nowhere", "memory:1M"], "invalid listen address");
+    fails_with(
+        &["serve", "--listen", "nowhere", "memory:1M"],
+        "invalid listen address",
+    );
     let dir = tempfile::tempdir().unwrap();
-    fails_with(&["serve", dir.path().to_str().unwrap()], dir.path().to_str().unwrap());
+    fails_with(
+        &["serve", dir.path().to_str().unwrap()],
+        dir.path().to_str().unwrap(),
+    );
     // A port already taken is reported, not ignored.
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
@@ -149,7 +175,10 @@ fn bad_arguments_give_clear_errors() {
 fn sigterm_flushes_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.img");
-    std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
     let port = free_port(false);
     let mut child = strata()
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
@@ -170,13 +199,24 @@ fn sigterm_flushes_and_exits_cleanly() {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "server did not exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "exit status {status}");
     let mut log = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
-    assert!(log.contains("listening on 127.0.0.1:"), "listening address is logged: {log}");
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        log.contains("listening on 127.0.0.1:"),
+        "listening address is logged: {log}"
+    );
     assert!(log.contains("shutdown complete"), "{log}");
     assert_eq!(&std::fs::read(&img).unwrap()[512..517], b"hello");
 }

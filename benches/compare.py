@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Side-by-side fio benchmark of Strata, nbdkit and qemu-nbd on the same image.
+
+Each server is started in turn on the same raw image (in /dev/shm by default, so the
+measurement is of the servers, not of a disk), and fio's nbd engine runs the same
+workloads against each, over TCP and over a Unix socket. For every run the table shows
+IOPS, bandwidth, median and 99th percentile completion latency, and the server's CPU time
+per request (user+system time of the server process over the run, from /proc, divided by
+the requests served). The last column is Strata's figure over the best peer's.
+
+Usage: benches/compare.py [--runtime SECS] [--repeat N] [--size SIZE] [--quick]
+                          [--servers strata,nbdkit,qemu-nbd] [--transports tcp,unix]
+                          [--markdown FILE]
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# name, fio rw, block size, iodepth, jobs
+WORKLOADS = [
+    ("4k randread QD1", "randread", "4k", 1, 1),
+    ("4k randwrite QD1", "randwrite", "4k", 1, 1),
+    ("4k randread QD32", "randread", "4k", 32, 1),
+    ("4k randwrite QD32", "randwrite", "4k", 32, 1),
+    ("4k randread QD32 x2 jobs", "randread", "4k", 32, 2),
+    ("4k randwrite QD32 x2 jobs", "randwrite", "4k", 32, 2),
+    ("1M read QD8", "read", "1M", 8, 1),
+    ("1M write QD8", "write", "1M", 8, 1),
+]
+QUICK = {"4k randread QD32", "4k randwrite QD32", "1M read QD8", "1M write QD8"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(transport, where, timeout=15.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if transport == "tcp":
+                with socket.create_connection(("127.0.0.1", where), timeout=1):
+                    return
+            else:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(where)
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server did not come up on {where}")
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # utime and stime are fields 14 and 15 (1-based) of the whole line.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def server_command(name, image, transport, where):
+    if name == "strata":
+        binary = os.path.join(ROOT, "target", "release", "strata")
+        listen = f"127.0.0.1:{where}" if transport == "tcp" else f"unix:{where}"
+        return [binary, "serve", "--listen", listen, "--name", "disk", image]
+    if name == "nbdkit":
+        addr = ["-p", str(where), "-i", "127.0.0.1"] if transport == "tcp" else ["-U", where]
+        return ["nbdkit", "-f", "--exportname", "disk", *addr, "file", image]
+    if name == "qemu-nbd":
+        addr = ["-p", str(where), "-b", "127.0.0.1"] if transport == "tcp" else ["-k", where]
+        return ["qemu-nbd", "-f", "raw", "-x", "disk", "-t", "-e", "16", "--cache=writeback",
+                "--aio=threads", *addr, image]
+    raise ValueError(name)
+
+
+def uri(transport, where):
+    if transport == "tcp":
+        return f"nbd://127.0.0.1:{where}/disk"
+    return f"nbd+unix:///disk?socket={where}"
+
+
+def run_fio(target, rw, bs, depth, jobs, runtime, size, workdir):
+    cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={target}", f"--rw={rw}",
+           f"--bs={bs}", f"--iodepth={depth}", f"--numjobs={jobs}", f"--size={size}",
+           "--time_based", f"--runtime={runtime}", "--group_reporting",
+           "--output-format=json", "--percentile_list=50:99"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=workdir).stdout
+    data = json.loads(out[out.index("{"):])
+    job = data["jobs"][0]
+    side = job["read"] if job["read"]["io_bytes"] > 0 else job["write"]
+    pct = side["clat_ns"].get("percentile", {})
+    return {
+        "iops": side["iops"],
+        "mbps": side["bw_bytes"] / 1e6,
+        "ios": side["total_ios"],
+        "p50_us": pct.get("50.000000", 0) / 1000,
+        "p99_us": pct.get("99.000000", 0) / 1000,
+    }
+
+
+def measure(server, image, transport, workload, args, workdir):
+    _, rw, bs, depth, jobs = workload
+    where = free_port() if transport == "tcp" else os.path.join(workdir, f"{server}.sock")
+    proc = subprocess.Popen(server_command(server, image, transport, where),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(transport, where)
+        cpu0 = cpu_seconds(proc.pid)
+        r = run_fio(uri(transport, where), rw, bs, depth, jobs, args.runtime, args.size, workdir)
+        cpu1 = cpu_seconds(proc.pid)
+        r["cpu_us_per_io"] = (cpu1 - cpu0) * 1e6 / max(r["ios"], 1)
+        return r
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def median_of(runs):
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def machine():
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    versions = []
+    for tool, flag in [("fio", "--version"), ("nbdkit", "--version"), ("qemu-nbd", "--version")]:
+        try:
+            versions.append(subprocess.run([tool, flag], capture_output=True, text=True)
+                            .stdout.splitlines()[0])
+        except (OSError, IndexError):
+            versions.append(f"{tool}: missing")
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, Linux {platform.release()}; "
+            + "; ".join(versions))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runtime", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--image-dir", default="/dev/shm")
+    ap.add_argument("--servers", default="strata,nbdkit,qemu-nbd")
+    ap.add_argument("--transports", default="tcp,unix")
+    ap.add_argument("--quick", action="store_true", help="QD32 random and sequential only")
+    ap.add_argument("--markdown", help="also write the table to this file")
+    args = ap.parse_args()
+
+    for tool in ["fio", *args.servers.split(",")]:
+        if tool != "strata" and shutil.which(tool) is None:
+            sys.exit(f"missing tool: {tool}")
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+
+    workdir = tempfile.mkdtemp(prefix="strata-bench-")
+    image = os.path.join(args.image_dir, f"strata-bench-{os.getpid()}.img")
+    subprocess.run(["dd", "if=/dev/urandom", f"of={image}", "bs=1M",
+                    f"count={int(args.size.rstrip('G')) * 1024}", "status=none"], check=True)
+    servers = args.servers.split(",")
+    workloads = [w for w in WORKLOADS if not args.quick or w[0] in QUICK]
+    rows = []
+    try:
+        for transport in args.transports.split(","):
+            for wl in workloads:
+                results = {}
+                for server in servers:
+                    runs = [measure(server, image, transport, wl, args, workdir)
+                            for _ in range(args.repeat)]
+                    results[server] = median_of(runs)
+                rows.append((transport, wl[0], results))
+                print_row(rows[-1], servers)
+    finally:
+        os.unlink(image)
+        shutil.rmtree(workdir, ignore_errors=True)
+    table = render(rows, servers, args)
+    print()
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+
+
+def ratio(results, servers, key, higher_is_better=True):
+    peers = [results[s][key] for s in servers if s != "strata" and s in results]
+    if "strata" not in results or not peers:
+        return "-"
+    best = max(peers) if higher_is_better else min(peers)
+    mine = results["strata"][key]
+    if best == 0 or mine == 0:
+        return "-"
+    return f"{(mine / best if higher_is_better else best / mine):.2f}x"
+
+
+def print_row(row, servers):
+    transport, name, results = row
+    parts = [f"{s}: {results[s]['iops']:.0f} IOPS {results[s]['mbps']:.0f} MB/s "
+             f"cpu {results[s]['cpu_us_per_io']:.1f} us/io" for s in servers]
+    print(f"[{transport}] {name}: " + " | ".join(parts), flush=True)
+
+
+def render(rows, servers, args):
+    out = [f"Machine: {machine()}", "",
+           f"fio nbd engine, {args.runtime} s per run, median of {args.repeat} runs, "
+           f"image of {args.size} in {args.image_dir}.", ""]
+    head = ["transport", "workload"]
+    for s in servers:
+        head += [f"{s} IOPS", f"{s} MB/s", f"{s} p50/p99 us", f"{s} CPU us/io"]
+    head += ["Strata/best IOPS", "best/Strata CPU"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    for transport, name, results in rows:
+        cells = [transport, name]
+        for s in servers:
+            r = results[s]
+            cells += [f"{r['iops']:.0f}", f"{r['mbps']:.0f}",
+                      f"{r['p50_us']:.0f}/{r['p99_us']:.0f}", f"{r['cpu_us_per_io']:.1f}"]
+        cells += [ratio(results, servers, "iops"),
+                  ratio(results, servers, "cpu_us_per_io", higher_is_better=False)]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Runs Strata's whole test suite: installs the external NBD clients the interop tests
+# drive, then builds, tests, checks formatting and lints. CI runs this (.ci/run) with
+# CI=true on a fresh Debian 12 machine as root.
+#
+#   scripts/test.sh                 # from any directory
+#   STRATA_TEST_SERVER=nbdkit scripts/test.sh   # interop tests against nbdkit instead
+#
+# Under CI=true a tool still missing after installation is a hard failure. Elsewhere
+# the tests that need it skip, loudly.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+CI="${CI:-false}"
+export CI
+
+log() { printf '\n==> %s\n' "$*"; }
+warn() { printf '\n!!!! %s\n' "$*" >&2; }
+
+# --- external tools --------------------------------------------------------------------
+
+# nbdsh runs `python3 -m nbd`; the first python3 on PATH may be a pyenv/venv one without
+# the module, so check Debian's interpreter too (the tests do the same).
+have_python_libnbd() {
+    local py
+    for py in python3 /usr/bin/python3; do
+        if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import nbd' >/dev/null 2>&1; then
+            return 0
+        fi
+    done
+    return 1
+}
+
+# Prints the Debian packages whose tools are missing, one per line.
+missing_packages() {
+    # qemu-utils: install only when qemu-img is absent, so a newer qemu (e.g. from
+    # backports) is never replaced.
+    command -v qemu-img >/dev/null 2>&1 || echo qemu-utils
+    if ! command -v qemu-io >/dev/null 2>&1 && command -v qemu-img >/dev/null 2>&1; then
+        warn "qemu-img is installed but qemu-io is not; not touching the qemu installation"
+    fi
+    local t
+    for t in nbdinfo nbdcopy nbdsh; do
+        if ! command -v "$t" >/dev/null 2>&1; then
+            echo libnbd-bin
+            break
+        fi
+    done
+    have_python_libnbd || echo python3-libnbd
+    command -v nbdkit >/dev/null 2>&1 || echo nbdkit
+    command -v fio >/dev/null 2>&1 || echo fio
+}
+
+install_packages() {
+    local -a pkgs=("$@")
+    local -a sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null 2>&1; then
+            sudo=(sudo)
+        else
+            warn "not root and no sudo: cannot install ${pkgs[*]}"
+            return 1
+        fi
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        warn "no apt-get: cannot install ${pkgs[*]}"
+        return 1
+    fi
+    log "installing ${pkgs[*]}"
+    "${sudo[@]}" apt-get update &&
+        DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y --no-install-recommends "${pkgs[@]}"
+}
+
+mapfile -t need < <(missing_packages | sort -u)
+if [ "${#need[@]}" -gt 0 ]; then
+    if ! install_packages "${need[@]}"; then
+        warn "installing ${need[*]} failed"
+    fi
+fi
+
+mapfile -t still < <(missing_packages | sort -u)
+if [ "${#still[@]}" -gt 0 ]; then
+    if [ "$CI" = "true" ]; then
+        warn "CI=true and these packages are still missing: ${still[*]}"
+        warn "the interop tests need them; refusing to run with tests skipped"
+        exit 1
+    fi
+    warn "MISSING TOOLS (${still[*]}): the interop tests that need them will be SKIPPED"
+fi
+
+log "tool versions"
+for t in qemu-img nbdinfo nbdkit fio; do
+    if command -v "$t" >/dev/null 2>&1; then
+        "$t" --version 2>&1 | head -n 1 || true
+    fi
+done
+cargo --version
+rustc --version
+
+# --- build, test, lint -----------------------------------------------------------------
+
+failed=()
+step() {
+    local name="$1"
+    shift
+    log "$name: $*"
+    if ! "$@"; then
+        failed+=("$name")
+        warn "$name FAILED"
+    fi
+}
+
+step build cargo build
+step test cargo test --all-targets
+step fmt cargo fmt --check
+step clippy cargo clippy --all-targets -- -D warnings
+
+# --- fuzz smoke ------------------------------------------------------------------------
+# FUZZ SMOKE STEP GOES HERE (to be added): a short, time-bounded run of each fuzz target,
+# registered with `step fuzz ...` like the steps above.
+# --------------------------------------------------------------------------------------
+
+if [ "${#failed[@]}" -gt 0 ]; then
+    warn "failed steps: ${failed[*]}"
+    exit 1
+fi
+log "all steps passed"
