@@ -117,9 +117,8 @@ step fmt cargo fmt --check
 step clippy cargo clippy --all-targets -- -D warnings
 
 # --- fuzz smoke ------------------------------------------------------------------------
-# FUZZ SMOKE STEP GOES HERE (to be added): a short, time-bounded run of each fuzz target,
-# registered with `step fuzz ...` like the steps above.
-# --------------------------------------------------------------------------------------
+# Every fuzz target for a short, fixed time (FUZZ_SECONDS each, 20 by default).
+step fuzz bash scripts/fuzz-smoke.sh
 
 if [ "${#failed[@]}" -gt 0 ]; then
     warn "failed steps: ${failed[*]}"

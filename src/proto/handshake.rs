@@ -263,6 +263,13 @@ impl ServerHandshake {
             return Progress::NeedInput;
         }
         self.phase = Phase::Options;
+        // Under FORCEDTLS every option but STARTTLS and ABORT must get ERR_TLS_REQD before
+        // the upgrade, oversized or not.
+        let tls_pending = self.config.tls == TlsPolicy::Required && !self.tls_active;
+        if tls_pending && option != opt::STARTTLS && option != opt::ABORT {
+            self.reply(option, rep::ERR_TLS_REQD, b"TLS is required on this server");
+            return Progress::Continue;
+        }
         self.reply(
             option,
             rep::ERR_TOO_BIG,
@@ -308,7 +315,13 @@ impl ServerHandshake {
         }
         input.advance(16);
         let data = input.split_to(len as usize).freeze();
-        self.dispatch_option(option, &data, catalog)
+        let progress = self.dispatch_option(option, &data, catalog)?;
+        if progress == Progress::StartTls && !input.is_empty() {
+            // Bytes sent before the TLS handshake would otherwise be taken as options
+            // from inside the encrypted session (the STARTTLS injection attack).
+            return Err(ProtocolError::DataAfterStartTls);
+        }
+        Ok(progress)
     }
 
     fn dispatch_option(
@@ -510,6 +523,10 @@ impl ServerHandshake {
         catalog: &dyn ExportCatalog,
     ) -> Result<Progress, Refusal> {
         let set = option == opt::SET_META_CONTEXT;
+        if set {
+            // SET_META_CONTEXT replaces the previous selection even when it fails.
+            self.selected = None;
+        }
         if set && !self.structured {
             return Err(invalid("structured replies must be negotiated first"));
         }

@@ -47,6 +47,8 @@ pub enum ProtocolError {
     OptionTooLarge(u32),
     /// Input after the handshake ended.
     HandshakeFinished,
+    /// The client sent more data right behind `STARTTLS`, before the TLS handshake.
+    DataAfterStartTls,
     /// A request did not start with the negotiated request magic.
     BadRequestMagic(u32),
     /// A request announced a payload too large to skip.
@@ -65,6 +67,12 @@ impl fmt::Display for ProtocolError {
             ProtocolError::TlsRequired => write!(f, "TLS is required before choosing an export"),
             ProtocolError::OptionTooLarge(n) => write!(f, "option of {n} bytes is too large"),
             ProtocolError::HandshakeFinished => write!(f, "handshake already finished"),
+            ProtocolError::DataAfterStartTls => {
+                write!(
+                    f,
+                    "plaintext data sent after STARTTLS before the TLS handshake"
+                )
+            }
             ProtocolError::BadRequestMagic(x) => write!(f, "bad request magic {x:#010x}"),
             ProtocolError::PayloadTooLarge(n) => {
                 write!(f, "request payload of {n} bytes is too large")

@@ -249,6 +249,29 @@ pub enum ReplyHeader {
     },
 }
 
+/// Reads the first four bytes of `src` without consuming them, even when they are split
+/// across chunks. `None` only for a `Buf` whose `chunks_vectored` does not expose them.
+fn peek_u32(src: &impl Buf) -> Option<u32> {
+    let mut magic = [0u8; 4];
+    let chunk = src.chunk();
+    if chunk.len() >= 4 {
+        magic.copy_from_slice(&chunk[..4]);
+        return Some(u32::from_be_bytes(magic));
+    }
+    let mut slices = [std::io::IoSlice::new(&[]); 4];
+    let n = src.chunks_vectored(&mut slices);
+    let mut filled = 0;
+    for slice in &slices[..n] {
+        let take = (4 - filled).min(slice.len());
+        magic[filled..filled + take].copy_from_slice(&slice[..take]);
+        filled += take;
+        if filled == 4 {
+            return Some(u32::from_be_bytes(magic));
+        }
+    }
+    None
+}
+
 impl ReplyHeader {
     /// Decodes one reply header from `src` in the given mode, consuming it. Returns
     /// `Ok(None)` and consumes nothing while the header is incomplete.
@@ -256,7 +279,11 @@ impl ReplyHeader {
         if src.remaining() < 4 {
             return Ok(None);
         }
-        let magic = u32::from_be_bytes(src.chunk()[..4].try_into().unwrap_or([0; 4]));
+        // The magic may straddle chunks of a non-contiguous `Buf` (e.g. `Chain`): indexing
+        // `chunk()[..4]` would panic there, so peek across chunks instead.
+        let Some(magic) = peek_u32(src) else {
+            return Ok(None);
+        };
         let need = match (magic, mode) {
             (SIMPLE_REPLY_MAGIC, ReplyMode::Simple | ReplyMode::Structured) => SIMPLE_LEN,
             (STRUCTURED_REPLY_MAGIC, ReplyMode::Structured) => STRUCTURED_LEN,
