@@ -1,8 +1,15 @@
 //! Raw images: a regular file or a block device, accessed with positional I/O.
 //!
-//! Every system call runs on tokio's blocking thread pool through one private helper
-//! (`RawBackend::blocking`), so the I/O strategy (thread pool, io_uring, ...) can be changed
-//! in one place.
+//! Every system call goes through one private helper (`RawBackend::blocking`), which picks
+//! where it runs:
+//!
+//! - files on memory-backed filesystems (tmpfs, ramfs) never wait for a disk, so their
+//!   system calls run inline on the calling task: a thread hand-off would cost more than
+//!   the copy itself;
+//! - elsewhere, reads first try `preadv2(RWF_NOWAIT)` inline, which succeeds when the data
+//!   is in the page cache and fails with `EAGAIN` instead of blocking otherwise;
+//! - everything else runs on tokio's blocking thread pool, so a slow disk never stalls the
+//!   threads that serve the network.
 //!
 //! | request        | regular file                                  | block device              |
 //! |----------------|-----------------------------------------------|---------------------------|
@@ -21,6 +28,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 
@@ -59,6 +67,12 @@ pub struct RawBackend {
     /// Logical block size of a block device (alignment of discard and zero-out ranges);
     /// 1 for regular files.
     sector: u64,
+    /// The file lives in memory (tmpfs, ramfs): system calls never wait for a device and
+    /// run inline.
+    inline: bool,
+    /// `preadv2(RWF_NOWAIT)` is worth trying; cleared when the kernel or filesystem says
+    /// it is not supported.
+    try_nowait: AtomicBool,
 }
 
 impl RawBackend {
@@ -96,6 +110,7 @@ impl RawBackend {
                 (size, sector, is_rotational(meta.rdev()))
             }
         };
+        let inline = kind == Kind::File && memory_backed(&file);
         Ok(RawBackend {
             file: Arc::new(file),
             path: path.to_path_buf(),
@@ -104,35 +119,61 @@ impl RawBackend {
             read_only,
             rotational,
             sector,
+            inline,
+            try_nowait: AtomicBool::new(!inline),
         })
     }
 
-    /// Runs `f` on the blocking thread pool with the open file, and attaches `op`, the
-    /// range and the path to any error. Every system call of this backend goes through here.
+    /// Runs `f` with the open file, inline for memory-backed files and on the blocking
+    /// thread pool otherwise, and attaches `op`, the range and the path to any error.
+    /// Every system call of this backend goes through here.
     async fn blocking<T, F>(&self, op: &'static str, range: Option<(u64, u64)>, f: F) -> Result<T>
     where
         F: FnOnce(&File) -> io::Result<T> + Send + 'static,
         T: Send + 'static,
     {
-        let file = Arc::clone(&self.file);
-        let result = match tokio::task::spawn_blocking(move || f(&file)).await {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => {
-                return Err(Error::msg(
-                    ErrorKind::Shutdown,
-                    "I/O task cancelled by runtime shutdown",
-                )
-                .with_op(op));
+        let result = if self.inline {
+            f(&self.file)
+        } else {
+            let file = Arc::clone(&self.file);
+            match tokio::task::spawn_blocking(move || f(&file)).await {
+                Ok(result) => result,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => {
+                    return Err(Error::msg(
+                        ErrorKind::Shutdown,
+                        "I/O task cancelled by runtime shutdown",
+                    )
+                    .with_op(op));
+                }
             }
         };
-        result.map_err(|e| {
-            let err = Error::from(e).with_op(op).with_path(&self.path);
-            match range {
-                Some((offset, len)) => err.with_range(offset, len),
-                None => err,
+        result.map_err(|e| self.io_error(e, op, range))
+    }
+
+    fn io_error(&self, e: io::Error, op: &'static str, range: Option<(u64, u64)>) -> Error {
+        let err = Error::from(e).with_op(op).with_path(&self.path);
+        match range {
+            Some((offset, len)) => err.with_range(offset, len),
+            None => err,
+        }
+    }
+
+    /// Reads from the page cache without blocking, if the data is there. `None` means
+    /// "not without waiting": the caller goes to the thread pool.
+    fn read_nowait(&self, offset: u64, len: usize) -> Option<io::Result<Bytes>> {
+        if !self.try_nowait.load(Ordering::Relaxed) {
+            return None;
+        }
+        match pread_nowait(&self.file, offset, len) {
+            Ok(Some(buf)) => Some(Ok(buf)),
+            Ok(None) => None,
+            Err(e) if unsupported(&e) || e.raw_os_error() == Some(libc::EINVAL) => {
+                self.try_nowait.store(false, Ordering::Relaxed);
+                None
             }
-        })
+            Err(e) => Some(Err(e)),
+        }
     }
 
     fn refuse_if_read_only(&self, op: &'static str) -> Result<()> {
@@ -154,6 +195,91 @@ impl RawBackend {
             self.size
         );
     }
+}
+
+/// True when the file is on a filesystem kept in memory, where I/O never waits for a
+/// device.
+fn memory_backed(file: &File) -> bool {
+    const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
+    const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `file` is an open descriptor and `st` points to writable memory of the size
+    // fstatfs fills in.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs returned 0, so it initialised the whole struct.
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)]
+    let magic = st.f_type as libc::c_long;
+    magic == TMPFS_MAGIC || magic == RAMFS_MAGIC
+}
+
+/// Reads exactly `len` bytes at `offset` into a fresh buffer, without zero-filling it
+/// first. Hitting the end of the file is an error.
+fn pread_exact(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let done = buf.len();
+        let spare = &mut buf.spare_capacity_mut()[..len - done];
+        // SAFETY: the destination is the vector's spare capacity, valid for writes of
+        // `spare.len()` bytes; pread writes at most that many.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                off_t(offset + done as u64)?,
+            )
+        };
+        match n {
+            n if n > 0 => {
+                // SAFETY: pread initialised the first `n` bytes of the spare capacity.
+                unsafe { buf.set_len(done + n as usize) };
+            }
+            0 => {
+                // The file shrank under us: those bytes are gone, which is an I/O error,
+                // not zeroes.
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file is shorter than the export",
+                ));
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(buf)
+}
+
+/// One `preadv2(RWF_NOWAIT)`: `Ok(None)` when the data is not all in the page cache.
+fn pread_nowait(file: &File, offset: u64, len: usize) -> io::Result<Option<Bytes>> {
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    // SAFETY: `iov` describes the vector's capacity of `len` writable bytes, and the
+    // kernel writes at most that many.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off_t(offset)?, libc::RWF_NOWAIT) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN | libc::EINTR) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    if (n as usize) < len {
+        // Partly cached, or the end of the file: let the blocking path sort it out.
+        return Ok(None);
+    }
+    // SAFETY: the kernel initialised all `len` bytes.
+    unsafe { buf.set_len(len) };
+    Ok(Some(Bytes::from(buf)))
 }
 
 fn check_file_type(path: &Path, meta: &std::fs::Metadata) -> Result<Kind> {
@@ -427,10 +553,11 @@ impl Backend for RawBackend {
         if len == 0 {
             return Ok(Bytes::new());
         }
+        if let Some(result) = self.read_nowait(offset, len) {
+            return result.map_err(|e| self.io_error(e, "read", Some((offset, len as u64))));
+        }
         self.blocking("read", Some((offset, len as u64)), move |file| {
-            let mut buf = vec![0u8; len];
-            file.read_exact_at(&mut buf, offset)?;
-            Ok(Bytes::from(buf))
+            pread_exact(file, offset, len).map(Bytes::from)
         })
         .await
     }
