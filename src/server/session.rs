@@ -570,7 +570,7 @@ pub async fn run(
         };
         let ctx = ctx.clone();
         let tx = tx.clone();
-        tokio::spawn(async move {
+        run_or_spawn(async move {
             let parts = ctx.execute(header, payload).await;
             let _ = tx.send(Outgoing {
                 parts,
@@ -596,6 +596,22 @@ pub async fn run(
     }
     info!("session ended: {end}");
     end
+}
+
+/// Polls `request` once right here and spawns it only if it has to wait.
+///
+/// Most requests on memory-backed storage complete without ever waiting; running them
+/// inline saves a task spawn and a cross-thread wake-up per request. A request that does
+/// wait (a disk read on the thread pool, say) becomes its own task, so the reader moves on
+/// to the next request at once. Polling first with a no-op waker is sound: a future must
+/// register the waker of the poll that returns `Pending`, and the spawned task polls again
+/// with its own.
+fn run_or_spawn(request: impl Future<Output = ()> + Send + 'static) {
+    let mut request = Box::pin(request);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if request.as_mut().poll(&mut cx).is_pending() {
+        tokio::spawn(request);
+    }
 }
 
 async fn write_loop(mut w: WriteHalf, mut rx: mpsc::UnboundedReceiver<Outgoing>) -> io::Result<()> {
