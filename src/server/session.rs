@@ -261,6 +261,14 @@ impl Context {
     async fn execute(&self, h: RequestHeader, payload: Bytes) -> Vec<Bytes> {
         let fua = h.flags & cmd_flags::FUA != 0;
         let backend = &self.backend;
+        let ranged = matches!(
+            h.command,
+            Command::Trim | Command::WriteZeroes | Command::Cache
+        );
+        if ranged && h.length == 0 {
+            // Nothing to do; backends need not handle empty ranges.
+            return self.ok(&h);
+        }
         match h.command {
             Command::Read => self.read(&h).await,
             Command::Write => {
@@ -274,11 +282,7 @@ impl Context {
             }
             Command::Trim => {
                 self.wrote.store(true, Ordering::Relaxed);
-                let r = if h.length == 0 {
-                    Ok(())
-                } else {
-                    backend.trim(h.offset, h.length, fua).await
-                };
+                let r = backend.trim(h.offset, h.length, fua).await;
                 self.done_or_error(&h, r)
             }
             Command::WriteZeroes => {
@@ -288,11 +292,7 @@ impl Context {
                     no_hole: h.flags & cmd_flags::NO_HOLE != 0,
                     fast: h.flags & cmd_flags::FAST_ZERO != 0,
                 };
-                let r = if h.length == 0 {
-                    Ok(())
-                } else {
-                    backend.write_zeroes(h.offset, h.length, flags).await
-                };
+                let r = backend.write_zeroes(h.offset, h.length, flags).await;
                 self.done_or_error(&h, r)
             }
             Command::Cache => {

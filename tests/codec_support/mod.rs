@@ -102,38 +102,12 @@ impl ExportCatalog for TestCatalog {
     }
 }
 
-// Option codes and reply types, spelled out from the specification rather than taken
-// from the crate, so the tests also check the crate's constants.
-pub const OPT_EXPORT_NAME: u32 = 1;
-pub const OPT_ABORT: u32 = 2;
-pub const OPT_LIST: u32 = 3;
-pub const OPT_STARTTLS: u32 = 5;
-pub const OPT_INFO: u32 = 6;
-pub const OPT_GO: u32 = 7;
-pub const OPT_STRUCTURED_REPLY: u32 = 8;
-pub const OPT_LIST_META_CONTEXT: u32 = 9;
-pub const OPT_SET_META_CONTEXT: u32 = 10;
-pub const OPT_EXTENDED_HEADERS: u32 = 11;
-
-pub const REP_ACK: u32 = 1;
-pub const REP_SERVER: u32 = 2;
-pub const REP_INFO: u32 = 3;
-pub const REP_META_CONTEXT: u32 = 4;
-pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
-pub const REP_ERR_POLICY: u32 = 0x8000_0002;
-pub const REP_ERR_INVALID: u32 = 0x8000_0003;
-pub const REP_ERR_PLATFORM: u32 = 0x8000_0004;
-pub const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
-pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
-pub const REP_ERR_SHUTDOWN: u32 = 0x8000_0007;
-pub const REP_ERR_BLOCK_SIZE_REQD: u32 = 0x8000_0008;
-pub const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
-pub const REP_ERR_EXT_HEADER_REQD: u32 = 0x8000_000a;
-
-pub const INFO_EXPORT: u16 = 0;
-pub const INFO_NAME: u16 = 1;
-pub const INFO_DESCRIPTION: u16 = 2;
-pub const INFO_BLOCK_SIZE: u16 = 3;
+// Option codes, reply types and the other protocol numbers are spelled out in
+// tests/support/spec.rs, from the specification rather than from the crate, so the tests
+// also check the crate's constants.
+#[path = "../support/spec.rs"]
+mod spec;
+pub use spec::*;
 
 /// Client flags: fixed newstyle.
 pub const C_FIXED: u32 = 1;

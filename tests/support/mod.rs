@@ -1,1 +1,2 @@
+pub mod spec;
 pub mod wire;
