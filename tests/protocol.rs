@@ -455,3 +455,31 @@ fn shutdown_finishes_in_flight_writes_and_flushes() {
     assert!(c.closed_by_server());
     assert_eq!(&std::fs::read(&path).unwrap()[..MIB as usize], &data[..]);
 }
+
+#[test]
+fn shutdown_is_not_held_up_by_a_client_that_stops_reading() {
+    let config = ServerConfig {
+        session: strata::server::SessionConfig {
+            final_replies_timeout: Duration::from_millis(500),
+            ..Default::default()
+        },
+        ..ServerConfig::default()
+    };
+    let srv = TestServer::start(memory(64 * MIB), config);
+    let mut c = srv.connect();
+    c.handshake("disk", false, false);
+    // Far more reply data than the in-flight budget and the socket buffers hold, and
+    // never a byte read back.
+    for i in 0..2000u64 {
+        c.request(0, CMD_READ, i, (i % 64) * MIB, MIB, &[]);
+    }
+    // Give the server time to fill the socket and spend its budget.
+    std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    srv.stop().expect("clean shutdown");
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "shutdown took {:?}",
+        start.elapsed()
+    );
+}

@@ -16,6 +16,7 @@
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -48,12 +49,16 @@ const MAX_BATCH: usize = 64;
 pub struct SessionConfig {
     /// Bytes of request and reply payload one connection may have in flight.
     pub max_in_flight: u64,
+    /// How long the last replies of a closing session may take to reach a client that
+    /// has stopped reading, before the connection is dropped without them.
+    pub final_replies_timeout: Duration,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
             max_in_flight: 64 * 1024 * 1024,
+            final_replies_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -539,8 +544,15 @@ pub async fn run(
             _ => 0,
         };
         let charge = data_len.max(MIN_CHARGE).min(budget_total) as u32;
-        let Ok(permit) = budget.clone().acquire_many_owned(charge).await else {
-            break SessionEnd::Shutdown;
+        // Waiting here is the backpressure: while the budget is spent, nothing more is
+        // read from the socket. A client that stops reading its replies would keep us
+        // here forever, so shutdown must be able to interrupt the wait.
+        let permit = tokio::select! {
+            p = budget.clone().acquire_many_owned(charge) => match p {
+                Ok(p) => p,
+                Err(_) => break SessionEnd::Shutdown,
+            },
+            _ = shutdown.wait_for(|stop| *stop) => break SessionEnd::Shutdown,
         };
         if let Err(refusal) = verdict {
             debug!(
@@ -583,10 +595,14 @@ pub async fn run(
     // writer ends once the last sender (held by in-flight tasks) is gone.
     drop(tx);
     if !writer_task.is_finished() {
-        match (&mut writer_task).await {
-            Ok(Err(e)) => debug!("writing final replies failed: {e}"),
-            Err(e) => warn!("reply writer failed: {e}"),
-            Ok(Ok(())) => {}
+        match tokio::time::timeout(config.final_replies_timeout, &mut writer_task).await {
+            Ok(Ok(Err(e))) => debug!("writing final replies failed: {e}"),
+            Ok(Err(e)) => warn!("reply writer failed: {e}"),
+            Ok(Ok(Ok(()))) => {}
+            Err(_) => {
+                warn!("client is not reading its replies; dropping the connection");
+                writer_task.abort();
+            }
         }
     }
     if ctx.wrote.load(Ordering::Relaxed) {
