@@ -98,6 +98,29 @@ done
 cargo --version
 rustc --version
 
+# --- a block device for the raw backend's device paths ---------------------------------
+# When we may create loop devices (root, losetup, loop support in the kernel), the backend
+# conformance suite also runs on a scratch loop device (BLKGETSIZE64, BLKDISCARD,
+# BLKZEROOUT). Its contents are destroyed, so only a device made here is ever used.
+loop_dev=""
+loop_img=""
+cleanup_loop() {
+    [ -n "$loop_dev" ] && losetup -d "$loop_dev" 2>/dev/null || true
+    [ -n "$loop_img" ] && rm -f "$loop_img" || true
+}
+trap cleanup_loop EXIT
+if [ -z "${STRATA_TEST_BLOCK_DEVICE:-}" ] && [ "$(id -u)" -eq 0 ] && command -v losetup >/dev/null 2>&1; then
+    loop_img="$(mktemp "${TMPDIR:-/tmp}/strata-loop.XXXXXX")"
+    truncate -s 64M "$loop_img"
+    if loop_dev="$(losetup --find --show "$loop_img" 2>/dev/null)"; then
+        export STRATA_TEST_BLOCK_DEVICE="$loop_dev"
+        log "block device tests use $loop_dev"
+    else
+        loop_dev=""
+        warn "no loop device available: block-device cases of the backend suite are skipped"
+    fi
+fi
+
 # --- build, test, lint -----------------------------------------------------------------
 
 failed=()

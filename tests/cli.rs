@@ -220,3 +220,49 @@ fn sigterm_flushes_and_exits_cleanly() {
     assert!(log.contains("shutdown complete"), "{log}");
     assert_eq!(&std::fs::read(&img).unwrap()[512..517], b"hello");
 }
+
+/// Serves the scratch block device named by `STRATA_TEST_BLOCK_DEVICE` (the test script
+/// makes a loop device when it can): the size comes from the device, and data written
+/// through NBD lands on it.
+#[test]
+fn serves_a_block_device() {
+    let Ok(dev) = std::env::var("STRATA_TEST_BLOCK_DEVICE") else {
+        eprintln!("skipped: STRATA_TEST_BLOCK_DEVICE is not set");
+        return;
+    };
+    let size = {
+        use std::io::Seek;
+        let mut f = std::fs::File::open(&dev).unwrap();
+        f.seek(std::io::SeekFrom::End(0)).unwrap()
+    };
+    let port = free_port(false);
+    let child = strata()
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), &dev])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard = Running(child);
+    let mut c = conn(format!("127.0.0.1:{port}").parse().unwrap());
+    let (export_size, _) = c.handshake("", true, false);
+    assert_eq!(export_size, size);
+    let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(
+        c.command(
+            support::wire::FLAG_FUA,
+            support::wire::CMD_WRITE,
+            4096,
+            65536,
+            &data
+        ),
+        0
+    );
+    let mut on_device = vec![0u8; 65536];
+    {
+        use std::os::unix::fs::FileExt;
+        std::fs::File::open(&dev)
+            .unwrap()
+            .read_exact_at(&mut on_device, 4096)
+            .unwrap();
+    }
+    assert_eq!(on_device, data);
+}
