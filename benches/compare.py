@@ -114,7 +114,9 @@ def run_fio(target, rw, bs, depth, jobs, runtime, size, workdir):
 
 def measure(server, image, transport, workload, args, workdir):
     _, rw, bs, depth, jobs = workload
-    where = free_port() if transport == "tcp" else os.path.join(workdir, f"{server}.sock")
+    # A fresh socket path per run: some servers leave theirs behind on exit.
+    where = (free_port() if transport == "tcp"
+             else tempfile.mktemp(prefix=f"{server}-", suffix=".sock", dir=workdir))
     proc = subprocess.Popen(server_command(server, image, transport, where),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
