@@ -483,3 +483,79 @@ fn shutdown_is_not_held_up_by_a_client_that_stops_reading() {
         start.elapsed()
     );
 }
+
+/// Random requests (valid magic, random everything else, random payload) and random
+/// bytes after a good handshake: the server answers or hangs up, never panics, and other
+/// clients keep working.
+#[test]
+fn random_requests_never_panic_the_server() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static PANICS: AtomicUsize = AtomicUsize::new(0);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::SeqCst);
+        previous(info);
+    }));
+
+    let srv = TestServer::start(memory(4 * MIB), ServerConfig::default());
+    let mut good = srv.connect();
+    good.handshake("disk", true, false);
+    // A small deterministic generator keeps the test reproducible.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for round in 0..60u64 {
+        let mut c = srv.connect();
+        let (structured, extended) = match round % 3 {
+            0 => (false, false),
+            1 => (true, false),
+            _ => (true, true),
+        };
+        c.handshake("disk", structured, extended);
+        c.s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut bytes = Vec::new();
+        for _ in 0..20 {
+            let r = next();
+            if r % 4 == 0 {
+                // Pure noise.
+                bytes.extend((0..(r % 64)).map(|_| next() as u8));
+                continue;
+            }
+            let magic: u32 = if extended { 0x21e4_1c71 } else { 0x2560_9513 };
+            bytes.extend_from_slice(&magic.to_be_bytes());
+            bytes.extend_from_slice(&((next() % 64) as u16).to_be_bytes());
+            bytes.extend_from_slice(&((next() % 10) as u16).to_be_bytes());
+            bytes.extend_from_slice(&next().to_be_bytes());
+            let offset = match next() % 3 {
+                0 => next(),
+                1 => next() % (4 * MIB),
+                _ => 4 * MIB - next() % 4096,
+            };
+            bytes.extend_from_slice(&offset.to_be_bytes());
+            let len = match next() % 3 {
+                0 => next() % 8192,
+                1 => next() % (64 * 1024),
+                _ => next(),
+            };
+            if extended {
+                bytes.extend_from_slice(&len.to_be_bytes());
+            } else {
+                bytes.extend_from_slice(&(len as u32).to_be_bytes());
+            }
+            bytes.extend((0..(next() % 4096)).map(|_| next() as u8));
+        }
+        let _ = c.s.write_all(&bytes);
+        // Drain whatever comes back until the server hangs up or goes quiet.
+        let mut sink = [0u8; 65536];
+        use std::io::Read;
+        while matches!(c.s.read(&mut sink), Ok(n) if n > 0) {}
+    }
+    assert_eq!(good.command(0, CMD_WRITE, 0, 4, b"live"), 0);
+    assert_eq!(good.read(0, 0, 4).unwrap(), b"live");
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "the server panicked");
+}
