@@ -18,7 +18,7 @@
 //! ```
 //!
 //! A request crosses the layers once: the session decodes it with [`proto`], checks it
-//! with [`proto::validate`] (the only place requests are validated), runs it on the
+//! with [`proto::validate()`] (the only place requests are validated), runs it on the
 //! export's [`backend::Backend`], and maps any failure to a wire errno with
 //! [`proto::errno_for`] (the only place errors are mapped).
 //!

@@ -7,7 +7,7 @@
 //! - [`handshake`]: the fixed-newstyle negotiation state machine.
 //! - [`request`]: request headers (compact and extended).
 //! - [`reply`]: simple replies and structured/extended chunks.
-//! - [`validate`]: the single place a request is checked before it runs.
+//! - [`validate()`]: the single place a request is checked before it runs.
 //! - [`errno_for`]: the single place an [`ErrorKind`] becomes a wire error.
 
 use std::fmt;
