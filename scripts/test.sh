@@ -138,6 +138,7 @@ step build cargo build
 step test cargo test --all-targets
 step fmt cargo fmt --check
 step clippy cargo clippy --all-targets -- -D warnings
+step doc env RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 
 # --- the qemu tests again with Debian 12's qemu-img 7.2 ---------------------------------
 # Users run both the distribution's qemu 7.2 and newer ones (10.0 here, which negotiates
