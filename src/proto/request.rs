@@ -63,6 +63,11 @@ impl Command {
         }
     }
 
+    /// True for commands that change the export's contents.
+    pub fn modifies(self) -> bool {
+        matches!(self, Command::Write | Command::Trim | Command::WriteZeroes)
+    }
+
     /// A short lowercase name for logs and metrics.
     pub fn name(self) -> &'static str {
         match self {

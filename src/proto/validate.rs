@@ -56,10 +56,7 @@ fn allowed_flags(command: Command, limits: &Limits) -> u16 {
 /// Validates `req` against `limits`. `Ok` means a backend may run it as is.
 pub fn validate(req: &RequestHeader, limits: &Limits) -> Result<(), Refusal> {
     let command = req.command;
-    let modifies = matches!(
-        command,
-        Command::Write | Command::Trim | Command::WriteZeroes
-    );
+    let modifies = command.modifies();
     if modifies && limits.flags & tf::READ_ONLY != 0 {
         return Err(refuse(errno::EPERM, "export is read-only"));
     }

@@ -274,10 +274,12 @@ impl Context {
             // Nothing to do; backends need not handle empty ranges.
             return self.ok(&h);
         }
+        if h.command.modifies() {
+            self.wrote.store(true, Ordering::Relaxed);
+        }
         match h.command {
             Command::Read => self.read(&h).await,
             Command::Write => {
-                self.wrote.store(true, Ordering::Relaxed);
                 let r = backend.write(h.offset, payload, fua).await;
                 self.done_or_error(&h, r)
             }
@@ -286,12 +288,10 @@ impl Context {
                 self.done_or_error(&h, r)
             }
             Command::Trim => {
-                self.wrote.store(true, Ordering::Relaxed);
                 let r = backend.trim(h.offset, h.length, fua).await;
                 self.done_or_error(&h, r)
             }
             Command::WriteZeroes => {
-                self.wrote.store(true, Ordering::Relaxed);
                 let flags = ZeroFlags {
                     fua,
                     no_hole: h.flags & cmd_flags::NO_HOLE != 0,
@@ -374,6 +374,12 @@ impl Context {
         let req_one = h.flags & cmd_flags::REQ_ONE != 0;
         let target = self.target(h);
         let mut out = BytesMut::with_capacity(256);
+        // Compact descriptors hold 32-bit lengths; keep them block-aligned when clamped.
+        let max_len = if self.mode == ReplyMode::Extended {
+            u64::MAX
+        } else {
+            u64::from(u32::MAX) & !4095
+        };
         let last = self.contexts.len() - 1;
         for (i, ctx) in self.contexts.iter().enumerate() {
             let extents = if ctx.name == BASE_ALLOCATION {
@@ -383,11 +389,6 @@ impl Context {
                 }
             } else {
                 Vec::new()
-            };
-            let max_len = if self.mode == ReplyMode::Extended {
-                u64::MAX
-            } else {
-                u64::from(u32::MAX) & !4095
             };
             let descriptors = normalize_extents(&extents, h.length, max_len, req_one);
             reply::encode_block_status(&mut out, target, i == last, ctx.id, &descriptors);
