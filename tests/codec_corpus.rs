@@ -149,14 +149,7 @@ fn handshake_seeds() -> Vec<(&'static str, Vec<u8>)> {
 fn request_seed(read_only: bool, header: RequestHeader, extended: bool) -> Vec<u8> {
     let mut v = vec![3u8];
     v.extend_from_slice(&(1u64 << 20).to_be_bytes());
-    let mut flags = tf::HAS_FLAGS
-        | tf::SEND_FLUSH
-        | tf::SEND_FUA
-        | tf::SEND_TRIM
-        | tf::SEND_WRITE_ZEROES
-        | tf::SEND_CACHE
-        | tf::SEND_FAST_ZERO
-        | tf::SEND_DF;
+    let mut flags = EVERY_OPTIONAL_FLAG;
     if read_only {
         flags |= tf::READ_ONLY;
     }

@@ -52,6 +52,19 @@ fn split_buf(bytes: &[u8], at: usize) -> impl Buf + '_ {
     a.chain(b)
 }
 
+/// The reply mode an encoder call is valid in: simple replies exist in simple and
+/// structured mode, chunks in structured and extended mode. Also says whether `call`
+/// encodes a simple reply.
+fn mode_for(call: &Encode, extended: bool) -> (ReplyMode, bool) {
+    let simple = matches!(call, Encode::Simple { .. });
+    let mode = match (simple, extended) {
+        (true, false) => ReplyMode::Simple,
+        (true, true) | (false, false) => ReplyMode::Structured,
+        (false, true) => ReplyMode::Extended,
+    };
+    (mode, simple)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
@@ -294,13 +307,7 @@ proptest! {
 
     #[test]
     fn reply_encoders_decode(call in encode_call(), extended in any::<bool>(), cookie in any::<u64>(), offset in any::<u64>()) {
-        let simple = matches!(call, Encode::Simple { .. });
-        let mode = match (simple, extended) {
-            (true, false) => ReplyMode::Simple,
-            (true, true) => ReplyMode::Structured,
-            (false, false) => ReplyMode::Structured,
-            (false, true) => ReplyMode::Extended,
-        };
+        let (mode, simple) = mode_for(&call, extended);
         // BLOCK_STATUS_EXT is what extended mode produces for block status.
         let call = match (call, mode) {
             (Encode::BlockStatus { done, context, descriptors }, ReplyMode::Extended) => {
@@ -345,12 +352,7 @@ proptest! {
 
     #[test]
     fn reply_strict_prefix_needs_more(call in encode_call(), extended in any::<bool>(), cookie in any::<u64>(), cut in 0usize..32) {
-        let simple = matches!(call, Encode::Simple { .. });
-        let mode = match (simple, extended) {
-            (true, false) => ReplyMode::Simple,
-            (true, true) | (false, false) => ReplyMode::Structured,
-            (false, true) => ReplyMode::Extended,
-        };
+        let (mode, simple) = mode_for(&call, extended);
         let mut wire = BytesMut::new();
         run_encoder(&call, ChunkTarget { mode, cookie, offset: 0 }, &mut wire);
         let cut = cut % header_len(mode, simple);
@@ -382,12 +384,7 @@ proptest! {
     /// Valid headers survive being split across chunks anywhere, including inside the magic.
     #[test]
     fn reply_decode_split_valid_header(call in encode_call(), extended in any::<bool>(), cookie in any::<u64>(), at in 0usize..40) {
-        let simple = matches!(call, Encode::Simple { .. });
-        let mode = match (simple, extended) {
-            (true, false) => ReplyMode::Simple,
-            (true, true) | (false, false) => ReplyMode::Structured,
-            (false, true) => ReplyMode::Extended,
-        };
+        let (mode, simple) = mode_for(&call, extended);
         let mut wire = BytesMut::new();
         run_encoder(&call, ChunkTarget { mode, cookie, offset: 3 }, &mut wire);
         let contiguous = ReplyHeader::decode(&mut &wire[..], mode);

@@ -1,5 +1,8 @@
 //! `validate()`: the one place a request is checked against what was negotiated.
 
+mod codec_support;
+
+use codec_support::EVERY_OPTIONAL_FLAG;
 use proptest::prelude::*;
 use strata::proto::consts::{cmd_flags as cf, errno, transmission_flags as tf};
 use strata::proto::{Command, Limits, RequestHeader, validate};
@@ -11,14 +14,7 @@ const MAX_PAYLOAD: u32 = 64 * 1024;
 fn limits() -> Limits {
     Limits {
         size: SIZE,
-        flags: tf::HAS_FLAGS
-            | tf::SEND_FLUSH
-            | tf::SEND_FUA
-            | tf::SEND_TRIM
-            | tf::SEND_WRITE_ZEROES
-            | tf::SEND_CACHE
-            | tf::SEND_FAST_ZERO
-            | tf::SEND_DF,
+        flags: EVERY_OPTIONAL_FLAG,
         max_payload: MAX_PAYLOAD,
         structured: true,
         extended: false,

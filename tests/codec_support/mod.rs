@@ -102,6 +102,16 @@ impl ExportCatalog for TestCatalog {
     }
 }
 
+/// Transmission flags of a writable export that advertises every optional command.
+pub const EVERY_OPTIONAL_FLAG: u16 = tf::HAS_FLAGS
+    | tf::SEND_FLUSH
+    | tf::SEND_FUA
+    | tf::SEND_TRIM
+    | tf::SEND_WRITE_ZEROES
+    | tf::SEND_CACHE
+    | tf::SEND_FAST_ZERO
+    | tf::SEND_DF;
+
 // Option codes, reply types and the other protocol numbers are spelled out in
 // tests/support/spec.rs, from the specification rather than from the crate, so the tests
 // also check the crate's constants.
