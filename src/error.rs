@@ -31,6 +31,11 @@ pub enum ErrorKind {
     Shutdown,
     /// A lower layer failed to read or write (`EIO`).
     Io,
+    /// On-disk metadata is inconsistent: a bad checksum, a truncated file, a mapping that
+    /// points outside the file (`EIO`).
+    Corrupt,
+    /// The file is locked by another user: a server or tool already has it open (`EIO`).
+    Busy,
 }
 
 impl ErrorKind {
@@ -44,6 +49,8 @@ impl ErrorKind {
             ErrorKind::Overflow => "value too large",
             ErrorKind::Shutdown => "shutting down",
             ErrorKind::Io => "I/O error",
+            ErrorKind::Corrupt => "image is corrupt",
+            ErrorKind::Busy => "in use by another process",
         }
     }
 }

@@ -37,5 +37,6 @@ pub mod error;
 pub mod proto;
 pub mod server;
 pub mod size;
+mod sys;
 
 pub use error::{Error, ErrorKind, Result};
