@@ -397,22 +397,42 @@ impl Context {
     }
 }
 
-fn extent_flags(e: &Extent) -> u64 {
-    let mut flags = 0;
-    if e.hole {
-        flags |= state::HOLE;
+/// A backend's answer about one run of bytes, as one metadata context describes it.
+pub trait StatusExtent {
+    /// Status flags that claim nothing a client could wrongly rely on, for a range the
+    /// backend left undescribed.
+    const UNKNOWN: u64;
+    /// Bytes covered.
+    fn length(&self) -> u64;
+    /// The context's status value for these bytes.
+    fn flags(&self) -> u64;
+}
+
+/// `base:allocation`: the hole and zero bits; unknown ranges are plain data.
+impl StatusExtent for Extent {
+    const UNKNOWN: u64 = 0;
+
+    fn length(&self) -> u64 {
+        self.length
     }
-    if e.zero {
-        flags |= state::ZERO;
+
+    fn flags(&self) -> u64 {
+        let mut flags = 0;
+        if self.hole {
+            flags |= state::HOLE;
+        }
+        if self.zero {
+            flags |= state::ZERO;
+        }
+        u64::from(flags)
     }
-    u64::from(flags)
 }
 
 /// Turns a backend's extents into descriptors a client can trust: never empty, never past
 /// the requested length, adjacent runs of equal state merged, each at most `max_len`
 /// bytes, at most [`MAX_EXTENTS`] of them (one with `req_one`).
-pub fn normalize_extents(
-    extents: &[Extent],
+pub fn normalize_extents<E: StatusExtent>(
+    extents: &[E],
     len: u64,
     max_len: u64,
     req_one: bool,
@@ -424,22 +444,22 @@ pub fn normalize_extents(
         if covered >= len {
             break;
         }
-        let length = e.length.min(len - covered);
+        let length = e.length().min(len - covered);
         if length == 0 {
             continue;
         }
         covered += length;
-        let flags = extent_flags(e);
+        let flags = e.flags();
         match out.last_mut() {
             Some(prev) if prev.flags == flags => prev.length += length,
             _ => out.push(Descriptor { length, flags }),
         }
     }
     if out.is_empty() {
-        // Always make progress: with nothing known, report the range as plain data.
+        // Always make progress: with nothing known, claim nothing risky.
         out.push(Descriptor {
             length: len,
-            flags: 0,
+            flags: E::UNKNOWN,
         });
     }
     let mut capped = Vec::with_capacity(out.len().min(limit));
@@ -680,7 +700,7 @@ mod tests {
 
     #[test]
     fn normalize_always_progresses() {
-        let d = normalize_extents(&[], 4096, u64::MAX, false);
+        let d = normalize_extents::<Extent>(&[], 4096, u64::MAX, false);
         assert_eq!(
             d,
             vec![Descriptor {
