@@ -17,7 +17,8 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use strata::ErrorKind;
 use strata::backend::{
-    self, Backend, Extent, MemoryBackend, RawBackend, ReadChunk, ReadOnly, SharedBackend, ZeroFlags,
+    self, Backend, DepthExtent, Extent, MemoryBackend, RawBackend, ReadChunk, ReadOnly,
+    SharedBackend, ZeroFlags,
 };
 use tempfile::NamedTempFile;
 
@@ -306,6 +307,23 @@ async fn assert_not_hole<B: Backend>(b: &B, offset: u64, len: u64) {
     }
 }
 
+/// Checks that a single-layer backend reports the whole of `[offset, offset + len)` as
+/// provided by its top layer (depth 1), holes included: no layer lies below it.
+async fn assert_single_layer<B: Backend>(b: &B, offset: u64, len: u64) {
+    let extents = b
+        .allocation_depth(offset, len)
+        .await
+        .unwrap_or_else(|e| panic!("allocation_depth at {offset}+{len}: {e}"));
+    assert_eq!(
+        extents,
+        vec![DepthExtent {
+            length: len,
+            depth: 1
+        }],
+        "allocation_depth at {offset}+{len}"
+    );
+}
+
 /// Reads sparsely and checks that the chunks cover `len` and match a plain read.
 async fn check_sparse<B: Backend>(b: &B, offset: u64, len: usize) {
     let chunks = b
@@ -526,6 +544,28 @@ mod cases {
         }
     }
 
+    pub async fn allocation_depth<B: Backend>(f: Fixture<B>) {
+        let b = &*f.b;
+        let mut oracle = vec![0u8; f.size as usize];
+        write(
+            b,
+            &mut oracle,
+            CHUNK + 5,
+            pattern(60, 2 * CHUNK as usize),
+            false,
+        )
+        .await;
+        for (offset, len) in [
+            (0, f.size),
+            (0, CHUNK),
+            (CHUNK + 5, 2 * CHUNK),
+            (CHUNK - 1, 5 * CHUNK),
+            (f.size - 1, 1),
+        ] {
+            assert_single_layer(b, offset, len).await;
+        }
+    }
+
     pub async fn read_sparse<B: Backend>(f: Fixture<B>) {
         let b = &*f.b;
         let mut oracle = vec![0u8; f.size as usize];
@@ -594,7 +634,7 @@ macro_rules! conformance {
         conformance!(@cases $suite, $fixture, [
             size, capabilities, fresh_disk_reads_zero, write_then_read_back, overwrite,
             fua_write, flush, trim_reads_zero, write_zeroes, fast_write_zeroes, block_status,
-            read_sparse, concurrent_writes, cache
+            allocation_depth, read_sparse, concurrent_writes, cache
         ]);
     };
     (@cases $suite:ident, $fixture:expr, [$($case:ident),*]) => {
@@ -702,6 +742,8 @@ mod ro_cases {
         check_sparse(b, p.f.size - 100, 100).await;
         check_status(b, 0, p.f.size).await;
         assert_not_hole(b, CHUNK - 7, 3 * CHUNK).await;
+        assert_single_layer(b, 0, p.f.size).await;
+        assert_single_layer(b, 5 * CHUNK, CHUNK).await;
         b.cache(0, CHUNK).await.expect("cache");
     }
 
@@ -1090,4 +1132,97 @@ proptest! {
     fn model_block_device(ops in prop::collection::vec(op(), 1..40)) {
         model(|| block_device(false), &ops)?;
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Layers pass allocation depth through
+
+/// A stand-in for a two-layer image (the top layer holds the first chunk, its backing the
+/// next two, nothing the rest), for checking that wrappers pass depths through instead of
+/// falling back to the single-layer default.
+struct TwoLayers;
+
+impl TwoLayers {
+    const LAYOUT: [(u64, u32); 3] = [(CHUNK, 1), (2 * CHUNK, 2), (CHUNK, 0)];
+}
+
+impl Backend for TwoLayers {
+    fn size(&self) -> u64 {
+        TwoLayers::LAYOUT.iter().map(|l| l.0).sum()
+    }
+
+    fn capabilities(&self) -> backend::Capabilities {
+        backend::Capabilities::NONE
+    }
+
+    async fn read(&self, _offset: u64, len: usize) -> strata::Result<Bytes> {
+        Ok(Bytes::from(vec![0; len]))
+    }
+
+    async fn write(&self, _offset: u64, _data: Bytes, _fua: bool) -> strata::Result<()> {
+        Ok(())
+    }
+
+    async fn allocation_depth(&self, offset: u64, len: u64) -> strata::Result<Vec<DepthExtent>> {
+        let (end, mut start, mut out) = (offset + len, 0, Vec::new());
+        for (length, depth) in TwoLayers::LAYOUT {
+            let (from, to) = (start.max(offset), (start + length).min(end));
+            if from < to {
+                out.push(DepthExtent {
+                    length: to - from,
+                    depth,
+                });
+            }
+            start += length;
+        }
+        Ok(out)
+    }
+}
+
+#[tokio::test]
+async fn layers_pass_allocation_depth_through() {
+    let query = (CHUNK / 2, 3 * CHUNK);
+    let expected = vec![
+        DepthExtent {
+            length: CHUNK / 2,
+            depth: 1,
+        },
+        DepthExtent {
+            length: 2 * CHUNK,
+            depth: 2,
+        },
+        DepthExtent {
+            length: CHUNK / 2,
+            depth: 0,
+        },
+    ];
+    let depth = |r: strata::Result<Vec<DepthExtent>>| r.expect("allocation_depth");
+    assert_eq!(
+        depth(TwoLayers.allocation_depth(query.0, query.1).await),
+        expected
+    );
+    let shared: SharedBackend = Arc::new(TwoLayers);
+    assert_eq!(
+        depth(shared.allocation_depth(query.0, query.1).await),
+        expected,
+        "SharedBackend"
+    );
+    assert_eq!(
+        depth(
+            ReadOnly::new(TwoLayers)
+                .allocation_depth(query.0, query.1)
+                .await
+        ),
+        expected,
+        "ReadOnly"
+    );
+    assert_eq!(
+        depth(
+            ReadOnly::new(shared)
+                .allocation_depth(query.0, query.1)
+                .await
+        ),
+        expected,
+        "ReadOnly over SharedBackend"
+    );
 }

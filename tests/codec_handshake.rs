@@ -65,6 +65,13 @@ fn base_allocation(id: u32) -> MetaContext {
     }
 }
 
+fn allocation_depth(id: u32) -> MetaContext {
+    MetaContext {
+        id,
+        name: "qemu:allocation-depth".into(),
+    }
+}
+
 /// (id, name) of a `REP_META_CONTEXT`.
 fn meta_reply(r: &OptReply) -> (u32, String) {
     assert_eq!(r.ty, REP_META_CONTEXT);
@@ -408,27 +415,137 @@ fn set_meta_context_needs_structured_replies() {
     assert!(n.contexts.is_empty());
 }
 
+/// The names a `LIST_META_CONTEXT` returns for `queries` on `export`, checking that the
+/// listing is well formed: one `REP_META_CONTEXT` per context, each with the reserved id
+/// zero, then an `ACK`.
+#[track_caller]
+fn listed(d: &mut Driver, export: &str, queries: &[&str]) -> Vec<String> {
+    let replies = d.option(OPT_LIST_META_CONTEXT, &meta_data(export, queries));
+    let (ack, contexts) = replies.split_last().expect("some replies");
+    assert_eq!(ack.ty, REP_ACK, "{queries:?}: {replies:?}");
+    contexts
+        .iter()
+        .map(|r| {
+            assert_eq!(r.option, OPT_LIST_META_CONTEXT);
+            let (id, name) = meta_reply(r);
+            assert_eq!(id, 0, "the id in a listing is reserved: zero");
+            name
+        })
+        .collect()
+}
+
 #[test]
 fn list_meta_context_without_query_and_with_namespace() {
     let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
     d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
-    for queries in [&[][..], &["base:"][..], &["base:allocation"][..]] {
-        let replies = d.option(OPT_LIST_META_CONTEXT, &meta_data("disk", queries));
-        assert_eq!(replies.len(), 2, "{queries:?}: {replies:?}");
-        assert_eq!(replies[0].option, OPT_LIST_META_CONTEXT);
-        // The id in a listing is reserved: zero.
-        assert_eq!(meta_reply(&replies[0]), (0, "base:allocation".into()));
-        assert_eq!(replies[1].ty, REP_ACK);
+    let both = ["base:allocation", "qemu:allocation-depth"];
+    for (queries, expected) in [
+        // No query lists everything.
+        (&[][..], &both[..]),
+        (&["base:"][..], &both[..1]),
+        (&["base:allocation"][..], &both[..1]),
+        (&["qemu:"][..], &both[1..]),
+        (&["qemu:allocation-depth"][..], &both[1..]),
+        (&["qemu:", "base:"][..], &both[..]),
+        (&["qemu:allocation-depth", "base:allocation"][..], &both[..]),
+        // Unknown namespaces and leaf names are ignored, not errors.
+        (&["x-unknown:"][..], &[][..]),
+        (&["base:nope"][..], &[][..]),
+        (&["qemu:dirty-bitmap:"][..], &[][..]),
+        // A namespace is matched whole, never as a prefix of a name.
+        (&["qemu:allocation"][..], &[][..]),
+        (&["qemu"][..], &[][..]),
+    ] {
+        assert_eq!(listed(&mut d, "disk", queries), expected, "{queries:?}");
     }
-    // Unknown namespaces and leaf names are ignored, not errors.
-    for queries in [&["x-unknown:"][..], &["base:nope"][..]] {
-        let replies = d.option(OPT_LIST_META_CONTEXT, &meta_data("disk", queries));
-        assert_eq!(replies.len(), 1);
-        assert_eq!(replies[0].ty, REP_ACK);
-    }
+    // An export offering only base:allocation lists nothing in qemu's namespace.
+    assert_eq!(listed(&mut d, "ro", &[]), ["base:allocation"]);
+    assert!(listed(&mut d, "ro", &["qemu:"]).is_empty());
     // Listing selects nothing.
     let n = done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
     assert!(n.contexts.is_empty());
+}
+
+#[test]
+fn every_export_offers_base_allocation_then_allocation_depth() {
+    assert_eq!(
+        strata::proto::handshake::default_meta_contexts(),
+        ["base:allocation", "qemu:allocation-depth"],
+        "ids are positions: base:allocation must stay 1 and qemu:allocation-depth 2"
+    );
+    assert_eq!(
+        strata::proto::consts::QEMU_ALLOCATION_DEPTH,
+        QEMU_ALLOCATION_DEPTH
+    );
+}
+
+#[test]
+fn set_meta_context_selects_both_contexts_with_fixed_ids() {
+    for extended in [false, true] {
+        for queries in [
+            &["base:allocation", "qemu:allocation-depth"][..],
+            &["qemu:allocation-depth", "base:allocation"][..],
+            &[
+                "qemu:allocation-depth",
+                "base:allocation",
+                "qemu:allocation-depth",
+            ][..],
+        ] {
+            let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
+            let option = if extended {
+                OPT_EXTENDED_HEADERS
+            } else {
+                OPT_STRUCTURED_REPLY
+            };
+            d.expect_single(option, &[], REP_ACK);
+            let replies = d.option(OPT_SET_META_CONTEXT, &meta_data("disk", queries));
+            assert_eq!(replies.len(), 3, "{queries:?}: {replies:?}");
+            let mut selected: Vec<(u32, String)> = replies[..2].iter().map(meta_reply).collect();
+            selected.sort();
+            assert_eq!(
+                selected,
+                [
+                    (1, "base:allocation".into()),
+                    (2, "qemu:allocation-depth".into())
+                ],
+                "{queries:?}"
+            );
+            assert_eq!(replies[2].ty, REP_ACK);
+            let n = done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+            let mut contexts = n.contexts.clone();
+            contexts.sort_by_key(|c| c.id);
+            assert_eq!(contexts, vec![base_allocation(1), allocation_depth(2)]);
+        }
+    }
+}
+
+#[test]
+fn set_meta_context_allocation_depth_alone_keeps_its_id() {
+    let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
+    d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
+    let replies = d.option(
+        OPT_SET_META_CONTEXT,
+        &meta_data("disk", &["qemu:allocation-depth"]),
+    );
+    assert_eq!(replies.len(), 2, "{replies:?}");
+    assert_eq!(meta_reply(&replies[0]), (2, "qemu:allocation-depth".into()));
+    assert_eq!(replies[1].ty, REP_ACK);
+    let n = done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+    assert_eq!(n.contexts, vec![allocation_depth(2)]);
+}
+
+#[test]
+fn set_meta_context_allocation_depth_on_an_export_without_it() {
+    let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
+    d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
+    let replies = d.option(
+        OPT_SET_META_CONTEXT,
+        &meta_data("ro", &["qemu:allocation-depth", "base:allocation"]),
+    );
+    assert_eq!(replies.len(), 2, "{replies:?}");
+    assert_eq!(meta_reply(&replies[0]), (1, "base:allocation".into()));
+    let n = done(d.feed(&opt(OPT_GO, &info_data("ro", &[]))));
+    assert_eq!(n.contexts, vec![base_allocation(1)]);
 }
 
 #[test]
@@ -450,7 +567,12 @@ fn meta_context_errors() {
 
 #[test]
 fn set_meta_context_namespace_or_no_query_selects_nothing() {
-    for queries in [&[][..], &["base:"][..], &["x-unknown:thing"][..]] {
+    for queries in [
+        &[][..],
+        &["base:"][..],
+        &["qemu:"][..],
+        &["x-unknown:thing"][..],
+    ] {
         let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
         d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
         d.expect_single(OPT_SET_META_CONTEXT, &meta_data("disk", queries), REP_ACK);

@@ -1,5 +1,6 @@
 //! Interop with libnbd's command-line tools: `nbdinfo` (listing, size, capability flags,
-//! allocation map) and `nbdcopy` (single and multi-connection copies).
+//! allocation and allocation-depth maps) and `nbdcopy` (single and multi-connection
+//! copies).
 
 mod common;
 
@@ -151,6 +152,65 @@ fn nbdinfo_map_read_only_file_export() {
     );
 }
 
+/// Checks that `nbdinfo --map=qemu:allocation-depth` covers `[0, size)` contiguously
+/// and puts every byte in the top layer (depth 1), as a single-layer export must.
+#[track_caller]
+fn assert_all_local(uri: &str, size: u64) {
+    let out = nbdinfo(&["--map=qemu:allocation-depth", uri]).assert_success();
+    let map = parse_nbdinfo_depth_map(&out.stdout);
+    assert!(!map.is_empty(), "empty map\n{}", out.report());
+    let mut pos = 0;
+    for e in &map {
+        assert_eq!(e.start, pos, "map not contiguous\n{}", out.report());
+        assert!(e.length > 0, "empty entry {e:?}\n{}", out.report());
+        assert_eq!(
+            (e.depth, e.description.as_str()),
+            (1, "local"),
+            "{e:?} is not in the top layer\n{}",
+            out.report()
+        );
+        pos += e.length;
+    }
+    assert_eq!(pos, size, "map does not cover the export\n{}", out.report());
+}
+
+fn nbdinfo_map_allocation_depth(t: Transport) {
+    if !require_tools(&["nbdinfo", "qemu-io"]) || !strata_only("offering qemu:allocation-depth") {
+        return;
+    }
+    let size = 8 * MIB;
+    let server = memory(size).listen(t).start();
+    let uri = server.uri();
+    let out = nbdinfo(&[&uri]).assert_success();
+    for context in ["base:allocation", "qemu:allocation-depth"] {
+        assert!(
+            out.stdout.lines().any(|l| l.trim() == context),
+            "{context} not offered\n{}",
+            out.report()
+        );
+    }
+    assert_all_local(&uri, size);
+
+    // Writes leave holes in base:allocation, but holes are the top layer's too.
+    write_with_qemu_io(&uri, &["write -P 0x33 1M 1M", "write -P 0x34 7M 64k"]);
+    let out = nbdinfo(&["--map", &uri]).assert_success();
+    assert_map(
+        &parse_nbdinfo_map(&out.stdout),
+        size,
+        &[(MIB, 2 * MIB), (7 * MIB, 7 * MIB + 64 * KIB)],
+        &out.stdout,
+    );
+    assert_all_local(&uri, size);
+
+    // The same through the read-only layer, over a sparse raw file.
+    let disk = server.scratch().join("sparse.img");
+    let f = fs::File::create(&disk).unwrap();
+    f.set_len(3 * MIB).unwrap();
+    drop(f);
+    let ro = file(&disk).listen(t).read_only().start();
+    assert_all_local(&ro.uri(), 3 * MIB);
+}
+
 // --- nbdcopy ---------------------------------------------------------------------------
 
 fn copy_in_and_out(t: Transport, connections: Option<u32>) {
@@ -241,6 +301,7 @@ over_transports!(
     nbdinfo_flags_read_write,
     nbdinfo_flags_read_only,
     nbdinfo_map_after_writes,
+    nbdinfo_map_allocation_depth,
     nbdcopy_roundtrip,
     nbdcopy_multi_conn,
     nbdcopy_out_of_read_only_export,

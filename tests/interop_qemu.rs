@@ -1,5 +1,5 @@
-//! Interop with qemu's NBD client: `qemu-img` (info, convert, compare, map) and
-//! `qemu-io`. Uses only options qemu 7.2 already has.
+//! Interop with qemu's NBD client: `qemu-img` (info, convert, compare, map, and map of
+//! `qemu:allocation-depth`) and `qemu-io`. Uses only options qemu 7.2 already has.
 
 mod common;
 
@@ -178,6 +178,50 @@ fn qemu_img_map_shows_written_ranges(t: Transport) {
     );
 }
 
+/// `qemu-img map` of the `qemu:allocation-depth` context. qemu's client reads another
+/// context through `x-dirty-bitmap` by taking its status values for base:allocation
+/// flags: depth 0 (unallocated) shows as data, depth 1 (the top layer) as neither data
+/// nor zero (bit 0, "hole"), depth 2 and beyond as zero data (bit 1).
+fn qemu_img_map_allocation_depth(t: Transport) {
+    if !require_tools(&["qemu-img", "qemu-io"]) || !strata_only("offering qemu:allocation-depth") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("layer.img");
+    let size = 16 * MIB;
+    let f = fs::File::create(&disk).unwrap();
+    f.set_len(size).unwrap();
+    drop(f);
+    let server = file(&disk).listen(t).start();
+    qemu_io_ok(&server.uri(), &["write -P 0x63 2M 1M", "flush"]);
+    // The plain map sees a hole before the data...
+    let out = run_ok(qemu_img().args(["map", "--output=json", "-f", "raw", &server.uri()]));
+    assert_map(
+        &parse_qemu_map(&out.stdout),
+        size,
+        &[(2 * MIB, 3 * MIB)],
+        &out.stdout,
+    );
+    // ...but every byte of a raw file, hole or not, is the top layer's.
+    let opts = format!(
+        "{},x-dirty-bitmap=qemu:allocation-depth",
+        server.endpoint().qemu_image_opts(server.export_name())
+    );
+    let out = run_ok(qemu_img().args(["map", "--output=json", "--image-opts", &opts]));
+    let map = parse_qemu_map(&out.stdout);
+    let mut pos = 0;
+    for e in &map {
+        assert_eq!(e.start, pos, "map not contiguous\n{}", out.report());
+        assert!(
+            !e.data && !e.zero,
+            "{e:?} is not reported at depth 1\n{}",
+            out.report()
+        );
+        pos = e.end();
+    }
+    assert_eq!(pos, size, "map does not cover the export\n{}", out.report());
+}
+
 // --- qemu-io ---------------------------------------------------------------------------
 
 fn qemu_io_commands(t: Transport) {
@@ -269,6 +313,7 @@ over_transports!(
     qemu_img_info_reports_size,
     qemu_img_convert_roundtrip,
     qemu_img_map_shows_written_ranges,
+    qemu_img_map_allocation_depth,
     qemu_io_commands,
     qemu_io_read_only_export,
 );

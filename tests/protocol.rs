@@ -231,6 +231,95 @@ fn block_status_reports_allocation() {
     }
 }
 
+/// Greets, turns on structured replies (or extended headers), selects `queries` on
+/// `disk` and GOes there; returns the contexts the server chose, as (id, name).
+fn with_contexts(c: &mut Conn, extended: bool, queries: &[&str]) -> Vec<(u32, String)> {
+    c.greet(3);
+    let option = if extended {
+        OPT_EXTENDED_HEADERS
+    } else {
+        OPT_STRUCTURED_REPLY
+    };
+    assert_eq!(c.opt(option, &[])[0].ty, REP_ACK);
+    c.structured = true;
+    c.extended = extended;
+    let contexts = c.set_meta_contexts("disk", queries);
+    c.go("disk", &[]);
+    contexts
+}
+
+#[test]
+fn block_status_answers_each_context_in_its_own_chunk() {
+    for extended in [false, true] {
+        let srv = TestServer::start(memory(16 * MIB), ServerConfig::default());
+        let mut c = srv.connect();
+        let mut contexts = with_contexts(
+            &mut c,
+            extended,
+            &["qemu:allocation-depth", "base:allocation"],
+        );
+        contexts.sort();
+        assert_eq!(
+            contexts,
+            [
+                (1, "base:allocation".to_owned()),
+                (2, "qemu:allocation-depth".to_owned())
+            ]
+        );
+        assert_eq!(c.command(0, CMD_WRITE, MIB, MIB, &vec![1; MIB as usize]), 0);
+
+        let mut chunks = c.block_status_chunks(0, 0, 4 * MIB);
+        chunks.sort_by_key(|chunk| chunk.0);
+        let ids: Vec<u32> = chunks.iter().map(|chunk| chunk.0).collect();
+        assert_eq!(ids, [1, 2], "one chunk per context");
+        let allocation = &chunks[0].1;
+        assert_eq!(allocation[..2], [(MIB, 3), (MIB, 0)], "{allocation:?}");
+        // A memory disk is a single layer: holes and data alike come from the top layer.
+        assert_eq!(chunks[1].1, [(4 * MIB, 1)]);
+
+        let mut one = c.block_status_chunks(FLAG_REQ_ONE, 3 * MIB, 4 * MIB);
+        one.sort_by_key(|chunk| chunk.0);
+        assert_eq!(one, [(1, vec![(4 * MIB, 3)]), (2, vec![(4 * MIB, 1)])]);
+    }
+}
+
+#[test]
+fn allocation_depth_alone() {
+    for extended in [false, true] {
+        let srv = TestServer::start(memory(16 * MIB), ServerConfig::default());
+        let mut c = srv.connect();
+        let contexts = with_contexts(&mut c, extended, &["qemu:allocation-depth"]);
+        assert_eq!(contexts, [(2, "qemu:allocation-depth".to_owned())]);
+        assert_eq!(
+            c.block_status_chunks(0, 5 * MIB + 3, MIB),
+            [(2, vec![(MIB, 1)])]
+        );
+        // The last byte of the export.
+        assert_eq!(
+            c.block_status_chunks(0, 16 * MIB - 1, 1),
+            [(2, vec![(1, 1)])]
+        );
+    }
+}
+
+#[test]
+fn allocation_depth_lengths_follow_the_reply_mode() {
+    let size = 8u64 << 30;
+    let srv = TestServer::start(memory(size), ServerConfig::default());
+    // Compact descriptors: a 32-bit length, clamped to a block boundary.
+    let mut c = srv.connect();
+    with_contexts(&mut c, false, &["qemu:allocation-depth"]);
+    let max = u64::from(u32::MAX);
+    assert_eq!(
+        c.block_status_chunks(0, 0, max),
+        [(2, vec![(max & !4095, 1)])]
+    );
+    // Extended descriptors: one 64-bit length covers the whole export.
+    let mut c = srv.connect();
+    with_contexts(&mut c, true, &["qemu:allocation-depth"]);
+    assert_eq!(c.block_status_chunks(0, 0, size), [(2, vec![(size, 1)])]);
+}
+
 #[test]
 fn extended_headers_carry_64_bit_lengths() {
     let size = 16u64 << 40;

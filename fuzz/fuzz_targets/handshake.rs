@@ -41,7 +41,7 @@ impl ExportCatalog for Catalog {
                 preferred: 4096,
                 maximum: 1 << 20,
             },
-            meta_contexts: vec!["base:allocation".into()],
+            meta_contexts: strata::proto::handshake::default_meta_contexts(),
         })
     }
 

@@ -136,6 +136,16 @@ impl Extent {
     }
 }
 
+/// Which layer of a backing chain provides a range, as `qemu:allocation-depth` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DepthExtent {
+    /// Length in bytes (never zero).
+    pub length: u64,
+    /// 0: no layer holds the range (it reads as zeroes); 1: the top layer holds it; 2: the
+    /// layer below, and so on down the chain.
+    pub depth: u32,
+}
+
 /// A piece of a sparse read: bytes, or a run of zeroes that need not be sent.
 #[derive(Clone, PartialEq, Eq)]
 pub enum ReadChunk {
@@ -263,6 +273,26 @@ pub trait Backend: Send + Sync + 'static {
         async move { Ok(vec![Extent::data(len)]) }
     }
 
+    /// Says which layer of a backing chain provides each part of the range from `offset`.
+    /// Same contract as [`Backend::block_status`]: at least one extent, contiguous from
+    /// `offset`, covering at most `len` bytes.
+    ///
+    /// The default suits a backend that is a single layer owning every byte, as a raw
+    /// file or an in-memory disk is: the whole range at depth 1, holes included.
+    fn allocation_depth(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Vec<DepthExtent>>> + Send {
+        let _ = offset;
+        async move {
+            Ok(vec![DepthExtent {
+                length: len,
+                depth: 1,
+            }])
+        }
+    }
+
     /// Hints that the range will be read soon.
     fn cache(&self, offset: u64, len: u64) -> impl Future<Output = Result<()>> + Send {
         let _ = (offset, len);
@@ -286,6 +316,7 @@ pub trait DynBackend: Send + Sync + 'static {
     fn trim(&self, offset: u64, len: u64, fua: bool) -> BoxFuture<'_, Result<()>>;
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>>;
     fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<Extent>>>;
+    fn allocation_depth(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<DepthExtent>>>;
     fn cache(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>>;
 }
 
@@ -319,6 +350,9 @@ impl<B: Backend> DynBackend for B {
     }
     fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<Extent>>> {
         Box::pin(Backend::block_status(self, offset, len))
+    }
+    fn allocation_depth(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<DepthExtent>>> {
+        Box::pin(Backend::allocation_depth(self, offset, len))
     }
     fn cache(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
         Box::pin(Backend::cache(self, offset, len))
@@ -376,6 +410,13 @@ impl Backend for SharedBackend {
         len: u64,
     ) -> impl Future<Output = Result<Vec<Extent>>> + Send {
         (**self).block_status(offset, len)
+    }
+    fn allocation_depth(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Vec<DepthExtent>>> + Send {
+        (**self).allocation_depth(offset, len)
     }
     fn cache(&self, offset: u64, len: u64) -> impl Future<Output = Result<()>> + Send {
         (**self).cache(offset, len)

@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use super::{Backend, BlockSize, Capabilities, Extent, ReadChunk, ZeroFlags};
+use super::{Backend, BlockSize, Capabilities, DepthExtent, Extent, ReadChunk, ZeroFlags};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Wraps a backend so that it is exported read-only. The protocol layer already refuses
@@ -67,6 +67,10 @@ impl<B: Backend> Backend for ReadOnly<B> {
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.inner.block_status(offset, len).await
+    }
+
+    async fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthExtent>> {
+        self.inner.allocation_depth(offset, len).await
     }
 
     async fn cache(&self, offset: u64, len: u64) -> Result<()> {

@@ -238,3 +238,8 @@ pub const MAX_STRING: usize = 4096;
 
 /// Name of the one metadata context defined by the protocol itself.
 pub const BASE_ALLOCATION: &str = "base:allocation";
+
+/// Name of qemu's metadata context reporting, per extent, which layer of a backing chain
+/// provides the data: 0 for none (reads as zeroes), 1 for the top layer, 2 for the layer
+/// below it, and so on. The whole 32-bit status value is the depth.
+pub const QEMU_ALLOCATION_DEPTH: &str = "qemu:allocation-depth";

@@ -8,8 +8,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::ProtocolError;
 use super::consts::{
-    BASE_ALLOCATION, IHAVEOPT, MAX_STRING, NBDMAGIC, OPTION_REPLY_MAGIC, client_flags,
-    handshake_flags, info, opt, rep, transmission_flags,
+    BASE_ALLOCATION, IHAVEOPT, MAX_STRING, NBDMAGIC, OPTION_REPLY_MAGIC, QEMU_ALLOCATION_DEPTH,
+    client_flags, handshake_flags, info, opt, rep, transmission_flags,
 };
 
 /// Whether and how the server offers TLS.
@@ -609,7 +609,7 @@ impl ServerHandshake {
 }
 
 /// Does `query` select `context`? An exact name always does; in a listing, a bare
-/// namespace (`base:`) selects everything in it.
+/// namespace (`base:`, `qemu:`) selects everything in it.
 fn query_matches(query: &str, context: &str, set: bool) -> bool {
     if query == context {
         return true;
@@ -617,7 +617,8 @@ fn query_matches(query: &str, context: &str, set: bool) -> bool {
     !set && query.ends_with(':') && context.starts_with(query)
 }
 
-/// The contexts every export offers.
+/// The contexts every export offers. A context's id is its position here plus one, so
+/// new contexts go at the end: `base:allocation` is 1 and `qemu:allocation-depth` 2.
 pub fn default_meta_contexts() -> Vec<String> {
-    vec![BASE_ALLOCATION.to_owned()]
+    vec![BASE_ALLOCATION.to_owned(), QEMU_ALLOCATION_DEPTH.to_owned()]
 }

@@ -24,9 +24,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::listener::{ReadHalf, WriteHalf};
-use crate::backend::{Backend, Extent, ReadChunk, SharedBackend, ZeroFlags};
+use crate::backend::{Backend, DepthExtent, Extent, ReadChunk, SharedBackend, ZeroFlags};
 use crate::error::Error;
-use crate::proto::consts::{BASE_ALLOCATION, cmd_flags, errno, state};
+use crate::proto::consts::{BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH, cmd_flags, errno, state};
 use crate::proto::reply::{self, ChunkTarget, Descriptor, ReplyMode};
 use crate::proto::{Command, Limits, MetaContext, Negotiated, ProtocolError, RequestHeader};
 use crate::proto::{errno_for, validate};
@@ -380,39 +380,93 @@ impl Context {
         } else {
             u64::from(u32::MAX) & !4095
         };
+        // One chunk per context; only the last one ends the reply. A failure in any
+        // context replaces the whole reply with an error.
         let last = self.contexts.len() - 1;
         for (i, ctx) in self.contexts.iter().enumerate() {
-            let extents = if ctx.name == BASE_ALLOCATION {
-                match self.backend.block_status(h.offset, h.length).await {
-                    Ok(e) => e,
-                    Err(e) => return self.failed(h, &e),
-                }
-            } else {
-                Vec::new()
+            let descriptors = match self.describe(ctx, h, max_len, req_one).await {
+                Ok(d) => d,
+                Err(e) => return self.failed(h, &e),
             };
-            let descriptors = normalize_extents(&extents, h.length, max_len, req_one);
             reply::encode_block_status(&mut out, target, i == last, ctx.id, &descriptors);
         }
         vec![out.freeze()]
     }
+
+    /// The descriptors of one metadata context for a block-status request.
+    async fn describe(
+        &self,
+        ctx: &MetaContext,
+        h: &RequestHeader,
+        max_len: u64,
+        req_one: bool,
+    ) -> crate::Result<Vec<Descriptor>> {
+        let (offset, len) = (h.offset, h.length);
+        Ok(match ctx.name.as_str() {
+            BASE_ALLOCATION => {
+                let extents = self.backend.block_status(offset, len).await?;
+                normalize_extents(&extents, len, max_len, req_one)
+            }
+            QEMU_ALLOCATION_DEPTH => {
+                let extents = self.backend.allocation_depth(offset, len).await?;
+                normalize_extents(&extents, len, max_len, req_one)
+            }
+            // The handshake selects only contexts the export offers, all of them above.
+            _ => normalize_extents::<Extent>(&[], len, max_len, req_one),
+        })
+    }
 }
 
-fn extent_flags(e: &Extent) -> u64 {
-    let mut flags = 0;
-    if e.hole {
-        flags |= state::HOLE;
+/// A backend's answer about one run of bytes, as one metadata context describes it.
+pub trait StatusExtent {
+    /// Status flags that claim nothing a client could wrongly rely on, for a range the
+    /// backend left undescribed.
+    const UNKNOWN: u64;
+    /// Bytes covered.
+    fn length(&self) -> u64;
+    /// The context's status value for these bytes.
+    fn flags(&self) -> u64;
+}
+
+/// `base:allocation`: the hole and zero bits; unknown ranges are plain data.
+impl StatusExtent for Extent {
+    const UNKNOWN: u64 = 0;
+
+    fn length(&self) -> u64 {
+        self.length
     }
-    if e.zero {
-        flags |= state::ZERO;
+
+    fn flags(&self) -> u64 {
+        let mut flags = 0;
+        if self.hole {
+            flags |= state::HOLE;
+        }
+        if self.zero {
+            flags |= state::ZERO;
+        }
+        u64::from(flags)
     }
-    u64::from(flags)
+}
+
+/// `qemu:allocation-depth`: the depth is the status value; an unknown range is taken to
+/// belong to the top layer, since calling it unallocated would invite a client to skip it.
+impl StatusExtent for DepthExtent {
+    const UNKNOWN: u64 = 1;
+
+    fn length(&self) -> u64 {
+        self.length
+    }
+
+    fn flags(&self) -> u64 {
+        u64::from(self.depth)
+    }
 }
 
 /// Turns a backend's extents into descriptors a client can trust: never empty, never past
 /// the requested length, adjacent runs of equal state merged, each at most `max_len`
 /// bytes, at most [`MAX_EXTENTS`] of them (one with `req_one`).
-pub fn normalize_extents(
-    extents: &[Extent],
+pub fn normalize_extents<E: StatusExtent>(
+    extents: &[E],
     len: u64,
     max_len: u64,
     req_one: bool,
@@ -424,22 +478,22 @@ pub fn normalize_extents(
         if covered >= len {
             break;
         }
-        let length = e.length.min(len - covered);
+        let length = e.length().min(len - covered);
         if length == 0 {
             continue;
         }
         covered += length;
-        let flags = extent_flags(e);
+        let flags = e.flags();
         match out.last_mut() {
             Some(prev) if prev.flags == flags => prev.length += length,
             _ => out.push(Descriptor { length, flags }),
         }
     }
     if out.is_empty() {
-        // Always make progress: with nothing known, report the range as plain data.
+        // Always make progress: with nothing known, claim nothing risky.
         out.push(Descriptor {
             length: len,
-            flags: 0,
+            flags: E::UNKNOWN,
         });
     }
     let mut capped = Vec::with_capacity(out.len().min(limit));
@@ -680,7 +734,7 @@ mod tests {
 
     #[test]
     fn normalize_always_progresses() {
-        let d = normalize_extents(&[], 4096, u64::MAX, false);
+        let d = normalize_extents::<Extent>(&[], 4096, u64::MAX, false);
         assert_eq!(
             d,
             vec![Descriptor {
@@ -732,6 +786,40 @@ mod tests {
         assert_eq!(
             normalize_extents(&many, 5000, u64::MAX, false).len(),
             MAX_EXTENTS
+        );
+    }
+
+    #[test]
+    fn normalize_depths_like_allocation() {
+        let depth = |length, depth| DepthExtent { length, depth };
+        let d = |length, flags| Descriptor { length, flags };
+        let ext = [depth(100, 1), depth(50, 1), depth(1000, 2), depth(10, 0)];
+        assert_eq!(
+            normalize_extents(&ext, 1200, u64::MAX, false),
+            vec![d(150, 1), d(1000, 2), d(10, 0)]
+        );
+        assert_eq!(
+            normalize_extents(&ext, 500, u64::MAX, false),
+            vec![d(150, 1), d(350, 2)]
+        );
+        assert_eq!(
+            normalize_extents(&ext, 500, u64::MAX, true),
+            vec![d(150, 1)]
+        );
+        // The whole 32-bit depth survives.
+        assert_eq!(
+            normalize_extents(&[depth(7, u32::MAX)], 7, u64::MAX, false),
+            vec![d(7, u64::from(u32::MAX))]
+        );
+        // Nothing known: the top layer, not "unallocated".
+        assert_eq!(
+            normalize_extents::<DepthExtent>(&[], 4096, u64::MAX, false),
+            vec![d(4096, 1)]
+        );
+        let max = u64::from(u32::MAX) & !4095;
+        assert_eq!(
+            normalize_extents(&[depth(10 << 32, 1)], 10 << 32, max, false),
+            vec![d(max, 1)]
         );
     }
 

@@ -39,9 +39,14 @@ pub const RO_SIZE: u64 = 0x2000;
 /// Flags of the `ro` export.
 pub const RO_FLAGS: u16 = tf::HAS_FLAGS | tf::READ_ONLY | tf::SEND_FLUSH;
 
-/// Two listed exports: `disk` (also the default export, "") and the read-only `ro` (which
-/// has no description), both offering `base:allocation`; plus unlisted exports named by
-/// any run of `x`.
+/// Name of qemu's allocation-depth metadata context, spelled out here rather than taken
+/// from the crate.
+pub const QEMU_ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+
+/// Two listed exports: `disk` (also the default export, "") offering `base:allocation`
+/// and `qemu:allocation-depth` (ids 1 and 2, as every Strata export), and the read-only
+/// `ro` (which has no description) offering only `base:allocation`; plus unlisted exports
+/// named by any run of `x`.
 pub struct TestCatalog;
 
 impl ExportCatalog for TestCatalog {
@@ -57,7 +62,7 @@ impl ExportCatalog for TestCatalog {
                     preferred: 4096,
                     maximum: 32 << 20,
                 },
-                meta_contexts: vec![BASE_ALLOCATION.into()],
+                meta_contexts: vec![BASE_ALLOCATION.into(), QEMU_ALLOCATION_DEPTH.into()],
             }),
             "ro" => Some(ExportInfo {
                 name: "ro".into(),

@@ -458,6 +458,25 @@ impl Endpoint {
         }
     }
 
+    /// qemu `--image-opts` for export `name` on this endpoint with the nbd driver, for
+    /// options a URI cannot carry (such as `x-dirty-bitmap`).
+    pub fn qemu_image_opts(&self, name: &str) -> String {
+        // Commas separate options; a literal comma is doubled.
+        let esc = |s: &str| s.replace(',', ",,");
+        let server = match self {
+            Endpoint::Tcp(a) => format!(
+                "server.type=inet,server.host={},server.port={}",
+                a.ip(),
+                a.port()
+            ),
+            Endpoint::Unix(p) => format!(
+                "server.type=unix,server.path={}",
+                esc(&p.display().to_string())
+            ),
+        };
+        format!("driver=nbd,{server},export={}", esc(name))
+    }
+
     /// Opens a plain socket to the server, with I/O timeouts.
     pub fn connect(&self) -> io::Result<Stream> {
         match self {
@@ -1135,6 +1154,40 @@ pub fn parse_nbdinfo_map(text: &str) -> Vec<MapEntry> {
                 length: num(1),
                 zero: flags & 2 != 0,
                 data: flags & 1 == 0,
+            }
+        })
+        .collect()
+}
+
+/// One line of `nbdinfo --map=qemu:allocation-depth`: `[start, start+length)` provided by
+/// the layer at `depth` (0 unallocated, 1 the top layer, 2 its backing, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DepthEntry {
+    pub start: u64,
+    pub length: u64,
+    pub depth: u32,
+    /// nbdinfo's wording for the depth (`absent`, `local`, `backing depth N`).
+    pub description: String,
+}
+
+/// Parses `nbdinfo --map=qemu:allocation-depth` output: `offset length depth description`
+/// per line.
+pub fn parse_nbdinfo_depth_map(text: &str) -> Vec<DepthEntry> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let num = |i: usize| -> u64 {
+                f.get(i)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("bad nbdinfo --map line {l:?}"))
+            };
+            DepthEntry {
+                start: num(0),
+                length: num(1),
+                depth: u32::try_from(num(2))
+                    .unwrap_or_else(|_| panic!("depth beyond 32 bits in {l:?}")),
+                description: f.get(3..).map(|d| d.join(" ")).unwrap_or_default(),
             }
         })
         .collect()

@@ -406,32 +406,76 @@ impl Conn {
         Ok(data)
     }
 
+    /// Selects metadata contexts with `SET_META_CONTEXT` on export `name` (structured
+    /// replies must be on); returns the (id, name) pairs the server chose.
+    pub fn set_meta_contexts(&mut self, name: &str, queries: &[&str]) -> Vec<(u32, String)> {
+        let replies = self.opt(OPT_SET_META_CONTEXT, &Self::meta_payload(name, queries));
+        let (ack, contexts) = replies.split_last().unwrap();
+        assert_eq!(ack.ty, REP_ACK, "SET_META_CONTEXT failed: {:#x}", ack.ty);
+        contexts
+            .iter()
+            .map(|r| {
+                assert_eq!(r.ty, REP_META_CONTEXT);
+                let id = u32::from_be_bytes(r.data[..4].try_into().unwrap());
+                (id, String::from_utf8(r.data[4..].to_vec()).unwrap())
+            })
+            .collect()
+    }
+
     /// Block status for base:allocation: (length, flags) pairs.
     pub fn block_status(&mut self, flags: u16, offset: u64, len: u64) -> Vec<(u64, u32)> {
+        let chunks = self.block_status_chunks(flags, offset, len);
+        assert_eq!(chunks.len(), 1);
+        chunks[0]
+            .1
+            .iter()
+            .map(|&(l, f)| {
+                (
+                    l,
+                    u32::try_from(f).expect("base:allocation flags fit 32 bits"),
+                )
+            })
+            .collect()
+    }
+
+    /// Block status for every selected context: per chunk up to the one flagged DONE, in
+    /// the order received, the context id and its (length, status) pairs. Checks the
+    /// framing: the chunk type of the reply mode, payload lengths that match the
+    /// descriptor count.
+    pub fn block_status_chunks(
+        &mut self,
+        flags: u16,
+        offset: u64,
+        len: u64,
+    ) -> Vec<(u32, Vec<(u64, u64)>)> {
         let cookie = 0xb5;
         self.request(flags, CMD_BLOCK_STATUS, cookie, offset, len, &[]);
         let chunks = self.chunks();
-        assert_eq!(chunks.len(), 1);
-        let c = &chunks[0];
-        let p = &c.payload;
         let mut out = Vec::new();
-        if self.extended {
-            assert_eq!(c.ty, CHUNK_BLOCK_STATUS_EXT);
-            let count = u32::from_be_bytes(p[4..8].try_into().unwrap()) as usize;
-            assert_eq!(p.len(), 8 + 16 * count);
-            for i in 0..count {
-                let at = 8 + 16 * i;
-                let l = u64::from_be_bytes(p[at..at + 8].try_into().unwrap());
-                let f = u64::from_be_bytes(p[at + 8..at + 16].try_into().unwrap());
-                out.push((l, f as u32));
+        for c in &chunks {
+            assert_eq!(c.cookie, cookie);
+            let p = &c.payload;
+            let id = u32::from_be_bytes(p[..4].try_into().unwrap());
+            let mut descriptors = Vec::new();
+            if self.extended {
+                assert_eq!(c.ty, CHUNK_BLOCK_STATUS_EXT);
+                let count = u32::from_be_bytes(p[4..8].try_into().unwrap()) as usize;
+                assert_eq!(p.len(), 8 + 16 * count);
+                for at in (8..p.len()).step_by(16) {
+                    let l = u64::from_be_bytes(p[at..at + 8].try_into().unwrap());
+                    let f = u64::from_be_bytes(p[at + 8..at + 16].try_into().unwrap());
+                    descriptors.push((l, f));
+                }
+            } else {
+                assert_eq!(c.ty, CHUNK_BLOCK_STATUS);
+                assert_eq!((p.len() - 4) % 8, 0);
+                for at in (4..p.len()).step_by(8) {
+                    let l = u32::from_be_bytes(p[at..at + 4].try_into().unwrap());
+                    let f = u32::from_be_bytes(p[at + 4..at + 8].try_into().unwrap());
+                    descriptors.push((u64::from(l), u64::from(f)));
+                }
             }
-        } else {
-            assert_eq!(c.ty, CHUNK_BLOCK_STATUS);
-            for at in (4..p.len()).step_by(8) {
-                let l = u32::from_be_bytes(p[at..at + 4].try_into().unwrap());
-                let f = u32::from_be_bytes(p[at + 4..at + 8].try_into().unwrap());
-                out.push((u64::from(l), f));
-            }
+            out.push((id, descriptors));
         }
         out
     }
