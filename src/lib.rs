@@ -34,6 +34,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod image;
 pub mod proto;
 pub mod server;
 pub mod size;

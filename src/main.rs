@@ -6,10 +6,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use strata::backend;
 use strata::server::{Export, Exports, ListenAddr, Listener, Server, ServerConfig};
 use tracing::{error, info};
+
+mod cli_image;
 
 /// Strata: a fast NBD server for VM storage.
 #[derive(Parser, Debug)]
@@ -25,8 +27,34 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve an image over NBD.
+    /// Serve images over NBD.
     Serve(ServeArgs),
+    /// Create a Strata image, empty or as an overlay of a backing file.
+    Create(cli_image::CreateArgs),
+    /// Describe an image and its backing chain.
+    Info(cli_image::InfoArgs),
+    /// Verify an image's checksums and map; optionally repair it.
+    Check(cli_image::CheckArgs),
+    /// Show which layer holds each range of an image.
+    Map(cli_image::MapArgs),
+    /// Merge an overlay into its backing file.
+    Commit(cli_image::CommitArgs),
+    /// Point an overlay at a different backing file.
+    Rebase(cli_image::RebaseArgs),
+    /// Copy an image to a new Strata image or raw file, skipping unallocated data.
+    Convert(cli_image::ConvertArgs),
+}
+
+/// How `serve` reads image files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FormatArg {
+    /// Strata image if the file starts with the Strata signature, raw otherwise
+    /// (other tools' image formats are refused).
+    Auto,
+    /// The file's bytes as they are.
+    Raw,
+    /// A Strata image.
+    Strata,
 }
 
 #[derive(Args, Debug)]
@@ -35,9 +63,17 @@ struct ServeArgs {
     #[arg(short, long = "listen", value_name = "ADDR")]
     listen: Vec<ListenAddr>,
 
-    /// Export name (default: the image's file stem, or `memory`).
+    /// Export name for a single image (default: the image's file stem, or `memory`).
     #[arg(short, long)]
     name: Option<String>,
+
+    /// Export an image under a name: NAME=IMAGE. Repeat for several.
+    #[arg(short, long = "export", value_name = "NAME=IMAGE")]
+    export: Vec<String>,
+
+    /// Image format.
+    #[arg(short, long, value_enum, default_value = "auto")]
+    format: FormatArg,
 
     /// Human-readable description sent to clients that ask.
     #[arg(long, default_value = "")]
@@ -55,9 +91,10 @@ struct ServeArgs {
     #[arg(long, default_value_t = 1024, value_name = "N")]
     max_connections: usize,
 
-    /// Image to serve: a raw file or block device path, or memory:SIZE (e.g. memory:1G).
-    #[arg(value_name = "IMAGE")]
-    image: String,
+    /// Images to serve: Strata images, raw files or block devices, or memory:SIZE (e.g.
+    /// memory:1G). Each is exported under its file stem; the first is the default export.
+    #[arg(value_name = "IMAGE", required_unless_present = "export")]
+    images: Vec<String>,
 }
 
 fn init_logging(verbose: u8) {
@@ -98,18 +135,60 @@ async fn wait_for_signal() {
     }
 }
 
+/// The exports `serve` was asked for, as (name, image) pairs, in order.
+fn export_list(args: &ServeArgs) -> strata::Result<Vec<(String, String)>> {
+    use strata::{Error, ErrorKind};
+    if args.name.is_some() && args.images.len() + args.export.len() != 1 {
+        return Err(Error::msg(
+            ErrorKind::InvalidInput,
+            "--name applies to a single image; use --export NAME=IMAGE for several",
+        ));
+    }
+    let mut list: Vec<(String, String)> = Vec::new();
+    for image in &args.images {
+        let name = args
+            .name
+            .clone()
+            .unwrap_or_else(|| default_export_name(image));
+        list.push((name, image.clone()));
+    }
+    for spec in &args.export {
+        let Some((name, image)) = spec.split_once('=') else {
+            return Err(Error::msg(
+                ErrorKind::InvalidInput,
+                format!("--export {spec:?}: expected NAME=IMAGE"),
+            ));
+        };
+        list.push((name.to_owned(), image.to_owned()));
+    }
+    for (i, (name, _)) in list.iter().enumerate() {
+        if list[..i].iter().any(|(n, _)| n == name) {
+            return Err(Error::msg(
+                ErrorKind::InvalidInput,
+                format!("two exports are named {name:?}; name them with --export NAME=IMAGE"),
+            ));
+        }
+    }
+    Ok(list)
+}
+
 async fn serve(args: ServeArgs) -> strata::Result<()> {
-    let backend = backend::open(&args.image, args.read_only)?;
-    let name = args
-        .name
-        .clone()
-        .unwrap_or_else(|| default_export_name(&args.image));
+    let format = match args.format {
+        FormatArg::Auto => None,
+        FormatArg::Raw => Some(strata::image::Format::Raw),
+        FormatArg::Strata => Some(strata::image::Format::Strata),
+    };
     let exports = Arc::new(Exports::new());
-    exports.insert(Export::new(
-        name.clone(),
-        args.description.clone(),
-        backend.clone(),
-    ));
+    for (name, image) in export_list(&args)? {
+        let backend = backend::open_as(&image, args.read_only, format)?;
+        info!(
+            export = name,
+            size = backend.size(),
+            read_only = args.read_only,
+            "serving {image}"
+        );
+        exports.insert(Export::new(name, args.description.clone(), backend));
+    }
 
     let addrs = if args.listen.is_empty() {
         vec!["127.0.0.1:10809".parse()?]
@@ -122,14 +201,6 @@ async fn serve(args: ServeArgs) -> strata::Result<()> {
         info!("listening on {}", listener.local_addr()?);
         listeners.push(listener);
     }
-    info!(
-        export = name,
-        size = backend.size(),
-        read_only = args.read_only,
-        "serving {}",
-        args.image
-    );
-
     let config = ServerConfig {
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
         max_connections: args.max_connections.max(1),
@@ -159,11 +230,18 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Create(a) => cli_image::create(a),
+            Command::Info(a) => cli_image::info(a),
+            Command::Check(a) => cli_image::check(a),
+            Command::Map(a) => cli_image::map(a),
+            Command::Commit(a) => cli_image::commit(a),
+            Command::Rebase(a) => cli_image::rebase(a),
+            Command::Convert(a) => cli_image::convert(a),
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             error!("{e}");
             eprintln!("strata: {e}");

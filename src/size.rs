@@ -36,9 +36,35 @@ pub fn parse_size(text: &str) -> Result<u64> {
     })
 }
 
+/// Formats a byte count for people: `512 B`, `64 KiB`, `1.5 GiB`.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value.fract() == 0.0 {
+        format!("{value} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{format_size, parse_size};
+
+    #[test]
+    fn formatting() {
+        assert_eq!(format_size(512), "512 B");
+        assert_eq!(format_size(64 << 10), "64 KiB");
+        assert_eq!(format_size(3 << 29), "1.5 GiB");
+    }
 
     #[test]
     fn suffixes() {

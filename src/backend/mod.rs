@@ -20,10 +20,12 @@ use bytes::Bytes;
 
 use crate::error::{Error, ErrorKind, Result};
 
+pub mod image;
 pub mod memory;
 pub mod raw;
 mod readonly;
 
+pub use image::ImageBackend;
 pub use memory::MemoryBackend;
 pub use raw::RawBackend;
 pub use readonly::ReadOnly;
@@ -423,14 +425,34 @@ impl Backend for SharedBackend {
     }
 }
 
-/// Opens the backend named on the command line: `memory:SIZE` or a path to a raw file or
-/// block device.
+/// Opens the backend named on the command line: `memory:SIZE`, or a path to a Strata
+/// image, a raw file or a block device, told apart by their first bytes.
 pub fn open(spec: &str, read_only: bool) -> Result<SharedBackend> {
+    open_as(spec, read_only, None)
+}
+
+/// Like [`open`], with the format forced when `format` is given (`Raw` serves any file's
+/// bytes as they are, even one that looks like an image).
+pub fn open_as(
+    spec: &str,
+    read_only: bool,
+    format: Option<crate::image::Format>,
+) -> Result<SharedBackend> {
+    use crate::image::{self, Format};
     let backend: SharedBackend = if let Some(size) = spec.strip_prefix("memory:") {
         let size = crate::size::parse_size(size)?;
         Arc::new(MemoryBackend::new(size))
     } else {
-        Arc::new(RawBackend::open(spec, read_only)?)
+        let path = std::path::Path::new(spec);
+        let format = match format {
+            Some(f) => f,
+            None => image::probe(path)?,
+        };
+        match format {
+            Format::Strata => Arc::new(ImageBackend::new(image::open(path, !read_only)?)),
+            Format::Raw => Arc::new(RawBackend::open(spec, read_only)?),
+            Format::Foreign(name) => return Err(image::refuse_foreign(path, name)),
+        }
     };
     Ok(if read_only {
         Arc::new(ReadOnly::new(backend))

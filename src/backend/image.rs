@@ -1,0 +1,130 @@
+//! Strata images (sparse, and copy-on-write overlays over any depth of backing files) as
+//! a [`Backend`].
+//!
+//! The engine in [`crate::image::Chain`] is synchronous: it runs inline when every layer
+//! lives in memory, and on tokio's blocking pool otherwise, like the raw backend.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{Backend, BlockSize, Capabilities, DepthExtent, Extent, ReadChunk, ZeroFlags};
+use crate::error::{Error, ErrorKind, Result};
+use crate::image::{Chain, ZeroMode};
+
+/// A Strata image served as a disk. See the [module documentation](self).
+#[derive(Debug, Clone)]
+pub struct ImageBackend {
+    chain: Arc<Chain>,
+    inline: bool,
+}
+
+impl ImageBackend {
+    /// Serves `chain`.
+    pub fn new(chain: Chain) -> ImageBackend {
+        let inline = chain.in_memory();
+        ImageBackend {
+            chain: Arc::new(chain),
+            inline,
+        }
+    }
+
+    /// The engine underneath.
+    pub fn chain(&self) -> &Arc<Chain> {
+        &self.chain
+    }
+
+    async fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(&Chain) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        if self.inline {
+            return f(&self.chain);
+        }
+        let chain = Arc::clone(&self.chain);
+        match tokio::task::spawn_blocking(move || f(&chain)).await {
+            Ok(r) => r,
+            Err(e) => Err(Error::msg(ErrorKind::Io, "image task failed").with_source(e)),
+        }
+    }
+}
+
+impl Backend for ImageBackend {
+    fn size(&self) -> u64 {
+        self.chain.size()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let writable = self.chain.writable();
+        Capabilities {
+            read_only: !writable,
+            flush: writable,
+            fua: writable,
+            trim: writable,
+            write_zeroes: writable,
+            fast_zero: writable,
+            block_status: true,
+            multi_conn: true,
+            ..Capabilities::NONE
+        }
+    }
+
+    fn block_size(&self) -> BlockSize {
+        BlockSize::default()
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        self.run(move |c| {
+            let mut buf = vec![0u8; len];
+            c.read(offset, &mut buf)?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    async fn read_sparse(&self, offset: u64, len: usize) -> Result<Vec<ReadChunk>> {
+        self.run(move |c| c.read_sparse(offset, len)).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        self.run(move |c| c.write(offset, &data, fua)).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.run(Chain::flush).await
+    }
+
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.run(move |c| c.zero(offset, len, ZeroMode::Trim, fua))
+            .await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let mode = if flags.no_hole {
+            if flags.fast {
+                // Zeroes written as data are not fast.
+                return Err(Error::new(ErrorKind::NotSupported).with_op("write_zeroes"));
+            }
+            ZeroMode::ZeroNoHole
+        } else {
+            ZeroMode::Zero
+        };
+        self.run(move |c| c.zero(offset, len, mode, flags.fua))
+            .await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.run(move |c| c.block_status(offset, len)).await
+    }
+
+    async fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthExtent>> {
+        self.run(move |c| {
+            Ok(c.allocation_depth(offset, len)?
+                .into_iter()
+                .map(|(length, depth)| DepthExtent { length, depth })
+                .collect())
+        })
+        .await
+    }
+}

@@ -1,0 +1,393 @@
+//! The image subcommands of the command line: argument definitions and printing. The
+//! work itself is in [`strata::image::tools`].
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use strata::image::{self, tools};
+use strata::size::{format_size, parse_size};
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+/// `strata create`
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// Image to create (must not exist).
+    pub image: PathBuf,
+    /// Virtual size, e.g. 20G (default: the backing file's size).
+    #[arg(short, long, value_parser = size_arg)]
+    pub size: Option<u64>,
+    /// Cluster size, a power of two from 4K to 2M (default 64K, or the backing image's).
+    #[arg(short, long, value_parser = size_arg)]
+    pub cluster_size: Option<u64>,
+    /// Backing file (raw file, block device or Strata image): the new image starts as a
+    /// copy-on-write overlay of it.
+    #[arg(short, long)]
+    pub backing: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `strata info`
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// Image to describe.
+    pub image: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `strata check`
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Image to check.
+    pub image: PathBuf,
+    /// Fix what can be fixed: drop unreadable mappings, release leaked space.
+    #[arg(long)]
+    pub repair: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `strata map`
+#[derive(Args, Debug)]
+pub struct MapArgs {
+    /// Image to map.
+    pub image: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `strata commit`
+#[derive(Args, Debug)]
+pub struct CommitArgs {
+    /// Overlay whose changes go into its backing file.
+    pub image: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `strata rebase`
+#[derive(Args, Debug)]
+pub struct RebaseArgs {
+    /// Overlay to point at a new backing file.
+    pub image: PathBuf,
+    /// The new backing file.
+    #[arg(short, long, required_unless_present = "no_backing")]
+    pub backing: Option<PathBuf>,
+    /// Drop the backing file: copy everything the image reads into it.
+    #[arg(long, conflicts_with = "backing")]
+    pub no_backing: bool,
+    /// Only rewrite the reference; for when the new file holds the same data (a moved
+    /// or copied base).
+    #[arg(short, long = "unsafe")]
+    pub unsafe_: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Output format of `convert`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OutFormat {
+    /// A Strata image.
+    Strata,
+    /// A raw, sparse file.
+    Raw,
+}
+
+/// `strata convert`
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// Source: a Strata image (its whole chain is read) or a raw file or device.
+    pub source: PathBuf,
+    /// Destination file (must not exist).
+    pub destination: PathBuf,
+    /// Destination format.
+    #[arg(short = 'O', long = "to", value_enum, default_value = "strata")]
+    pub format: OutFormat,
+    /// Cluster size of a Strata destination.
+    #[arg(short, long, value_parser = size_arg)]
+    pub cluster_size: Option<u64>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn print_json<T: Serialize>(value: &T) {
+    match serde_json::to_string_pretty(value) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("strata: cannot encode JSON: {e}"),
+    }
+}
+
+/// A progress bar on standard error, drawn only when it is a terminal.
+struct Bar {
+    label: &'static str,
+    enabled: bool,
+}
+
+impl Bar {
+    fn new(label: &'static str) -> Bar {
+        Bar {
+            label,
+            enabled: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn update(&self, done: u64, total: u64) {
+        if !self.enabled {
+            return;
+        }
+        let pct = (done * 100).checked_div(total).unwrap_or(100).min(100);
+        let filled = (pct / 4) as usize;
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\r{} [{}{}] {pct:3}% {} / {}",
+            self.label,
+            "#".repeat(filled),
+            " ".repeat(25 - filled),
+            format_size(done),
+            format_size(total)
+        );
+        let _ = err.flush();
+    }
+
+    fn finish(&self) {
+        if self.enabled {
+            eprintln!();
+        }
+    }
+}
+
+type CmdResult = strata::Result<ExitCode>;
+
+/// `strata create`
+pub fn create(a: CreateArgs) -> CmdResult {
+    let header = image::create(
+        &a.image,
+        &image::CreateOptions {
+            size: a.size,
+            cluster_size: a.cluster_size,
+            backing: a.backing.clone(),
+        },
+    )?;
+    if a.json {
+        print_json(&serde_json::json!({
+            "path": a.image,
+            "virtual_size": header.virtual_size,
+            "cluster_size": header.cluster_size(),
+            "image_id": image::format_id(&header.image_id),
+            "backing": header.backing.as_ref().map(|b| &b.path),
+        }));
+    } else {
+        let backing = header
+            .backing
+            .as_ref()
+            .map(|b| format!(", backing {}", b.path))
+            .unwrap_or_default();
+        println!(
+            "created {}: {} virtual, {} clusters{backing}",
+            a.image.display(),
+            format_size(header.virtual_size),
+            format_size(header.cluster_size())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `strata info`
+pub fn info(a: InfoArgs) -> CmdResult {
+    let fmt = image::probe(&a.image)?;
+    if fmt != image::Format::Strata {
+        let meta =
+            std::fs::metadata(&a.image).map_err(|e| strata::Error::from(e).with_path(&a.image))?;
+        let name = match fmt {
+            image::Format::Foreign(n) => n,
+            _ => "raw",
+        };
+        if a.json {
+            print_json(&serde_json::json!({
+                "path": a.image, "format": name, "file_length": meta.len(),
+            }));
+        } else {
+            println!("{}: {name}, {} bytes", a.image.display(), meta.len());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let info = tools::info(&a.image)?;
+    if a.json {
+        print_json(&info);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("image:         {}", info.path.display());
+    println!("format:        strata (version {})", info.version);
+    println!(
+        "virtual size:  {} ({} bytes)",
+        format_size(info.virtual_size),
+        info.virtual_size
+    );
+    println!("cluster size:  {}", format_size(info.cluster_size));
+    println!("image id:      {}", info.image_id);
+    println!(
+        "allocated:     {} data, {} zero clusters",
+        format_size(info.allocated),
+        format_size(info.zeroed)
+    );
+    println!(
+        "file:          {} long, {} on disk",
+        format_size(info.file_length),
+        format_size(info.disk_usage)
+    );
+    if let Some(b) = &info.backing {
+        println!(
+            "backing:       {} ({}, {})",
+            b.reference,
+            b.format,
+            b.resolved.display()
+        );
+    }
+    if info.chain.len() > 1 {
+        println!("chain:");
+        for (i, l) in info.chain.iter().enumerate() {
+            println!(
+                "  {:>3}  {:<6} {:>10} allocated  {}",
+                i + 1,
+                l.format,
+                format_size(l.allocated),
+                l.path.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `strata check`
+pub fn check(a: CheckArgs) -> CmdResult {
+    let report = tools::check(&a.image, a.repair)?;
+    let clean = report.is_clean();
+    if a.json {
+        print_json(&report);
+    } else {
+        for p in &report.problems {
+            println!("error: {p}");
+        }
+        for p in &report.backing_problems {
+            println!("error: backing: {p}");
+        }
+        for r in &report.repaired {
+            println!("repaired: {r}");
+        }
+        if report.leaked_bytes > 0 {
+            println!(
+                "note: {} in clusters nothing maps (left by an interrupted write; \
+                 reused automatically, released by --repair)",
+                format_size(report.leaked_bytes)
+            );
+        }
+        if report.torn_slots > 0 {
+            println!(
+                "note: {} map slots hold an interrupted update; their other copy is current",
+                report.torn_slots
+            );
+        }
+        println!(
+            "{}: {} ({} data clusters, {} zero clusters)",
+            a.image.display(),
+            if clean { "no errors" } else { "CORRUPT" },
+            report.data_clusters,
+            report.zero_clusters
+        );
+    }
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+/// `strata map`
+pub fn map(a: MapArgs) -> CmdResult {
+    let entries = tools::map(&a.image)?;
+    if a.json {
+        print_json(&entries);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>18} {:>18} {:<12} {:>5}  file",
+        "offset", "length", "state", "depth"
+    );
+    for e in entries {
+        println!(
+            "{:>#18x} {:>#18x} {:<12} {:>5}  {}",
+            e.offset,
+            e.length,
+            e.state,
+            e.depth,
+            e.file.map(|f| f.display().to_string()).unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_copy(json: bool, what: &str, r: &tools::CopyReport) {
+    if json {
+        print_json(r);
+    } else {
+        println!(
+            "{what}: {} copied, {} zeroed",
+            format_size(r.copied),
+            format_size(r.zeroed)
+        );
+    }
+}
+
+/// `strata commit`
+pub fn commit(a: CommitArgs) -> CmdResult {
+    let bar = Bar::new("commit");
+    let r = tools::commit(&a.image, &|d, t| bar.update(d, t))?;
+    bar.finish();
+    print_copy(a.json, "committed", &r);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `strata rebase`
+pub fn rebase(a: RebaseArgs) -> CmdResult {
+    let bar = Bar::new("rebase");
+    let r = tools::rebase(&a.image, a.backing.as_deref(), a.unsafe_, &|d, t| {
+        bar.update(d, t);
+    })?;
+    bar.finish();
+    print_copy(a.json, "rebased", &r);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `strata convert`
+pub fn convert(a: ConvertArgs) -> CmdResult {
+    let format = match a.format {
+        OutFormat::Strata => tools::OutputFormat::Strata,
+        OutFormat::Raw => tools::OutputFormat::Raw,
+    };
+    let bar = Bar::new("convert");
+    let r = tools::convert(
+        &a.source,
+        &a.destination,
+        format,
+        a.cluster_size,
+        &|d, t| bar.update(d, t),
+    )?;
+    bar.finish();
+    print_copy(a.json, "converted", &r);
+    Ok(ExitCode::SUCCESS)
+}
