@@ -753,16 +753,17 @@ impl Chain {
         } else {
             end / cs
         };
-        if mode == ZeroMode::ZeroNoHole || first >= last {
-            self.write_zero_data(offset, len)?;
+        let keep = mode == ZeroMode::ZeroNoHole;
+        if keep || first >= last {
+            self.write_zero_data(offset, len, keep)?;
             return self.commit_due();
         }
         if offset < first << bits {
-            self.write_zero_data(offset, (first << bits) - offset)?;
+            self.write_zero_data(offset, (first << bits) - offset, false)?;
         }
         let tail = last << bits;
         if tail < end {
-            self.write_zero_data(tail, end - tail)?;
+            self.write_zero_data(tail, end - tail, false)?;
         }
         let new = if mode == ZeroMode::Trim && self.standalone {
             entry::UNALLOCATED
@@ -830,20 +831,29 @@ impl Chain {
         Ok(freed)
     }
 
-    /// Writes zeroes as data over `[offset, offset + len)`, skipping clusters that
-    /// already read as zeroes unless they must become allocated.
-    fn write_zero_data(&self, offset: u64, len: u64) -> Result<()> {
+    /// Writes zeroes as data over `[offset, offset + len)`. Unless `allocate`, pieces
+    /// that already read as zeroes are left alone, so zeroing never allocates needlessly.
+    fn write_zero_data(&self, offset: u64, len: u64, allocate: bool) -> Result<()> {
         const CHUNK: u64 = 1 << 20;
         let zeroes = vec![0u8; CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK);
-            let pos = offset + done;
-            let chunk = &zeroes[..n as usize];
-            if !self.write_in_place(pos, chunk)? {
-                self.write_allocating(pos, chunk)?;
+        let pieces = {
+            let st = self.state.read().map_err(|_| lock_err())?;
+            self.plan(&st.map, offset, len)
+        };
+        let mut pos = offset;
+        for piece in pieces {
+            let piece_end = pos + piece.len;
+            if allocate || piece.src != Src::Zero {
+                while pos < piece_end {
+                    let n = (piece_end - pos).min(CHUNK);
+                    let chunk = &zeroes[..n as usize];
+                    if !self.write_in_place(pos, chunk)? {
+                        self.write_allocating(pos, chunk)?;
+                    }
+                    pos += n;
+                }
             }
-            done += n;
+            pos = piece_end;
         }
         Ok(())
     }
@@ -945,6 +955,7 @@ impl Chain {
             };
             let (offset, sequence, slot) = pair.next();
             plan.l2.push(PageWrite {
+                fresh: pair.sequence == 0,
                 index: u64::from(q),
                 offset,
                 sequence,
@@ -982,6 +993,7 @@ impl Chain {
             }
             let (offset, sequence, slot) = st.l1[i].next();
             plan.l1.push(PageWrite {
+                fresh: false,
                 index: i as u64,
                 offset,
                 sequence,
@@ -1001,9 +1013,17 @@ impl Chain {
                 continue;
             }
             for w in pages {
-                storage
-                    .write_at(&[&w.bytes[..]], w.offset)
-                    .map_err(err("commit"))?;
+                if w.fresh {
+                    // A new pair's other slot may hold stale bytes from whatever used the
+                    // space before; clear it so it can never pass for a newer version.
+                    storage
+                        .write_at(&[&w.bytes[..], &[0u8; PAGE]], w.offset)
+                        .map_err(err("commit"))?;
+                } else {
+                    storage
+                        .write_at(&[&w.bytes[..]], w.offset)
+                        .map_err(err("commit"))?;
+                }
             }
             storage.sync().map_err(err("commit"))?;
         }
@@ -1206,6 +1226,8 @@ struct CommitPlan {
 
 struct PageWrite {
     index: u64,
+    /// A newly allocated L2 pair, written for the first time (slot 0).
+    fresh: bool,
     offset: u64,
     sequence: u64,
     slot: usize,
