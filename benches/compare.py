@@ -8,9 +8,14 @@ IOPS, bandwidth, median and 99th percentile completion latency, and the server's
 per request (user+system time of the server process over the run, from /proc, divided by
 the requests served). The last column is Strata's figure over the best peer's.
 
+With --backends, Strata also serves the same data as a Strata sparse image ("strata",
+converted from the raw image, fully allocated) and as the top of a chain of ten overlays
+over the raw image ("overlay10", each overlay holding 8 MiB of its own); those rows
+compare Strata with itself on the raw image, since the other servers cannot read them.
+
 Usage: benches/compare.py [--runtime SECS] [--repeat N] [--size SIZE] [--quick]
                           [--servers strata,nbdkit,qemu-nbd] [--transports tcp,unix]
-                          [--markdown FILE]
+                          [--backends raw,strata,overlay10] [--markdown FILE]
 """
 
 import argparse
@@ -135,6 +140,55 @@ def measure(server, image, transport, workload, args, workdir):
             proc.wait()
 
 
+def strata_binary():
+    return os.path.join(ROOT, "target", "release", "strata")
+
+
+def write_through_server(image, offset_mib, length_mib, pattern, workdir):
+    """Writes a pattern into a Strata image by serving it and using qemu-io."""
+    sock = tempfile.mktemp(prefix="prep-", suffix=".sock", dir=workdir)
+    proc = subprocess.Popen([strata_binary(), "serve", "--listen", f"unix:{sock}",
+                             "--name", "disk", image],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready("unix", sock)
+        subprocess.run(["qemu-io", "-f", "raw", uri("unix", sock), "-c",
+                        f"write -P {pattern} {offset_mib}M {length_mib}M"],
+                       check=True, stdout=subprocess.DEVNULL)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def prepare_backend(backend, raw, workdir, image_dir):
+    """Returns the path of an image holding the raw image's data in `backend`'s form."""
+    if backend == "raw":
+        return raw
+    if backend == "strata":
+        path = os.path.join(image_dir, f"strata-bench-{os.getpid()}.strata")
+        subprocess.run([strata_binary(), "convert", raw, path], check=True,
+                       stdout=subprocess.DEVNULL)
+        return path
+    if backend == "overlay10":
+        below = raw
+        for i in range(1, 11):
+            path = os.path.join(image_dir, f"strata-bench-{os.getpid()}-layer{i}.strata")
+            subprocess.run([strata_binary(), "create", path, "--backing", below], check=True,
+                           stdout=subprocess.DEVNULL)
+            write_through_server(path, 64 * i, 8, i, workdir)
+            below = path
+        return below
+    raise ValueError(backend)
+
+
+def cleanup_backend(backend, image_dir):
+    if backend == "raw":
+        return
+    for name in os.listdir(image_dir):
+        if name.startswith(f"strata-bench-{os.getpid()}") and name.endswith(".strata"):
+            os.unlink(os.path.join(image_dir, name))
+
+
 def median_of(runs):
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
@@ -169,6 +223,8 @@ def main():
     ap.add_argument("--image-dir", default="/dev/shm")
     ap.add_argument("--servers", default="strata,nbdkit,qemu-nbd")
     ap.add_argument("--transports", default="tcp,unix")
+    ap.add_argument("--backends", default="raw",
+                    help="raw, strata (sparse image), overlay10 (10-deep overlay chain)")
     ap.add_argument("--quick", action="store_true", help="QD32 random and sequential only")
     ap.add_argument("--markdown", help="also write the table to this file")
     args = ap.parse_args()
@@ -185,16 +241,26 @@ def main():
     servers = args.servers.split(",")
     workloads = [w for w in WORKLOADS if not args.quick or w[0] in QUICK]
     rows = []
+    raw_results = {}
     try:
-        for transport in args.transports.split(","):
-            for wl in workloads:
-                results = {}
-                for server in servers:
-                    runs = [measure(server, image, transport, wl, args, workdir)
-                            for _ in range(args.repeat)]
-                    results[server] = median_of(runs)
-                rows.append((transport, wl[0], results))
-                print_row(rows[-1], servers)
+        for backend in args.backends.split(","):
+            target = prepare_backend(backend, image, workdir, args.image_dir)
+            here = servers if backend == "raw" else ["strata"]
+            try:
+                for transport in args.transports.split(","):
+                    for wl in workloads:
+                        results = {}
+                        for server in here:
+                            runs = [measure(server, target, transport, wl, args, workdir)
+                                    for _ in range(args.repeat)]
+                            results[server] = median_of(runs)
+                        if backend == "raw" and "strata" in results:
+                            raw_results[(transport, wl[0])] = results["strata"]
+                        rows.append((backend, transport, wl[0], results,
+                                     raw_results.get((transport, wl[0]))))
+                        print_row(rows[-1], here)
+            finally:
+                cleanup_backend(backend, args.image_dir)
     finally:
         os.unlink(image)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -218,10 +284,10 @@ def ratio(results, servers, key, higher_is_better=True):
 
 
 def print_row(row, servers):
-    transport, name, results = row
+    backend, transport, name, results, _ = row
     parts = [f"{s}: {results[s]['iops']:.0f} IOPS {results[s]['mbps']:.0f} MB/s "
              f"cpu {results[s]['cpu_us_per_io']:.1f} us/io" for s in servers]
-    print(f"[{transport}] {name}: " + " | ".join(parts), flush=True)
+    print(f"[{backend} {transport}] {name}: " + " | ".join(parts), flush=True)
 
 
 def render(rows, servers, args):
@@ -234,7 +300,9 @@ def render(rows, servers, args):
     head += ["Strata/best IOPS", "best/Strata CPU"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
-    for transport, name, results in rows:
+    for backend, transport, name, results, _ in rows:
+        if backend != "raw":
+            continue
         cells = [transport, name]
         for s in servers:
             r = results[s]
@@ -243,6 +311,18 @@ def render(rows, servers, args):
         cells += [ratio(results, servers, "iops"),
                   ratio(results, servers, "cpu_us_per_io", higher_is_better=False)]
         out.append("| " + " | ".join(cells) + " |")
+    others = [r for r in rows if r[0] != "raw"]
+    if others:
+        out += ["", "Strata serving the same data from its own image formats, against Strata "
+                "on the raw file in the same run:", "",
+                "| backend | transport | workload | IOPS | MB/s | p50/p99 us | CPU us/io "
+                "| vs raw IOPS |", "|---|---|---|---|---|---|---|---|"]
+        for backend, transport, name, results, raw in others:
+            r = results["strata"]
+            vs = f"{r['iops'] / raw['iops']:.2f}x" if raw and raw["iops"] else "-"
+            out.append(f"| {backend} | {transport} | {name} | {r['iops']:.0f} | "
+                       f"{r['mbps']:.0f} | {r['p50_us']:.0f}/{r['p99_us']:.0f} | "
+                       f"{r['cpu_us_per_io']:.1f} | {vs} |")
     return "\n".join(out) + "\n"
 
 
