@@ -1055,3 +1055,93 @@ fn missing_or_changed_backing_is_refused() {
         &["sbase.strata", "backing file has changed"],
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Large images and images in use
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn an_image_larger_than_one_l1_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("big.strata");
+    // One L1 page maps 510 map pages of 510 clusters: 1065369600 bytes at 4 KiB.
+    let l1_span = 510 * 510 * 4096u64;
+    strata_ok(d, &["create", p(&img), "-s", "3G", "-c", "4K"]);
+    let a = pattern(70, 3 * 4096);
+    let b = pattern(71, 10_000);
+    let c = pattern(72, 4096);
+    write_image(
+        &img,
+        &[
+            (l1_span - 4096, &a), // the last cluster of L1 page 0 and two of page 1
+            (2 * l1_span + 123, &b),
+            ((3 << 30) - 4096, &c),
+        ],
+    );
+    assert_clean(d, &img);
+    let rows = map_rows(d, &img);
+    let data: Vec<(u64, u64)> = rows
+        .iter()
+        .filter(|r| r.2 == "data")
+        .map(|r| (r.0, r.1))
+        .collect();
+    assert_eq!(
+        data,
+        vec![
+            (l1_span - 4096, 3 * 4096),
+            (2 * l1_span, 3 * 4096),
+            ((3 << 30) - 4096, 4096),
+        ],
+        "{rows:?}"
+    );
+    let info = info_json(d, &img);
+    assert_eq!(num(&info, "allocated"), 7 * 4096, "{info:#}");
+    // Reopened, every piece reads back.
+    let _g = image_access();
+    let chain = image::open(&img, false).unwrap();
+    for (off, want) in [
+        (l1_span - 4096, &a),
+        (2 * l1_span + 123, &b),
+        ((3 << 30) - 4096, &c),
+    ] {
+        let mut buf = vec![0u8; want.len()];
+        chain.read(off, &mut buf).unwrap();
+        assert_same_bytes(&format!("data at {off}"), &buf, want);
+    }
+}
+
+#[test]
+fn tools_refuse_to_change_a_served_image() {
+    if !strata_only("strata's image locking") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_file(&d.join("base.raw"), 8, 2 * MIB as usize);
+    strata_ok(d, &["create", "-b", "base.raw", "ov.strata"]);
+    strata_ok(d, &["create", "-b", "base.raw", "other.strata"]);
+    write_image(&d.join("ov.strata"), &[(0, &[1; 4096])]);
+    let mut server = {
+        let _g = child_processes();
+        file(d.join("ov.strata")).listen(Transport::Unix).start()
+    };
+    let ov = p(&d.join("ov.strata")).to_owned();
+    for args in [
+        vec!["commit", ov.as_str()],
+        vec!["rebase", "--no-backing", ov.as_str()],
+        vec!["rebase", "-u", "-b", "base.raw", ov.as_str()],
+        vec!["check", "--repair", ov.as_str()],
+    ] {
+        strata_fails(d, &args, &["in use", "ov.strata"]);
+    }
+    // Committing another overlay would change the base under the served one.
+    strata_fails(d, &["commit", "other.strata"], &["in use", "base.raw"]);
+    // Looking is fine.
+    assert_clean(d, &d.join("ov.strata"));
+    assert_eq!(num(&info_json(d, &d.join("ov.strata")), "allocated"), CS);
+    assert_eq!(map_rows(d, &d.join("ov.strata"))[0].3, 1);
+    server.stop_cleanly_with(libc::SIGTERM);
+    strata_ok(d, &["commit", "ov.strata"]);
+    assert_eq!(fs::read(d.join("base.raw")).unwrap()[..4096], [1; 4096]);
+}
