@@ -1145,3 +1145,29 @@ fn tools_refuse_to_change_a_served_image() {
     strata_ok(d, &["commit", "ov.strata"]);
     assert_eq!(fs::read(d.join("base.raw")).unwrap()[..4096], [1; 4096]);
 }
+
+#[test]
+fn rebase_refuses_a_chain_back_to_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raw_file(&d.join("base.raw"), 9, MIB as usize);
+    strata_ok(d, &["create", "-b", "base.raw", "ov.strata"]);
+    strata_ok(d, &["create", "-b", "ov.strata", "top.strata"]);
+    std::os::unix::fs::symlink("ov.strata", d.join("alias.strata")).unwrap();
+    for backing in ["ov.strata", "top.strata", "alias.strata"] {
+        for unsafe_ in [true, false] {
+            let mut args = vec!["rebase", "-b", backing, "ov.strata"];
+            if unsafe_ {
+                args.insert(1, "--unsafe");
+            }
+            strata_fails(d, &args, &["loops back on itself"]);
+        }
+    }
+    // Nothing changed: the chain still opens, with its old backing.
+    let info = info_json(d, &d.join("top.strata"));
+    assert_eq!(info["chain"].as_array().unwrap().len(), 3, "{info:#}");
+    assert_eq!(
+        info_json(d, &d.join("ov.strata"))["backing"]["reference"],
+        "base.raw"
+    );
+}
