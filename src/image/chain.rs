@@ -1008,6 +1008,15 @@ impl Chain {
         let storage = self.storage();
         let err = |op| self.io_err(op, 0, 0);
         storage.sync().map_err(err("flush"))?;
+        // A new pair's first write goes to slot 0; slot 1 gets zeroes (an empty slot) now,
+        // so that the file holds the whole pair: later commits rewrite the page in place
+        // and never need to grow the file, which may then be impossible (a full disk).
+        let empty = [0u8; PAGE];
+        for &(_, off) in &plan.new_pairs {
+            storage
+                .write_at(&[&empty[..]], off + PAGE as u64)
+                .map_err(err("commit"))?;
+        }
         for pages in [&plan.l2, &plan.l1] {
             if pages.is_empty() {
                 continue;

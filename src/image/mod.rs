@@ -1,6 +1,6 @@
 //! Strata images: a crash-safe sparse format with copy-on-write backing chains.
 //!
-//! - [`format`]: the on-disk layout, as pure encode/decode functions.
+//! - [`format`](mod@format): the on-disk layout, as pure encode/decode functions.
 //! - [`storage`]: positional I/O on the file under a layer ([`storage::FileStorage`]) and
 //!   a simulated disk for crash tests ([`sim::SimStorage`]).
 //! - [`layer`]: reading and verifying one image's metadata (shared by open and check).
@@ -213,9 +213,11 @@ pub fn resolve_backing(image: &Path, reference: &str) -> PathBuf {
     }
 }
 
-/// Describes `backing` as an overlay's header records it.
+/// Describes `backing` as an overlay's header records it. An existing `image` (being
+/// rebased) must not be part of `backing`'s chain.
 pub fn describe_backing(image: &Path, backing: &Path) -> Result<(Backing, Option<u32>)> {
-    let lower = open_lower(backing, None, &mut Vec::new())?;
+    let mut seen: Vec<_> = file_id(image).ok().into_iter().collect();
+    let lower = open_lower(backing, None, &mut seen)?;
     let (kind, identity) = lower.identity;
     Ok((
         Backing {

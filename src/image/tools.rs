@@ -676,9 +676,13 @@ pub fn rebase(
                 Some(s) => s.read(pos, &mut new[..n])?,
                 None => new[..n].fill(0),
             }
-            if old[..n] != new[..n] {
-                top.write(pos, &old[..n], false)?;
-                report.copied += n as u64;
+            // Copy only the clusters that differ, not the whole step around them.
+            for at in (0..n).step_by(cs as usize) {
+                let end = (at + cs as usize).min(n);
+                if old[at..end] != new[at..end] {
+                    top.write(pos + at as u64, &old[at..end], false)?;
+                    report.copied += (end - at) as u64;
+                }
             }
             pos += n as u64;
             done += n as u64;

@@ -533,15 +533,22 @@ impl Write for Stream {
 pub enum Image {
     /// `memory:SIZE`, a sparse RAM disk of this many bytes.
     Memory(u64),
-    /// A raw file (or block device).
+    /// A raw file (or block device), or a Strata image (strata tells them apart).
     File(PathBuf),
+    /// Several images served by one strata process, each under its name
+    /// (`--export NAME=IMAGE`); the first is the one the builder's URIs name.
+    Exports(Vec<(String, PathBuf)>),
 }
 
 impl Image {
-    fn arg(&self) -> String {
+    fn args(&self) -> Vec<String> {
         match self {
-            Image::Memory(size) => format!("memory:{size}"),
-            Image::File(p) => p.display().to_string(),
+            Image::Memory(size) => vec![format!("memory:{size}")],
+            Image::File(p) => vec![p.display().to_string()],
+            Image::Exports(list) => list
+                .iter()
+                .flat_map(|(name, p)| ["--export".to_owned(), format!("{name}={}", p.display())])
+                .collect(),
         }
     }
 
@@ -554,13 +561,17 @@ impl Image {
                 .expect("image path has a file name")
                 .to_string_lossy()
                 .into_owned(),
+            Image::Exports(list) => list.first().expect("at least one export").0.clone(),
         }
     }
 
+    /// The export's size for raw images; 0 when it is not the file's length (Strata
+    /// images, several exports).
     fn size(&self) -> u64 {
         match self {
             Image::Memory(size) => *size,
             Image::File(p) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+            Image::Exports(_) => 0,
         }
     }
 }
@@ -572,6 +583,7 @@ pub struct ServerBuilder {
     listen: Vec<Transport>,
     name: Option<String>,
     read_only: bool,
+    file_size_limit: Option<u64>,
 }
 
 /// A server on `memory:SIZE`.
@@ -579,9 +591,18 @@ pub fn memory(size: u64) -> ServerBuilder {
     ServerBuilder::new(Image::Memory(size))
 }
 
-/// A server on a raw file.
+/// A server on a raw file or a Strata image.
 pub fn file(path: impl Into<PathBuf>) -> ServerBuilder {
     ServerBuilder::new(Image::File(path.into()))
+}
+
+/// One strata server for several images, each exported under its name.
+pub fn exports(list: &[(&str, &Path)]) -> ServerBuilder {
+    ServerBuilder::new(Image::Exports(
+        list.iter()
+            .map(|(name, p)| ((*name).to_owned(), p.to_path_buf()))
+            .collect(),
+    ))
 }
 
 impl ServerBuilder {
@@ -591,7 +612,15 @@ impl ServerBuilder {
             listen: Vec::new(),
             name: None,
             read_only: false,
+            file_size_limit: None,
         }
+    }
+
+    /// Runs the server with `RLIMIT_FSIZE` at `bytes` and `SIGXFSZ` ignored, so that
+    /// writes growing a file past that size fail with `EFBIG` (strata only).
+    pub fn file_size_limit(mut self, bytes: u64) -> Self {
+        self.file_size_limit = Some(bytes);
+        self
     }
 
     /// Adds a listening address of this kind (default: one TCP on 127.0.0.1).
@@ -710,9 +739,29 @@ impl ServerBuilder {
         if self.read_only {
             cmd.arg("--read-only");
         }
-        cmd.arg(self.image.arg());
+        cmd.args(self.image.args());
         if let Some(level) = std::env::var_os("STRATA_TEST_LOG") {
             cmd.env("RUST_LOG", level);
+        }
+        if let Some(limit) = self.file_size_limit {
+            // SAFETY: the closure runs in the child between fork and exec and only calls
+            // setrlimit(2) and signal(2), which are async-signal-safe; it reads only the
+            // copied `limit`.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let rl = libc::rlimit {
+                        rlim_cur: limit as libc::rlim_t,
+                        rlim_max: limit as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &rl) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    if libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         cmd
     }
@@ -721,6 +770,10 @@ impl ServerBuilder {
         assert!(
             endpoints.len() == 1,
             "nbdkit listens on one address only; guard this test with common::strata_only"
+        );
+        assert!(
+            self.file_size_limit.is_none(),
+            "file size limits apply to strata; guard this test with common::strata_only"
         );
         let mut cmd = Command::new("nbdkit");
         cmd.args(["-f", "--exit-with-parent"]);
@@ -752,6 +805,9 @@ impl ServerBuilder {
         match &self.image {
             Image::Memory(size) => cmd.arg("memory").arg(format!("size={size}")),
             Image::File(p) => cmd.arg("file").arg(format!("file={}", p.display())),
+            Image::Exports(_) => {
+                panic!("nbdkit serves one image; guard this test with common::strata_only")
+            }
         };
         cmd.arg(format!("exportname={export_name}"))
             .arg("exportname-list=explicit")
@@ -850,6 +906,11 @@ impl Server {
     /// URI of the named export on the first endpoint.
     pub fn uri(&self) -> String {
         self.endpoint().uri(&self.export_name)
+    }
+
+    /// URI of export `name` on the first endpoint.
+    pub fn uri_of(&self, name: &str) -> String {
+        self.endpoint().uri(name)
     }
 
     /// URI of the default export name "" on the first endpoint.
