@@ -1008,23 +1008,17 @@ impl Chain {
         let storage = self.storage();
         let err = |op| self.io_err(op, 0, 0);
         storage.sync().map_err(err("flush"))?;
-        // A new pair's first write goes to slot 0; slot 1 gets zeroes (an empty slot) now,
-        // so that the file holds the whole pair: later commits rewrite the page in place
-        // and never need to grow the file, which may then be impossible (a full disk).
-        let empty = [0u8; PAGE];
-        for &(_, off) in &plan.new_pairs {
-            storage
-                .write_at(&[&empty[..]], off + PAGE as u64)
-                .map_err(err("commit"))?;
-        }
         for pages in [&plan.l2, &plan.l1] {
             if pages.is_empty() {
                 continue;
             }
             for w in pages {
                 if w.fresh {
-                    // A new pair's other slot may hold stale bytes from whatever used the
-                    // space before; clear it so it can never pass for a newer version.
+                    // A new pair's second slot gets zeroes (an empty slot): stale bytes
+                    // from whatever used the space before can never pass for a newer
+                    // version, and the file holds the whole pair from the start, so later
+                    // commits rewrite it in place and never need to grow the file (which
+                    // a full disk would refuse).
                     storage
                         .write_at(&[&w.bytes[..], &[0u8; PAGE]], w.offset)
                         .map_err(err("commit"))?;
