@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use strata::image::format::{Backing, BackingKind, Header};
+use strata::image::format::{self, Backing, BackingKind, Header};
 use strata::image::sim::{Rng, SimStorage};
 use strata::image::storage::{Storage, View};
 use strata::image::{self, Chain, Lower, ZeroMode, layer};
@@ -767,4 +767,48 @@ fn every_step_of_the_first_commits_is_a_safe_crash_point() {
         total += n;
     }
     eprintln!("crash model: {total} step-by-step crashes simulated in all");
+}
+
+// ---------------------------------------------------------------------------------------
+// Reusing space a crash left behind
+
+/// A guest may store anything, valid Strata map pages included (a VM keeping Strata
+/// images on its disk). Data written but never committed is free space after a crash,
+/// and free space becomes new map page pairs: a page there must never be taken for one
+/// of the image's own.
+#[test]
+fn page_like_guest_data_in_reused_space_is_never_taken_for_a_map_page() {
+    let h = header(4 << 20, 12, 1, None);
+    let disk = SimStorage::new();
+    image::write_new(&disk, &h).unwrap();
+    let disk: Arc<dyn Storage> = Arc::new(disk);
+    let chain = open_sim(disk.clone(), None, "fresh");
+    chain.write(0, &pattern(1, 0, 4096), true).unwrap();
+    // Cluster 2 holds what looks like version 1000 of map page 1, mapping its first
+    // cluster (510) onto cluster 0's data.
+    let host0 = chain.ranges(0, 4096).unwrap()[0].host.unwrap();
+    let mut entries = [0u64; format::ENTRIES];
+    entries[0] = format::Entry::Data(host0).encode();
+    let fake = format::encode_page(format::PageKind::L2, 1, 1000, &entries);
+    chain.write(4096, &pattern(2, 4096, 4096), false).unwrap();
+    chain.write(8192, &fake[..], false).unwrap();
+    drop(chain);
+
+    // The process dies before a flush; its writes reach the disk, its map does not.
+    let disk: Arc<dyn Storage> = Arc::new(SimStorage::with_contents(disk.view().unwrap().to_vec()));
+    let chain = open_sim(disk.clone(), None, "after the crash");
+    // Zeroing a cluster of page 1 gives that page a page pair, in the space left free.
+    chain.zero(511 * 4096, 4096, ZeroMode::Zero, true).unwrap();
+    drop(chain);
+
+    let disk: Arc<dyn Storage> = Arc::new(SimStorage::with_contents(disk.view().unwrap().to_vec()));
+    let chain = open_sim(disk, None, "reopened");
+    let mut buf = vec![0u8; 4096];
+    chain.read(510 * 4096, &mut buf).unwrap();
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "cluster 510 reads another cluster's data"
+    );
+    chain.read(0, &mut buf).unwrap();
+    assert_eq!(buf, pattern(1, 0, 4096));
 }

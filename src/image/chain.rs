@@ -996,6 +996,15 @@ impl Chain {
         let storage = self.storage();
         let err = |op| self.io_err(op, 0, 0);
         storage.sync().map_err(err("flush"))?;
+        // A new pair's first version goes to its slot 0; slot 1 holds whatever the reused
+        // space held, perhaps a page-shaped leftover of guest data. Clear it, so that it is
+        // never taken for a newer version. Synced with the L2 pages, before any L1 page
+        // points at the pair.
+        for &(_, off) in &plan.new_pairs {
+            storage
+                .write_at(&[&[0u8; PAGE][..]], off + PAGE as u64)
+                .map_err(err("commit"))?;
+        }
         for pages in [&plan.l2, &plan.l1] {
             if pages.is_empty() {
                 continue;
