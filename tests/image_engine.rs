@@ -4,11 +4,15 @@
 //! disks ([`SimStorage`]) that are "crashed" at random points, in the middle of operations
 //! and commits too; every crashed disk must scan clean, hold everything flushed, hold
 //! nothing that was never written there, and keep working after reopening.
+//!
+//! Running out of space: writes that need new clusters fail with `NoSpace`, as does a
+//! flush that needs a new map page pair, and neither disturbs what was written before.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use strata::ErrorKind;
 use strata::image::format::{self, Backing, BackingKind, Header};
 use strata::image::sim::{Rng, SimStorage};
 use strata::image::storage::{Storage, View};
@@ -811,4 +815,134 @@ fn page_like_guest_data_in_reused_space_is_never_taken_for_a_map_page() {
     );
     chain.read(0, &mut buf).unwrap();
     assert_eq!(buf, pattern(1, 0, 4096));
+}
+
+// ---------------------------------------------------------------------------------------
+// Running out of space
+
+/// Reads `len` bytes at `at`.
+fn read_at(chain: &Chain, at: u64, len: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; len as usize];
+    chain
+        .read(at, &mut buf)
+        .unwrap_or_else(|e| panic!("read at {at}+{len}: {e}"));
+    buf
+}
+
+/// Asserts that `disk` scans clean and, after a crash, still holds `expected` at each
+/// offset.
+fn assert_survives(disk: &SimStorage, expected: &[(u64, Vec<u8>)], what: &str) {
+    let scan = layer::scan(disk, Path::new(TOP)).unwrap();
+    assert!(scan.problems.is_empty(), "{what}: {:?}", scan.problems);
+    let mut rng = Rng::new(5);
+    for i in 0..8 {
+        let crashed: Arc<dyn Storage> = Arc::new(disk.crash(&mut rng));
+        let chain = open_sim(crashed, None, &format!("{what}, crash {i}"));
+        for (at, data) in expected {
+            assert!(
+                read_at(&chain, *at, data.len() as u64) == *data,
+                "{what}, crash {i}: the data at {at} is gone"
+            );
+        }
+    }
+}
+
+#[test]
+fn running_out_of_space_fails_writes_cleanly_and_keeps_the_image_sound() {
+    const CS: u64 = 4096;
+    let h = header(4 << 20, 12, 1, None);
+    let sim = Arc::new(SimStorage::new());
+    image::write_new(sim.as_ref(), &h).unwrap();
+    let chain = open_sim(sim.clone(), None, "fresh");
+    // Ten clusters, flushed: the first map page has its pair now.
+    let first = pattern(1, 0, 10 * CS);
+    chain.write(0, &first, false).unwrap();
+    chain.flush().unwrap();
+
+    // Room for three more clusters.
+    sim.set_capacity(Some(sim.len().unwrap() + 3 * CS));
+    let three = pattern(2, 20 * CS, 3 * CS);
+    chain.write(20 * CS, &three, false).unwrap();
+    let mut expected = first.clone();
+    // The last write also covers a cluster the image holds: a failed write may leave its
+    // own range old or new, byte by byte, and nothing else changes.
+    for (at, len) in [(30 * CS, CS), (40 * CS + 5, 10), (9 * CS + 100, 2 * CS)] {
+        let data = pattern(3, at, len);
+        let err = chain
+            .write(at, &data, false)
+            .expect_err("a write needing a new cluster");
+        assert_eq!(err.kind(), ErrorKind::NoSpace, "{err}");
+        assert!(err.to_string().contains(TOP), "{err}");
+        let end = (at + len).min(10 * CS);
+        if at < end {
+            let got = read_at(&chain, at, end - at);
+            let old = &mut expected[at as usize..end as usize];
+            for (i, (o, g)) in old.iter_mut().zip(got).enumerate() {
+                assert!(
+                    g == *o || g == data[i],
+                    "byte at {} after a failed write",
+                    at + i as u64
+                );
+                *o = g;
+            }
+        }
+    }
+    // Clusters the image holds are still written in place, and trimming needs no space.
+    let in_place = pattern(4, 100, 50);
+    chain.write(100, &in_place, false).unwrap();
+    chain.zero(5 * CS, CS, ZeroMode::Trim, false).unwrap();
+    chain.flush().expect("a flush that needs no new space");
+
+    expected[100..150].copy_from_slice(&in_place);
+    expected[5 * CS as usize..6 * CS as usize].fill(0);
+    assert!(read_at(&chain, 0, 10 * CS) == expected);
+    assert!(read_at(&chain, 20 * CS, 3 * CS) == three);
+    let kept = [(0, expected.clone()), (20 * CS, three.clone())];
+    assert_survives(&sim, &kept, "after running out of space");
+
+    // The trimmed cluster's space is free again once the trim is committed.
+    let reused = pattern(5, 30 * CS, CS);
+    chain.write(30 * CS, &reused, true).unwrap();
+    assert!(read_at(&chain, 0, 10 * CS) == expected);
+    let kept = [(0, expected), (20 * CS, three), (30 * CS, reused)];
+    assert_survives(&sim, &kept, "after reusing the trimmed cluster");
+}
+
+#[test]
+fn running_out_of_space_in_a_flush_keeps_the_last_commit() {
+    const CS: u64 = 4096;
+    let h = header(4 << 20, 12, 1, None);
+    let sim = Arc::new(SimStorage::new());
+    image::write_new(sim.as_ref(), &h).unwrap();
+    let chain = open_sim(sim.clone(), None, "fresh");
+    let first = pattern(1, 0, 3 * CS);
+    chain.write(0, &first, true).unwrap();
+
+    // Room for one cluster: a write to the second map page fits, the page pair its
+    // commit needs does not.
+    sim.set_capacity(Some(sim.len().unwrap() + CS));
+    let far = pattern(2, 600 * CS, CS);
+    chain.write(600 * CS, &far, false).unwrap();
+    for _ in 0..2 {
+        let err = chain.flush().expect_err("a flush needing a new page pair");
+        assert_eq!(err.kind(), ErrorKind::NoSpace, "{err}");
+        assert!(err.to_string().contains(TOP), "{err}");
+        // The engine still reads what was written, and the disk holds the last commit.
+        assert!(read_at(&chain, 600 * CS, CS) == far);
+        assert_survives(&sim, &[(0, first.clone())], "after a failed flush");
+    }
+
+    // With space again, the same flush goes through, and what the failed one had
+    // reserved is not handed out twice.
+    sim.set_capacity(None);
+    chain.flush().unwrap();
+    assert_survives(
+        &sim,
+        &[(0, first.clone()), (600 * CS, far.clone())],
+        "after the retried flush",
+    );
+    let more = pattern(3, 700 * CS, 4 * CS);
+    chain.write(700 * CS, &more, true).unwrap();
+    let kept = [(0, first), (600 * CS, far), (700 * CS, more)];
+    assert_survives(&sim, &kept, "after writing on");
 }
