@@ -7,6 +7,8 @@
 //!
 //! Running out of space: writes that need new clusters fail with `NoSpace`, as does a
 //! flush that needs a new map page pair, and neither disturbs what was written before.
+//!
+//! Chains of real files: 100 layers deep, and a 16 TiB image that stays small.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +18,7 @@ use strata::ErrorKind;
 use strata::image::format::{self, Backing, BackingKind, Header};
 use strata::image::sim::{Rng, SimStorage};
 use strata::image::storage::{Storage, View};
-use strata::image::{self, Chain, Lower, ZeroMode, layer};
+use strata::image::{self, Chain, CreateOptions, Lower, ZeroMode, layer};
 
 /// Deterministic, never-zero byte for write `seed` at virtual offset `pos`: every write
 /// leaves its own bytes, so data that lands in the wrong place is recognised.
@@ -945,4 +947,176 @@ fn running_out_of_space_in_a_flush_keeps_the_last_commit() {
     chain.write(700 * CS, &more, true).unwrap();
     let kept = [(0, first), (600 * CS, far), (700 * CS, more)];
     assert_survives(&sim, &kept, "after writing on");
+}
+
+// ---------------------------------------------------------------------------------------
+// Chains of real files
+
+fn create(path: &Path, size: Option<u64>, cluster: Option<u64>, backing: Option<&Path>) {
+    image::create(
+        path,
+        &CreateOptions {
+            size,
+            cluster_size: cluster,
+            backing: backing.map(Path::to_path_buf),
+        },
+    )
+    .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+}
+
+fn open_rw(path: &Path) -> Chain {
+    image::open(path, true).unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+/// What `allocation_depth` must say, from the depth of each cluster.
+fn depth_runs(cs: u64, size: u64, depth_of: impl Fn(u64) -> u32) -> Vec<(u64, u32)> {
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    for c in 0..size.div_ceil(cs) {
+        let len = cs.min(size - c * cs);
+        match out.last_mut() {
+            Some((l, d)) if *d == depth_of(c) => *l += len,
+            _ => out.push((len, depth_of(c))),
+        }
+    }
+    out
+}
+
+#[test]
+fn a_chain_100_layers_deep_opens_and_reads_through_every_layer() {
+    const LAYERS: u64 = 100;
+    const CS: u64 = 4096;
+    let size = (LAYERS + 20) * CS + 1234;
+    let dir = tempfile::tempdir().unwrap();
+    let path = |k: u64| dir.path().join(format!("layer{k:03}.strata"));
+    // Layer k (1 at the bottom) writes cluster k, and appends to cluster 0 a few bytes of
+    // its own (copying up the rest); layer 50 zeroes cluster 20, hiding layer 20's data.
+    let mut c0 = vec![0u8; CS as usize];
+    for k in 1..=LAYERS {
+        match k {
+            1 => create(&path(k), Some(size), Some(CS), None),
+            _ => create(&path(k), None, None, Some(&path(k - 1))),
+        }
+        let chain = open_rw(&path(k));
+        assert_eq!(chain.layers().len() as u64, k);
+        chain.write(k * CS, &pattern(k, k * CS, CS), false).unwrap();
+        let at = k * 10;
+        chain.write(at, &pattern(k, at, 10), false).unwrap();
+        c0[at as usize..at as usize + 10].copy_from_slice(&pattern(k, at, 10));
+        if k == 50 {
+            chain.zero(20 * CS, CS, ZeroMode::Zero, false).unwrap();
+        }
+        chain.flush().unwrap();
+    }
+
+    for writable in [false, true] {
+        let top = image::open(&path(LAYERS), writable).unwrap();
+        assert_eq!(top.layers().len() as u64, LAYERS);
+        assert_eq!(top.size(), size);
+        assert!(read_at(&top, 0, CS) == c0, "cluster 0");
+        for k in 1..=LAYERS {
+            let got = read_at(&top, k * CS, CS);
+            if k == 20 {
+                assert!(got.iter().all(|&b| b == 0), "cluster 20 is hidden");
+            } else {
+                assert!(got == pattern(k, k * CS, CS), "cluster {k}");
+            }
+        }
+        // Layer k is at depth LAYERS - k + 1; layer 50 owns cluster 20; cluster 0 is the
+        // top's; nothing owns the clusters past the last layer's.
+        let expected = depth_runs(CS, size, |c| match c {
+            0 => 1,
+            20 => (LAYERS - 50 + 1) as u32,
+            c if c <= LAYERS => (LAYERS - c + 1) as u32,
+            _ => 0,
+        });
+        assert_eq!(top.allocation_depth(0, size).unwrap(), expected);
+        assert_eq!(
+            top.allocation_depth(37 * CS + 5, 2 * CS).unwrap(),
+            vec![(CS - 5, 64), (CS, 63), (5, 62)]
+        );
+    }
+}
+
+#[test]
+fn a_16_tib_image_with_writes_far_apart_stays_small() {
+    const TIB: u64 = 1 << 40;
+    const GIB: u64 = 1 << 30;
+    let size = 16 * TIB;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.strata");
+    create(&path, Some(size), None, None);
+    let writes = [
+        (0, 10),
+        (3 * GIB + 5, 5000),
+        (GIB * 1000 - 100, 200),
+        (7 * TIB + 12345, 70000),
+        (size - 10, 10),
+    ];
+    {
+        let chain = open_rw(&path);
+        for (i, &(at, len)) in writes.iter().enumerate() {
+            chain.write(at, &pattern(i as u64, at, len), false).unwrap();
+        }
+        chain.flush().unwrap();
+    }
+    let chain = image::open(&path, false).unwrap();
+    assert_eq!(chain.size(), size);
+    for (i, &(at, len)) in writes.iter().enumerate() {
+        assert!(
+            read_at(&chain, at, len) == pattern(i as u64, at, len),
+            "write {i}"
+        );
+        // Around each write the disk reads as zeroes.
+        let before = at.saturating_sub(3);
+        assert!(read_at(&chain, before, at - before).iter().all(|&b| b == 0));
+    }
+    // Data exactly where the writes went, in whole clusters; holes elsewhere.
+    let cs = chain.cluster_size();
+    let mut clusters: Vec<u64> = writes
+        .iter()
+        .flat_map(|&(at, len)| at / cs..(at + len).div_ceil(cs))
+        .collect();
+    clusters.dedup();
+    let data: Vec<(u64, u64)> = chain
+        .block_status(0, size)
+        .unwrap()
+        .iter()
+        .scan(0, |pos, e| {
+            let start = *pos;
+            *pos += e.length;
+            Some((start, *e))
+        })
+        .filter(|(_, e)| !e.hole)
+        .map(|(start, e)| (start, e.length))
+        .collect();
+    let expected: Vec<(u64, u64)> = clusters
+        .iter()
+        .map(|&c| (c * cs, cs.min(size - c * cs)))
+        .fold(Vec::new(), |mut v: Vec<(u64, u64)>, (s, l)| {
+            match v.last_mut() {
+                Some(last) if last.0 + last.1 == s => last.1 += l,
+                _ => v.push((s, l)),
+            }
+            v
+        });
+    assert_eq!(data, expected);
+
+    // The file holds the header, the map table (sparse but for one empty version per L1
+    // page), the clusters written and their map pages.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&path).unwrap();
+    let h = chain.header();
+    let mapped = clusters.len() as u64 * cs + writes.len() as u64 * 2 * 4096;
+    assert!(
+        meta.len() <= h.data_start() + mapped,
+        "file length {} for a map table ending at {}",
+        meta.len(),
+        h.data_start()
+    );
+    let usage = meta.blocks() * 512;
+    let expected_usage = 2 * 4096 + 2 * 4096 * h.l1_pages() + mapped;
+    assert!(
+        usage <= expected_usage + (1 << 20),
+        "{usage} bytes on disk, about {expected_usage} expected"
+    );
 }
