@@ -8,9 +8,10 @@
 //! Running out of space: writes that need new clusters fail with `NoSpace`, as does a
 //! flush that needs a new map page pair, and neither disturbs what was written before.
 //!
-//! Chains of real files: 100 layers deep, and a 16 TiB image that stays small.
+//! Chains of real files: 100 layers deep, a 16 TiB image that stays small, and many
+//! overlays of one base open at once, sharing it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -1119,4 +1120,105 @@ fn a_16_tib_image_with_writes_far_apart_stays_small() {
         usage <= expected_usage + (1 << 20),
         "{usage} bytes on disk, about {expected_usage} expected"
     );
+}
+
+#[test]
+fn many_overlays_of_one_base_open_at_once_share_it() {
+    const OVERLAYS: u64 = 32;
+    const CS: u64 = 65536;
+    let size = 40 * CS + 77;
+    let dir = tempfile::tempdir().unwrap();
+    for golden_kind in ["raw", "strata"] {
+        let golden = dir.path().join(format!("golden.{golden_kind}"));
+        let contents = pattern(1, 0, size);
+        if golden_kind == "raw" {
+            std::fs::write(&golden, &contents).unwrap();
+        } else {
+            create(&golden, Some(size), Some(CS), None);
+            let chain = open_rw(&golden);
+            chain.write(0, &contents, true).unwrap();
+        }
+        let before = std::fs::read(&golden).unwrap();
+        let tops: Vec<PathBuf> = (0..OVERLAYS)
+            .map(|i| {
+                let p = dir.path().join(format!("{golden_kind}-vm{i}.strata"));
+                create(&p, None, Some(CS), Some(&golden));
+                p
+            })
+            .collect();
+        let chains: Vec<Chain> = tops.iter().map(|p| open_rw(p)).collect();
+        // One base, opened once, under every overlay.
+        for c in &chains[1..] {
+            assert!(Arc::ptr_eq(&c.layers()[0], &chains[0].layers()[0]));
+        }
+        // Held read-only and shared: nobody may open it for writing meanwhile.
+        let busy = image::open(&golden, true)
+            .map(drop)
+            .map_err(|e| e.to_string());
+        if golden_kind == "strata" {
+            let e = busy.expect_err("the base is in use");
+            assert!(
+                e.contains("in use") && e.contains(golden.to_str().unwrap()),
+                "{e}"
+            );
+        }
+        // Each overlay writes on its own: a whole cluster and a partial one.
+        for (i, c) in chains.iter().enumerate() {
+            let i = i as u64;
+            c.write(3 * CS, &pattern(100 + i, 3 * CS, CS), false)
+                .unwrap();
+            c.write(
+                7 * CS + i * 100,
+                &pattern(200 + i, 7 * CS + i * 100, 50),
+                false,
+            )
+            .unwrap();
+        }
+        for (i, c) in chains.iter().enumerate() {
+            let i = i as u64;
+            let mut expected = contents.clone();
+            expected[3 * CS as usize..4 * CS as usize].copy_from_slice(&pattern(
+                100 + i,
+                3 * CS,
+                CS,
+            ));
+            let at = (7 * CS + i * 100) as usize;
+            expected[at..at + 50].copy_from_slice(&pattern(200 + i, at as u64, 50));
+            assert!(read_at(c, 0, size) == expected, "overlay {i}");
+            c.flush().unwrap();
+        }
+        drop(chains);
+        assert!(
+            std::fs::read(&golden).unwrap() == before,
+            "the base was modified"
+        );
+        // Closing the overlays lets go of the base.
+        if golden_kind == "strata" {
+            drop(open_rw(&golden));
+        }
+        // Reopened, each still has its own writes.
+        let c = image::open(&tops[5], false).unwrap();
+        assert!(read_at(&c, 3 * CS, CS) == pattern(105, 3 * CS, CS));
+    }
+}
+
+#[test]
+fn overlays_of_different_templates_share_the_base_under_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    create(&p("golden.strata"), Some(1 << 20), None, None);
+    open_rw(&p("golden.strata"))
+        .write(0, &pattern(1, 0, 1 << 20), true)
+        .unwrap();
+    for t in ["t1", "t2"] {
+        create(&p(t), None, None, Some(&p("golden.strata")));
+        open_rw(&p(t)).write(4096, &[7; 100], true).unwrap();
+        create(&p(&format!("{t}-vm")), None, None, Some(&p(t)));
+    }
+    let a = open_rw(&p("t1-vm"));
+    let b = open_rw(&p("t2-vm"));
+    assert_eq!(a.layers().len(), 3);
+    assert!(Arc::ptr_eq(&a.layers()[0], &b.layers()[0]));
+    assert!(!Arc::ptr_eq(&a.layers()[1], &b.layers()[1]));
+    assert!(read_at(&a, 0, 1 << 20) == read_at(&b, 0, 1 << 20));
 }

@@ -87,6 +87,9 @@ pub struct Lower {
     map: MergedMap,
     /// What an overlay of this chain records to recognise it.
     pub identity: (BackingKind, [u8; 16]),
+    /// The shared chain below this one's top, kept open (and so in the cache of open
+    /// chains) as long as this one is.
+    pub(super) below: Option<Arc<Lower>>,
 }
 
 impl Lower {
@@ -103,6 +106,7 @@ impl Lower {
             })],
             map: MergedMap::default(),
             identity: (BackingKind::Raw, identity),
+            below: None,
         })
     }
 
@@ -130,6 +134,7 @@ impl Lower {
             layers,
             map,
             identity,
+            below: None,
         })
     }
 
@@ -272,6 +277,9 @@ pub struct Chain {
     alloc: Mutex<()>,
     commit: Mutex<()>,
     gate: RwLock<()>,
+    /// The shared backing chain, kept open (and so in the cache of open chains) as long
+    /// as this image is, for other overlays of the same base to share.
+    pub(super) lower: Option<Arc<Lower>>,
 }
 
 impl std::fmt::Debug for Chain {
@@ -352,6 +360,7 @@ impl Chain {
             alloc: Mutex::new(()),
             commit: Mutex::new(()),
             gate: RwLock::new(()),
+            lower: None,
         })
     }
 

@@ -339,7 +339,9 @@ fn open_storage(storage: Arc<dyn Storage>, path: &Path, writable: bool) -> Resul
         None => None,
     };
     check_cluster_size(path, &scan.header, lower.as_deref())?;
-    Chain::new(storage, path, scan, lower.as_deref(), writable)
+    let mut chain = Chain::new(storage, path, scan, lower.as_deref(), writable)?;
+    chain.lower = lower;
+    Ok(chain)
 }
 
 /// Opens the top image alone, ignoring its backing (for repairs and header rewrites),
@@ -450,7 +452,9 @@ fn load_lower(path: &Path, seen: &mut Vec<(u64, u64)>) -> Result<Lower> {
                 None => None,
             };
             check_cluster_size(path, &scan.header, below.as_deref())?;
-            Lower::strata(storage, path, scan, below.as_deref())
+            let mut lower = Lower::strata(storage, path, scan, below.as_deref())?;
+            lower.below = below;
+            Ok(lower)
         }
         Format::Raw => {
             let size = storage
