@@ -10,6 +10,11 @@
 //!
 //! Chains of real files: 100 layers deep, a 16 TiB image that stays small, and many
 //! overlays of one base open at once, sharing it.
+//!
+//! Bad input: truncated files, damaged headers and map pages, other tools' images, and
+//! missing, changed or looping backing files are refused with an error that names the
+//! file and the problem; a single torn or damaged copy of a page is survived, by reading
+//! the other.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1221,4 +1226,414 @@ fn overlays_of_different_templates_share_the_base_under_them() {
     assert!(Arc::ptr_eq(&a.layers()[0], &b.layers()[0]));
     assert!(!Arc::ptr_eq(&a.layers()[1], &b.layers()[1]));
     assert!(read_at(&a, 0, 1 << 20) == read_at(&b, 0, 1 << 20));
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad input: refused with the file and the problem named; one torn copy survived
+
+/// Asserts that `r` failed with `kind`, naming `file` and saying each of `words`.
+#[track_caller]
+fn refused<T>(r: strata::Result<T>, kind: ErrorKind, file: &Path, words: &[&str]) -> String {
+    let Err(e) = r else {
+        panic!("{} was accepted", file.display())
+    };
+    let text = e.to_string();
+    assert_eq!(e.kind(), kind, "{text}");
+    assert!(
+        text.contains(file.to_str().unwrap()),
+        "{text:?} does not name {}",
+        file.display()
+    );
+    for w in words {
+        assert!(text.contains(w), "{text:?} does not say {w:?}");
+    }
+    text
+}
+
+/// Opens `path` both ways the command line does, expecting the same refusal.
+#[track_caller]
+fn refused_both_ways(path: &Path, kind: ErrorKind, file: &Path, words: &[&str]) {
+    refused(image::open(path, false), kind, file, words);
+    refused(
+        strata::backend::open(path.to_str().unwrap(), false),
+        kind,
+        file,
+        words,
+    );
+}
+
+/// A copy of `src` at `dst` with `edit` applied to its bytes.
+fn edited(src: &Path, dst: &Path, edit: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
+    let mut bytes = std::fs::read(src).unwrap();
+    edit(&mut bytes);
+    std::fs::write(dst, &bytes).unwrap();
+    dst.to_path_buf()
+}
+
+/// The metadata of the image at `path`.
+fn scan_file(path: &Path) -> layer::Scan {
+    let storage = strata::image::storage::FileStorage::open_unlocked(path).unwrap();
+    layer::scan(&storage, path).unwrap()
+}
+
+#[test]
+fn truncated_images_are_refused() {
+    const CS: u64 = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.strata");
+    create(&path, Some(4 << 20), Some(CS), None);
+    {
+        // Three clusters, then their map page pair, then one more cluster.
+        let chain = open_rw(&path);
+        chain.write(0, &pattern(1, 0, 3 * CS), true).unwrap();
+        chain
+            .write(10 * CS, &pattern(2, 10 * CS, CS), true)
+            .unwrap();
+    }
+    let scan = scan_file(&path);
+    let pair = scan.pairs[&0].offset;
+    let last = std::fs::metadata(&path).unwrap().len() - CS;
+    let cut =
+        |name: &str, len: u64| edited(&path, &dir.path().join(name), |b| b.truncate(len as usize));
+    let header_only = cut("header.strata", 5000);
+    refused_both_ways(
+        &header_only,
+        ErrorKind::Corrupt,
+        &header_only,
+        &["truncated: 5000 bytes", "header"],
+    );
+    let table = cut("table.strata", scan.header.data_start() - 100);
+    refused_both_ways(
+        &table,
+        ErrorKind::Corrupt,
+        &table,
+        &["corrupt image", "truncated", "map table"],
+    );
+    let data = cut("data.strata", last);
+    refused_both_ways(
+        &data,
+        ErrorKind::Corrupt,
+        &data,
+        &["corrupt image", "cluster 10", "past the end of the file"],
+    );
+    let map = cut("map.strata", pair + 100);
+    refused_both_ways(
+        &map,
+        ErrorKind::Corrupt,
+        &map,
+        &["corrupt image", "map page 0", "outside the file"],
+    );
+}
+
+#[test]
+fn damaged_headers_are_refused_and_one_torn_copy_is_survived() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.strata");
+    create(&path, Some(1 << 20), None, None);
+    open_rw(&path).write(0, &pattern(1, 0, 5000), true).unwrap();
+    // A second header version (an unknown compatible feature bit: kept, ignored), in
+    // slot 1.
+    {
+        let (mut chain, _) = image::open_standalone(&path, true, false).unwrap();
+        let mut h = chain.header().clone();
+        h.compatible = 1 << 7;
+        chain.rewrite_header(h).unwrap();
+    }
+    let at = |name: &str| dir.path().join(name);
+    let flip = |b: &mut Vec<u8>, i: usize| b[i] ^= 0x20;
+
+    let both = edited(&path, &at("both.strata"), |b| {
+        flip(b, 30);
+        flip(b, 4096 + 30);
+    });
+    refused_both_ways(
+        &both,
+        ErrorKind::Corrupt,
+        &both,
+        &["unreadable header", "checksum mismatch"],
+    );
+
+    // One copy bad: the other is used, be it the newer or the older.
+    let newer_bad = edited(&path, &at("newer.strata"), |b| flip(b, 4096 + 30));
+    let torn = edited(&path, &at("torn.strata"), |b| b[4096 + 3584..8192].fill(0));
+    for (p, sequence) in [(&newer_bad, 1), (&torn, 1)] {
+        let chain = image::open(p, false).unwrap();
+        assert_eq!(chain.header().sequence, sequence, "{}", p.display());
+        assert_eq!(chain.header().compatible, 0);
+        assert!(read_at(&chain, 0, 5000) == pattern(1, 0, 5000));
+    }
+    let older_bad = edited(&path, &at("older.strata"), |b| flip(b, 30));
+    let chain = image::open(&older_bad, false).unwrap();
+    assert_eq!(chain.header().sequence, 2);
+    assert_eq!(chain.header().compatible, 1 << 7);
+}
+
+#[test]
+fn damaged_map_pages_are_refused_and_one_torn_copy_is_survived() {
+    const CS: u64 = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.strata");
+    create(&path, Some(4 << 20), Some(CS), None);
+    {
+        // Three commits: map page 0 twice (its second version adds cluster 1), then
+        // page 1, which rewrites the L1 page.
+        let chain = open_rw(&path);
+        for (seed, c) in [(1, 0), (2, 1), (3, 600)] {
+            chain
+                .write(c * CS, &pattern(seed, c * CS, CS), true)
+                .unwrap();
+        }
+    }
+    let scan = scan_file(&path);
+    let slot = |offset: u64, newest: usize, which: usize| {
+        (offset + [newest, 1 - newest][which] as u64 * 4096) as usize
+    };
+    let l1 = scan.l1[0];
+    let (l1_new, l1_old) = (slot(l1.offset, l1.newest, 0), slot(l1.offset, l1.newest, 1));
+    let p0 = scan.pairs[&0];
+    let (p0_new, p0_old) = (slot(p0.offset, p0.newest, 0), slot(p0.offset, p0.newest, 1));
+    let p1 = scan.pairs[&1];
+    let p1_new = slot(p1.offset, p1.newest, 0);
+    let at = |name: &str| dir.path().join(name);
+    let flip = |b: &mut Vec<u8>, i: usize| b[i + 8] ^= 0x01;
+    let reads = |p: &Path, present: &[(u64, u64)], absent: &[u64]| {
+        let chain = image::open(p, false).unwrap_or_else(|e| panic!("{e}"));
+        for &(seed, c) in present {
+            assert!(
+                read_at(&chain, c * CS, CS) == pattern(seed, c * CS, CS),
+                "cluster {c}"
+            );
+        }
+        for &c in absent {
+            assert!(
+                read_at(&chain, c * CS, CS).iter().all(|&b| b == 0),
+                "cluster {c}"
+            );
+        }
+    };
+
+    let l1_both = edited(&path, &at("l1.strata"), |b| {
+        flip(b, l1_new);
+        flip(b, l1_old);
+    });
+    refused_both_ways(
+        &l1_both,
+        ErrorKind::Corrupt,
+        &l1_both,
+        &[
+            "corrupt image",
+            "L1 page 0",
+            "both copies unreadable",
+            "checksum",
+        ],
+    );
+    // The newest L1 version torn: the one before knows only page 0.
+    let l1_torn = edited(&path, &at("l1-torn.strata"), |b| flip(b, l1_new));
+    reads(&l1_torn, &[(1, 0), (2, 1)], &[600]);
+
+    let l2_both = edited(&path, &at("l2.strata"), |b| {
+        flip(b, p0_new);
+        flip(b, p0_old);
+    });
+    refused_both_ways(
+        &l2_both,
+        ErrorKind::Corrupt,
+        &l2_both,
+        &["corrupt image", "map page 0", "both copies unreadable"],
+    );
+    // The newest version of page 0 torn: the one before maps cluster 0 only.
+    let l2_torn = edited(&path, &at("l2-torn.strata"), |b| {
+        b[p0_new + 3584..p0_new + 4096].fill(0);
+    });
+    reads(&l2_torn, &[(1, 0), (3, 600)], &[1]);
+
+    // A valid page in the wrong place is not taken for the page that belongs there.
+    let misplaced = edited(&path, &at("misplaced.strata"), |b| {
+        let page1 = b[p1_new..p1_new + 4096].to_vec();
+        b[p0_new..p0_new + 4096].copy_from_slice(&page1);
+        b[p0_old..p0_old + 4096].copy_from_slice(&page1);
+    });
+    refused_both_ways(
+        &misplaced,
+        ErrorKind::Corrupt,
+        &misplaced,
+        &["map page 0", "page tag 0x20000001 where 0x20000000 belongs"],
+    );
+}
+
+/// An image made by another tool: qemu-img's qcow2 when qemu-img is installed.
+fn foreign_image(dir: &Path) -> (PathBuf, &'static str) {
+    let path = dir.join("disk.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&path)
+        .arg("1M")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !made {
+        eprintln!("qemu-img is not installed: using a hand-made qcow2 header");
+        let mut bytes = b"QFI\xfb\0\0\0\x03".to_vec();
+        bytes.resize(65536, 0);
+        std::fs::write(&path, bytes).unwrap();
+    }
+    (path, "qcow2")
+}
+
+#[test]
+fn foreign_images_are_refused_as_disks_and_as_backing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, name) = foreign_image(dir.path());
+    for read_only in [false, true] {
+        refused(
+            strata::backend::open(path.to_str().unwrap(), read_only),
+            ErrorKind::InvalidInput,
+            &path,
+            &[&format!("this is a {name} image"), "convert it first"],
+        );
+    }
+    let vhdx = edited(&path, &dir.path().join("disk.vhdx"), |b| {
+        b[..8].copy_from_slice(b"vhdxfile");
+    });
+    refused(
+        strata::backend::open(vhdx.to_str().unwrap(), true),
+        ErrorKind::InvalidInput,
+        &vhdx,
+        &["this is a vhdx image"],
+    );
+    let overlay = dir.path().join("over.strata");
+    let r = image::create(
+        &overlay,
+        &CreateOptions {
+            backing: Some(path.clone()),
+            ..CreateOptions::default()
+        },
+    );
+    refused(r, ErrorKind::InvalidInput, &path, &["qcow2"]);
+    assert!(!overlay.exists());
+}
+
+#[test]
+fn backing_file_problems_are_refused_naming_the_backing_file() {
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let raw = |name: &str, len: u64| {
+        std::fs::write(p(name), pattern(1, 0, len)).unwrap();
+        p(name)
+    };
+    let overlay = |name: &str, base: &Path| {
+        create(&p(name), None, None, Some(base));
+        p(name)
+    };
+
+    // Missing.
+    let gone = raw("gone.raw", MIB);
+    let over_gone = overlay("over-gone.strata", &gone);
+    std::fs::remove_file(&gone).unwrap();
+    refused_both_ways(
+        &over_gone,
+        ErrorKind::Io,
+        &gone,
+        &["backing file", "cannot be opened", "No such file"],
+    );
+
+    // Resized.
+    let resized = raw("resized.raw", MIB + 3);
+    let over_resized = overlay("over-resized.strata", &resized);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&resized)
+        .unwrap()
+        .set_len(2 * MIB)
+        .unwrap();
+    refused_both_ways(
+        &over_resized,
+        ErrorKind::InvalidInput,
+        &resized,
+        &[
+            "backing file has changed",
+            "size was 1048579 and is now 2097152",
+        ],
+    );
+
+    // Changed where the fingerprint looks: in its first 64 KiB, and at one of the blocks
+    // sampled across it.
+    let len = 4 * MIB;
+    let step = (len - 4096) / 63;
+    for (i, at) in [(0, 1000), (1, 10 * step + 7)] {
+        let changed = raw(&format!("changed{i}.raw"), len);
+        let over_changed = overlay(&format!("over-changed{i}.strata"), &changed);
+        edited(&changed, &changed, |b| b[at as usize] ^= 0xff);
+        refused_both_ways(
+            &over_changed,
+            ErrorKind::InvalidInput,
+            &changed,
+            &["backing file has changed", "contents no longer match"],
+        );
+    }
+
+    // Replaced by another image of the same size.
+    let base = p("base.strata");
+    create(&base, Some(MIB), None, None);
+    let over_base = overlay("over-base.strata", &base);
+    let expected = strata::image::tools::header(&over_base)
+        .unwrap()
+        .backing
+        .unwrap();
+    std::fs::remove_file(&base).unwrap();
+    create(&base, Some(MIB), None, None);
+    let now = strata::image::tools::header(&base).unwrap().image_id;
+    refused_both_ways(
+        &over_base,
+        ErrorKind::InvalidInput,
+        &base,
+        &[
+            "backing file has changed",
+            &format!(
+                "it is image {} where image {} was expected",
+                image::format_id(&now),
+                image::format_id(&expected.identity)
+            ),
+        ],
+    );
+
+    // Replaced by a raw file.
+    std::fs::remove_file(&base).unwrap();
+    raw("base.strata", MIB);
+    refused_both_ways(
+        &over_base,
+        ErrorKind::InvalidInput,
+        &base,
+        &["it was a Strata image and is now a Raw one"],
+    );
+
+    // A chain that comes back to where it started.
+    let a = p("a.strata");
+    create(&a, Some(MIB), None, None);
+    let b = overlay("b.strata", &a);
+    strata::image::tools::rebase(&a, Some(&b), true, &|_, _| {}).unwrap();
+    refused_both_ways(
+        &b,
+        ErrorKind::Corrupt,
+        &b,
+        &["backing chain loops back on itself"],
+    );
+
+    // An overlay whose clusters differ from its Strata backing's.
+    let big = p("big.strata");
+    create(&big, Some(MIB), Some(65536), None);
+    let r = image::create(
+        &p("small.strata"),
+        &CreateOptions {
+            cluster_size: Some(4096),
+            backing: Some(big),
+            ..CreateOptions::default()
+        },
+    );
+    refused(
+        r,
+        ErrorKind::InvalidInput,
+        &p("small.strata"),
+        &["cluster size 4096 differs from the backing image's 65536"],
+    );
 }
