@@ -1366,6 +1366,37 @@ fn damaged_headers_are_refused_and_one_torn_copy_is_survived() {
     let chain = image::open(&older_bad, false).unwrap();
     assert_eq!(chain.header().sequence, 2);
     assert_eq!(chain.header().compatible, 1 << 7);
+
+    // A newer header version, intact but with values this version cannot read, written
+    // on purpose (by a later version): refused, not passed over for the older one.
+    let h = scan_file(&path).header;
+    let features = edited(&path, &at("features.strata"), |b| {
+        let mut v = h.clone();
+        v.incompatible = 1 << 3;
+        v.sequence = 9;
+        b[..4096].copy_from_slice(&format::encode_header(&v)[..]);
+    });
+    refused_both_ways(
+        &features,
+        ErrorKind::Corrupt,
+        &features,
+        &["unknown incompatible feature bits 0x8"],
+    );
+    let version = edited(&path, &at("version.strata"), |b| {
+        let mut v = h.clone();
+        v.sequence = 9;
+        let mut page = format::encode_header(&v);
+        page[8] = 2;
+        let crc = crc32fast::hash(&page[..4092]);
+        page[4092..].copy_from_slice(&crc.to_le_bytes());
+        b[..4096].copy_from_slice(&page[..]);
+    });
+    refused_both_ways(
+        &version,
+        ErrorKind::Corrupt,
+        &version,
+        &["format version 2 is not supported"],
+    );
 }
 
 #[test]

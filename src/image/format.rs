@@ -514,7 +514,18 @@ pub fn current(a: Slot, b: Slot) -> Current {
     }
 }
 
+/// The sequence number of a header slot that is intact (magic and checksum hold), whether
+/// or not this version can read the rest.
+fn intact_sequence(b: &[u8]) -> Option<u64> {
+    (b.len() >= PAGE && has_magic(b) && check_crc(&b[..PAGE]).is_ok())
+        .then(|| get_u64(b, H_SEQUENCE))
+}
+
 /// Picks the current header from its two slots.
+///
+/// A slot that fails to decode is passed over for the other when it is torn or damaged,
+/// but not when it is intact and newer: then it was written on purpose (by a later
+/// version, with a feature this one lacks), and reading the older slot would ignore it.
 pub fn current_header(a: &[u8], b: &[u8]) -> Result<(usize, Header), FormatError> {
     match (decode_header(a), decode_header(b)) {
         (Ok(x), Ok(y)) => Ok(if y.sequence > x.sequence {
@@ -522,6 +533,8 @@ pub fn current_header(a: &[u8], b: &[u8]) -> Result<(usize, Header), FormatError
         } else {
             (0, x)
         }),
+        (Ok(x), Err(e)) if intact_sequence(b).is_some_and(|s| s > x.sequence) => Err(e),
+        (Err(e), Ok(y)) if intact_sequence(a).is_some_and(|s| s > y.sequence) => Err(e),
         (Ok(x), Err(_)) => Ok((0, x)),
         (Err(_), Ok(y)) => Ok((1, y)),
         (Err(e), Err(_)) => Err(e),
