@@ -1698,12 +1698,13 @@ mod codecs {
             })
     }
 
-    /// Any header this version can write: every cluster size, sizes up to 1 PiB.
+    /// Any header this version can write: every cluster size, any size up to the largest
+    /// the format allows.
     fn header() -> impl Strategy<Value = Header> {
         let bits = format::MIN_CLUSTER_BITS..=format::MAX_CLUSTER_BITS;
         (bits, any::<u64>(), any::<u64>())
             .prop_flat_map(|(bits, sequence, compatible)| {
-                let max = 1u64 << 50;
+                let max = format::max_virtual_size(bits);
                 let size = prop_oneof![0..=max, (max - 1000)..=max, 0..=1u64 << 40];
                 (
                     Just(bits),
@@ -1756,6 +1757,23 @@ mod codecs {
             let mut bytes = format::encode_header(&h);
             bytes[bit / 8] ^= 1 << (bit % 8);
             prop_assert!(format::decode_header(&bytes[..]).is_err());
+        }
+
+        #[test]
+        fn sizes_past_what_the_map_can_address_are_refused(
+            h in header(),
+            excess in prop_oneof![1u64..1000, any::<u64>()],
+        ) {
+            let max = format::max_virtual_size(h.cluster_bits);
+            let size = max.saturating_add(excess).max(max + 1);
+            let mut page = format::encode_header(&h);
+            page[24..32].copy_from_slice(&size.to_le_bytes());
+            let crc = crc32fast::hash(&page[..PAGE - 4]);
+            page[PAGE - 4..].copy_from_slice(&crc.to_le_bytes());
+            prop_assert_eq!(
+                format::decode_header(&page[..]),
+                Err(FormatError::BadField("virtual size", size))
+            );
         }
 
         #[test]
@@ -1880,6 +1898,47 @@ mod codecs {
             prop_assert_eq!(Entry::decode(data.encode()), Some(data));
             // Unaligned host offsets and stray bits are not entries.
             prop_assert_eq!(Entry::decode((host << 12) | 2 | 4), None);
+        }
+    }
+
+    #[test]
+    fn the_map_limit_is_the_tags_and_every_cluster_size_reaches_it() {
+        for bits in format::MIN_CLUSTER_BITS..=format::MAX_CLUSTER_BITS {
+            let max = format::max_virtual_size(bits);
+            let h = Header {
+                sequence: 1,
+                virtual_size: max,
+                cluster_bits: bits,
+                incompatible: 0,
+                compatible: 0,
+                image_id: [0; 16],
+                backing: None,
+            };
+            assert_eq!(h.l2_pages(), format::MAX_L2_PAGES, "{bits}");
+            assert_eq!(format::decode_header(&format::encode_header(&h)[..]), Ok(h));
+        }
+    }
+
+    #[test]
+    fn create_refuses_sizes_the_map_cannot_address() {
+        let dir = tempfile::tempdir().unwrap();
+        for (size, cluster) in [(1u64 << 62, 4096u64), ((1 << 40) * 511, 4096)] {
+            let path = dir.path().join("huge.strata");
+            let r = image::create(
+                &path,
+                &CreateOptions {
+                    size: Some(size),
+                    cluster_size: Some(cluster),
+                    backing: None,
+                },
+            );
+            refused(
+                r,
+                ErrorKind::InvalidInput,
+                &path,
+                &[&format!("size {size} is too large for 4096 byte clusters")],
+            );
+            assert!(!path.exists());
         }
     }
 }

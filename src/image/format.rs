@@ -36,9 +36,17 @@ pub const MAX_CLUSTER_BITS: u32 = 21;
 pub const DEFAULT_CLUSTER_BITS: u32 = 16;
 /// Bytes of the header that may hold the backing file's path.
 pub const MAX_BACKING_PATH: usize = PAGE - 4 - PATH_OFFSET;
-/// Largest virtual size: the L2 page count must fit the 28-bit page tag, and byte offsets
-/// must fit `off_t`.
+/// Largest virtual size: byte offsets must fit `off_t`. Smaller clusters allow less, see
+/// [`max_virtual_size`].
 pub const MAX_VIRTUAL_SIZE: u64 = 1 << 62;
+/// Most L2 pages an image may have: a page's tag holds 28 bits of its index.
+pub const MAX_L2_PAGES: u64 = 1 << 28;
+
+/// Largest virtual size with clusters of `1 << cluster_bits` bytes: [`MAX_VIRTUAL_SIZE`],
+/// or less where the map would need more than [`MAX_L2_PAGES`] pages.
+pub fn max_virtual_size(cluster_bits: u32) -> u64 {
+    MAX_VIRTUAL_SIZE.min((MAX_L2_PAGES * ENTRIES as u64) << cluster_bits)
+}
 
 /// Incompatible feature bits this version understands (none yet): an image with any other
 /// bit set is refused, because reading it without the feature would return wrong data.
@@ -322,7 +330,7 @@ pub fn decode_header(b: &[u8]) -> Result<Header, FormatError> {
         return Err(FormatError::BadField("cluster bits", cluster_bits.into()));
     }
     let virtual_size = get_u64(b, H_VIRTUAL_SIZE);
-    if virtual_size > MAX_VIRTUAL_SIZE {
+    if virtual_size > max_virtual_size(cluster_bits) {
         return Err(FormatError::BadField("virtual size", virtual_size));
     }
     let incompatible = get_u64(b, H_INCOMPATIBLE);

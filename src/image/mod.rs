@@ -279,8 +279,12 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<Header> {
             return Err(invalid("backing path is too long".into()));
         }
     }
-    if size > format::MAX_VIRTUAL_SIZE {
-        return Err(invalid(format!("size {size} is too large")));
+    let max = format::max_virtual_size(cluster_bits);
+    if size > max {
+        return Err(invalid(format!(
+            "size {size} is too large for {} byte clusters (at most {max})",
+            1u64 << cluster_bits
+        )));
     }
     let header = Header {
         sequence: 1,
