@@ -1495,6 +1495,56 @@ fn damaged_map_pages_are_refused_and_one_torn_copy_is_survived() {
     );
 }
 
+/// A map page copy claiming the last possible sequence number cannot be followed by a
+/// newer one: it is not taken for the current version, or every later commit of the
+/// page would be written under it and lost at the next open.
+#[test]
+fn a_page_whose_sequence_number_cannot_be_followed_is_not_current() {
+    const CS: u64 = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.strata");
+    create(&path, Some(1 << 20), Some(CS), None);
+    open_rw(&path).write(0, &pattern(1, 0, CS), true).unwrap();
+    let scan = scan_file(&path);
+    let pair = scan.pairs[&0];
+    // The pair's unused slot gets the same entries under sequence u64::MAX.
+    let mut entries = [0u64; format::ENTRIES];
+    entries[0] = format::Entry::Data(scan.used[1].0).encode();
+    let other = pair.offset as usize + (1 - pair.newest) * 4096;
+    edited(&path, &path, |b| {
+        let page = format::encode_page(format::PageKind::L2, 0, u64::MAX, &entries);
+        b[other..other + 4096].copy_from_slice(&page[..]);
+    });
+    {
+        let chain = open_rw(&path);
+        assert!(read_at(&chain, 0, CS) == pattern(1, 0, CS));
+        chain.write(CS, &pattern(2, CS, CS), true).unwrap();
+    }
+    let chain = image::open(&path, false).unwrap();
+    assert!(read_at(&chain, 0, CS) == pattern(1, 0, CS));
+    assert!(
+        read_at(&chain, CS, CS) == pattern(2, CS, CS),
+        "the commit was lost"
+    );
+    drop(chain);
+
+    // The same for the header, whose rewrite follows its sequence number too.
+    let h = scan_file(&path).header;
+    edited(&path, &path, |b| {
+        let v = Header {
+            sequence: u64::MAX,
+            ..h.clone()
+        };
+        b[4096..8192].copy_from_slice(&format::encode_header(&v)[..]);
+    });
+    refused_both_ways(
+        &path,
+        ErrorKind::Corrupt,
+        &path,
+        &["unreadable header", "invalid sequence"],
+    );
+}
+
 /// An image made by another tool: qemu-img's qcow2 when qemu-img is installed.
 fn foreign_image(dir: &Path) -> (PathBuf, &'static str) {
     let path = dir.join("disk.qcow2");
@@ -1702,7 +1752,7 @@ mod codecs {
     /// the format allows.
     fn header() -> impl Strategy<Value = Header> {
         let bits = format::MIN_CLUSTER_BITS..=format::MAX_CLUSTER_BITS;
-        (bits, any::<u64>(), any::<u64>())
+        (bits, 0..u64::MAX, any::<u64>())
             .prop_flat_map(|(bits, sequence, compatible)| {
                 let max = format::max_virtual_size(bits);
                 let size = prop_oneof![0..=max, (max - 1000)..=max, 0..=1u64 << 40];
@@ -1782,7 +1832,7 @@ mod codecs {
         }
 
         #[test]
-        fn pages_round_trip(kind in kind(), index in 0u64..1 << 28, sequence: u64, e in entries()) {
+        fn pages_round_trip(kind in kind(), index in 0u64..1 << 28, sequence in 0..u64::MAX, e in entries()) {
             let bytes = format::encode_page(kind, index, sequence, &e);
             match format::decode_page(&bytes[..], kind, index) {
                 Slot::Valid { sequence: s, entries } => {
@@ -1806,7 +1856,7 @@ mod codecs {
         fn any_flipped_bit_of_a_page_is_detected(
             kind in kind(),
             index in 0u64..1 << 28,
-            sequence: u64,
+            sequence in 0..u64::MAX,
             e in entries(),
             bit in 0..PAGE * 8,
         ) {
@@ -1817,8 +1867,23 @@ mod codecs {
         }
 
         #[test]
+        fn the_last_sequence_number_is_never_valid(h in header(), kind in kind(), e in entries()) {
+            let header = Header { sequence: u64::MAX, ..h };
+            prop_assert_eq!(
+                format::decode_header(&format::encode_header(&header)[..]),
+                Err(FormatError::BadField("sequence", u64::MAX))
+            );
+            let page = format::encode_page(kind, 3, u64::MAX, &e);
+            let invalid = matches!(
+                format::decode_page(&page[..], kind, 3),
+                Slot::Invalid(FormatError::BadField("sequence", u64::MAX))
+            );
+            prop_assert!(invalid);
+        }
+
+        #[test]
         fn the_newer_valid_slot_wins(
-            seqs in (any::<u64>(), any::<u64>()),
+            seqs in (0..u64::MAX, 0..u64::MAX),
             damage in (0u8..3, 0u8..3),
             bit in 0..PAGE * 8,
         ) {

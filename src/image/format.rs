@@ -340,8 +340,13 @@ pub fn decode_header(b: &[u8]) -> Result<Header, FormatError> {
         ));
     }
     let backing = decode_backing(b)?;
+    let sequence = get_u64(b, H_SEQUENCE);
+    if sequence == u64::MAX {
+        // No version can follow it: a rewrite would wrap around to an older number.
+        return Err(FormatError::BadField("sequence", sequence));
+    }
     let header = Header {
-        sequence: get_u64(b, H_SEQUENCE),
+        sequence,
         virtual_size,
         cluster_bits,
         incompatible,
@@ -449,14 +454,16 @@ pub fn decode_page(b: &[u8], kind: PageKind, index: u64) -> Slot {
     if found != expected {
         return Slot::Invalid(FormatError::Misplaced { expected, found });
     }
+    let sequence = get_u64(b, P_SEQUENCE);
+    if sequence == u64::MAX {
+        // No version can follow it: the next commit would wrap around to an older number.
+        return Slot::Invalid(FormatError::BadField("sequence", sequence));
+    }
     let mut entries = Box::new([0u64; ENTRIES]);
     for (i, e) in entries.iter_mut().enumerate() {
         *e = get_u64(b, i * 8);
     }
-    Slot::Valid {
-        sequence: get_u64(b, P_SEQUENCE),
-        entries,
-    }
+    Slot::Valid { sequence, entries }
 }
 
 /// The current version of a page stored in two slots.
