@@ -18,6 +18,8 @@
 //!
 //! The metadata codecs of `image::format`, by property tests: headers and map pages
 //! round-trip, any single flipped bit is detected, and the newer valid copy wins.
+//!
+//! The seed corpus of the `image_meta` fuzz target is made here too.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -2004,6 +2006,101 @@ mod codecs {
                 &[&format!("size {size} is too large for 4096 byte clusters")],
             );
             assert!(!path.exists());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The seed corpus of the image_meta fuzz target
+
+/// Seeds for `fuzz/fuzz_targets/image_meta.rs`: small valid images, made
+/// deterministically, behind the target's 5-byte prefix (flags, then a page index).
+fn image_meta_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let make = |cluster_bits: u32, size: u64, backing: Option<Backing>, work: &dyn Fn(&Chain)| {
+        let disk = Arc::new(SimStorage::new());
+        image::write_new(disk.as_ref(), &header(size, cluster_bits, 0x5e, backing)).unwrap();
+        let chain = open_sim(disk.clone(), None, "seed");
+        work(&chain);
+        chain.flush().unwrap();
+        disk.contents()
+    };
+    let seed = |flags: u8, index: u32, image: Vec<u8>| {
+        let mut v = vec![flags];
+        v.extend_from_slice(&index.to_le_bytes());
+        v.extend_from_slice(&image);
+        v
+    };
+    let busy = |chain: &Chain| {
+        let cs = chain.cluster_size();
+        chain.write(0, &pattern(1, 0, 3 * cs), false).unwrap();
+        chain
+            .write(10 * cs + 100, &pattern(2, 10 * cs + 100, 300), false)
+            .unwrap();
+        chain.zero(20 * cs, cs, ZeroMode::Zero, false).unwrap();
+        chain.zero(cs, cs, ZeroMode::Trim, false).unwrap();
+        chain.flush().unwrap();
+        // A second version of the map page.
+        chain
+            .write(30 * cs, &pattern(3, 30 * cs, 10), false)
+            .unwrap();
+    };
+    let raw = Backing {
+        kind: BackingKind::Raw,
+        path: "base.raw".into(),
+        size: 100_000,
+        identity: [7; 16],
+    };
+    vec![
+        ("empty", seed(0, 0, make(12, 1 << 20, None, &|_| {}))),
+        (
+            "standalone-4k",
+            seed(0, 0, make(12, 256 << 10, None, &busy)),
+        ),
+        (
+            "overlay-4k-l2",
+            seed(2, 0, make(12, 256 << 10, Some(raw), &busy)),
+        ),
+        (
+            "sealed-8k-two-pages",
+            seed(
+                3,
+                1,
+                make(13, 5 << 20, None, &|c| {
+                    busy(c);
+                    c.write(600 * 8192, &[9; 8192], false).unwrap();
+                }),
+            ),
+        ),
+    ]
+}
+
+#[test]
+fn image_meta_fuzz_seeds_are_current() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/image_meta");
+    let write = std::env::var_os("STRATA_WRITE_FUZZ_CORPUS").is_some();
+    for (name, bytes) in image_meta_seeds() {
+        // Each is a clean image.
+        let scan = layer::scan(
+            &SimStorage::with_contents(bytes[5..].to_vec()),
+            Path::new(name),
+        );
+        assert!(scan.unwrap().problems.is_empty(), "{name}");
+        let path = dir.join(name);
+        if write {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &bytes).unwrap();
+        } else {
+            let on_disk = std::fs::read(&path).unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e}; regenerate with STRATA_WRITE_FUZZ_CORPUS=1",
+                    path.display()
+                )
+            });
+            assert!(
+                on_disk == bytes,
+                "{} is stale; regenerate with STRATA_WRITE_FUZZ_CORPUS=1",
+                path.display()
+            );
         }
     }
 }
