@@ -1,6 +1,6 @@
 //! Strata images: a crash-safe sparse format with copy-on-write backing chains.
 //!
-//! - [`format`]: the on-disk layout, as pure encode/decode functions.
+//! - [`format`](mod@format): the on-disk layout, as pure encode/decode functions.
 //! - [`storage`]: positional I/O on the file under a layer ([`storage::FileStorage`]) and
 //!   a simulated disk for crash tests ([`sim::SimStorage`]).
 //! - [`layer`]: reading and verifying one image's metadata (shared by open and check).
