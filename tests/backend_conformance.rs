@@ -4,23 +4,32 @@
 //! written once, generically over [`Backend`], and instantiated by the [`conformance!`] and
 //! [`read_only!`] macros for each fixture: the in-memory disk, a raw sparse file (in the
 //! system temporary directory and in cargo's target directory, which may be different file
-//! systems), the same behind `SharedBackend`, and the read-only layers. A property test
-//! then drives each backend with random operation sequences against a `Vec<u8>` oracle.
+//! systems), standalone Strata images (64 KiB and 4 KiB clusters), Strata overlay stacks
+//! of 1, 2 and 10 layers over a raw base that holds a known pattern, the same behind
+//! `SharedBackend`, and the read-only layers. A property test then drives each backend
+//! with random operation sequences against a `Vec<u8>` oracle.
+//!
+//! A fixture need not start out as zeroes: it says what it holds ([`Fixture::initial`])
+//! and which layer of its chain provides each byte ([`Depths`]), and the cases check
+//! against that.
 //!
 //! Setting `STRATA_TEST_BLOCK_DEVICE=/dev/loopN` also runs the suite against that block
 //! device. **Its contents are destroyed.** Use a loop device over a sparse file of a few
 //! MiB (loop devices make discarded ranges read as zeroes, which the suite checks).
 
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use proptest::prelude::*;
 use strata::ErrorKind;
 use strata::backend::{
-    self, Backend, DepthExtent, Extent, MemoryBackend, RawBackend, ReadChunk, ReadOnly,
-    SharedBackend, ZeroFlags,
+    self, Backend, DepthExtent, Extent, ImageBackend, MemoryBackend, RawBackend, ReadChunk,
+    ReadOnly, SharedBackend, ZeroFlags,
 };
-use tempfile::NamedTempFile;
+use strata::image::{self, CreateOptions, ZeroMode};
+use tempfile::{NamedTempFile, TempDir};
 
 /// Size of the test disks: not a multiple of the memory chunk or of a sector.
 const SIZE: u64 = 4 * 1024 * 1024 + 12345;
@@ -36,7 +45,65 @@ const READ_STEP: u64 = 1024 * 1024;
 #[allow(dead_code)]
 enum Guard {
     File(NamedTempFile),
+    /// A directory holding an image and its backing files; `top` is the image served.
+    Dir {
+        dir: TempDir,
+        top: PathBuf,
+    },
     Device(MutexGuard<'static, ()>),
+}
+
+/// Which layer of a backing chain provides each byte, as `allocation_depth` reports it.
+#[derive(Clone)]
+enum Depths {
+    /// A single layer owns every byte, holes included: depth 1 everywhere.
+    Single,
+    /// A Strata image, perhaps an overlay: see [`Layout`].
+    Image(Arc<Layout>),
+}
+
+/// Who owns each cluster of a Strata chain: Strata layers are numbered from 1 at the
+/// bottom to `top`, under which (when `raw_len > 0`) lies a raw base of `raw_len` bytes.
+struct Layout {
+    cluster: u64,
+    top: u32,
+    raw_len: u64,
+    /// The Strata layer that holds each cluster (data or zero cluster), 0 for none.
+    owner: Vec<u32>,
+}
+
+impl Layout {
+    /// Depth of `[offset, offset + len)` after the top layer wrote `written` (whole
+    /// clusters become the top layer's: partial writes copy the rest of the cluster up).
+    fn depths(&self, written: &[(u64, u64)], offset: u64, len: u64) -> Vec<DepthExtent> {
+        let mut owner = self.owner.clone();
+        for &(at, n) in written {
+            for c in at / self.cluster..(at + n).div_ceil(self.cluster) {
+                owner[c as usize] = self.top;
+            }
+        }
+        let mut out: Vec<DepthExtent> = Vec::new();
+        let mut push = |length: u64, depth: u32| match out.last_mut() {
+            Some(last) if last.depth == depth => last.length += length,
+            _ if length > 0 => out.push(DepthExtent { length, depth }),
+            _ => {}
+        };
+        let (mut pos, end) = (offset, offset + len);
+        while pos < end {
+            let c = pos / self.cluster;
+            let next = ((c + 1) * self.cluster).min(end);
+            match owner[c as usize] {
+                0 => {
+                    let split = self.raw_len.clamp(pos, next);
+                    push(split - pos, self.top + 1);
+                    push(next - split, 0);
+                }
+                k => push(next - pos, self.top - k + 1),
+            }
+            pos = next;
+        }
+        out
+    }
 }
 
 /// A backend under test.
@@ -47,6 +114,12 @@ struct Fixture<B> {
     /// Trimmed ranges read as zeroes. Discard on a block device is only a hint: a trimmed
     /// range may keep its old data (partial sectors always do).
     trim_zeroes: bool,
+    /// The disk may hold anything (a reused block device): zero it before use.
+    needs_reset: bool,
+    /// What the disk holds before a case writes to it; `None` for zeroes.
+    contents: Option<Arc<Vec<u8>>>,
+    /// Which layer provides each byte before a case writes to it.
+    depths: Depths,
     _guard: Option<Guard>,
 }
 
@@ -56,7 +129,18 @@ impl<B: Backend> Fixture<B> {
             b: Arc::new(b),
             size,
             trim_zeroes: true,
+            needs_reset: false,
+            contents: None,
+            depths: Depths::Single,
             _guard: guard,
+        }
+    }
+
+    /// What the disk holds before a case writes anything: the oracle's starting point.
+    fn initial(&self) -> Vec<u8> {
+        match &self.contents {
+            Some(c) => c.to_vec(),
+            None => vec![0u8; self.size as usize],
         }
     }
 
@@ -67,6 +151,9 @@ impl<B: Backend> Fixture<B> {
             b: Arc::new(wrap(b)),
             size: self.size,
             trim_zeroes: self.trim_zeroes,
+            needs_reset: self.needs_reset,
+            contents: self.contents,
+            depths: self.depths,
             _guard: self._guard,
         }
     }
@@ -136,7 +223,229 @@ fn block_device(read_only: bool) -> Option<Fixture<RawBackend>> {
     assert!(size >= 2 * READ_STEP, "{path} is too small for the suite");
     let mut f = Fixture::new(b, size, Some(Guard::Device(guard)));
     f.trim_zeroes = false;
+    f.needs_reset = true;
     Some(f)
+}
+
+/// Cluster sizes the image fixtures use.
+const KIB64: u64 = 64 * 1024;
+const KIB4: u64 = 4096;
+
+/// A temporary directory in the system temporary directory or in `dir`.
+fn temp_dir(dir: Option<&str>) -> TempDir {
+    match dir {
+        Some(dir) => tempfile::tempdir_in(dir),
+        None => tempfile::tempdir(),
+    }
+    .expect("create temporary directory")
+}
+
+/// A new, empty standalone Strata image; returns the directory holding it and its path.
+fn new_image(dir: Option<&str>, size: u64, cluster: u64) -> (TempDir, PathBuf) {
+    let tmp = temp_dir(dir);
+    let path = tmp.path().join("disk.strata");
+    image::create(
+        &path,
+        &CreateOptions {
+            size: Some(size),
+            cluster_size: Some(cluster),
+            backing: None,
+        },
+    )
+    .expect("create image");
+    (tmp, path)
+}
+
+/// A standalone Strata image with `cluster`-byte clusters, served by [`ImageBackend`].
+fn image_in(dir: Option<&str>, size: u64, cluster: u64) -> Fixture<ImageBackend> {
+    let (tmp, path) = new_image(dir, size, cluster);
+    let b = ImageBackend::new(image::open(&path, true).expect("open image"));
+    let mut f = Fixture::new(
+        b,
+        size,
+        Some(Guard::Dir {
+            dir: tmp,
+            top: path,
+        }),
+    );
+    f.depths = Depths::Image(Arc::new(Layout {
+        cluster,
+        top: 1,
+        raw_len: 0,
+        owner: vec![0; size.div_ceil(cluster) as usize],
+    }));
+    f
+}
+
+/// A standalone image in the system temporary directory.
+fn image_file(size: u64, cluster: u64) -> Fixture<ImageBackend> {
+    image_in(None, size, cluster)
+}
+
+/// A standalone image in cargo's per-target temporary directory.
+fn image_target(size: u64, cluster: u64) -> Fixture<ImageBackend> {
+    image_in(Some(env!("CARGO_TARGET_TMPDIR")), size, cluster)
+}
+
+/// `backend::open` on a Strata image, as the command line serves one.
+fn opened_image(size: u64) -> Fixture<SharedBackend> {
+    let (tmp, path) = new_image(None, size, KIB64);
+    let b = backend::open(path.to_str().unwrap(), false).expect("open image path");
+    let mut f = Fixture::new(
+        b,
+        size,
+        Some(Guard::Dir {
+            dir: tmp,
+            top: path,
+        }),
+    );
+    f.depths = Depths::Image(Arc::new(Layout {
+        cluster: KIB64,
+        top: 1,
+        raw_len: 0,
+        owner: vec![0; size.div_ceil(KIB64) as usize],
+    }));
+    f
+}
+
+/// What building an overlay stack left behind: the files, what the top image reads as,
+/// and who owns each cluster.
+struct Stack {
+    dir: TempDir,
+    top: PathBuf,
+    contents: Vec<u8>,
+    layout: Layout,
+}
+
+/// Builds a chain of `layers` Strata images over a raw base and leaves it closed.
+///
+/// The raw base is shorter than the disk (by an amount that is no multiple of anything)
+/// and holds a pattern in stripes with holes between them. Every layer, the top one
+/// included, then writes some clusters of its own: a whole cluster, a partial write
+/// (whose cluster is copied up), and in turns zeroing and trimming (which hide the
+/// backing), each updating the expected contents and owners.
+fn overlay_stack(dir: Option<&str>, size: u64, cluster: u64, layers: u32) -> Stack {
+    let tmp = temp_dir(dir);
+    let clusters = size.div_ceil(cluster);
+    let raw_len = size - size / 8 - 333;
+    let base = tmp.path().join("base.raw");
+    let mut contents = vec![0u8; size as usize];
+    {
+        const STRIPE: u64 = 96 * 1024 + 7;
+        let file = std::fs::File::create(&base).expect("create raw base");
+        file.set_len(raw_len).expect("size raw base");
+        let mut at = 0;
+        let mut i = 0;
+        while at < raw_len {
+            let n = STRIPE.min(raw_len - at);
+            if i % 3 != 2 {
+                let data = pattern(1000 + i, n as usize);
+                file.write_all_at(&data, at).expect("fill raw base");
+                contents[at as usize..][..n as usize].copy_from_slice(&data);
+            }
+            at += n;
+            i += 1;
+        }
+    }
+    let mut layout = Layout {
+        cluster,
+        top: layers,
+        raw_len,
+        owner: vec![0; clusters as usize],
+    };
+    let mut below = base;
+    for k in 1..=layers {
+        let path = tmp.path().join(format!("layer{k}.strata"));
+        image::create(
+            &path,
+            &CreateOptions {
+                size: Some(size),
+                cluster_size: (k == 1).then_some(cluster),
+                backing: Some(below.clone()),
+            },
+        )
+        .unwrap_or_else(|e| panic!("create layer {k}: {e}"));
+        let chain = image::open(&path, true).unwrap_or_else(|e| panic!("open layer {k}: {e}"));
+        let k64 = u64::from(k);
+        let own = |at: u64, n: u64, layout: &mut Layout| {
+            for c in at / cluster..(at + n).div_ceil(cluster) {
+                layout.owner[c as usize] = k;
+            }
+        };
+        // A whole cluster, and a partial write that copies its cluster up.
+        let whole = (k64 * 7 % clusters) * cluster;
+        let n = cluster.min(size - whole);
+        let data = pattern(2000 + k64, n as usize);
+        chain.write(whole, &data, false).expect("write layer");
+        contents[whole as usize..][..n as usize].copy_from_slice(&data);
+        own(whole, n, &mut layout);
+        let partial = (k64 * 13 + 3) % (clusters - 1) * cluster + cluster / 3;
+        let n = 1000.min(size - partial);
+        let data = pattern(3000 + k64, n as usize);
+        chain
+            .write(partial, &data, false)
+            .expect("partial write layer");
+        contents[partial as usize..][..n as usize].copy_from_slice(&data);
+        own(partial, n, &mut layout);
+        // Every other layer zeroes or trims a stretch that starts and ends mid-cluster.
+        if k % 2 == 0 {
+            let at = (k64 * 5 + 1) % (clusters - 3) * cluster + 100;
+            let n = 2 * cluster;
+            let mode = if k % 4 == 0 {
+                ZeroMode::Trim
+            } else {
+                ZeroMode::Zero
+            };
+            chain.zero(at, n, mode, false).expect("zero layer");
+            contents[at as usize..][..n as usize].fill(0);
+            own(at, n, &mut layout);
+        }
+        chain.flush().expect("flush layer");
+        drop(chain);
+        below = path;
+    }
+    Stack {
+        dir: tmp,
+        top: below,
+        contents,
+        layout,
+    }
+}
+
+impl<B: Backend> Fixture<B> {
+    /// A fixture serving the top of `stack` with `b`.
+    fn over_stack(b: B, size: u64, stack: Stack) -> Fixture<B> {
+        let mut f = Fixture::new(
+            b,
+            size,
+            Some(Guard::Dir {
+                dir: stack.dir,
+                top: stack.top,
+            }),
+        );
+        f.contents = Some(Arc::new(stack.contents));
+        f.depths = Depths::Image(Arc::new(stack.layout));
+        f
+    }
+}
+
+/// The top of an overlay stack of `layers` Strata layers, writable.
+fn overlay_in(dir: Option<&str>, size: u64, cluster: u64, layers: u32) -> Fixture<ImageBackend> {
+    let stack = overlay_stack(dir, size, cluster, layers);
+    let b = ImageBackend::new(image::open(&stack.top, true).expect("open overlay"));
+    Fixture::over_stack(b, size, stack)
+}
+
+/// An overlay stack in the system temporary directory, 64 KiB clusters.
+fn overlay(size: u64, layers: u32) -> Fixture<ImageBackend> {
+    overlay_in(None, size, KIB64, layers)
+}
+
+/// An overlay stack opened through `backend::open`, as the command line does.
+fn opened_overlay(size: u64, layers: u32) -> Fixture<SharedBackend> {
+    let stack = overlay_stack(None, size, KIB4, layers);
+    let b = backend::open(stack.top.to_str().unwrap(), false).expect("open overlay path");
+    Fixture::over_stack(b, size, stack)
 }
 
 /// Zeroes a whole disk so that a reused device starts like a fresh one.
@@ -307,21 +616,28 @@ async fn assert_not_hole<B: Backend>(b: &B, offset: u64, len: u64) {
     }
 }
 
-/// Checks that a single-layer backend reports the whole of `[offset, offset + len)` as
-/// provided by its top layer (depth 1), holes included: no layer lies below it.
-async fn assert_single_layer<B: Backend>(b: &B, offset: u64, len: u64) {
+/// Checks what `allocation_depth` reports for `[offset, offset + len)` after the top layer
+/// wrote `written`: a single-layer backend says depth 1 for all of it, holes included (no
+/// layer lies below it); a Strata chain names the layer that holds each cluster.
+async fn assert_depths<B: Backend>(
+    b: &B,
+    depths: &Depths,
+    written: &[(u64, u64)],
+    offset: u64,
+    len: u64,
+) {
     let extents = b
         .allocation_depth(offset, len)
         .await
         .unwrap_or_else(|e| panic!("allocation_depth at {offset}+{len}: {e}"));
-    assert_eq!(
-        extents,
-        vec![DepthExtent {
+    let expected = match depths {
+        Depths::Single => vec![DepthExtent {
             length: len,
-            depth: 1
+            depth: 1,
         }],
-        "allocation_depth at {offset}+{len}"
-    );
+        Depths::Image(layout) => layout.depths(written, offset, len),
+    };
+    assert_eq!(extents, expected, "allocation_depth at {offset}+{len}");
 }
 
 /// Reads sparsely and checks that the chunks cover `len` and match a plain read.
@@ -386,10 +702,13 @@ mod cases {
         );
     }
 
-    pub async fn fresh_disk_reads_zero<B: Backend>(f: Fixture<B>) {
+    pub async fn fresh_disk_reads_initial_contents<B: Backend>(f: Fixture<B>) {
         let b = &*f.b;
         let data = read(b, 0, f.size).await;
-        assert!(all_zero(&data), "fresh disk holds data");
+        match &f.contents {
+            None => assert!(all_zero(&data), "fresh disk holds data"),
+            Some(c) => assert_same(&data, c, 0, "fresh disk"),
+        }
         check_sparse(b, 0, READ_STEP as usize).await;
         check_sparse(b, f.size - 1000, 1000).await;
         check_status(b, 0, f.size).await;
@@ -398,7 +717,7 @@ mod cases {
 
     pub async fn write_then_read_back<B: Backend>(f: Fixture<B>) {
         let b = &*f.b;
-        let mut oracle = vec![0u8; f.size as usize];
+        let mut oracle = f.initial();
         for (i, (offset, len)) in awkward_ranges(f.size).into_iter().enumerate() {
             write(
                 b,
@@ -421,7 +740,7 @@ mod cases {
 
     pub async fn overwrite<B: Backend>(f: Fixture<B>) {
         let b = &*f.b;
-        let mut oracle = vec![0u8; f.size as usize];
+        let mut oracle = f.initial();
         write(b, &mut oracle, CHUNK - 5000, pattern(1, 20000), false).await;
         write(b, &mut oracle, CHUNK - 10, pattern(2, 20), false).await;
         write(b, &mut oracle, CHUNK - 6000, pattern(3, 1500), false).await;
@@ -431,7 +750,7 @@ mod cases {
 
     pub async fn fua_write<B: Backend>(f: Fixture<B>) {
         let b = &*f.b;
-        let mut oracle = vec![0u8; f.size as usize];
+        let mut oracle = f.initial();
         write(b, &mut oracle, 4095, pattern(5, 8193), true).await;
         check_disk(b, &oracle, "after FUA write").await;
     }
@@ -439,7 +758,7 @@ mod cases {
     pub async fn flush<B: Backend>(f: Fixture<B>) {
         let b = &*f.b;
         b.flush().await.expect("flush of an idle disk");
-        let mut oracle = vec![0u8; f.size as usize];
+        let mut oracle = f.initial();
         write(b, &mut oracle, 100, pattern(6, 300_000), false).await;
         b.flush().await.expect("flush after a write");
         check_disk(b, &oracle, "after flush").await;
@@ -447,7 +766,7 @@ mod cases {
 
     pub async fn trim_reads_zero<B: Backend>(f: Fixture<B>) {
         let b = &*f.b;
-        let mut oracle = vec![0u8; f.size as usize];
+        let mut oracle = f.initial();
         write(b, &mut oracle, 0, pattern(7, 12 * CHUNK as usize), false).await;
         write(
             b,
@@ -473,9 +792,9 @@ mod cases {
 
     pub async fn write_zeroes<B: Backend>(f: Fixture<B>) {
         let b = &*f.b;
+        let mut oracle = f.initial();
         for no_hole in [false, true] {
             for fua in [false, true] {
-                let mut oracle = vec![0u8; f.size as usize];
                 let seed = u64::from(no_hole) * 2 + u64::from(fua);
                 write(b, &mut oracle, 0, pattern(seed, 8 * CHUNK as usize), false).await;
                 let flags = ZeroFlags {
@@ -492,14 +811,15 @@ mod cases {
                 check_disk(b, &oracle, &format!("after write_zeroes {flags:?}")).await;
                 check_status(b, 0, 8 * CHUNK).await;
                 zero_all(b).await;
+                oracle.fill(0);
             }
         }
     }
 
     pub async fn fast_write_zeroes<B: Backend>(f: Fixture<B>) {
         let b = &*f.b;
+        let mut oracle = f.initial();
         for no_hole in [false, true] {
-            let mut oracle = vec![0u8; f.size as usize];
             write(b, &mut oracle, 0, pattern(9, 4 * CHUNK as usize), false).await;
             let flags = ZeroFlags {
                 fua: false,
@@ -517,7 +837,7 @@ mod cases {
 
     pub async fn block_status<B: Backend>(f: Fixture<B>) {
         let b = &*f.b;
-        let mut oracle = vec![0u8; f.size as usize];
+        let mut oracle = f.initial();
         let ranges = awkward_ranges(f.size);
         for (i, &(offset, len)) in ranges.iter().enumerate() {
             write(
@@ -546,29 +866,37 @@ mod cases {
 
     pub async fn allocation_depth<B: Backend>(f: Fixture<B>) {
         let b = &*f.b;
-        let mut oracle = vec![0u8; f.size as usize];
-        write(
-            b,
-            &mut oracle,
-            CHUNK + 5,
-            pattern(60, 2 * CHUNK as usize),
-            false,
-        )
-        .await;
+        let mut oracle = f.initial();
+        for (offset, len) in [(0, f.size), (f.size - 1, 1)] {
+            assert_depths(b, &f.depths, &[], offset, len).await;
+        }
+        let written = [(CHUNK + 5, 2 * CHUNK), (f.size - 3, 2)];
+        for (i, &(at, len)) in written.iter().enumerate() {
+            write(
+                b,
+                &mut oracle,
+                at,
+                pattern(60 + i as u64, len as usize),
+                false,
+            )
+            .await;
+        }
         for (offset, len) in [
             (0, f.size),
             (0, CHUNK),
             (CHUNK + 5, 2 * CHUNK),
             (CHUNK - 1, 5 * CHUNK),
             (f.size - 1, 1),
+            (f.size - CHUNK - 1, CHUNK + 1),
         ] {
-            assert_single_layer(b, offset, len).await;
+            assert_depths(b, &f.depths, &written, offset, len).await;
         }
+        check_disk(b, &oracle, "after writes").await;
     }
 
     pub async fn read_sparse<B: Backend>(f: Fixture<B>) {
         let b = &*f.b;
-        let mut oracle = vec![0u8; f.size as usize];
+        let mut oracle = f.initial();
         write(b, &mut oracle, CHUNK + 10, pattern(11, 100), false).await;
         write(
             b,
@@ -612,7 +940,7 @@ mod cases {
         while let Some(joined) = tasks.join_next().await {
             joined.expect("writer task");
         }
-        let mut oracle = vec![0u8; f.size as usize];
+        let mut oracle = f.initial();
         for k in 0..TASKS * PIECES {
             let offset = k * PIECE;
             oracle[offset as usize..][..PIECE as usize]
@@ -632,7 +960,7 @@ mod cases {
 macro_rules! conformance {
     ($suite:ident, $fixture:expr) => {
         conformance!(@cases $suite, $fixture, [
-            size, capabilities, fresh_disk_reads_zero, write_then_read_back, overwrite,
+            size, capabilities, fresh_disk_reads_initial_contents, write_then_read_back, overwrite,
             fua_write, flush, trim_reads_zero, write_zeroes, fast_write_zeroes, block_status,
             allocation_depth, read_sparse, concurrent_writes, cache
         ]);
@@ -662,6 +990,21 @@ conformance!(shared_memory, Some(memory(SIZE).shared()));
 conformance!(shared_raw_file, Some(raw(SIZE).shared()));
 conformance!(opened_memory_spec, Some(opened_memory(SIZE)));
 conformance!(opened_raw_path, Some(opened_raw(SIZE)));
+conformance!(image_64k, Some(image_file(SIZE, KIB64)));
+conformance!(image_4k, Some(image_file(SIZE, KIB4)));
+conformance!(image_64k_in_target_dir, Some(image_target(SIZE, KIB64)));
+conformance!(image_4k_in_target_dir, Some(image_target(SIZE, KIB4)));
+conformance!(shared_image, Some(image_file(SIZE, KIB4).shared()));
+conformance!(opened_image_path, Some(opened_image(SIZE)));
+conformance!(overlay_depth_1, Some(overlay(SIZE, 1)));
+conformance!(overlay_depth_2, Some(overlay(SIZE, 2)));
+conformance!(overlay_depth_10, Some(overlay(SIZE, 10)));
+conformance!(
+    overlay_4k_in_target_dir,
+    Some(overlay_in(Some(env!("CARGO_TARGET_TMPDIR")), SIZE, KIB4, 2))
+);
+conformance!(shared_overlay, Some(overlay(SIZE, 2).shared()));
+conformance!(opened_overlay_path, Some(opened_overlay(SIZE, 10)));
 conformance!(block_device_raw, {
     let f = block_device(false);
     if let Some(f) = &f {
@@ -684,6 +1027,8 @@ conformance!(block_device_shared, {
 struct Prefilled<B> {
     f: Fixture<B>,
     contents: Vec<u8>,
+    /// What the prefill wrote through the top layer.
+    written: Vec<(u64, u64)>,
 }
 
 /// Writes known data through a writable fixture, then wraps it read-only with `wrap`.
@@ -691,27 +1036,30 @@ async fn prefill<W: Backend, B: Backend>(
     f: Fixture<W>,
     wrap: impl FnOnce(Fixture<W>) -> Fixture<B>,
 ) -> Prefilled<B> {
-    let mut contents = vec![0u8; f.size as usize];
-    zero_all(&*f.b).await;
-    write(
-        &*f.b,
-        &mut contents,
-        CHUNK - 7,
-        pattern(20, 3 * CHUNK as usize),
-        false,
-    )
-    .await;
-    write(&*f.b, &mut contents, f.size - 10, pattern(21, 10), false).await;
+    if f.needs_reset {
+        zero_all(&*f.b).await;
+    }
+    let mut contents = f.initial();
+    let written = vec![(CHUNK - 7, 3 * CHUNK), (f.size - 10, 10)];
+    for (i, &(at, len)) in written.iter().enumerate() {
+        let data = pattern(20 + i as u64, len as usize);
+        write(&*f.b, &mut contents, at, data, false).await;
+    }
     f.b.flush().await.expect("flush");
     Prefilled {
         f: wrap(f),
         contents,
+        written,
     }
 }
 
 /// Prefills a raw file, then reopens it read-only with `reopen`.
 async fn prefill_file<B: Backend>(reopen: impl FnOnce(&str) -> B) -> Prefilled<B> {
-    let Prefilled { f, contents } = prefill(raw(SIZE), |f| f).await;
+    let Prefilled {
+        f,
+        contents,
+        written,
+    } = prefill(raw(SIZE), |f| f).await;
     let Some(Guard::File(file)) = f._guard else {
         unreachable!("raw fixtures hold their file")
     };
@@ -719,6 +1067,40 @@ async fn prefill_file<B: Backend>(reopen: impl FnOnce(&str) -> B) -> Prefilled<B
     Prefilled {
         f: Fixture::new(b, SIZE, Some(Guard::File(file))),
         contents,
+        written,
+    }
+}
+
+/// Prefills an image fixture, closes it, then reopens its top image read-only with
+/// `reopen`.
+async fn prefill_image<W: Backend, B: Backend>(
+    f: Fixture<W>,
+    reopen: impl FnOnce(&Path) -> B,
+) -> Prefilled<B> {
+    let Prefilled {
+        f,
+        contents,
+        written,
+    } = prefill(f, |f| f).await;
+    let Fixture {
+        b,
+        size,
+        depths,
+        _guard,
+        ..
+    } = f;
+    // Closing the writable image releases its lock, so it can be opened again.
+    drop(Arc::into_inner(b).expect("fixture not shared"));
+    let Some(Guard::Dir { top, .. }) = &_guard else {
+        unreachable!("image fixtures hold their directory")
+    };
+    let b = reopen(top);
+    let mut f = Fixture::new(b, size, _guard);
+    f.depths = depths;
+    Prefilled {
+        f,
+        contents,
+        written,
     }
 }
 
@@ -742,8 +1124,8 @@ mod ro_cases {
         check_sparse(b, p.f.size - 100, 100).await;
         check_status(b, 0, p.f.size).await;
         assert_not_hole(b, CHUNK - 7, 3 * CHUNK).await;
-        assert_single_layer(b, 0, p.f.size).await;
-        assert_single_layer(b, 5 * CHUNK, CHUNK).await;
+        assert_depths(b, &p.f.depths, &p.written, 0, p.f.size).await;
+        assert_depths(b, &p.f.depths, &p.written, 5 * CHUNK, CHUNK).await;
         b.cache(0, CHUNK).await.expect("cache");
     }
 
@@ -814,6 +1196,50 @@ read_only!(
 read_only!(
     opened_path_read_only,
     Some(prefill_file(|path| backend::open(path, true).expect("open read-only")).await)
+);
+read_only!(
+    read_only_image,
+    Some(prefill(image_file(SIZE, KIB64), Fixture::read_only).await)
+);
+read_only!(
+    read_only_overlay,
+    Some(prefill(overlay(SIZE, 2), Fixture::read_only).await)
+);
+read_only!(
+    image_opened_read_only,
+    Some(
+        prefill_image(image_file(SIZE, KIB4), |path| {
+            ImageBackend::new(image::open(path, false).expect("open read-only"))
+        })
+        .await
+    )
+);
+read_only!(
+    image_path_opened_read_only,
+    Some(
+        prefill_image(image_file(SIZE, KIB64), |path| {
+            backend::open(path.to_str().unwrap(), true).expect("open read-only")
+        })
+        .await
+    )
+);
+read_only!(
+    overlay_opened_read_only,
+    Some(
+        prefill_image(overlay(SIZE, 10), |path| {
+            ImageBackend::new(image::open(path, false).expect("open read-only"))
+        })
+        .await
+    )
+);
+read_only!(
+    overlay_path_opened_read_only,
+    Some(
+        prefill_image(overlay(SIZE, 2), |path| {
+            backend::open(path.to_str().unwrap(), true).expect("open read-only")
+        })
+        .await
+    )
 );
 read_only!(read_only_block_device, {
     match block_device(false) {
@@ -1029,10 +1455,15 @@ fn clamp(size: u64, at: u64, len: u64) -> (u64, u64) {
     (at, len.min(size - at).max(1))
 }
 
-/// Applies `ops` to the backend and the oracle, comparing every read.
-async fn run_model<B: Backend>(b: &B, trim_zeroes: bool, ops: &[Op]) -> Result<(), TestCaseError> {
+/// Applies `ops` to the backend and the oracle, which starts as `oracle`, comparing every
+/// read.
+async fn run_model<B: Backend>(
+    b: &B,
+    trim_zeroes: bool,
+    mut oracle: Vec<u8>,
+    ops: &[Op],
+) -> Result<(), TestCaseError> {
     let size = b.size();
-    let mut oracle = vec![0u8; size as usize];
     for op in ops {
         match *op {
             Op::Write { at, len, seed, fua } => {
@@ -1090,8 +1521,17 @@ fn model<B: Backend>(
         .unwrap();
     runtime.block_on(async {
         let Some(f) = make() else { return Ok(()) };
-        zero_all(&*f.b).await;
-        run_model(&*f.b, f.trim_zeroes, ops).await
+        if f.needs_reset {
+            zero_all(&*f.b).await;
+        }
+        // The oracle starts from what the disk reads as, which must be what the fixture
+        // says it holds.
+        let start = read(&*f.b, 0, f.size).await;
+        prop_assert!(
+            start == f.initial(),
+            "initial contents differ from the fixture's"
+        );
+        run_model(&*f.b, f.trim_zeroes, start, ops).await
     })
 }
 
@@ -1126,6 +1566,36 @@ proptest! {
     #[test]
     fn model_shared_raw_file(ops in prop::collection::vec(op(), 1..40)) {
         model(|| Some(raw(MODEL_SIZE).shared()), &ops)?;
+    }
+
+    #[test]
+    fn model_image_64k(ops in prop::collection::vec(op(), 1..40)) {
+        model(|| Some(image_file(MODEL_SIZE - 4097, KIB64)), &ops)?;
+    }
+
+    #[test]
+    fn model_image_4k(ops in prop::collection::vec(op(), 1..40)) {
+        model(|| Some(image_file(MODEL_SIZE, KIB4)), &ops)?;
+    }
+
+    #[test]
+    fn model_image_in_target_dir(ops in prop::collection::vec(op(), 1..40)) {
+        model(|| Some(image_target(MODEL_SIZE - 4097, KIB4)), &ops)?;
+    }
+
+    #[test]
+    fn model_overlay_depth_1(ops in prop::collection::vec(op(), 1..40)) {
+        model(|| Some(overlay_in(None, MODEL_SIZE - 4097, KIB4, 1)), &ops)?;
+    }
+
+    #[test]
+    fn model_overlay_depth_2(ops in prop::collection::vec(op(), 1..40)) {
+        model(|| Some(overlay_in(None, MODEL_SIZE, KIB64, 2)), &ops)?;
+    }
+
+    #[test]
+    fn model_overlay_depth_10(ops in prop::collection::vec(op(), 1..40)) {
+        model(|| Some(overlay_in(None, MODEL_SIZE - 4097, KIB4, 10)), &ops)?;
     }
 
     #[test]

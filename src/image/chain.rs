@@ -87,6 +87,9 @@ pub struct Lower {
     map: MergedMap,
     /// What an overlay of this chain records to recognise it.
     pub identity: (BackingKind, [u8; 16]),
+    /// The shared chain below this one's top, kept open (and so in the cache of open
+    /// chains) as long as this one is.
+    pub(super) below: Option<Arc<Lower>>,
 }
 
 impl Lower {
@@ -103,6 +106,7 @@ impl Lower {
             })],
             map: MergedMap::default(),
             identity: (BackingKind::Raw, identity),
+            below: None,
         })
     }
 
@@ -130,6 +134,7 @@ impl Lower {
             layers,
             map,
             identity,
+            below: None,
         })
     }
 
@@ -272,6 +277,9 @@ pub struct Chain {
     alloc: Mutex<()>,
     commit: Mutex<()>,
     gate: RwLock<()>,
+    /// The shared backing chain, kept open (and so in the cache of open chains) as long
+    /// as this image is, for other overlays of the same base to share.
+    pub(super) lower: Option<Arc<Lower>>,
 }
 
 impl std::fmt::Debug for Chain {
@@ -352,6 +360,7 @@ impl Chain {
             alloc: Mutex::new(()),
             commit: Mutex::new(()),
             gate: RwLock::new(()),
+            lower: None,
         })
     }
 
@@ -1008,6 +1017,15 @@ impl Chain {
         let storage = self.storage();
         let err = |op| self.io_err(op, 0, 0);
         storage.sync().map_err(err("flush"))?;
+        // A new pair's first version goes to its slot 0; slot 1 holds whatever the reused
+        // space held, perhaps a page-shaped leftover of guest data. Clear it, so that it is
+        // never taken for a newer version. Synced with the L2 pages, before any L1 page
+        // points at the pair.
+        for &(_, off) in &plan.new_pairs {
+            storage
+                .write_at(&[&[0u8; PAGE][..]], off + PAGE as u64)
+                .map_err(err("commit"))?;
+        }
         for pages in [&plan.l2, &plan.l1] {
             if pages.is_empty() {
                 continue;

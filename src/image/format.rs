@@ -36,9 +36,17 @@ pub const MAX_CLUSTER_BITS: u32 = 21;
 pub const DEFAULT_CLUSTER_BITS: u32 = 16;
 /// Bytes of the header that may hold the backing file's path.
 pub const MAX_BACKING_PATH: usize = PAGE - 4 - PATH_OFFSET;
-/// Largest virtual size: the L2 page count must fit the 28-bit page tag, and byte offsets
-/// must fit `off_t`.
+/// Largest virtual size: byte offsets must fit `off_t`. Smaller clusters allow less, see
+/// [`max_virtual_size`].
 pub const MAX_VIRTUAL_SIZE: u64 = 1 << 62;
+/// Most L2 pages an image may have: a page's tag holds 28 bits of its index.
+pub const MAX_L2_PAGES: u64 = 1 << 28;
+
+/// Largest virtual size with clusters of `1 << cluster_bits` bytes: [`MAX_VIRTUAL_SIZE`],
+/// or less where the map would need more than [`MAX_L2_PAGES`] pages.
+pub fn max_virtual_size(cluster_bits: u32) -> u64 {
+    MAX_VIRTUAL_SIZE.min((MAX_L2_PAGES * ENTRIES as u64) << cluster_bits)
+}
 
 /// Incompatible feature bits this version understands (none yet): an image with any other
 /// bit set is refused, because reading it without the feature would return wrong data.
@@ -322,7 +330,7 @@ pub fn decode_header(b: &[u8]) -> Result<Header, FormatError> {
         return Err(FormatError::BadField("cluster bits", cluster_bits.into()));
     }
     let virtual_size = get_u64(b, H_VIRTUAL_SIZE);
-    if virtual_size > MAX_VIRTUAL_SIZE {
+    if virtual_size > max_virtual_size(cluster_bits) {
         return Err(FormatError::BadField("virtual size", virtual_size));
     }
     let incompatible = get_u64(b, H_INCOMPATIBLE);
@@ -332,8 +340,13 @@ pub fn decode_header(b: &[u8]) -> Result<Header, FormatError> {
         ));
     }
     let backing = decode_backing(b)?;
+    let sequence = get_u64(b, H_SEQUENCE);
+    if sequence == u64::MAX {
+        // No version can follow it: a rewrite would wrap around to an older number.
+        return Err(FormatError::BadField("sequence", sequence));
+    }
     let header = Header {
-        sequence: get_u64(b, H_SEQUENCE),
+        sequence,
         virtual_size,
         cluster_bits,
         incompatible,
@@ -441,14 +454,16 @@ pub fn decode_page(b: &[u8], kind: PageKind, index: u64) -> Slot {
     if found != expected {
         return Slot::Invalid(FormatError::Misplaced { expected, found });
     }
+    let sequence = get_u64(b, P_SEQUENCE);
+    if sequence == u64::MAX {
+        // No version can follow it: the next commit would wrap around to an older number.
+        return Slot::Invalid(FormatError::BadField("sequence", sequence));
+    }
     let mut entries = Box::new([0u64; ENTRIES]);
     for (i, e) in entries.iter_mut().enumerate() {
         *e = get_u64(b, i * 8);
     }
-    Slot::Valid {
-        sequence: get_u64(b, P_SEQUENCE),
-        entries,
-    }
+    Slot::Valid { sequence, entries }
 }
 
 /// The current version of a page stored in two slots.
@@ -514,7 +529,18 @@ pub fn current(a: Slot, b: Slot) -> Current {
     }
 }
 
+/// The sequence number of a header slot that is intact (magic and checksum hold), whether
+/// or not this version can read the rest.
+fn intact_sequence(b: &[u8]) -> Option<u64> {
+    (b.len() >= PAGE && has_magic(b) && check_crc(&b[..PAGE]).is_ok())
+        .then(|| get_u64(b, H_SEQUENCE))
+}
+
 /// Picks the current header from its two slots.
+///
+/// A slot that fails to decode is passed over for the other when it is torn or damaged,
+/// but not when it is intact and newer: then it was written on purpose (by a later
+/// version, with a feature this one lacks), and reading the older slot would ignore it.
 pub fn current_header(a: &[u8], b: &[u8]) -> Result<(usize, Header), FormatError> {
     match (decode_header(a), decode_header(b)) {
         (Ok(x), Ok(y)) => Ok(if y.sequence > x.sequence {
@@ -522,6 +548,8 @@ pub fn current_header(a: &[u8], b: &[u8]) -> Result<(usize, Header), FormatError
         } else {
             (0, x)
         }),
+        (Ok(x), Err(e)) if intact_sequence(b).is_some_and(|s| s > x.sequence) => Err(e),
+        (Err(e), Ok(y)) if intact_sequence(a).is_some_and(|s| s > y.sequence) => Err(e),
         (Ok(x), Err(_)) => Ok((0, x)),
         (Err(_), Ok(y)) => Ok((1, y)),
         (Err(e), Err(_)) => Err(e),
