@@ -424,10 +424,12 @@ impl Chain {
     ) -> impl Fn(std::io::Error) -> Error + use<> {
         let path = self.path().to_path_buf();
         move |e| {
-            Error::from(e)
-                .with_op(op)
-                .with_range(offset, len)
-                .with_path(path.clone())
+            let e = Error::from(e).with_op(op).with_path(path.clone());
+            if len > 0 {
+                e.with_range(offset, len)
+            } else {
+                e
+            }
         }
     }
 
@@ -880,10 +882,9 @@ impl Chain {
         };
         if let Err(e) = self.write_commit(&plan) {
             let mut st = self.state.write().map_err(|_| lock_err())?;
-            for &(q, off) in &plan.new_pairs {
-                st.pairs.remove(&q);
-                st.free.give(off, PAIR);
-            }
+            // New pairs stay reserved (and fresh, so the next commit initialises them
+            // again): an L1 page pointing at them may have reached the disk before the
+            // failure, so their space must never be handed out for anything else.
             st.dirty.extend(plan.dirty.iter().copied());
             st.l1_dirty.extend(plan.l1.iter().map(|w| w.index as usize));
             st.pending_free.extend(plan.freed.iter().copied());
@@ -956,7 +957,6 @@ impl Chain {
                         st.eof += PAIR;
                         off
                     });
-                    plan.new_pairs.push((q, off));
                     let fresh = PageState::fresh(off);
                     st.pairs.insert(q, fresh);
                     fresh
@@ -1017,15 +1017,6 @@ impl Chain {
         let storage = self.storage();
         let err = |op| self.io_err(op, 0, 0);
         storage.sync().map_err(err("flush"))?;
-        // A new pair's first version goes to its slot 0; slot 1 holds whatever the reused
-        // space held, perhaps a page-shaped leftover of guest data. Clear it, so that it is
-        // never taken for a newer version. Synced with the L2 pages, before any L1 page
-        // points at the pair.
-        for &(_, off) in &plan.new_pairs {
-            storage
-                .write_at(&[&[0u8; PAGE][..]], off + PAGE as u64)
-                .map_err(err("commit"))?;
-        }
         for pages in [&plan.l2, &plan.l1] {
             if pages.is_empty() {
                 continue;
@@ -1240,7 +1231,6 @@ impl Chain {
 struct CommitPlan {
     dirty: Vec<u32>,
     freed: Vec<(u64, u64)>,
-    new_pairs: Vec<(u32, u64)>,
     l2: Vec<PageWrite>,
     l1: Vec<PageWrite>,
 }
