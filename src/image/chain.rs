@@ -880,11 +880,19 @@ impl Chain {
             let mut st = self.state.write().map_err(|_| lock_err())?;
             self.prepare_commit(&mut st)
         };
-        if let Err(e) = self.write_commit(&plan) {
+        let mut l1_touched = false;
+        if let Err(e) = self.write_commit(&plan, &mut l1_touched) {
             let mut st = self.state.write().map_err(|_| lock_err())?;
-            // New pairs stay reserved (and fresh, so the next commit initialises them
-            // again): an L1 page pointing at them may have reached the disk before the
-            // failure, so their space must never be handed out for anything else.
+            if !l1_touched {
+                // No L1 page can point at the new pairs yet: give their space back, so a
+                // full disk can recover once the changes that needed them are undone.
+                for &(q, off) in &plan.new_pairs {
+                    st.pairs.remove(&q);
+                    st.free.give(off, PAIR);
+                }
+            }
+            // Otherwise an L1 page pointing at them may be on disk: they stay reserved
+            // (and fresh, so the next commit initialises them again).
             st.dirty.extend(plan.dirty.iter().copied());
             st.l1_dirty.extend(plan.l1.iter().map(|w| w.index as usize));
             st.pending_free.extend(plan.freed.iter().copied());
@@ -957,6 +965,7 @@ impl Chain {
                         st.eof += PAIR;
                         off
                     });
+                    plan.new_pairs.push((q, off));
                     let fresh = PageState::fresh(off);
                     st.pairs.insert(q, fresh);
                     fresh
@@ -1013,14 +1022,17 @@ impl Chain {
         plan
     }
 
-    fn write_commit(&self, plan: &CommitPlan) -> Result<()> {
+    /// Writes a commit's pages in order; sets `l1_touched` once any L1 page write has
+    /// been attempted.
+    fn write_commit(&self, plan: &CommitPlan, l1_touched: &mut bool) -> Result<()> {
         let storage = self.storage();
         let err = |op| self.io_err(op, 0, 0);
         storage.sync().map_err(err("flush"))?;
-        for pages in [&plan.l2, &plan.l1] {
+        for (level, pages) in [&plan.l2, &plan.l1].into_iter().enumerate() {
             if pages.is_empty() {
                 continue;
             }
+            *l1_touched |= level == 1;
             for w in pages {
                 if w.fresh {
                     // A new pair's second slot gets zeroes (an empty slot): stale bytes
@@ -1231,6 +1243,8 @@ impl Chain {
 struct CommitPlan {
     dirty: Vec<u32>,
     freed: Vec<(u64, u64)>,
+    /// L2 pairs allocated by this commit: (page, offset).
+    new_pairs: Vec<(u32, u64)>,
     l2: Vec<PageWrite>,
     l1: Vec<PageWrite>,
 }
