@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use strata::ErrorKind;
+use strata::image::chain::RangeState;
 use strata::image::format::{self, Backing, BackingKind, Header};
 use strata::image::sim::{Rng, SimStorage};
 use strata::image::storage::{Storage, View};
@@ -2116,4 +2117,32 @@ fn image_meta_fuzz_seeds_are_current() {
             );
         }
     }
+}
+
+#[test]
+fn zeroing_part_of_a_cluster_that_reads_as_zeroes_allocates_nothing() {
+    const CS: u64 = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.strata");
+    create(&path, Some(16 * CS), Some(CS), None);
+    let chain = open_rw(&path);
+    chain.zero(CS + 512, 4096, ZeroMode::Trim, false).unwrap();
+    chain
+        .zero(3 * CS + 100, 9000, ZeroMode::Zero, false)
+        .unwrap();
+    // The same clusters over a whole-cluster zero: still nothing to allocate.
+    chain.zero(5 * CS, CS, ZeroMode::Zero, false).unwrap();
+    chain.zero(5 * CS + 10, 100, ZeroMode::Trim, false).unwrap();
+    chain.flush().unwrap();
+    let ranges = chain.ranges(0, 16 * CS).unwrap();
+    assert!(
+        ranges.iter().all(|r| r.state != RangeState::Data),
+        "zeroing allocated data clusters: {ranges:?}"
+    );
+    // With NO_HOLE the storage must be allocated.
+    chain
+        .zero(7 * CS + 100, 4096, ZeroMode::ZeroNoHole, false)
+        .unwrap();
+    let ranges = chain.ranges(7 * CS, CS).unwrap();
+    assert_eq!(ranges[0].state, RangeState::Data, "{ranges:?}");
 }
