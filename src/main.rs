@@ -243,7 +243,6 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            error!("{e}");
             eprintln!("strata: {e}");
             ExitCode::FAILURE
         }
