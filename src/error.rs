@@ -139,12 +139,13 @@ impl fmt::Display for Error {
         if let Some(op) = self.context.op {
             write!(f, "{op}: ")?;
         }
-        match &self.context.message {
-            Some(m) => f.write_str(m)?,
-            None => f.write_str(self.kind.describe())?,
-        }
-        if let Some(path) = &self.context.path {
-            write!(f, " ({})", path.display())?;
+        match (&self.context.message, &self.context.path, &self.source) {
+            (Some(m), Some(path), _) => write!(f, "{m} ({})", path.display())?,
+            (Some(m), None, _) => f.write_str(m)?,
+            // The cause says what went wrong; the kind would only repeat it vaguely.
+            (None, Some(path), Some(_)) => write!(f, "{}", path.display())?,
+            (None, Some(path), None) => write!(f, "{} ({})", self.kind.describe(), path.display())?,
+            (None, None, _) => f.write_str(self.kind.describe())?,
         }
         if let (Some(off), Some(len)) = (self.context.offset, self.context.len) {
             write!(f, " at offset {off}, length {len}")?;
