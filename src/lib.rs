@@ -13,7 +13,11 @@
 //!   │          validation · errno mapping                          │
 //!   ├──────────────────────────────────────────────────────────────┤
 //!   │ backend  Backend trait ─ layers (ReadOnly, …)                │
-//!   │          └─ RawBackend (file, block device) · MemoryBackend  │  storage
+//!   │          ├─ RawBackend (file, block device) · MemoryBackend  │  storage
+//!   │          └─ ImageBackend ─┐                                  │
+//!   ├───────────────────────────▼──────────────────────────────────┤
+//!   │ image    Strata images: format codec · merged map · engine   │  sparse, CoW
+//!   │          top image ─ backing ─ … ─ raw base (any depth)      │  chains
 //!   └──────────────────────────────────────────────────────────────┘
 //! ```
 //!
@@ -28,7 +32,10 @@
 //! - [`server`]: listeners, connection limits, the handshake driver, the transmission
 //!   session (concurrent requests, one reply writer, bounded memory), graceful shutdown.
 //! - [`backend`]: the [`backend::Backend`] trait, its object-safe twin, and the raw,
-//!   memory and read-only implementations.
+//!   memory, image and read-only implementations.
+//! - [`image`]: the Strata image format: a pure header and map-page codec, the merged
+//!   cluster map of a backing chain, the copy-on-write engine with its crash-safe commit
+//!   order, and the image tools (create, info, check, map, commit, rebase, convert).
 //! - [`error`]: the crate's one error type.
 //! - [`size`]: parsing of human-friendly sizes.
 
