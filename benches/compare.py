@@ -33,6 +33,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+ARGS = None
+# Backends the other servers can serve too, compared side by side.
+PEER_BACKENDS = ("raw", "memory")
 
 # name, fio rw, block size, iodepth, jobs
 WORKLOADS = [
@@ -42,6 +45,8 @@ WORKLOADS = [
     ("4k randwrite QD32", "randwrite", "4k", 32, 1),
     ("4k randread QD32 x2 jobs", "randread", "4k", 32, 2),
     ("4k randwrite QD32 x2 jobs", "randwrite", "4k", 32, 2),
+    ("4k randread QD8 x4 conns", "randread", "4k", 8, 4),
+    ("4k randwrite QD8 x4 conns", "randwrite", "4k", 8, 4),
     ("1M read QD8", "read", "1M", 8, 1),
     ("1M write QD8", "write", "1M", 8, 1),
 ]
@@ -78,6 +83,8 @@ def cpu_seconds(pid):
 
 
 def server_command(name, image, transport, where):
+    if image == "memory":
+        return memory_command(name, transport, where)
     if name == "strata":
         binary = os.path.join(ROOT, "target", "release", "strata")
         listen = f"127.0.0.1:{where}" if transport == "tcp" else f"unix:{where}"
@@ -92,17 +99,29 @@ def server_command(name, image, transport, where):
     raise ValueError(name)
 
 
+def memory_command(name, transport, where):
+    size = ARGS.size
+    if name == "strata":
+        listen = f"127.0.0.1:{where}" if transport == "tcp" else f"unix:{where}"
+        return [strata_binary(), "serve", "--listen", listen, "--name", "disk", f"memory:{size}"]
+    if name == "nbdkit":
+        addr = ["-p", str(where), "-i", "127.0.0.1"] if transport == "tcp" else ["-U", where]
+        return ["nbdkit", "-f", "--exportname", "disk", *addr, "memory", size]
+    raise ValueError(f"{name} has no memory backend")
+
+
 def uri(transport, where):
     if transport == "tcp":
         return f"nbd://127.0.0.1:{where}/disk"
     return f"nbd+unix:///disk?socket={where}"
 
 
-def run_fio(target, rw, bs, depth, jobs, runtime, size, workdir):
+def run_fio(target, rw, bs, depth, jobs, runtime, size, workdir, time_based=True):
     cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={target}", f"--rw={rw}",
            f"--bs={bs}", f"--iodepth={depth}", f"--numjobs={jobs}", f"--size={size}",
-           "--time_based", f"--runtime={runtime}", "--group_reporting",
-           "--output-format=json", "--percentile_list=50:99"]
+           "--group_reporting", "--output-format=json", "--percentile_list=50:99"]
+    if time_based:
+        cmd += ["--time_based", f"--runtime={runtime}"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=workdir).stdout
     data = json.loads(out[out.index("{"):])
     job = data["jobs"][0]
@@ -126,6 +145,10 @@ def measure(server, image, transport, workload, args, workdir):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(transport, where)
+        if image == "memory":
+            # A memory disk starts empty; fill it so reads are of data, not of holes.
+            run_fio(uri(transport, where), "write", "1M", 8, 1, 0, args.size, workdir,
+                    time_based=False)
         cpu0 = cpu_seconds(proc.pid)
         r = run_fio(uri(transport, where), rw, bs, depth, jobs, args.runtime, args.size, workdir)
         cpu1 = cpu_seconds(proc.pid)
@@ -162,8 +185,8 @@ def write_through_server(image, offset_mib, length_mib, pattern, workdir):
 
 def prepare_backend(backend, raw, workdir, image_dir):
     """Returns the path of an image holding the raw image's data in `backend`'s form."""
-    if backend == "raw":
-        return raw
+    if backend in ("raw", "memory"):
+        return raw if backend == "raw" else "memory"
     if backend == "strata":
         path = os.path.join(image_dir, f"strata-bench-{os.getpid()}.strata")
         subprocess.run([strata_binary(), "convert", raw, path], check=True,
@@ -182,7 +205,7 @@ def prepare_backend(backend, raw, workdir, image_dir):
 
 
 def cleanup_backend(backend, image_dir):
-    if backend == "raw":
+    if backend in ("raw", "memory"):
         return
     for name in os.listdir(image_dir):
         if name.startswith(f"strata-bench-{os.getpid()}") and name.endswith(".strata"):
@@ -224,10 +247,12 @@ def main():
     ap.add_argument("--servers", default="strata,nbdkit,qemu-nbd")
     ap.add_argument("--transports", default="tcp,unix")
     ap.add_argument("--backends", default="raw",
-                    help="raw, strata (sparse image), overlay10 (10-deep overlay chain)")
+                    help="raw, memory, strata (sparse image), overlay10 (10-deep overlay chain)")
     ap.add_argument("--quick", action="store_true", help="QD32 random and sequential only")
     ap.add_argument("--markdown", help="also write the table to this file")
     args = ap.parse_args()
+    global ARGS
+    ARGS = args
 
     for tool in ["fio", *args.servers.split(",")]:
         if tool != "strata" and shutil.which(tool) is None:
@@ -245,7 +270,12 @@ def main():
     try:
         for backend in args.backends.split(","):
             target = prepare_backend(backend, image, workdir, args.image_dir)
-            here = servers if backend == "raw" else ["strata"]
+            if backend == "raw":
+                here = servers
+            elif backend == "memory":
+                here = [s for s in servers if s != "qemu-nbd"]
+            else:
+                here = ["strata"]
             try:
                 for transport in args.transports.split(","):
                     for wl in workloads:
@@ -294,24 +324,27 @@ def render(rows, servers, args):
     out = [f"Machine: {machine()}", "",
            f"fio nbd engine, {args.runtime} s per run, median of {args.repeat} runs, "
            f"image of {args.size} in {args.image_dir}.", ""]
-    head = ["transport", "workload"]
+    head = ["backend", "transport", "workload"]
     for s in servers:
         head += [f"{s} IOPS", f"{s} MB/s", f"{s} p50/p99 us", f"{s} CPU us/io"]
     head += ["Strata/best IOPS", "best/Strata CPU"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
     for backend, transport, name, results, _ in rows:
-        if backend != "raw":
+        if backend not in PEER_BACKENDS:
             continue
-        cells = [transport, name]
+        cells = [backend, transport, name]
         for s in servers:
-            r = results[s]
+            r = results.get(s)
+            if r is None:
+                cells += ["-"] * 4
+                continue
             cells += [f"{r['iops']:.0f}", f"{r['mbps']:.0f}",
                       f"{r['p50_us']:.0f}/{r['p99_us']:.0f}", f"{r['cpu_us_per_io']:.1f}"]
         cells += [ratio(results, servers, "iops"),
                   ratio(results, servers, "cpu_us_per_io", higher_is_better=False)]
         out.append("| " + " | ".join(cells) + " |")
-    others = [r for r in rows if r[0] != "raw"]
+    others = [r for r in rows if r[0] not in PEER_BACKENDS]
     if others:
         out += ["", "Strata serving the same data from its own image formats, against Strata "
                 "on the raw file in the same run:", "",

@@ -215,7 +215,21 @@ async fn serve(args: ServeArgs) -> strata::Result<()> {
     server.serve(listeners).await
 }
 
+/// Keeps request-sized buffers (up to the 32 MiB maximum payload) in the allocator's
+/// heaps. By default glibc serves allocations above a dynamic threshold with fresh `mmap`s
+/// and unmaps them on free, so every large read or write buffer cost page faults and
+/// page zeroing: a fifth of the CPU time of 1 MiB reads.
+fn tune_allocator() {
+    // SAFETY: mallopt only adjusts allocator parameters; it is called before any other
+    // thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
