@@ -75,12 +75,8 @@ impl Backend for ImageBackend {
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
-        self.run(move |c| {
-            let mut buf = vec![0u8; len];
-            c.read(offset, &mut buf)?;
-            Ok(Bytes::from(buf))
-        })
-        .await
+        self.run(move |c| Ok(Bytes::from(c.read_vec(offset, len)?)))
+            .await
     }
 
     async fn read_sparse(&self, offset: u64, len: usize) -> Result<Vec<ReadChunk>> {

@@ -19,6 +19,7 @@
 //! out why every crash point is safe.
 
 use std::collections::BTreeSet;
+use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -29,7 +30,7 @@ use super::format::{
 };
 use super::layer::{L2Content, PageState, Scan};
 use super::map::{FreeList, MergedMap, Page, entry};
-use super::storage::Storage;
+use super::storage::{Storage, as_uninit};
 use crate::backend::{Extent, ReadChunk};
 use crate::error::{Error, ErrorKind, Result};
 
@@ -467,15 +468,15 @@ impl Chain {
         out
     }
 
-    fn read_piece(&self, piece: Piece, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn read_piece(&self, piece: Piece, buf: &mut [MaybeUninit<u8>], offset: u64) -> Result<()> {
         match piece.src {
-            Src::Zero => buf.fill(0),
+            Src::Zero => buf.fill(MaybeUninit::new(0)),
             Src::Raw(lba) => {
                 let (storage, size) = self.raw.as_ref().expect("raw source needs a raw base");
                 let n = size.saturating_sub(lba).min(buf.len() as u64) as usize;
-                buf[n..].fill(0);
+                buf[n..].fill(MaybeUninit::new(0));
                 if n > 0 {
-                    storage.read_at(&mut buf[..n], lba).map_err(|e| {
+                    storage.read_uninit(&mut buf[..n], lba).map_err(|e| {
                         Error::from(e)
                             .with_op("read")
                             .with_range(lba, n as u64)
@@ -485,7 +486,7 @@ impl Chain {
             }
             Src::Host(layer, host) => {
                 let layer = &self.layers[usize::from(layer)];
-                layer.storage.read_at(buf, host).map_err(|e| {
+                layer.storage.read_uninit(buf, host).map_err(|e| {
                     Error::from(e)
                         .with_op("read")
                         .with_range(offset, buf.len() as u64)
@@ -496,18 +497,39 @@ impl Chain {
         Ok(())
     }
 
-    fn read_locked(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let pieces = {
-            let st = self.state.read().map_err(|_| lock_err())?;
-            self.plan(&st.map, offset, buf.len() as u64)
-        };
+    /// Reads pieces of `[offset, offset + buf.len())` into `buf`, initialising all of it
+    /// on success.
+    fn read_pieces(
+        &self,
+        pieces: &[Piece],
+        offset: u64,
+        buf: &mut [MaybeUninit<u8>],
+    ) -> Result<()> {
         let mut at = 0usize;
-        for p in pieces {
+        for &p in pieces {
             let n = p.len as usize;
             self.read_piece(p, &mut buf[at..at + n], offset + at as u64)?;
             at += n;
         }
         Ok(())
+    }
+
+    fn read_locked(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let pieces = {
+            let st = self.state.read().map_err(|_| lock_err())?;
+            self.plan(&st.map, offset, buf.len() as u64)
+        };
+        self.read_pieces(&pieces, offset, as_uninit(buf))
+    }
+
+    /// Reads `len` bytes at `offset` into a new buffer (not cleared first).
+    pub fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let _io = self.gate.read().map_err(|_| lock_err())?;
+        let pieces = {
+            let st = self.state.read().map_err(|_| lock_err())?;
+            self.plan(&st.map, offset, len as u64)
+        };
+        read_into_new(len, |buf| self.read_pieces(&pieces, offset, buf))
     }
 
     /// Fills `buf` from `offset` of the virtual disk.
@@ -541,13 +563,7 @@ impl Chain {
                 n += pieces[j].len;
                 j += 1;
             }
-            let mut buf = vec![0u8; n as usize];
-            let mut at = 0usize;
-            for p in &pieces[i..j] {
-                let len = p.len as usize;
-                self.read_piece(*p, &mut buf[at..at + len], pos + at as u64)?;
-                at += len;
-            }
+            let buf = read_into_new(n as usize, |buf| self.read_pieces(&pieces[i..j], pos, buf))?;
             out.push(ReadChunk::Data(Bytes::from(buf)));
             pos += n;
             i = j;
@@ -1237,6 +1253,19 @@ impl Chain {
         st.eof = start;
         Ok(eof - start)
     }
+}
+
+/// A new buffer of `len` bytes filled by `fill`, which must initialise all of it when it
+/// succeeds: the buffer is not cleared first.
+fn read_into_new(
+    len: usize,
+    fill: impl FnOnce(&mut [MaybeUninit<u8>]) -> Result<()>,
+) -> Result<Vec<u8>> {
+    let mut v = Vec::with_capacity(len);
+    fill(&mut v.spare_capacity_mut()[..len])?;
+    // SAFETY: `fill` succeeded, so it initialised all `len` bytes.
+    unsafe { v.set_len(len) };
+    Ok(v)
 }
 
 #[derive(Default)]

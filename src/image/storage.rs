@@ -7,6 +7,7 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::mem::MaybeUninit;
 use std::ops::Deref;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -38,6 +39,14 @@ impl Deref for View {
 pub trait Storage: Send + Sync + fmt::Debug {
     /// Fills `buf` from `offset`; bytes past the end of the file read as zeroes.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Like [`Storage::read_at`] into memory that need not be initialised; every byte of
+    /// `buf` is initialised on success. Saves clearing buffers that are about to be
+    /// overwritten.
+    fn read_uninit(&self, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result<()> {
+        buf.fill(MaybeUninit::new(0));
+        // SAFETY: every byte was just initialised.
+        self.read_at(unsafe { assume_init(buf) }, offset)
+    }
     /// Writes all of `bufs`, back to back, at `offset`, growing the file if needed.
     fn write_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()>;
     /// Makes every completed write durable.
@@ -59,6 +68,23 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn in_memory(&self) -> bool {
         false
     }
+}
+
+/// Views initialised bytes as possibly uninitialised ones, for code that only writes
+/// initialised values through the view.
+pub(crate) fn as_uninit(buf: &mut [u8]) -> &mut [MaybeUninit<u8>] {
+    // SAFETY: `MaybeUninit<u8>` has the layout of `u8`; the callers write only initialised
+    // values, so `buf` stays initialised.
+    unsafe { &mut *(std::ptr::from_mut::<[u8]>(buf) as *mut [MaybeUninit<u8>]) }
+}
+
+/// Views bytes as initialised.
+///
+/// # Safety
+/// Every byte of `buf` must be initialised.
+pub(crate) unsafe fn assume_init(buf: &mut [MaybeUninit<u8>]) -> &mut [u8] {
+    // SAFETY: the caller guarantees initialisation; the layouts are identical.
+    unsafe { &mut *(std::ptr::from_mut::<[MaybeUninit<u8>]>(buf) as *mut [u8]) }
 }
 
 /// How a file is locked while open, so that a writer never shares an image.
@@ -208,6 +234,37 @@ impl Storage for FileStorage {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
+        }
+        Ok(())
+    }
+
+    fn read_uninit(&self, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let off = sys::off_t(offset + done as u64)?;
+            // SAFETY: the kernel writes at most `rest.len()` bytes into the buffer, which
+            // is valid and writable for that length; no reference to it is read meanwhile.
+            let n = unsafe {
+                libc::pread(
+                    self.file.as_raw_fd(),
+                    rest.as_mut_ptr().cast(),
+                    rest.len(),
+                    off,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                rest.fill(MaybeUninit::new(0));
+                break;
+            }
+            done += n as usize;
         }
         Ok(())
     }
