@@ -98,11 +98,11 @@ def uri(transport, where):
     return f"nbd+unix:///disk?socket={where}"
 
 
-def run_fio(target, rw, bs, depth, jobs, runtime, size, workdir):
+def run_fio(target, rw, bs, depth, jobs, runtime, size, workdir, extra=()):
     cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={target}", f"--rw={rw}",
            f"--bs={bs}", f"--iodepth={depth}", f"--numjobs={jobs}", f"--size={size}",
            "--time_based", f"--runtime={runtime}", "--group_reporting",
-           "--output-format=json", "--percentile_list=50:99"]
+           "--output-format=json", "--percentile_list=50:99", *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=workdir).stdout
     data = json.loads(out[out.index("{"):])
     job = data["jobs"][0]
@@ -117,7 +117,8 @@ def run_fio(target, rw, bs, depth, jobs, runtime, size, workdir):
     }
 
 
-def measure(server, image, transport, workload, args, workdir):
+def measure(server, image, transport, workload, args, workdir, size=None, extra=()):
+    """Runs one workload against a fresh server; `size` and `extra` narrow fio's region."""
     _, rw, bs, depth, jobs = workload
     # A fresh socket path per run: some servers leave theirs behind on exit.
     where = (free_port() if transport == "tcp"
@@ -127,7 +128,8 @@ def measure(server, image, transport, workload, args, workdir):
     try:
         wait_ready(transport, where)
         cpu0 = cpu_seconds(proc.pid)
-        r = run_fio(uri(transport, where), rw, bs, depth, jobs, args.runtime, args.size, workdir)
+        r = run_fio(uri(transport, where), rw, bs, depth, jobs, args.runtime,
+                    size or args.size, workdir, extra)
         cpu1 = cpu_seconds(proc.pid)
         r["cpu_us_per_io"] = (cpu1 - cpu0) * 1e6 / max(r["ios"], 1)
         return r
