@@ -230,7 +230,7 @@ def panel(curve, data, key, ylabel, x0, y0, w, h):
 
 def svg(curve, data, subtitle):
     width, height = 960, 400
-    w, h = 360, 260
+    w, h = 360, 250
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}">',
              f'<rect width="{width}" height="{height}" fill="white"/>',
@@ -238,12 +238,12 @@ def svg(curve, data, subtitle):
              f'font-size="15" font-weight="bold">{esc(TITLES[curve][0])}</text>',
              f'<text x="{width / 2}" y="40" text-anchor="middle" {FONT} fill="#555">'
              f'{esc(subtitle)}</text>']
-    parts += panel(curve, data, "iops", "IOPS", 80, 60, w, h)
-    parts += panel(curve, data, "cpu_us_per_io", "server CPU us per request", 540, 60, w, h)
-    # Legend, top right of the figure.
-    lx, ly = width - 130, 52
+    parts += panel(curve, data, "iops", "IOPS", 80, 76, w, h)
+    parts += panel(curve, data, "cpu_us_per_io", "server CPU us per request", 540, 76, w, h)
+    # Legend: one row above the right-hand panel, clear of the plotting area.
+    y = 58
     for i, series in enumerate(data):
-        y = ly + i * 18
+        lx = 540 + w - 100 * (len(data) - i)
         colour = COLOURS.get(series, "#333")
         parts.append(f'<line x1="{lx}" y1="{y}" x2="{lx + 24}" y2="{y}" stroke="{colour}" '
                      f'stroke-width="2"/>')
