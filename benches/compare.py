@@ -116,10 +116,10 @@ def uri(transport, where):
     return f"nbd+unix:///disk?socket={where}"
 
 
-def run_fio(target, rw, bs, depth, jobs, runtime, size, workdir, time_based=True):
+def run_fio(target, rw, bs, depth, jobs, runtime, size, workdir, extra=(), time_based=True):
     cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={target}", f"--rw={rw}",
            f"--bs={bs}", f"--iodepth={depth}", f"--numjobs={jobs}", f"--size={size}",
-           "--group_reporting", "--output-format=json", "--percentile_list=50:99"]
+           "--group_reporting", "--output-format=json", "--percentile_list=50:99", *extra]
     if time_based:
         cmd += ["--time_based", f"--runtime={runtime}"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=workdir).stdout
@@ -136,7 +136,8 @@ def run_fio(target, rw, bs, depth, jobs, runtime, size, workdir, time_based=True
     }
 
 
-def measure(server, image, transport, workload, args, workdir):
+def measure(server, image, transport, workload, args, workdir, size=None, extra=()):
+    """Runs one workload against a fresh server; `size` and `extra` narrow fio's region."""
     _, rw, bs, depth, jobs = workload
     # A fresh socket path per run: some servers leave theirs behind on exit.
     where = (free_port() if transport == "tcp"
@@ -150,7 +151,8 @@ def measure(server, image, transport, workload, args, workdir):
             run_fio(uri(transport, where), "write", "1M", 8, 1, 0, args.size, workdir,
                     time_based=False)
         cpu0 = cpu_seconds(proc.pid)
-        r = run_fio(uri(transport, where), rw, bs, depth, jobs, args.runtime, args.size, workdir)
+        r = run_fio(uri(transport, where), rw, bs, depth, jobs, args.runtime,
+                    size or args.size, workdir, extra)
         cpu1 = cpu_seconds(proc.pid)
         r["cpu_us_per_io"] = (cpu1 - cpu0) * 1e6 / max(r["ios"], 1)
         return r
