@@ -971,9 +971,7 @@ impl Chain {
                 Some(pair) => *pair,
                 None => {
                     l1_dirty.insert(q as usize / ENTRIES);
-                    if entries.iter().all(|&e| e == 0 || e == zero)
-                        && (entries.iter().all(|&e| e == 0) || entries.iter().all(|&e| e == zero))
-                    {
+                    if entries.iter().all(|&e| e == 0) || entries.iter().all(|&e| e == zero) {
                         continue;
                     }
                     let off = st.free.take(PAIR).unwrap_or_else(|| {

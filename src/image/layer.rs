@@ -213,6 +213,15 @@ fn page_at(bytes: &[u8], offset: u64) -> std::borrow::Cow<'_, [u8]> {
     }
 }
 
+/// The current version of the page of `kind` and `index` whose two slots start at
+/// `offset`.
+fn current_at(bytes: &[u8], kind: PageKind, index: u64, offset: u64) -> Current {
+    format::current(
+        decode_page(&page_at(bytes, offset), kind, index),
+        decode_page(&page_at(bytes, offset + PAGE as u64), kind, index),
+    )
+}
+
 /// Reads the header of the image in `storage`, refusing anything that is not a valid
 /// Strata header.
 pub fn read_header(storage: &dyn Storage, path: &Path) -> Result<(usize, Header)> {
@@ -294,10 +303,7 @@ pub fn scan(storage: &dyn Storage, path: &Path) -> Result<Scan> {
 fn scan_l1_page(bytes: &[u8], s: &mut Scan, i: u64, owners: &mut Vec<Claim>) {
     let h = s.header.clone();
     let slot_a = h.l1_slot(i, 0);
-    let current = format::current(
-        decode_page(&page_at(bytes, slot_a), PageKind::L1, i),
-        decode_page(&page_at(bytes, slot_a + PAGE as u64), PageKind::L1, i),
-    );
+    let current = current_at(bytes, PageKind::L1, i, slot_a);
     let entries = match current {
         Current::Empty => {
             s.l1.push(PageState::fresh(slot_a));
@@ -344,10 +350,7 @@ fn scan_l1_page(bytes: &[u8], s: &mut Scan, i: u64, owners: &mut Vec<Claim>) {
 }
 
 fn scan_l2_page(bytes: &[u8], s: &mut Scan, q: u64, off: u64, owners: &mut Vec<Claim>) {
-    let current = format::current(
-        decode_page(&page_at(bytes, off), PageKind::L2, q),
-        decode_page(&page_at(bytes, off + PAGE as u64), PageKind::L2, q),
-    );
+    let current = current_at(bytes, PageKind::L2, q, off);
     let (state, raw_entries) = match current {
         Current::Empty => {
             s.problems

@@ -334,20 +334,26 @@ pub fn inspect(path: &Path) -> Result<Chain> {
 }
 
 fn open_storage(storage: Arc<dyn Storage>, path: &Path, writable: bool) -> Result<Chain> {
-    let scan = layer::scan(storage.as_ref(), path)?.into_result(path)?;
-    let mut seen = vec![file_id(path)?];
-    let lower = match &scan.header.backing {
-        Some(b) => Some(open_lower(
-            &resolve_backing(path, &b.path),
-            Some(b),
-            &mut seen,
-        )?),
-        None => None,
-    };
-    check_cluster_size(path, &scan.header, lower.as_deref())?;
+    let (scan, lower) = scan_with_backing(storage.as_ref(), path, &mut vec![file_id(path)?])?;
     let mut chain = Chain::new(storage, path, scan, lower.as_deref(), writable)?;
     chain.lower = lower;
     Ok(chain)
+}
+
+/// Reads and verifies the image in `storage` and opens the backing chain its header
+/// names (checked against what the header recorded, with the same cluster size).
+fn scan_with_backing(
+    storage: &dyn Storage,
+    path: &Path,
+    seen: &mut Vec<(u64, u64)>,
+) -> Result<(layer::Scan, Option<Arc<Lower>>)> {
+    let scan = layer::scan(storage, path)?.into_result(path)?;
+    let lower = match &scan.header.backing {
+        Some(b) => Some(open_lower(&resolve_backing(path, &b.path), Some(b), seen)?),
+        None => None,
+    };
+    check_cluster_size(path, &scan.header, lower.as_deref())?;
+    Ok((scan, lower))
 }
 
 /// Opens the top image alone, ignoring its backing (for repairs and header rewrites),
@@ -452,12 +458,7 @@ fn load_lower(path: &Path, seen: &mut Vec<(u64, u64)>) -> Result<Lower> {
         .map_err(|e| Error::from(e).with_op("open").with_path(path))?;
     match detect(&head) {
         Format::Strata => {
-            let scan = layer::scan(storage.as_ref(), path)?.into_result(path)?;
-            let below = match &scan.header.backing {
-                Some(b) => Some(open_lower(&resolve_backing(path, &b.path), Some(b), seen)?),
-                None => None,
-            };
-            check_cluster_size(path, &scan.header, below.as_deref())?;
+            let (scan, below) = scan_with_backing(storage.as_ref(), path, seen)?;
             let mut lower = Lower::strata(storage, path, scan, below.as_deref())?;
             lower.below = below;
             Ok(lower)
