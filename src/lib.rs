@@ -42,6 +42,7 @@
 pub mod backend;
 pub mod error;
 pub mod image;
+pub mod mapping;
 pub mod proto;
 pub mod server;
 pub mod size;

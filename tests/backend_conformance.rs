@@ -227,6 +227,17 @@ fn block_device(read_only: bool) -> Option<Fixture<RawBackend>> {
     Some(f)
 }
 
+/// A memory-backed directory (`/dev/shm`), for the zero-copy paths. Without one the
+/// tests are skipped, except under `CI=true`, where that is a failure.
+fn in_memory() -> Option<&'static str> {
+    const DIR: &str = "/dev/shm";
+    let ok = tempfile::tempdir_in(DIR).is_ok();
+    if !ok && std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{DIR} is not usable: the zero-copy paths cannot be tested");
+    }
+    ok.then_some(DIR)
+}
+
 /// Cluster sizes the image fixtures use.
 const KIB64: u64 = 64 * 1024;
 const KIB4: u64 = 4096;
@@ -1004,6 +1015,31 @@ conformance!(
     Some(overlay_in(Some(env!("CARGO_TARGET_TMPDIR")), SIZE, KIB4, 2))
 );
 conformance!(shared_overlay, Some(overlay(SIZE, 2).shared()));
+// Files in memory take the zero-copy read paths (replies point into mappings).
+conformance!(
+    raw_file_in_memory,
+    in_memory().map(|d| raw_in(Some(d), SIZE, false))
+);
+conformance!(
+    shared_raw_file_in_memory,
+    in_memory().map(|d| raw_in(Some(d), SIZE, false).shared())
+);
+conformance!(
+    image_64k_in_memory,
+    in_memory().map(|d| image_in(Some(d), SIZE, KIB64))
+);
+conformance!(
+    image_4k_in_memory,
+    in_memory().map(|d| image_in(Some(d), SIZE, KIB4))
+);
+conformance!(
+    overlay_depth_2_in_memory,
+    in_memory().map(|d| overlay_in(Some(d), SIZE, KIB64, 2))
+);
+conformance!(
+    overlay_4k_depth_10_in_memory,
+    in_memory().map(|d| overlay_in(Some(d), SIZE, KIB4, 10))
+);
 conformance!(opened_overlay_path, Some(opened_overlay(SIZE, 10)));
 conformance!(block_device_raw, {
     let f = block_device(false);

@@ -2146,3 +2146,68 @@ fn zeroing_part_of_a_cluster_that_reads_as_zeroes_allocates_nothing() {
     let ranges = chain.ranges(7 * CS, CS).unwrap();
     assert_eq!(ranges[0].state, RangeState::Data, "{ranges:?}");
 }
+
+/// Zero-copy reads point into the image file. Space freed by a trim must not be reused
+/// for other data while such a read's bytes are still waiting to be sent, and must be
+/// reused once they are gone.
+#[test]
+fn zero_copy_reads_keep_freed_space_from_reuse_until_dropped() {
+    let dir = match tempfile::tempdir_in("/dev/shm") {
+        Ok(d) => d,
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("/dev/shm is not usable: {e}")
+        }
+        Err(_) => return,
+    };
+    const CS: u64 = 64 * 1024;
+    let path = dir.path().join("disk.strata");
+    create(&path, Some(64 * CS), Some(CS), None);
+    let mut chain = open_rw(&path);
+    assert!(chain.in_memory());
+    chain.set_zero_copy(true);
+    let old = pattern(1, 0, CS);
+    chain.write(0, &old, false).unwrap();
+    chain.flush().unwrap();
+    let chunks = chain.read_sparse(0, CS as usize).unwrap();
+    let held: Vec<u8> = chunks
+        .iter()
+        .flat_map(|c| match c {
+            strata::backend::ReadChunk::Data(d) => d.to_vec(),
+            strata::backend::ReadChunk::Zero(n) => vec![0; *n as usize],
+        })
+        .collect();
+    assert_eq!(held, old);
+    let (used_before, _) = chain.space().unwrap();
+
+    // Free the cluster and commit: its space is now free, but pinned by `chunks`.
+    chain.zero(0, CS, ZeroMode::Trim, false).unwrap();
+    chain.flush().unwrap();
+    let new = pattern(2, 10 * CS, CS);
+    chain.write(10 * CS, &new, false).unwrap();
+    // The trim may have punched the old data away (a read concurrent with a trim may
+    // return zeroes), but the pending read must never show another offset's data.
+    for c in &chunks {
+        if let strata::backend::ReadChunk::Data(d) = c {
+            let zeroes = d.iter().all(|&b| b == 0);
+            assert!(
+                zeroes || d[..] == old[..],
+                "a pending zero-copy read saw reused space"
+            );
+        }
+    }
+    let (used_pinned, _) = chain.space().unwrap();
+    assert!(used_pinned > used_before, "the pinned cluster was reused");
+
+    // Once the read is gone, the next allocation reuses the freed cluster.
+    drop(chunks);
+    chain
+        .write(20 * CS, &pattern(3, 20 * CS, CS), false)
+        .unwrap();
+    let (used_after, _) = chain.space().unwrap();
+    assert_eq!(
+        used_after, used_pinned,
+        "freed space was not reused after the read"
+    );
+    assert_eq!(read_at(&chain, 10 * CS, CS), new);
+    assert_eq!(read_at(&chain, 0, CS), vec![0; CS as usize]);
+}

@@ -34,6 +34,7 @@ use bytes::Bytes;
 
 use super::{Backend, Capabilities, Extent, ZeroFlags};
 use crate::error::{Error, ErrorKind, Result};
+use crate::mapping::MappedReads;
 use crate::sys::{
     device_size, fallocate, is_rotational, logical_block_size, memory_backed, off_t, punch_hole,
     retry_eintr, seek,
@@ -75,6 +76,8 @@ pub struct RawBackend {
     /// `preadv2(RWF_NOWAIT)` is worth trying; cleared when the kernel or filesystem says
     /// it is not supported.
     try_nowait: AtomicBool,
+    /// Zero-copy reads of a memory-backed file's allocated pages.
+    mapped: Option<MappedReads>,
 }
 
 impl RawBackend {
@@ -113,6 +116,11 @@ impl RawBackend {
             }
         };
         let inline = kind == Kind::File && memory_backed(&file);
+        let mapped = if inline {
+            MappedReads::new(&file, size)
+        } else {
+            None
+        };
         Ok(RawBackend {
             file: Arc::new(file),
             path: path.to_path_buf(),
@@ -123,6 +131,7 @@ impl RawBackend {
             sector,
             inline,
             try_nowait: AtomicBool::new(!inline),
+            mapped,
         })
     }
 
@@ -175,6 +184,13 @@ impl RawBackend {
                 None
             }
             Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Stops zero-copy reads of a range that is about to be punched or zeroed.
+    fn release_mapped(&self, offset: u64, len: u64) {
+        if let Some(m) = &self.mapped {
+            m.note_released(offset, len);
         }
     }
 
@@ -450,6 +466,9 @@ impl Backend for RawBackend {
         if len == 0 {
             return Ok(Bytes::new());
         }
+        if let Some(data) = self.mapped.as_ref().and_then(|m| m.get(offset, len)) {
+            return Ok(data);
+        }
         if let Some(result) = self.read_nowait(offset, len) {
             return result.map_err(|e| self.io_error(e, "read", Some((offset, len as u64))));
         }
@@ -465,14 +484,22 @@ impl Backend for RawBackend {
         if data.is_empty() && !fua {
             return Ok(());
         }
-        self.blocking("write", Some((offset, data.len() as u64)), move |file| {
-            file.write_all_at(&data, offset)?;
-            if fua {
-                file.sync_data()?;
-            }
-            Ok(())
-        })
-        .await
+        let len = data.len() as u64;
+        let result = self
+            .blocking("write", Some((offset, len)), move |file| {
+                file.write_all_at(&data, offset)?;
+                if fua {
+                    file.sync_data()?;
+                }
+                Ok(())
+            })
+            .await;
+        if let Some(m) = &self.mapped {
+            // Even a failed write may have allocated some of its pages; noting them is
+            // harmless, they read back whatever they hold.
+            m.note_written(offset, len);
+        }
+        result
     }
 
     async fn flush(&self) -> Result<()> {
@@ -482,6 +509,7 @@ impl Backend for RawBackend {
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         self.refuse_if_read_only("trim")?;
         self.debug_check_range(offset, len);
+        self.release_mapped(offset, len);
         let (kind, sector) = (self.kind, self.sector);
         self.blocking("trim", Some((offset, len)), move |file| {
             let result = match kind {
@@ -520,6 +548,7 @@ impl Backend for RawBackend {
                 .with_op("write_zeroes")
                 .with_range(offset, len));
         }
+        self.release_mapped(offset, len);
         let (kind, sector) = (self.kind, self.sector);
         self.blocking("write_zeroes", Some((offset, len)), move |file| {
             if len > 0 {

@@ -245,6 +245,34 @@ pub enum RangeState {
     Unallocated,
 }
 
+/// A past generation of zero-copy reads and the space freed while it was current.
+type Retired = (Arc<()>, Vec<(u64, u64)>);
+
+/// Generations of zero-copy reads, so that space they may point at is not reused while
+/// they are alive.
+#[derive(Default)]
+struct Pins {
+    /// Cloned by every zero-copy read.
+    current: Arc<()>,
+    /// Space freed while an older generation was current, with that generation.
+    retired: Vec<Retired>,
+}
+
+impl Pins {
+    /// Gives back the space of every generation nobody pins any more.
+    fn release_unpinned(&mut self, free: &mut FreeList) {
+        self.retired.retain(|(generation, ranges)| {
+            if Arc::strong_count(generation) > 1 {
+                return true;
+            }
+            for &(h, l) in ranges {
+                free.give(h, l);
+            }
+            false
+        });
+    }
+}
+
 struct State {
     map: MergedMap,
     /// State of each L1 page of the top image.
@@ -278,6 +306,9 @@ pub struct Chain {
     alloc: Mutex<()>,
     commit: Mutex<()>,
     gate: RwLock<()>,
+    /// Zero-copy reads: data read straight from mappings of in-memory files.
+    zero_copy: bool,
+    pins: Mutex<Pins>,
     /// The shared backing chain, kept open (and so in the cache of open chains) as long
     /// as this image is, for other overlays of the same base to share.
     pub(super) lower: Option<Arc<Lower>>,
@@ -361,8 +392,17 @@ impl Chain {
             alloc: Mutex::new(()),
             commit: Mutex::new(()),
             gate: RwLock::new(()),
+            zero_copy: false,
+            pins: Mutex::new(Pins::default()),
             lower: None,
         })
+    }
+
+    /// Lets [`Chain::read_sparse`] return data that points into mappings of the layers'
+    /// files (only those in memory) instead of copies. Such bytes must only ever be read
+    /// by the kernel, as when writing them to a socket: see [`crate::mapping`].
+    pub fn set_zero_copy(&mut self, on: bool) {
+        self.zero_copy = on;
     }
 
     /// Size of the virtual disk.
@@ -546,6 +586,9 @@ impl Chain {
             let st = self.state.read().map_err(|_| lock_err())?;
             self.plan(&st.map, offset, len as u64)
         };
+        if self.zero_copy {
+            return self.read_mapped(&pieces, offset);
+        }
         let mut out = Vec::with_capacity(pieces.len());
         let mut pos = offset;
         let mut i = 0;
@@ -567,6 +610,42 @@ impl Chain {
             out.push(ReadChunk::Data(Bytes::from(buf)));
             pos += n;
             i = j;
+        }
+        Ok(out)
+    }
+
+    /// [`Chain::read_sparse`] for zero-copy chains: one chunk per piece, pointing into
+    /// the layer's mapping when it can, copied otherwise. Caller holds the gate.
+    fn read_mapped(&self, pieces: &[Piece], offset: u64) -> Result<Vec<ReadChunk>> {
+        // Taken under the gate: a flush that frees clusters swaps generations under the
+        // gate held exclusively, so this pin covers every cluster these pieces name.
+        let pin = Arc::clone(&self.pins.lock().map_err(|_| lock_err())?.current);
+        let mut out = Vec::with_capacity(pieces.len());
+        let mut pos = offset;
+        for &p in pieces {
+            let n = p.len as usize;
+            let mapped = match p.src {
+                Src::Zero => {
+                    out.push(ReadChunk::Zero(p.len));
+                    pos += p.len;
+                    continue;
+                }
+                Src::Host(layer, host) => self.layers[usize::from(layer)]
+                    .storage
+                    .map_slice(host, n, &pin),
+                Src::Raw(lba) => match &self.raw {
+                    Some((storage, size)) if lba + p.len <= *size => {
+                        storage.map_slice(lba, n, &pin)
+                    }
+                    _ => None,
+                },
+            };
+            let data = match mapped {
+                Some(d) => d,
+                None => Bytes::from(read_into_new(n, |buf| self.read_piece(p, buf, pos))?),
+            };
+            out.push(ReadChunk::Data(data));
+            pos += p.len;
         }
         Ok(out)
     }
@@ -621,6 +700,10 @@ impl Chain {
     fn reserve(&self, count: usize) -> Result<Vec<u64>> {
         let cs = self.cluster_size();
         let mut st = self.state.write().map_err(|_| lock_err())?;
+        self.pins
+            .lock()
+            .map_err(|_| lock_err())?
+            .release_unpinned(&mut st.free);
         Ok((0..count)
             .map(|_| {
                 st.free.take(cs).unwrap_or_else(|| {
@@ -933,9 +1016,12 @@ impl Chain {
             // unmapped; after this nobody can still be using it.
             let _quiet = self.gate.write().map_err(|_| lock_err())?;
             let mut st = self.state.write().map_err(|_| lock_err())?;
-            for &(h, l) in &plan.freed {
-                st.free.give(h, l);
-            }
+            // Zero-copy replies may still point at them, though: those hold a pin on the
+            // current generation, and the space is reused only once they are all gone.
+            let mut pins = self.pins.lock().map_err(|_| lock_err())?;
+            let old = std::mem::take(&mut pins.current);
+            pins.retired.push((old, plan.freed.clone()));
+            pins.release_unpinned(&mut st.free);
         }
         Ok(())
     }

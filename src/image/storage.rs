@@ -12,8 +12,12 @@ use std::ops::Deref;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::mapping::GrowingMap;
 use crate::sys;
 
 /// A read-only view of a whole file, for parsing metadata without copying it.
@@ -68,6 +72,14 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn in_memory(&self) -> bool {
         false
     }
+    /// `[offset, offset + len)` without copying, for a reply that only the kernel will
+    /// read, holding `pin` until the bytes are dropped. `None` when the storage cannot
+    /// (see [`crate::mapping`]); writable storages are only asked for ranges they hold
+    /// written data in.
+    fn map_slice(&self, offset: u64, len: usize, pin: &Arc<()>) -> Option<Bytes> {
+        let _ = (offset, len, pin);
+        None
+    }
 }
 
 /// Views initialised bytes as possibly uninitialised ones, for code that only writes
@@ -102,6 +114,9 @@ pub struct FileStorage {
     path: PathBuf,
     block_device: bool,
     in_memory: bool,
+    writable: bool,
+    /// Made on first use by [`Storage::map_slice`], for files in memory only.
+    map: OnceLock<Option<GrowingMap>>,
 }
 
 impl fmt::Debug for FileStorage {
@@ -185,6 +200,8 @@ impl FileStorage {
             path: path.to_path_buf(),
             block_device,
             in_memory,
+            writable,
+            map: OnceLock::new(),
         })
     }
 
@@ -362,5 +379,15 @@ impl Storage for FileStorage {
 
     fn in_memory(&self) -> bool {
         self.in_memory
+    }
+
+    fn map_slice(&self, offset: u64, len: usize, pin: &Arc<()>) -> Option<Bytes> {
+        if !self.in_memory {
+            return None;
+        }
+        self.map
+            .get_or_init(|| GrowingMap::new(&self.file, !self.writable))
+            .as_ref()?
+            .slice(&self.file, offset, len, pin)
     }
 }
