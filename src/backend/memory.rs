@@ -10,12 +10,17 @@
 //! [`Backend::block_status`] and as [`ReadChunk::Zero`] by [`Backend::read_sparse`]. Trimming
 //! or zeroing a whole chunk frees it (unless `no_hole` is set, in which case an allocated
 //! chunk stays allocated and is filled with zeroes).
+//!
+//! Chunks are reference-counted and copied on write: [`Backend::read_sparse`] hands out
+//! slices of the chunks themselves, so a reply goes to the socket without being copied
+//! first, and a write to a chunk that a pending reply still holds writes a copy of the
+//! chunk instead (the reply keeps the contents it was read with).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::{Bytes, BytesMut};
 
@@ -32,8 +37,32 @@ const CHUNK: u64 = CHUNK_SIZE as u64;
 /// Number of lock shards (a power of two).
 const SHARDS: usize = 256;
 
-/// The bytes of one allocated chunk, always [`CHUNK_SIZE`] long.
-type ChunkBuf = Box<[u8]>;
+/// The bytes of one allocated chunk, always [`CHUNK_SIZE`] long, shared with the replies
+/// that are reading it.
+type ChunkBuf = Arc<Box<[u8]>>;
+
+/// A slice of a chunk, kept alive by the [`Bytes`] that points into it.
+struct ChunkSlice {
+    chunk: ChunkBuf,
+    start: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for ChunkSlice {
+    fn as_ref(&self) -> &[u8] {
+        &self.chunk[self.start..self.start + self.len]
+    }
+}
+
+/// A new chunk of zeroes with `src` copied in at `start`.
+fn new_chunk(start: usize, src: &[u8]) -> ChunkBuf {
+    if src.len() == CHUNK_SIZE {
+        return Arc::new(Box::from(src));
+    }
+    let mut buf = vec![0u8; CHUNK_SIZE].into_boxed_slice();
+    buf[start..start + src.len()].copy_from_slice(src);
+    Arc::new(buf)
+}
 
 type ChunkMap = HashMap<u64, ChunkBuf, BuildHasherDefault<ChunkHasher>>;
 
@@ -105,6 +134,14 @@ fn pieces(offset: u64, len: u64) -> impl Iterator<Item = Piece> {
         pos += len as u64;
         Some(Piece { chunk, start, len })
     })
+}
+
+/// Fills a chunk with zeroes, or replaces it with a zeroed one if a reply holds it.
+fn zero_chunk(buf: &mut ChunkBuf) {
+    match Arc::get_mut(buf) {
+        Some(b) => b.fill(0),
+        None => *buf = Arc::new(vec![0u8; CHUNK_SIZE].into_boxed_slice()),
+    }
 }
 
 /// True when every byte of `buf` is zero.
@@ -185,33 +222,28 @@ impl MemoryBackend {
         if self.nothing_allocated() {
             return vec![ReadChunk::Zero(len as u64)];
         }
-        // All data runs share one buffer; each run is split off it when the run ends.
-        let mut data = BytesMut::with_capacity(len);
+        // Each allocated piece is a slice of its chunk, not a copy.
         let mut chunks = Vec::new();
         let mut zero_run = 0u64;
         for p in pieces(offset, len as u64) {
-            let map = self.shard(p.chunk).read();
-            match map.get(&p.chunk) {
-                Some(buf) => {
+            let chunk = self.shard(p.chunk).read().get(&p.chunk).cloned();
+            match chunk {
+                Some(chunk) => {
                     if zero_run > 0 {
                         chunks.push(ReadChunk::Zero(zero_run));
                         zero_run = 0;
                     }
-                    data.extend_from_slice(&buf[p.start..p.start + p.len]);
+                    chunks.push(ReadChunk::Data(Bytes::from_owner(ChunkSlice {
+                        chunk,
+                        start: p.start,
+                        len: p.len,
+                    })));
                 }
-                None => {
-                    drop(map);
-                    if !data.is_empty() {
-                        chunks.push(ReadChunk::Data(data.split().freeze()));
-                    }
-                    zero_run += p.len as u64;
-                }
+                None => zero_run += p.len as u64,
             }
         }
         if zero_run > 0 {
             chunks.push(ReadChunk::Zero(zero_run));
-        } else if !data.is_empty() {
-            chunks.push(ReadChunk::Data(data.freeze()));
         }
         chunks
     }
@@ -227,21 +259,15 @@ impl MemoryBackend {
     fn write_piece(&self, p: Piece, src: &[u8]) {
         let shard = self.shard(p.chunk);
         if let Some(buf) = shard.write().get_mut(&p.chunk) {
-            buf[p.start..p.start + p.len].copy_from_slice(src);
+            Arc::make_mut(buf)[p.start..p.start + p.len].copy_from_slice(src);
             return;
         }
         // Allocate outside the lock, then insert unless another writer got there first.
-        let fresh: ChunkBuf = if p.len == CHUNK_SIZE {
-            Box::from(src)
-        } else {
-            let mut buf = vec![0u8; CHUNK_SIZE].into_boxed_slice();
-            buf[p.start..p.start + p.len].copy_from_slice(src);
-            buf
-        };
+        let fresh = new_chunk(p.start, src);
         let mut map = shard.write();
         match map.entry(p.chunk) {
             std::collections::hash_map::Entry::Occupied(mut e) => {
-                e.get_mut()[p.start..p.start + p.len].copy_from_slice(src);
+                Arc::make_mut(e.get_mut())[p.start..p.start + p.len].copy_from_slice(src);
             }
             std::collections::hash_map::Entry::Vacant(e) => {
                 e.insert(fresh);
@@ -291,6 +317,7 @@ impl MemoryBackend {
         let Some(buf) = map.get_mut(&p.chunk) else {
             return;
         };
+        let buf = Arc::make_mut(buf);
         buf[p.start..p.start + p.len].fill(0);
         if punch && is_zero(buf) {
             map.remove(&p.chunk);
@@ -308,7 +335,7 @@ impl MemoryBackend {
                         self.allocated.fetch_sub(1, Ordering::Relaxed);
                     }
                 } else if let Some(buf) = map.get_mut(&chunk) {
-                    buf.fill(0);
+                    zero_chunk(buf);
                 }
             }
         } else {
@@ -324,7 +351,7 @@ impl MemoryBackend {
                 } else {
                     map.iter_mut()
                         .filter(|(chunk, _)| (lo..hi).contains(*chunk))
-                        .for_each(|(_, buf)| buf.fill(0));
+                        .for_each(|(_, buf)| zero_chunk(buf));
                 }
             }
         }
