@@ -75,6 +75,15 @@ def wait_ready(transport, where, timeout=15.0):
     raise RuntimeError(f"server did not come up on {where}")
 
 
+def anon_rss_mib(pid):
+    """Private resident memory (heap, stacks): mapped file pages are not counted."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -116,8 +125,15 @@ def uri(transport, where):
     return f"nbd+unix:///disk?socket={where}"
 
 
+def pinned(side):
+    """The taskset prefix for the server (side 0) or fio (side 1) under --pin."""
+    if not ARGS or not ARGS.pin:
+        return []
+    return ["taskset", "-c", ARGS.pin.split(":")[side]]
+
+
 def run_fio(target, rw, bs, depth, jobs, runtime, size, workdir, extra=(), time_based=True):
-    cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={target}", f"--rw={rw}",
+    cmd = pinned(1) + ["fio", "--name=bench", "--ioengine=nbd", f"--uri={target}", f"--rw={rw}",
            f"--bs={bs}", f"--iodepth={depth}", f"--numjobs={jobs}", f"--size={size}",
            "--group_reporting", "--output-format=json", "--percentile_list=50:99", *extra]
     if time_based:
@@ -142,7 +158,7 @@ def measure(server, image, transport, workload, args, workdir, size=None, extra=
     # A fresh socket path per run: some servers leave theirs behind on exit.
     where = (free_port() if transport == "tcp"
              else tempfile.mktemp(prefix=f"{server}-", suffix=".sock", dir=workdir))
-    proc = subprocess.Popen(server_command(server, image, transport, where),
+    proc = subprocess.Popen(pinned(0) + server_command(server, image, transport, where),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(transport, where)
@@ -155,6 +171,7 @@ def measure(server, image, transport, workload, args, workdir, size=None, extra=
                     size or args.size, workdir, extra)
         cpu1 = cpu_seconds(proc.pid)
         r["cpu_us_per_io"] = (cpu1 - cpu0) * 1e6 / max(r["ios"], 1)
+        r["anon_mib"] = anon_rss_mib(proc.pid)
         return r
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -252,6 +269,10 @@ def main():
                     help="raw, memory, strata (sparse image), overlay10 (10-deep overlay chain)")
     ap.add_argument("--quick", action="store_true", help="QD32 random and sequential only")
     ap.add_argument("--markdown", help="also write the table to this file")
+    ap.add_argument("--only", help="run only workloads whose name contains this text")
+    ap.add_argument("--pin", metavar="SERVER_CPUS:FIO_CPUS",
+                    help="pin the server and fio with taskset, e.g. 0:1 (apart) or 0:0 "
+                         "(together); by default the kernel places them")
     args = ap.parse_args()
     global ARGS
     ARGS = args
@@ -267,6 +288,8 @@ def main():
                     f"count={int(args.size.rstrip('G')) * 1024}", "status=none"], check=True)
     servers = args.servers.split(",")
     workloads = [w for w in WORKLOADS if not args.quick or w[0] in QUICK]
+    if args.only:
+        workloads = [w for w in workloads if args.only in w[0]]
     rows = []
     raw_results = {}
     try:
@@ -325,11 +348,14 @@ def print_row(row, servers):
 def render(rows, servers, args):
     out = [f"Machine: {machine()}", "",
            f"fio nbd engine, {args.runtime} s per run, median of {args.repeat} runs, "
-           f"image of {args.size} in {args.image_dir}.", ""]
+           f"image of {args.size} in {args.image_dir}"
+           + (f", server on CPU {args.pin.split(':')[0]} and fio on CPU "
+              f"{args.pin.split(':')[1]}" if args.pin else "") + ".", ""]
     head = ["backend", "transport", "workload"]
     for s in servers:
-        head += [f"{s} IOPS", f"{s} MB/s", f"{s} p50/p99 us", f"{s} CPU us/io"]
-    head += ["Strata/best IOPS", "best/Strata CPU"]
+        head += [f"{s} IOPS", f"{s} MB/s", f"{s} p50/p99 us", f"{s} CPU us/io",
+                 f"{s} anon MiB"]
+    head += ["Strata/best IOPS", "best/Strata CPU", "best/Strata p50"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
     for backend, transport, name, results, _ in rows:
@@ -339,12 +365,14 @@ def render(rows, servers, args):
         for s in servers:
             r = results.get(s)
             if r is None:
-                cells += ["-"] * 4
+                cells += ["-"] * 5
                 continue
             cells += [f"{r['iops']:.0f}", f"{r['mbps']:.0f}",
-                      f"{r['p50_us']:.0f}/{r['p99_us']:.0f}", f"{r['cpu_us_per_io']:.1f}"]
+                      f"{r['p50_us']:.0f}/{r['p99_us']:.0f}", f"{r['cpu_us_per_io']:.1f}",
+                      f"{r['anon_mib']:.1f}"]
         cells += [ratio(results, servers, "iops"),
-                  ratio(results, servers, "cpu_us_per_io", higher_is_better=False)]
+                  ratio(results, servers, "cpu_us_per_io", higher_is_better=False),
+                  ratio(results, servers, "p50_us", higher_is_better=False)]
         out.append("| " + " | ".join(cells) + " |")
     others = [r for r in rows if r[0] not in PEER_BACKENDS]
     if others:
