@@ -250,10 +250,52 @@ fn idle_connections_stay_small(t: Transport) {
     drop(idle);
 }
 
+/// Replies read from a file in memory point into a mapping of the file. If another
+/// process truncates the file under the server, such a reply cannot be sent: that
+/// connection ends, the client gets an error rather than wrong data, and the server
+/// carries on (no SIGBUS) and still shuts down cleanly.
+fn truncated_file_in_memory_ends_only_the_connection(t: Transport) {
+    if !strata_only("zero-copy reads of files in memory") {
+        return;
+    }
+    let dir = match tempfile::tempdir_in("/dev/shm") {
+        Ok(d) => d,
+        Err(e) if is_ci() => panic!("/dev/shm is not usable: {e}"),
+        Err(_) => return,
+    };
+    let path = dir.path().join("disk.raw");
+    let data = pattern(91, 4 * MIB as usize);
+    std::fs::write(&path, &data).unwrap();
+    let mut server = file(&path).listen(t).start();
+    let (mut s, export) = connect(&server, server.export_name());
+    let mut c = NbdClient::new(&mut s, &export);
+    let at = MIB as usize;
+    assert_same_bytes(
+        "before truncation",
+        &read_at(&mut c, MIB, 64 * KIB as usize),
+        &data[at..at + 64 * KIB as usize],
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    c.seek(SeekFrom::Start(2 * MIB)).unwrap();
+    let mut buf = vec![0u8; 64 * KIB as usize];
+    let r = c.read_exact(&mut buf);
+    assert!(r.is_err(), "a read of a truncated file returned data");
+    // The server is still up: a new client gets through the handshake.
+    let (_s2, export2) = connect(&server, server.export_name());
+    assert_eq!(export2.size, export.size);
+    server.stop_cleanly_with(libc::SIGTERM);
+}
+
 over_transports!(
     nbd_crate_read_write_seek,
     nbd_crate_large_requests,
     nbd_crate_read_only,
     nbd_crate_many_clients,
     idle_connections_stay_small,
+    truncated_file_in_memory_ends_only_the_connection,
 );
