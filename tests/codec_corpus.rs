@@ -7,8 +7,7 @@
 //! Input layouts are those documented at the top of each `fuzz/fuzz_targets/*.rs`.
 
 mod codec_support;
-
-use std::path::PathBuf;
+mod common;
 
 use bytes::BytesMut;
 use codec_support::*;
@@ -313,45 +312,13 @@ fn reply_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-fn corpus_dir(target: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
-        .join(target)
-}
-
 #[test]
 fn fuzz_seed_corpus_is_current() {
-    let write = std::env::var_os("STRATA_WRITE_FUZZ_CORPUS").is_some();
-    for (target, seeds) in [
-        ("handshake", handshake_seeds()),
-        ("request", request_seeds()),
-        ("reply", reply_seeds()),
-    ] {
-        let dir = corpus_dir(target);
-        for (name, bytes) in seeds {
-            let path = dir.join(name);
-            if write {
-                std::fs::create_dir_all(&dir).unwrap();
-                std::fs::write(&path, &bytes).unwrap();
-            } else {
-                let on_disk = std::fs::read(&path).unwrap_or_else(|e| {
-                    panic!(
-                        "{}: {e}; regenerate with STRATA_WRITE_FUZZ_CORPUS=1",
-                        path.display()
-                    )
-                });
-                assert_eq!(
-                    on_disk,
-                    bytes,
-                    "{} is stale; regenerate with STRATA_WRITE_FUZZ_CORPUS=1",
-                    path.display()
-                );
-            }
-        }
-    }
+    common::check_fuzz_seeds("handshake", &handshake_seeds());
+    common::check_fuzz_seeds("request", &request_seeds());
+    common::check_fuzz_seeds("reply", &reply_seeds());
 }
 
-/// The handshake seeds really are complete, successful conversations.
 #[test]
 fn handshake_seeds_negotiate() {
     for (name, seed) in handshake_seeds() {

@@ -21,6 +21,8 @@
 //!
 //! The seed corpus of the `image_meta` fuzz target is made here too.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -2090,33 +2092,16 @@ fn image_meta_seeds() -> Vec<(&'static str, Vec<u8>)> {
 
 #[test]
 fn image_meta_fuzz_seeds_are_current() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/image_meta");
-    let write = std::env::var_os("STRATA_WRITE_FUZZ_CORPUS").is_some();
-    for (name, bytes) in image_meta_seeds() {
+    let seeds = image_meta_seeds();
+    for (name, bytes) in &seeds {
         // Each is a clean image.
         let scan = layer::scan(
             &SimStorage::with_contents(bytes[5..].to_vec()),
             Path::new(name),
         );
         assert!(scan.unwrap().problems.is_empty(), "{name}");
-        let path = dir.join(name);
-        if write {
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(&path, &bytes).unwrap();
-        } else {
-            let on_disk = std::fs::read(&path).unwrap_or_else(|e| {
-                panic!(
-                    "{}: {e}; regenerate with STRATA_WRITE_FUZZ_CORPUS=1",
-                    path.display()
-                )
-            });
-            assert!(
-                on_disk == bytes,
-                "{} is stale; regenerate with STRATA_WRITE_FUZZ_CORPUS=1",
-                path.display()
-            );
-        }
     }
+    common::check_fuzz_seeds("image_meta", &seeds);
 }
 
 #[test]

@@ -53,32 +53,6 @@ fn contents(dir: &Path, image: &str) -> Vec<u8> {
     data
 }
 
-fn qemu_img() -> Command {
-    Command::new("qemu-img")
-}
-
-/// Runs qemu-io on `uri` and panics unless every command succeeded: exit 0 and no
-/// failure message (qemu-io reports pattern mismatches on stdout).
-#[track_caller]
-fn qemu_io_ok(uri: &str, read_only: bool, cmds: &[&str]) -> CmdOutput {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    if read_only {
-        c.arg("-r");
-    }
-    for cmd in cmds {
-        c.arg("-c").arg(cmd);
-    }
-    let out = run(c.arg(uri)).assert_success();
-    let all = format!("{}{}", out.stdout, out.stderr).to_ascii_lowercase();
-    assert!(
-        !all.contains("fail") && !all.contains("error"),
-        "qemu-io reported a failure\n{}",
-        out.report()
-    );
-    out
-}
-
 fn put(buf: &mut [u8], off: u64, data: &[u8]) {
     buf[off as usize..off as usize + data.len()].copy_from_slice(data);
 }

@@ -4,37 +4,8 @@
 mod common;
 
 use std::fs;
-use std::process::Command;
 
 use common::*;
-
-fn qemu_img() -> Command {
-    Command::new("qemu-img")
-}
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> Command {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.arg("-c").arg(cmd);
-    }
-    c.arg(uri);
-    c
-}
-
-/// Runs qemu-io and panics unless every command succeeded: exit 0 and no failure
-/// message (qemu-io reports pattern mismatches on stdout).
-#[track_caller]
-fn qemu_io_ok(uri: &str, cmds: &[&str]) -> CmdOutput {
-    let out = run(&mut qemu_io(uri, cmds)).assert_success();
-    let all = format!("{}{}", out.stdout, out.stderr).to_ascii_lowercase();
-    assert!(
-        !all.contains("fail") && !all.contains("error"),
-        "qemu-io reported a failure\n{}",
-        out.report()
-    );
-    out
-}
 
 fn virtual_size(uri: &str) -> u64 {
     let out = run_ok(qemu_img().args(["info", "--output=json", "-f", "raw", uri]));
@@ -105,7 +76,7 @@ fn qemu_img_convert_roundtrip(t: Transport) {
     );
 
     // The comparison must notice a change made through another connection.
-    qemu_io_ok(&uri, &["write -P 0xee 4096 512"]);
+    qemu_io_ok(&uri, false, &["write -P 0xee 4096 512"]);
     let cmp = run(qemu_img()
         .args(["compare", "-f", "raw", "-F", "raw"])
         .arg(&src)
@@ -167,6 +138,7 @@ fn qemu_img_map_shows_written_ranges(t: Transport) {
 
     qemu_io_ok(
         &uri,
+        false,
         &["write -P 0x61 1M 1M", "write -P 0x62 6M 2M", "flush"],
     );
     let out = run_ok(qemu_img().args(["map", "--output=json", "-f", "raw", &uri]));
@@ -193,7 +165,7 @@ fn qemu_img_map_allocation_depth(t: Transport) {
     f.set_len(size).unwrap();
     drop(f);
     let server = file(&disk).listen(t).start();
-    qemu_io_ok(&server.uri(), &["write -P 0x63 2M 1M", "flush"]);
+    qemu_io_ok(&server.uri(), false, &["write -P 0x63 2M 1M", "flush"]);
     // The plain map sees a hole before the data...
     let out = run_ok(qemu_img().args(["map", "--output=json", "-f", "raw", &server.uri()]));
     assert_map(
@@ -232,6 +204,7 @@ fn qemu_io_commands(t: Transport) {
     let uri = server.uri();
     qemu_io_ok(
         &uri,
+        false,
         &[
             "write -P 0xab 0 64k",
             "read -P 0xab 0 64k",
@@ -269,6 +242,7 @@ fn qemu_io_commands(t: Transport) {
     // A new connection (read-only open) sees the same data.
     let mut c = qemu_io(
         &uri,
+        false,
         &[
             "read -P 0xab 0 64k",
             "read -P 0 64k 128k",
@@ -280,7 +254,7 @@ fn qemu_io_commands(t: Transport) {
     run(&mut c).assert_success();
 
     // Control: a wrong pattern must make qemu-io fail, or the checks above prove nothing.
-    let bad = run(&mut qemu_io(&uri, &["read -P 0xac 0 64k"]));
+    let bad = run(&mut qemu_io(&uri, false, &["read -P 0xac 0 64k"]));
     assert!(
         !bad.success() || bad.stdout.contains("Pattern verification failed"),
         "qemu-io did not notice a wrong pattern\n{}",
@@ -294,17 +268,17 @@ fn qemu_io_read_only_export(t: Transport) {
     }
     let server = memory(MIB).listen(t).read_only().start();
     let uri = server.uri();
-    let mut c = qemu_io(&uri, &["read -P 0 0 64k", "read -P 0 960k 64k"]);
+    let mut c = qemu_io(&uri, false, &["read -P 0 0 64k", "read -P 0 960k 64k"]);
     c.arg("-r");
     run(&mut c).assert_success();
 
-    let w = run(&mut qemu_io(&uri, &["write -P 0x99 0 4k"]));
+    let w = run(&mut qemu_io(&uri, false, &["write -P 0x99 0 4k"]));
     assert!(
         !w.success() || !w.stdout.contains("wrote 4096/4096"),
         "write to a read-only export did not fail\n{}",
         w.report()
     );
-    let mut c = qemu_io(&uri, &["read -P 0 0 4k"]);
+    let mut c = qemu_io(&uri, false, &["read -P 0 0 4k"]);
     c.arg("-r");
     run(&mut c).assert_success();
 }

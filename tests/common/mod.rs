@@ -1253,3 +1253,65 @@ pub fn parse_nbdinfo_depth_map(text: &str) -> Vec<DepthEntry> {
         })
         .collect()
 }
+
+/// `qemu-img`.
+pub fn qemu_img() -> Command {
+    Command::new("qemu-img")
+}
+
+/// `qemu-io -f raw [-r] -c CMD... URI`.
+pub fn qemu_io(uri: &str, read_only: bool, cmds: &[&str]) -> Command {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    if read_only {
+        c.arg("-r");
+    }
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    c.arg(uri);
+    c
+}
+
+/// Runs qemu-io on `uri` and panics unless every command succeeded: exit 0 and no
+/// failure message (qemu-io reports pattern mismatches on stdout).
+#[track_caller]
+pub fn qemu_io_ok(uri: &str, read_only: bool, cmds: &[&str]) -> CmdOutput {
+    let out = run(&mut qemu_io(uri, read_only, cmds)).assert_success();
+    let all = format!("{}{}", out.stdout, out.stderr).to_ascii_lowercase();
+    assert!(
+        !all.contains("fail") && !all.contains("error"),
+        "qemu-io reported a failure\n{}",
+        out.report()
+    );
+    out
+}
+
+/// Checks that the seed files of fuzz target `target` under `fuzz/corpus/` hold exactly
+/// `seeds`; with `STRATA_WRITE_FUZZ_CORPUS` set, writes them instead.
+#[track_caller]
+pub fn check_fuzz_seeds(target: &str, seeds: &[(&str, Vec<u8>)]) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
+    let write = std::env::var_os("STRATA_WRITE_FUZZ_CORPUS").is_some();
+    for (name, bytes) in seeds {
+        let path = dir.join(name);
+        if write {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, bytes).unwrap();
+            continue;
+        }
+        let on_disk = std::fs::read(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; regenerate with STRATA_WRITE_FUZZ_CORPUS=1",
+                path.display()
+            )
+        });
+        assert!(
+            on_disk == *bytes,
+            "{} is stale; regenerate with STRATA_WRITE_FUZZ_CORPUS=1",
+            path.display()
+        );
+    }
+}
