@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
 
 /// `BLKGETSIZE64` from `<linux/fs.h>`: device size in bytes.
@@ -28,6 +29,37 @@ pub(crate) fn memory_backed(file: &File) -> bool {
 /// Converts a byte offset to `off_t`.
 pub(crate) fn off_t(value: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(value).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+}
+
+/// The byte count a read or write system call returned, or the error it reported.
+pub(crate) fn byte_count(n: isize) -> io::Result<usize> {
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// Reads into `buf` from `offset` until it is full or the file ends, retrying
+/// interrupted calls. Returns how many bytes were read; exactly those are initialised.
+pub(crate) fn pread_uninit(
+    file: &File,
+    buf: &mut [MaybeUninit<u8>],
+    offset: u64,
+) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        let off = off_t(offset + done as u64)?;
+        let n = retry_eintr(|| {
+            // SAFETY: the kernel writes at most `rest.len()` bytes into the buffer, which
+            // is valid and writable for that length; no reference to it is read meanwhile.
+            byte_count(unsafe {
+                libc::pread(file.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), off)
+            })
+        })?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    Ok(done)
 }
 
 /// Retries `f` while it fails with `EINTR`.

@@ -36,8 +36,8 @@ use super::{Backend, Capabilities, Extent, ZeroFlags};
 use crate::error::{Error, ErrorKind, Result};
 use crate::mapping::MappedReads;
 use crate::sys::{
-    device_size, fallocate, is_rotational, logical_block_size, memory_backed, off_t, punch_hole,
-    retry_eintr, seek,
+    device_size, fallocate, is_rotational, logical_block_size, memory_backed, off_t, pread_uninit,
+    punch_hole, retry_eintr, seek,
 };
 
 /// `BLKDISCARD` from `<linux/fs.h>`: discard a `[start, len]` byte range.
@@ -219,40 +219,17 @@ impl RawBackend {
 /// first. Hitting the end of the file is an error.
 fn pread_exact(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     let mut buf: Vec<u8> = Vec::with_capacity(len);
-    while buf.len() < len {
-        let done = buf.len();
-        let spare = &mut buf.spare_capacity_mut()[..len - done];
-        // SAFETY: the destination is the vector's spare capacity, valid for writes of
-        // `spare.len()` bytes; pread writes at most that many.
-        let n = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                spare.as_mut_ptr().cast(),
-                spare.len(),
-                off_t(offset + done as u64)?,
-            )
-        };
-        match n {
-            n if n > 0 => {
-                // SAFETY: pread initialised the first `n` bytes of the spare capacity.
-                unsafe { buf.set_len(done + n as usize) };
-            }
-            0 => {
-                // The file shrank under us: those bytes are gone, which is an I/O error,
-                // not zeroes.
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "file is shorter than the export",
-                ));
-            }
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
+    let n = pread_uninit(file, &mut buf.spare_capacity_mut()[..len], offset)?;
+    if n < len {
+        // The file shrank under us: those bytes are gone, which is an I/O error, not
+        // zeroes.
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "file is shorter than the export",
+        ));
     }
+    // SAFETY: pread_uninit initialised all `len` bytes of the spare capacity.
+    unsafe { buf.set_len(len) };
     Ok(buf)
 }
 

@@ -256,33 +256,9 @@ impl Storage for FileStorage {
     }
 
     fn read_uninit(&self, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            let rest = &mut buf[done..];
-            let off = sys::off_t(offset + done as u64)?;
-            // SAFETY: the kernel writes at most `rest.len()` bytes into the buffer, which
-            // is valid and writable for that length; no reference to it is read meanwhile.
-            let n = unsafe {
-                libc::pread(
-                    self.file.as_raw_fd(),
-                    rest.as_mut_ptr().cast(),
-                    rest.len(),
-                    off,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                rest.fill(MaybeUninit::new(0));
-                break;
-            }
-            done += n as usize;
-        }
+        let n = sys::pread_uninit(&self.file, buf, offset)?;
+        // Past the end of the file reads as zeroes.
+        buf[n..].fill(MaybeUninit::new(0));
         Ok(())
     }
 
@@ -297,22 +273,18 @@ impl Storage for FileStorage {
             let iov = rest.as_ptr().cast::<libc::iovec>();
             let count = rest.len().min(1024) as libc::c_int;
             let off = sys::off_t(pos)?;
-            // SAFETY: `IoSlice` is ABI-compatible with `iovec` on Unix; the slices point
-            // at buffers borrowed for the duration of the call, and `count` does not
-            // exceed their number.
-            let n = unsafe { libc::pwritev(self.file.as_raw_fd(), iov, count, off) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
+            let n = sys::retry_eintr(|| {
+                // SAFETY: `IoSlice` is ABI-compatible with `iovec` on Unix; the slices
+                // point at buffers borrowed for the duration of the call, and `count`
+                // does not exceed their number.
+                let written = unsafe { libc::pwritev(self.file.as_raw_fd(), iov, count, off) };
+                sys::byte_count(written)
+            })?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
             pos += n as u64;
-            io::IoSlice::advance_slices(&mut rest, n as usize);
+            io::IoSlice::advance_slices(&mut rest, n);
         }
         Ok(())
     }
