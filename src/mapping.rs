@@ -24,6 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::ops::Deref;
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -103,28 +104,33 @@ impl RangeSet {
     }
 }
 
-/// A slice of a shared mapping, kept alive by the [`Bytes`] that points into it, with
-/// an optional pin that tells its owner the bytes may still be read.
-struct MapSlice {
-    map: Arc<memmap2::Mmap>,
+/// A slice of a reference-counted buffer (a file mapping, a memory disk's chunk), kept
+/// alive by the [`Bytes`] that points into it, with an optional pin that tells the
+/// buffer's owner the bytes may still be read.
+struct SharedSlice<T> {
+    owner: Arc<T>,
     offset: usize,
     len: usize,
     _pin: Option<Arc<()>>,
 }
 
-fn slice_of(map: &Arc<memmap2::Mmap>, offset: u64, len: usize, pin: Option<Arc<()>>) -> Bytes {
-    Bytes::from_owner(MapSlice {
-        map: Arc::clone(map),
-        offset: offset as usize,
+impl<T: Deref<Target = [u8]>> AsRef<[u8]> for SharedSlice<T> {
+    fn as_ref(&self) -> &[u8] {
+        &self.owner[self.offset..self.offset + self.len]
+    }
+}
+
+/// `[offset, offset + len)` of `owner` as [`Bytes`], without copying.
+pub fn slice_of<T>(owner: &Arc<T>, offset: usize, len: usize, pin: Option<Arc<()>>) -> Bytes
+where
+    T: Deref<Target = [u8]> + Send + Sync + 'static,
+{
+    Bytes::from_owner(SharedSlice {
+        owner: Arc::clone(owner),
+        offset,
         len,
         _pin: pin,
     })
-}
-
-impl AsRef<[u8]> for MapSlice {
-    fn as_ref(&self) -> &[u8] {
-        &self.map[self.offset..self.offset + self.len]
-    }
 }
 
 /// A read-only mapping of a memory-backed file and the pages known to be allocated in
@@ -164,7 +170,7 @@ impl MappedReads {
         if !self.allocated.read().ok()?.contains(first, last) {
             return None;
         }
-        Some(slice_of(&self.map, offset, len, None))
+        Some(slice_of(&self.map, offset as usize, len, None))
     }
 
     /// Records that `[offset, offset + len)` was written, which allocated its pages.
@@ -245,7 +251,7 @@ impl GrowingMap {
             if let Some(m) = map.as_ref()
                 && m.len() as u64 >= end
             {
-                return Some(slice_of(m, offset, len, Some(Arc::clone(pin))));
+                return Some(slice_of(m, offset as usize, len, Some(Arc::clone(pin))));
             }
         }
         let mut map = self.map.write().ok()?;
@@ -268,7 +274,7 @@ impl GrowingMap {
             *map = Some(Arc::new(m));
         }
         let m = map.as_ref()?;
-        Some(slice_of(m, offset, len, Some(Arc::clone(pin))))
+        Some(slice_of(m, offset as usize, len, Some(Arc::clone(pin))))
     }
 }
 

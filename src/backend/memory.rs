@@ -26,6 +26,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::{Backend, Capabilities, Extent, ReadChunk, ZeroFlags};
 use crate::error::Result;
+use crate::mapping::slice_of;
 
 const CHUNK_SHIFT: u32 = 16;
 
@@ -40,19 +41,6 @@ const SHARDS: usize = 256;
 /// The bytes of one allocated chunk, always [`CHUNK_SIZE`] long, shared with the replies
 /// that are reading it.
 type ChunkBuf = Arc<Box<[u8]>>;
-
-/// A slice of a chunk, kept alive by the [`Bytes`] that points into it.
-struct ChunkSlice {
-    chunk: ChunkBuf,
-    start: usize,
-    len: usize,
-}
-
-impl AsRef<[u8]> for ChunkSlice {
-    fn as_ref(&self) -> &[u8] {
-        &self.chunk[self.start..self.start + self.len]
-    }
-}
 
 /// A new chunk of zeroes with `src` copied in at `start`.
 fn new_chunk(start: usize, src: &[u8]) -> ChunkBuf {
@@ -233,11 +221,7 @@ impl MemoryBackend {
                         chunks.push(ReadChunk::Zero(zero_run));
                         zero_run = 0;
                     }
-                    chunks.push(ReadChunk::Data(Bytes::from_owner(ChunkSlice {
-                        chunk,
-                        start: p.start,
-                        len: p.len,
-                    })));
+                    chunks.push(ReadChunk::Data(slice_of(&chunk, p.start, p.len, None)));
                 }
                 None => zero_run += p.len as u64,
             }
