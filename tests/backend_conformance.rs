@@ -17,6 +17,8 @@
 //! device. **Its contents are destroyed.** Use a loop device over a sparse file of a few
 //! MiB (loop devices make discarded ranges read as zeroes, which the suite checks).
 
+mod common;
+
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -225,17 +227,6 @@ fn block_device(read_only: bool) -> Option<Fixture<RawBackend>> {
     f.trim_zeroes = false;
     f.needs_reset = true;
     Some(f)
-}
-
-/// A memory-backed directory (`/dev/shm`), for the zero-copy paths. Without one the
-/// tests are skipped, except under `CI=true`, where that is a failure.
-fn in_memory() -> Option<&'static str> {
-    const DIR: &str = "/dev/shm";
-    let ok = tempfile::tempdir_in(DIR).is_ok();
-    if !ok && std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{DIR} is not usable: the zero-copy paths cannot be tested");
-    }
-    ok.then_some(DIR)
 }
 
 /// Cluster sizes the image fixtures use.
@@ -1018,27 +1009,27 @@ conformance!(shared_overlay, Some(overlay(SIZE, 2).shared()));
 // Files in memory take the zero-copy read paths (replies point into mappings).
 conformance!(
     raw_file_in_memory,
-    in_memory().map(|d| raw_in(Some(d), SIZE, false))
+    common::memory_dir().map(|d| raw_in(Some(d), SIZE, false))
 );
 conformance!(
     shared_raw_file_in_memory,
-    in_memory().map(|d| raw_in(Some(d), SIZE, false).shared())
+    common::memory_dir().map(|d| raw_in(Some(d), SIZE, false).shared())
 );
 conformance!(
     image_64k_in_memory,
-    in_memory().map(|d| image_in(Some(d), SIZE, KIB64))
+    common::memory_dir().map(|d| image_in(Some(d), SIZE, KIB64))
 );
 conformance!(
     image_4k_in_memory,
-    in_memory().map(|d| image_in(Some(d), SIZE, KIB4))
+    common::memory_dir().map(|d| image_in(Some(d), SIZE, KIB4))
 );
 conformance!(
     overlay_depth_2_in_memory,
-    in_memory().map(|d| overlay_in(Some(d), SIZE, KIB64, 2))
+    common::memory_dir().map(|d| overlay_in(Some(d), SIZE, KIB64, 2))
 );
 conformance!(
     overlay_4k_depth_10_in_memory,
-    in_memory().map(|d| overlay_in(Some(d), SIZE, KIB4, 10))
+    common::memory_dir().map(|d| overlay_in(Some(d), SIZE, KIB4, 10))
 );
 conformance!(opened_overlay_path, Some(opened_overlay(SIZE, 10)));
 conformance!(block_device_raw, {

@@ -1315,3 +1315,17 @@ pub fn check_fuzz_seeds(target: &str, seeds: &[(&str, Vec<u8>)]) {
         );
     }
 }
+
+/// A memory-backed directory (`/dev/shm`), for tests of the zero-copy read paths.
+/// Without one such tests are skipped (`None`), except under `CI=true`, where that is a
+/// failure.
+pub fn memory_dir() -> Option<&'static str> {
+    const DIR: &str = "/dev/shm";
+    match tempfile::tempdir_in(DIR) {
+        Ok(_) => Some(DIR),
+        Err(e) if is_ci() => {
+            panic!("{DIR} is not usable, so the zero-copy paths cannot be tested: {e}")
+        }
+        Err(_) => None,
+    }
+}
