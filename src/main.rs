@@ -120,18 +120,32 @@ fn default_export_name(image: &str) -> String {
         .map_or_else(|| "disk".to_owned(), |s| s.to_string_lossy().into_owned())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        error!("cannot install signal handlers");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
+/// SIGTERM and SIGINT, caught from the moment this exists: installed before any
+/// listener is bound, so a signal sent as soon as the server says where it listens
+/// shuts it down gracefully instead of killing it.
+struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> strata::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let install = |kind| {
+            signal(kind)
+                .map_err(|e| strata::Error::from(e).with_message("cannot install signal handlers"))
+        };
+        Ok(ShutdownSignals {
+            term: install(SignalKind::terminate())?,
+            int: install(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => info!("SIGTERM received"),
+            _ = self.int.recv() => info!("SIGINT received"),
+        }
     }
 }
 
@@ -173,6 +187,7 @@ fn export_list(args: &ServeArgs) -> strata::Result<Vec<(String, String)>> {
 }
 
 async fn serve(args: ServeArgs) -> strata::Result<()> {
+    let signals = ShutdownSignals::install()?;
     let format = match args.format {
         FormatArg::Auto => None,
         FormatArg::Raw => Some(strata::image::Format::Raw),
@@ -209,7 +224,7 @@ async fn serve(args: ServeArgs) -> strata::Result<()> {
     let server = Server::new(exports, config);
     let handle = server.shutdown_handle();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.recv().await;
         handle.shutdown();
     });
     server.serve(listeners).await
