@@ -34,8 +34,13 @@ pub enum ErrorKind {
     /// On-disk metadata is inconsistent: a bad checksum, a truncated file, a mapping that
     /// points outside the file (`EIO`).
     Corrupt,
-    /// The file is locked by another user: a server or tool already has it open (`EIO`).
+    /// The file is locked by another user: a server or tool already has it open, or the
+    /// object is in use (clients connected, a snapshot served) (`EIO`).
     Busy,
+    /// A named object (export, snapshot) does not exist (`EINVAL`).
+    NotFound,
+    /// A named object (export, snapshot) exists already (`EINVAL`).
+    AlreadyExists,
 }
 
 impl ErrorKind {
@@ -50,7 +55,9 @@ impl ErrorKind {
             ErrorKind::Shutdown => "shutting down",
             ErrorKind::Io => "I/O error",
             ErrorKind::Corrupt => "image is corrupt",
-            ErrorKind::Busy => "in use by another process",
+            ErrorKind::Busy => "in use",
+            ErrorKind::NotFound => "not found",
+            ErrorKind::AlreadyExists => "already exists",
         }
     }
 }

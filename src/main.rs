@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use strata::backend;
-use strata::server::{Export, Exports, ListenAddr, Listener, Server, ServerConfig};
+use strata::server::export::open_export;
+use strata::server::{Exports, ListenAddr, Listener, Server, ServerConfig};
 use tracing::{error, info};
 
 mod cli_image;
@@ -195,14 +195,14 @@ async fn serve(args: ServeArgs) -> strata::Result<()> {
     };
     let exports = Arc::new(Exports::new());
     for (name, image) in export_list(&args)? {
-        let backend = backend::open_as(&image, args.read_only, format)?;
+        let export = open_export(&name, &image, args.read_only, format, &args.description)?;
         info!(
             export = name,
-            size = backend.size(),
+            size = export.backend().size(),
             read_only = args.read_only,
             "serving {image}"
         );
-        exports.insert(Export::new(name, args.description.clone(), backend));
+        exports.insert(export);
     }
 
     let addrs = if args.listen.is_empty() {

@@ -88,7 +88,7 @@ impl std::error::Error for ProtocolError {}
 pub fn errno_for(kind: ErrorKind) -> u32 {
     use consts::errno;
     match kind {
-        ErrorKind::InvalidInput => errno::EINVAL,
+        ErrorKind::InvalidInput | ErrorKind::NotFound | ErrorKind::AlreadyExists => errno::EINVAL,
         ErrorKind::NoSpace => errno::ENOSPC,
         ErrorKind::ReadOnly => errno::EPERM,
         ErrorKind::NotSupported => errno::ENOTSUP,

@@ -7,12 +7,15 @@ use crate::backend::{Capabilities, DynBackend, SharedBackend};
 use crate::proto::consts::transmission_flags as tf;
 use crate::proto::handshake::default_meta_contexts;
 use crate::proto::{BlockSizes, ExportCatalog, ExportInfo, ExportSummary};
+use crate::server::Volume;
 
 /// One named disk.
 pub struct Export {
     name: String,
     description: String,
     backend: SharedBackend,
+    /// Set for image exports that support snapshots.
+    volume: Option<Arc<Volume>>,
 }
 
 impl std::fmt::Debug for Export {
@@ -35,7 +38,27 @@ impl Export {
             name: name.into(),
             description: description.into(),
             backend,
+            volume: None,
         }
+    }
+
+    /// Creates an export named `name` serving the live disk of `volume`.
+    pub fn with_volume(
+        name: impl Into<String>,
+        description: impl Into<String>,
+        volume: Arc<Volume>,
+    ) -> Self {
+        Export {
+            name: name.into(),
+            description: description.into(),
+            backend: volume.backend().clone(),
+            volume: Some(volume),
+        }
+    }
+
+    /// The volume behind an image export, for snapshots.
+    pub fn volume(&self) -> Option<&Arc<Volume>> {
+        self.volume.as_ref()
     }
 
     /// The export's name.
@@ -69,6 +92,35 @@ impl Export {
             meta_contexts: default_meta_contexts(),
         }
     }
+}
+
+/// Opens the export `name` for `spec` (`memory:SIZE`, or the path of a Strata image, a
+/// raw file or a block device), the way `strata serve` and the control API do: Strata
+/// images become [`Volume`]s (with snapshots), everything else a plain backend.
+/// `format` forces how a file is read; `None` detects it from its first bytes.
+pub fn open_export(
+    name: &str,
+    spec: &str,
+    read_only: bool,
+    format: Option<crate::image::Format>,
+    description: &str,
+) -> crate::Result<Export> {
+    use crate::image::{self, Format};
+    let is_image = !spec.starts_with("memory:")
+        && match format {
+            Some(f) => f == Format::Strata,
+            None => image::probe(std::path::Path::new(spec))? == Format::Strata,
+        };
+    Ok(if is_image {
+        let volume = Volume::open(std::path::Path::new(spec), read_only)?;
+        Export::with_volume(name, description, volume)
+    } else {
+        Export::new(
+            name,
+            description,
+            crate::backend::open_as(spec, read_only, format)?,
+        )
+    })
 }
 
 /// Transmission flags for a backend with `caps`. Zeroing and cache are always offered:

@@ -21,10 +21,12 @@ use crate::proto::{HandshakeConfig, Negotiated, Progress, ProtocolError, ServerH
 pub mod export;
 pub mod listener;
 pub mod session;
+pub mod volume;
 
 pub use export::{Export, Exports};
 pub use listener::{ListenAddr, Listener};
 pub use session::SessionConfig;
+pub use volume::Volume;
 
 use listener::{ReadHalf, Stream, WriteHalf};
 
