@@ -8,15 +8,19 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Backend, BlockSize, Capabilities, DepthExtent, Extent, ReadChunk, ZeroFlags};
+use super::{
+    Backend, BlockSize, Capabilities, DepthExtent, DirtyExtent, Extent, ReadChunk, ZeroFlags,
+};
 use crate::error::{Error, ErrorKind, Result};
-use crate::image::{Chain, ZeroMode};
+use crate::image::{Chain, ZeroMode, snapshot};
 
 /// A Strata image served as a disk. See the [module documentation](self).
 #[derive(Debug, Clone)]
 pub struct ImageBackend {
     chain: Arc<Chain>,
     inline: bool,
+    /// The snapshots in the chain, as (name, layer index), oldest first.
+    snapshots: Arc<[(String, usize)]>,
 }
 
 impl ImageBackend {
@@ -26,9 +30,14 @@ impl ImageBackend {
         // Replies are written to sockets by the kernel: reads of files in memory can
         // point into their mappings instead of copying.
         chain.set_zero_copy(inline);
+        let snapshots = snapshot::in_chain(&chain)
+            .into_iter()
+            .map(|s| (s.name, s.layer))
+            .collect();
         ImageBackend {
             chain: Arc::new(chain),
             inline,
+            snapshots,
         }
     }
 
@@ -122,6 +131,31 @@ impl Backend for ImageBackend {
             Ok(c.allocation_depth(offset, len)?
                 .into_iter()
                 .map(|(length, depth)| DepthExtent { length, depth })
+                .collect())
+        })
+        .await
+    }
+
+    fn dirty_bitmaps(&self) -> Vec<String> {
+        self.snapshots.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    async fn dirty_status(
+        &self,
+        bitmap: String,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<DirtyExtent>> {
+        let Some(&(_, layer)) = self.snapshots.iter().find(|(n, _)| *n == bitmap) else {
+            return Err(Error::msg(
+                ErrorKind::NotFound,
+                format!("no snapshot named {bitmap:?} below this disk"),
+            ));
+        };
+        self.run(move |c| {
+            Ok(snapshot::changed_since(c, layer, offset, len)?
+                .into_iter()
+                .map(|(length, dirty)| DirtyExtent { length, dirty })
                 .collect())
         })
         .await

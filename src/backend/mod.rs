@@ -24,11 +24,13 @@ pub mod image;
 pub mod memory;
 pub mod raw;
 mod readonly;
+pub mod switch;
 
 pub use image::ImageBackend;
 pub use memory::MemoryBackend;
 pub use raw::RawBackend;
 pub use readonly::ReadOnly;
+pub use switch::Switchable;
 
 /// What a backend can do; the server advertises exactly this to clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +148,15 @@ pub struct DepthExtent {
     /// 0: no layer holds the range (it reads as zeroes); 1: the top layer holds it; 2: the
     /// layer below, and so on down the chain.
     pub depth: u32,
+}
+
+/// Whether a range changed since a snapshot, as `qemu:dirty-bitmap:NAME` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirtyExtent {
+    /// Length in bytes (never zero).
+    pub length: u64,
+    /// Written since the snapshot.
+    pub dirty: bool,
 }
 
 /// A piece of a sparse read: bytes, or a run of zeroes that need not be sent.
@@ -300,6 +311,25 @@ pub trait Backend: Send + Sync + 'static {
         let _ = (offset, len);
         async { Ok(()) }
     }
+
+    /// Names of the snapshots this backend can compare the disk with: each is offered
+    /// to clients as the metadata context `qemu:dirty-bitmap:NAME`. The default has none.
+    fn dirty_bitmaps(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Says which parts of the range from `offset` were written since snapshot
+    /// `bitmap`. Same contract as [`Backend::block_status`].
+    fn dirty_status(
+        &self,
+        bitmap: String,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Vec<DirtyExtent>>> + Send {
+        let _ = (offset, len);
+        let err = Error::msg(ErrorKind::NotFound, format!("no snapshot named {bitmap:?}"));
+        async move { Err(err) }
+    }
 }
 
 /// A boxed future, as returned by [`DynBackend`].
@@ -320,6 +350,13 @@ pub trait DynBackend: Send + Sync + 'static {
     fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<Extent>>>;
     fn allocation_depth(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<DepthExtent>>>;
     fn cache(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>>;
+    fn dirty_bitmaps(&self) -> Vec<String>;
+    fn dirty_status(
+        &self,
+        bitmap: String,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<Vec<DirtyExtent>>>;
 }
 
 impl<B: Backend> DynBackend for B {
@@ -358,6 +395,17 @@ impl<B: Backend> DynBackend for B {
     }
     fn cache(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
         Box::pin(Backend::cache(self, offset, len))
+    }
+    fn dirty_bitmaps(&self) -> Vec<String> {
+        Backend::dirty_bitmaps(self)
+    }
+    fn dirty_status(
+        &self,
+        bitmap: String,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<Vec<DirtyExtent>>> {
+        Box::pin(Backend::dirty_status(self, bitmap, offset, len))
     }
 }
 
@@ -422,6 +470,17 @@ impl Backend for SharedBackend {
     }
     fn cache(&self, offset: u64, len: u64) -> impl Future<Output = Result<()>> + Send {
         (**self).cache(offset, len)
+    }
+    fn dirty_bitmaps(&self) -> Vec<String> {
+        (**self).dirty_bitmaps()
+    }
+    fn dirty_status(
+        &self,
+        bitmap: String,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Vec<DirtyExtent>>> + Send {
+        (**self).dirty_status(bitmap, offset, len)
     }
 }
 

@@ -2,7 +2,9 @@
 
 use bytes::Bytes;
 
-use super::{Backend, BlockSize, Capabilities, DepthExtent, Extent, ReadChunk, ZeroFlags};
+use super::{
+    Backend, BlockSize, Capabilities, DepthExtent, DirtyExtent, Extent, ReadChunk, ZeroFlags,
+};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Wraps a backend so that it is exported read-only. The protocol layer already refuses
@@ -75,5 +77,18 @@ impl<B: Backend> Backend for ReadOnly<B> {
 
     async fn cache(&self, offset: u64, len: u64) -> Result<()> {
         self.inner.cache(offset, len).await
+    }
+
+    fn dirty_bitmaps(&self) -> Vec<String> {
+        self.inner.dirty_bitmaps()
+    }
+
+    async fn dirty_status(
+        &self,
+        bitmap: String,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<DirtyExtent>> {
+        self.inner.dirty_status(bitmap, offset, len).await
     }
 }

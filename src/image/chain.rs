@@ -144,6 +144,16 @@ impl Lower {
         self.layers.last().map_or(0, |l| l.size())
     }
 
+    /// The top layer of this chain.
+    pub fn top(&self) -> &Arc<Layer> {
+        self.layers.last().expect("a chain has a layer")
+    }
+
+    /// The chain below this one's top layer, when it has one.
+    pub fn below(&self) -> Option<&Arc<Lower>> {
+        self.below.as_ref()
+    }
+
     /// Cluster size of the chain's top, when it is a Strata image.
     pub fn cluster_bits(&self) -> Option<u32> {
         match &self.layers.last()?.kind {
@@ -396,6 +406,170 @@ impl Chain {
             pins: Mutex::new(Pins::default()),
             lower: None,
         })
+    }
+
+    /// Builds a chain from a scanned top image over the shared backing chain `lower`,
+    /// which it keeps open.
+    pub fn over(
+        storage: Arc<dyn Storage>,
+        path: &Path,
+        scan: Scan,
+        lower: Arc<Lower>,
+        writable: bool,
+    ) -> Result<Chain> {
+        let mut chain = Chain::new(storage, path, scan, Some(&lower), writable)?;
+        chain.lower = Some(lower);
+        Ok(chain)
+    }
+
+    /// The backing chain below the top, when there is one.
+    pub fn lower(&self) -> Option<&Arc<Lower>> {
+        self.lower.as_ref()
+    }
+
+    /// The backing chain whose top is layer `index` of this chain (0 is the bottom);
+    /// `None` for the top itself or beyond.
+    pub fn lower_at(&self, index: usize) -> Option<&Arc<Lower>> {
+        let top = usize::from(self.top);
+        if index >= top {
+            return None;
+        }
+        let mut lower = self.lower.as_ref()?;
+        for _ in index + 1..top {
+            lower = lower.below.as_ref()?;
+        }
+        Some(lower)
+    }
+
+    /// Index of the top layer in [`Chain::layers`].
+    pub fn top_index(&self) -> u16 {
+        self.top
+    }
+
+    /// Turns this chain into a read-only backing chain whose top is this image, known
+    /// from now on as `path` (a snapshot). Every change must have been committed, and
+    /// nothing may write to the chain afterwards. The merged map is shared, not rebuilt,
+    /// so this costs the same whatever the size of the disk.
+    pub fn freeze(&self, path: &Path) -> Result<Lower> {
+        let st = self.state.read().map_err(|_| lock_err())?;
+        if !st.dirty.is_empty() || !st.l1_dirty.is_empty() || !st.pending_free.is_empty() {
+            return Err(Error::msg(
+                ErrorKind::Io,
+                "the image has changes that are not committed",
+            )
+            .with_op("freeze")
+            .with_path(self.path()));
+        }
+        let (mut data, mut zero) = (0u64, 0u64);
+        for p in 0..st.map.len() {
+            if let Some(page) = st.map.page(p) {
+                for &e in page.iter() {
+                    if e != entry::UNALLOCATED && entry::layer(e) == self.top {
+                        if entry::host(e).is_some() {
+                            data += 1;
+                        } else {
+                            zero += 1;
+                        }
+                    }
+                }
+            }
+        }
+        let mut layers = self.layers[..usize::from(self.top)].to_vec();
+        layers.push(Arc::new(Layer {
+            storage: Arc::clone(self.storage()),
+            path: path.to_path_buf(),
+            kind: LayerKind::Strata {
+                header: self.header.clone(),
+                clusters: (data, zero),
+            },
+        }));
+        Ok(Lower {
+            layers,
+            map: st.map.clone(),
+            identity: (BackingKind::Strata, self.header.image_id),
+            below: self.lower.clone(),
+        })
+    }
+
+    /// True while replies that point into this chain's files may still be queued
+    /// (zero-copy reads): their space must not be handed to a rebuilt chain yet.
+    pub fn replies_pinned(&self) -> bool {
+        self.pins.lock().map_or(true, |p| {
+            Arc::strong_count(&p.current) > 1
+                || p.retired.iter().any(|(g, _)| Arc::strong_count(g) > 1)
+        })
+    }
+
+    /// Copies into the top layer every cluster that layer `owner` provides (data, and
+    /// zero clusters that hide what is below), so that the chain reads the same without
+    /// that layer. Clients may read and write meanwhile: a cluster they write first
+    /// keeps their data. Returns the bytes of data copied.
+    pub fn absorb(&self, owner: u16) -> Result<u64> {
+        self.check_writable("merge")?;
+        debug_assert!(owner < self.top);
+        /// Clusters examined, and copied, per hold of the allocation lock.
+        const SCAN: u64 = 4096;
+        const COPY: usize = 32;
+        let bits = self.header.cluster_bits;
+        let cs = self.cluster_size();
+        let (size, clusters) = (self.size(), self.header.clusters());
+        let owned = |e: u64| e != entry::UNALLOCATED && entry::layer(e) == owner;
+        let mut copied = 0u64;
+        let mut c = 0u64;
+        while c < clusters {
+            let mut batch = Vec::new();
+            {
+                let st = self.state.read().map_err(|_| lock_err())?;
+                let stop = (c + SCAN).min(clusters);
+                while c < stop && batch.len() < COPY {
+                    let p = c as usize / ENTRIES;
+                    if st.map.page(p).is_none() {
+                        c = ((p as u64 + 1) * ENTRIES as u64).min(clusters);
+                        continue;
+                    }
+                    if owned(st.map.get(c)) {
+                        batch.push(c);
+                    }
+                    c += 1;
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let commit_due = {
+                let _io = self.gate.read().map_err(|_| lock_err())?;
+                let _a = self.alloc.lock().map_err(|_| lock_err())?;
+                let mut due = false;
+                for cluster in batch {
+                    // Looked at again under the lock: a client may have written it.
+                    let e = self.state.read().map_err(|_| lock_err())?.map.get(cluster);
+                    if !owned(e) {
+                        continue;
+                    }
+                    if entry::host(e).is_none() {
+                        self.remap(cluster, cluster + 1, entry::zero(self.top))?;
+                        due |= self.commit_due()?;
+                        continue;
+                    }
+                    let start = cluster << bits;
+                    let len = cs.min(size - start) as usize;
+                    let buf = read_into_new(len, |buf| {
+                        let pieces = {
+                            let st = self.state.read().map_err(|_| lock_err())?;
+                            self.plan(&st.map, start, len as u64)
+                        };
+                        self.read_pieces(&pieces, start, buf)
+                    })?;
+                    due |= self.write_allocating(start, &buf)?;
+                    copied += len as u64;
+                }
+                due
+            };
+            if commit_due {
+                self.flush()?;
+            }
+        }
+        Ok(copied)
     }
 
     /// Lets [`Chain::read_sparse`] return data that points into mappings of the layers'
@@ -1295,27 +1469,16 @@ impl Chain {
     /// Writes a new header (a changed backing reference) to the older slot, durably.
     pub fn rewrite_header(&mut self, header: Header) -> Result<()> {
         self.check_writable("rewrite header")?;
-        let mut header = header;
-        header.sequence = self.header.sequence + 1;
-        if let Some(b) = &header.backing {
-            if b.path.len() > format::MAX_BACKING_PATH {
-                return Err(Error::msg(
-                    ErrorKind::InvalidInput,
-                    "backing path is too long",
-                ));
-            }
-        }
-        let slot = 1 - self.header_slot;
-        let bytes = format::encode_header(&header);
         let storage = Arc::clone(self.storage());
-        let err = self.io_err("rewrite header", 0, PAGE as u64);
-        storage.sync().map_err(&err)?;
-        storage
-            .write_at(&[&bytes[..]], (slot * PAGE) as u64)
-            .map_err(&err)?;
-        storage.sync().map_err(&err)?;
-        self.header = header;
-        self.header_slot = slot;
+        let path = self.path().to_path_buf();
+        self.header = store_header(
+            storage.as_ref(),
+            &path,
+            &self.header,
+            self.header_slot,
+            header,
+        )?;
+        self.header_slot = 1 - self.header_slot;
         Ok(())
     }
 
@@ -1337,6 +1500,43 @@ impl Chain {
         st.eof = start;
         Ok(eof - start)
     }
+}
+
+/// Writes `header` (with the sequence after `current`'s) into the slot other than
+/// `current_slot`, durably, and returns it as written. The data and map it describes
+/// must be durable already; the old version stays intact until the new one is.
+pub(crate) fn store_header(
+    storage: &dyn Storage,
+    path: &Path,
+    current: &Header,
+    current_slot: usize,
+    header: Header,
+) -> Result<Header> {
+    let mut header = header;
+    header.sequence = current.sequence + 1;
+    if let Some(b) = &header.backing {
+        if b.path.len() > format::MAX_BACKING_PATH {
+            return Err(
+                Error::msg(ErrorKind::InvalidInput, "backing path is too long")
+                    .with_op("rewrite header")
+                    .with_path(path),
+            );
+        }
+    }
+    let slot = 1 - current_slot;
+    let bytes = format::encode_header(&header);
+    let err = |e: std::io::Error| {
+        Error::from(e)
+            .with_op("rewrite header")
+            .with_range(0, PAGE as u64)
+            .with_path(path)
+    };
+    storage.sync().map_err(err)?;
+    storage
+        .write_at(&[&bytes[..]], (slot * PAGE) as u64)
+        .map_err(err)?;
+    storage.sync().map_err(err)?;
+    Ok(header)
 }
 
 /// A new buffer of `len` bytes filled by `fill`, which must initialise all of it when it

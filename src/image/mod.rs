@@ -17,6 +17,7 @@ pub mod format;
 pub mod layer;
 pub mod map;
 pub mod sim;
+pub mod snapshot;
 pub mod storage;
 pub mod tools;
 
@@ -121,7 +122,7 @@ pub fn fingerprint(storage: &dyn Storage, size: u64) -> std::io::Result<[u8; 16]
 }
 
 /// Random bytes from the kernel, for image identities.
-fn random_id() -> Result<[u8; 16]> {
+pub(crate) fn random_id() -> Result<[u8; 16]> {
     let mut id = [0u8; 16];
     let mut got = 0;
     while got < id.len() {
@@ -333,7 +334,13 @@ pub fn inspect(path: &Path) -> Result<Chain> {
     open_storage(Arc::new(FileStorage::open_unlocked(path)?), path, false)
 }
 
-fn open_storage(storage: Arc<dyn Storage>, path: &Path, writable: bool) -> Result<Chain> {
+/// Opens the image at `path` whose file is already open as `storage` (keeping its lock),
+/// with its backing chain; backing layers open in this process are shared.
+pub(crate) fn open_storage(
+    storage: Arc<dyn Storage>,
+    path: &Path,
+    writable: bool,
+) -> Result<Chain> {
     let (scan, lower) = scan_with_backing(storage.as_ref(), path, &mut vec![file_id(path)?])?;
     let mut chain = Chain::new(storage, path, scan, lower.as_deref(), writable)?;
     chain.lower = lower;
@@ -401,6 +408,23 @@ type LowerCache = Mutex<HashMap<(u64, u64), Weak<Lower>>>;
 fn lower_cache() -> &'static LowerCache {
     static CACHE: OnceLock<LowerCache> = OnceLock::new();
     CACHE.get_or_init(LowerCache::default)
+}
+
+/// Makes backing chains opened from now on read the file at `path` afresh instead of
+/// sharing the copy open in this process (its metadata changed on disk).
+pub(crate) fn forget_shared(path: &Path) {
+    if let (Ok(id), Ok(mut cache)) = (file_id(path), lower_cache().lock()) {
+        cache.remove(&id);
+    }
+}
+
+/// Lets overlays opened from now on share `lower`, the chain whose top is the file at
+/// `path`.
+pub(crate) fn share(path: &Path, lower: &Arc<Lower>) {
+    if let (Ok(id), Ok(mut cache)) = (file_id(path), lower_cache().lock()) {
+        cache.retain(|_, w| w.strong_count() > 0);
+        cache.insert(id, Arc::downgrade(lower));
+    }
 }
 
 /// Opens `path` as a read-only backing chain, checking it against `expected` (what the

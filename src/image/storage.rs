@@ -72,6 +72,11 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn in_memory(&self) -> bool {
         false
     }
+    /// Lets other readers open the file from now on: the layer became read-only (a
+    /// snapshot). Storages without locks do nothing.
+    fn share_lock(&self) -> io::Result<()> {
+        Ok(())
+    }
     /// `[offset, offset + len)` without copying, for a reply that only the kernel will
     /// read, holding `pin` until the bytes are dropped. `None` when the storage cannot
     /// (see [`crate::mapping`]); writable storages are only asked for ranges they hold
@@ -144,6 +149,19 @@ impl FileStorage {
     pub fn open_unlocked(path: &Path) -> Result<FileStorage> {
         let file = File::open(path).map_err(|e| Error::from(e).with_op("open").with_path(path))?;
         Self::from_file(file, path, false, false)
+    }
+
+    /// Opens `path` for writing without taking any lock, for merging clusters into a
+    /// read-only snapshot layer that this process serves (and so holds a shared lock
+    /// on): the clusters added are copies of what the layer below already returns, so
+    /// readers of the layer see the same bytes throughout.
+    pub(crate) fn open_for_merge(path: &Path) -> Result<FileStorage> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::from(e).with_op("open").with_path(path))?;
+        Self::from_file(file, path, true, false)
     }
 
     /// Creates `path`, which must not exist, and locks it exclusively.
@@ -239,6 +257,10 @@ fn flock(file: &File, lock: Lock) -> io::Result<()> {
 }
 
 impl Storage for FileStorage {
+    fn share_lock(&self) -> io::Result<()> {
+        flock(&self.file, Lock::Shared)
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut done = 0;
         while done < buf.len() {

@@ -243,3 +243,11 @@ pub const BASE_ALLOCATION: &str = "base:allocation";
 /// provides the data: 0 for none (reads as zeroes), 1 for the top layer, 2 for the layer
 /// below it, and so on. The whole 32-bit status value is the depth.
 pub const QEMU_ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+
+/// Prefix of qemu's metadata contexts reporting, per extent, whether it changed since a
+/// point in time (for Strata, a snapshot): `qemu:dirty-bitmap:NAME`. Status bit 0 set
+/// means changed.
+pub const QEMU_DIRTY_BITMAP: &str = "qemu:dirty-bitmap:";
+
+/// Status bit of a changed extent in a `qemu:dirty-bitmap:` context.
+pub const STATE_DIRTY: u32 = 1;

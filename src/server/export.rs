@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use crate::backend::{Capabilities, DynBackend, SharedBackend};
+use crate::proto::consts::QEMU_DIRTY_BITMAP;
 use crate::proto::consts::transmission_flags as tf;
 use crate::proto::handshake::default_meta_contexts;
 use crate::proto::{BlockSizes, ExportCatalog, ExportInfo, ExportSummary};
@@ -76,6 +77,19 @@ impl Export {
         flags_for(&self.backend.capabilities())
     }
 
+    /// The metadata contexts clients may select: those of every export, then one
+    /// `qemu:dirty-bitmap:NAME` per snapshot the backend can compare the disk with.
+    pub fn meta_contexts(&self) -> Vec<String> {
+        let mut contexts = default_meta_contexts();
+        contexts.extend(
+            self.backend
+                .dirty_bitmaps()
+                .into_iter()
+                .map(|name| format!("{QEMU_DIRTY_BITMAP}{name}")),
+        );
+        contexts
+    }
+
     /// What the handshake reports about this export.
     pub fn info(&self) -> ExportInfo {
         let bs = DynBackend::block_size(&*self.backend);
@@ -89,7 +103,7 @@ impl Export {
                 preferred: bs.preferred,
                 maximum: bs.maximum,
             },
-            meta_contexts: default_meta_contexts(),
+            meta_contexts: self.meta_contexts(),
         }
     }
 }

@@ -24,9 +24,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::listener::{ReadHalf, WriteHalf};
-use crate::backend::{Backend, DepthExtent, Extent, ReadChunk, SharedBackend, ZeroFlags};
+use crate::backend::{
+    Backend, DepthExtent, DirtyExtent, Extent, ReadChunk, SharedBackend, ZeroFlags,
+};
 use crate::error::Error;
-use crate::proto::consts::{BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH, cmd_flags, errno, state};
+use crate::proto::consts::{
+    BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH, QEMU_DIRTY_BITMAP, STATE_DIRTY, cmd_flags, errno, state,
+};
 use crate::proto::reply::{self, ChunkTarget, Descriptor, ReplyMode};
 use crate::proto::{Command, Limits, MetaContext, Negotiated, ProtocolError, RequestHeader};
 use crate::proto::{errno_for, validate};
@@ -411,6 +415,11 @@ impl Context {
                 let extents = self.backend.allocation_depth(offset, len).await?;
                 normalize_extents(&extents, len, max_len, req_one)
             }
+            name if name.starts_with(QEMU_DIRTY_BITMAP) => {
+                let bitmap = name[QEMU_DIRTY_BITMAP.len()..].to_owned();
+                let extents = self.backend.dirty_status(bitmap, offset, len).await?;
+                normalize_extents(&extents, len, max_len, req_one)
+            }
             // The handshake selects only contexts the export offers, all of them above.
             _ => normalize_extents::<Extent>(&[], len, max_len, req_one),
         })
@@ -459,6 +468,20 @@ impl StatusExtent for DepthExtent {
 
     fn flags(&self) -> u64 {
         u64::from(self.depth)
+    }
+}
+
+/// `qemu:dirty-bitmap:NAME`: the dirty bit; an unknown range counts as changed, so that
+/// a backup copies it rather than missing it.
+impl StatusExtent for DirtyExtent {
+    const UNKNOWN: u64 = STATE_DIRTY as u64;
+
+    fn length(&self) -> u64 {
+        self.length
+    }
+
+    fn flags(&self) -> u64 {
+        if self.dirty { Self::UNKNOWN } else { 0 }
     }
 }
 

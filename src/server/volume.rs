@@ -7,14 +7,18 @@
 //! to the image (`IMAGE.snapshots/NAME.strata`), linked into its backing chain; see
 //! `docs/snapshots.md`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use tracing::info;
 
-use crate::backend::SharedBackend;
+use crate::backend::switch::Paused;
+use crate::backend::{ImageBackend, SharedBackend, Switchable};
 use crate::error::{Error, ErrorKind, Result};
+use crate::image::{self, Chain, snapshot};
 
 /// A snapshot of a volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -68,7 +72,15 @@ pub struct DirtyRange {
 /// A Strata image served with snapshots. See the [module documentation](self).
 pub struct Volume {
     path: PathBuf,
+    read_only: bool,
+    switch: Arc<Switchable<ImageBackend>>,
     backend: SharedBackend,
+    /// The backend in place, for answers that need not wait for a pause to end.
+    live: Mutex<ImageBackend>,
+    /// Serialises snapshot operations.
+    ops: tokio::sync::Mutex<()>,
+    /// Exports serving a snapshot: export name -> snapshot name.
+    served: Mutex<BTreeMap<String, String>>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -79,24 +91,40 @@ impl std::fmt::Debug for Volume {
     }
 }
 
-fn unavailable() -> Error {
-    Error::msg(ErrorKind::NotSupported, "snapshots are not available yet")
+/// How long a pause waits for replies still queued for slow clients to leave, before
+/// a chain that reuses their space may replace the one they point into.
+const REPLY_DRAIN: Duration = Duration::from_secs(5);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Runs blocking storage work off the network threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(Error::msg(ErrorKind::Io, "snapshot task failed").with_source(e)),
+    }
 }
 
 impl Volume {
     /// Opens the Strata image at `path` for serving (finishing or undoing any snapshot
     /// operation a crash interrupted first), read-write unless `read_only`.
     pub fn open(path: &Path, read_only: bool) -> Result<Arc<Volume>> {
-        let backend = crate::backend::open_as(
-            path.to_str().ok_or_else(|| {
-                Error::msg(ErrorKind::InvalidInput, "path is not valid UTF-8").with_path(path)
-            })?,
-            read_only,
-            Some(crate::image::Format::Strata),
-        )?;
+        if !read_only {
+            snapshot::recover(path)?;
+        }
+        let backend = ImageBackend::new(image::open(path, !read_only)?);
+        let switch = Arc::new(Switchable::new(backend.clone()));
+        let shared: SharedBackend = switch.clone();
         Ok(Arc::new(Volume {
             path: path.to_path_buf(),
-            backend,
+            read_only,
+            switch,
+            backend: shared,
+            live: Mutex::new(backend),
+            ops: tokio::sync::Mutex::new(()),
+            served: Mutex::new(BTreeMap::new()),
         }))
     }
 
@@ -111,9 +139,50 @@ impl Volume {
         &self.backend
     }
 
+    fn chain(&self) -> Arc<Chain> {
+        Arc::clone(lock(&self.live).chain())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(Error::msg(
+                ErrorKind::ReadOnly,
+                "the image is served read-only: snapshots need a writable image",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Puts `chain` in place of the live chain while requests are paused.
+    fn install(&self, paused: &mut Paused<'_, ImageBackend>, chain: Chain) {
+        let backend = ImageBackend::new(chain);
+        paused.replace(backend.clone());
+        *lock(&self.live) = backend;
+    }
+
+    fn info(&self, s: &snapshot::Snapshot) -> SnapshotInfo {
+        let exported_as = lock(&self.served)
+            .iter()
+            .find(|(_, snap)| **snap == s.name)
+            .map(|(export, _)| export.clone());
+        SnapshotInfo {
+            name: s.name.clone(),
+            created: s.created,
+            path: s.path.clone(),
+            allocated: s.allocated,
+            exported_as,
+        }
+    }
+
     /// The volume's snapshots, newest first.
     pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
-        Err(unavailable())
+        let chain = self.chain();
+        Ok(snapshot::in_chain(&chain)
+            .iter()
+            .rev()
+            .map(|s| self.info(s))
+            .collect())
     }
 
     /// Takes a snapshot named `name` of the live disk: every write acknowledged before
@@ -122,8 +191,73 @@ impl Volume {
     /// Fails with [`ErrorKind::InvalidInput`] for a bad name, [`ErrorKind::AlreadyExists`]
     /// when the name is taken, [`ErrorKind::ReadOnly`] for a read-only volume.
     pub async fn snapshot(&self, name: &str) -> Result<Taken> {
-        let _ = name;
-        Err(unavailable())
+        self.check_writable()?;
+        let _op = self.ops.lock().await;
+        let chain = self.chain();
+        let prepared = {
+            let (live, name, chain) = (self.path.clone(), name.to_owned(), Arc::clone(&chain));
+            blocking(move || {
+                let prepared = snapshot::prepare(&live, &name, &chain)?;
+                // Commit outside the pause, so that the commit inside it is small.
+                if let Err(e) = chain.flush() {
+                    prepared.abandon();
+                    return Err(e);
+                }
+                Ok(prepared)
+            })
+            .await?
+        };
+        let start = Instant::now();
+        let mut paused = self.switch.pause().await;
+        let new = {
+            let chain = Arc::clone(&chain);
+            blocking(move || snapshot::switch(prepared, &chain)).await?
+        };
+        self.install(&mut paused, new);
+        drop(paused);
+        let pause = start.elapsed();
+        {
+            let (live, name) = (self.path.clone(), name.to_owned());
+            blocking(move || {
+                snapshot::record_taken(&live, &name);
+                Ok(())
+            })
+            .await?;
+        }
+        info!(volume = %self.path.display(), snapshot = name, pause_us = pause.as_micros() as u64, "snapshot taken");
+        let taken = snapshot::find(&self.chain(), name)?;
+        Ok(Taken {
+            snapshot: self.info(&taken),
+            pause,
+        })
+    }
+
+    fn refuse_served(&self, names: &[&str]) -> Result<()> {
+        let served = lock(&self.served);
+        if let Some((export, snap)) = served.iter().find(|(_, s)| names.contains(&s.as_str())) {
+            return Err(Error::msg(
+                ErrorKind::Busy,
+                format!(
+                    "snapshot {snap:?} is served as export {export:?}; remove that export first"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Waits, while paused, until no reply points into the files of `chain` any more.
+    async fn drain_replies(chain: &Chain) -> Result<()> {
+        let deadline = Instant::now() + REPLY_DRAIN;
+        while chain.replies_pinned() {
+            if Instant::now() >= deadline {
+                return Err(Error::msg(
+                    ErrorKind::Busy,
+                    "a client is slow to take its replies; try again",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
     }
 
     /// Deletes snapshot `name`, merging the clusters it holds into the layer above it,
@@ -131,8 +265,54 @@ impl Volume {
     /// copied. Fails with [`ErrorKind::NotFound`], or [`ErrorKind::Busy`] while the
     /// snapshot is served as an export.
     pub async fn delete_snapshot(&self, name: &str) -> Result<u64> {
-        let _ = name;
-        Err(unavailable())
+        self.check_writable()?;
+        let _op = self.ops.lock().await;
+        self.refuse_served(&[name])?;
+        let chain = self.chain();
+        let snap = snapshot::find(&chain, name)?;
+        let below_live = snap.layer + 1 == usize::from(chain.top_index());
+        let copied = {
+            let (live, chain, snap) = (self.path.clone(), Arc::clone(&chain), snap.clone());
+            blocking(move || {
+                snapshot::begin_delete(&live, &snap)?;
+                if below_live {
+                    let owner = u16::try_from(snap.layer).expect("layer index fits");
+                    let copied = chain.absorb(owner)?;
+                    chain.flush()?;
+                    Ok(copied)
+                } else {
+                    snapshot::merge_into_snapshot(&chain, &snap)
+                }
+            })
+            .await?
+        };
+        let mut paused = self.switch.pause().await;
+        Self::drain_replies(&chain).await?;
+        let new = {
+            let (chain, snap) = (Arc::clone(&chain), snap.clone());
+            blocking(move || {
+                chain.flush()?;
+                if below_live {
+                    snapshot::bypass_below_live(&chain, &snap)?;
+                } else {
+                    // Chains opened above the merged layer embed the deleted one.
+                    for layer in &chain.layers()[snap.layer + 1..usize::from(chain.top_index())] {
+                        image::forget_shared(&layer.path);
+                    }
+                }
+                snapshot::reopen(&chain)
+            })
+            .await?
+        };
+        self.install(&mut paused, new);
+        drop(paused);
+        drop(chain);
+        {
+            let (live, name) = (self.path.clone(), name.to_owned());
+            blocking(move || snapshot::finish_delete(&live, &name)).await?;
+        }
+        info!(volume = %self.path.display(), snapshot = name, copied, "snapshot deleted");
+        Ok(copied)
     }
 
     /// Returns the live disk to snapshot `name`'s contents. With `connected` clients
@@ -144,36 +324,95 @@ impl Volume {
         options: RollbackOptions,
         connected: usize,
     ) -> Result<()> {
-        let _ = (name, options, connected);
-        Err(unavailable())
+        self.check_writable()?;
+        let _op = self.ops.lock().await;
+        let chain = self.chain();
+        let snap = snapshot::find(&chain, name)?;
+        if connected > 0 && !options.force {
+            return Err(Error::msg(
+                ErrorKind::Busy,
+                format!(
+                    "{connected} client(s) connected: the disk would change under them; \
+                     disconnect them or force the rollback"
+                ),
+            ));
+        }
+        let newer: Vec<String> = snapshot::in_chain(&chain)
+            .into_iter()
+            .filter(|s| s.layer > snap.layer)
+            .map(|s| s.name)
+            .collect();
+        if !newer.is_empty() && !options.destroy_newer {
+            return Err(Error::msg(
+                ErrorKind::Busy,
+                format!(
+                    "newer snapshots exist ({}): a rollback to {name:?} deletes them; \
+                     allow that explicitly",
+                    newer.join(", ")
+                ),
+            ));
+        }
+        let refs: Vec<&str> = newer.iter().map(String::as_str).collect();
+        self.refuse_served(&refs)?;
+        let rollback = {
+            let (live, chain, snap) = (self.path.clone(), Arc::clone(&chain), snap.clone());
+            blocking(move || snapshot::prepare_rollback(&live, &chain, &snap, newer)).await?
+        };
+        let rollback = Arc::new(rollback);
+        let mut paused = self.switch.pause().await;
+        let switched = {
+            let rollback = Arc::clone(&rollback);
+            blocking(move || snapshot::switch_rollback(&rollback)).await
+        };
+        let rollback = Arc::into_inner(rollback).expect("the switch task has finished");
+        match switched {
+            Ok(new) => self.install(&mut paused, new),
+            Err(e) => {
+                drop(paused);
+                rollback.abandon();
+                return Err(e);
+            }
+        }
+        drop(paused);
+        drop(chain);
+        blocking(move || rollback.finish()).await?;
+        info!(volume = %self.path.display(), snapshot = name, "rolled back");
+        Ok(())
     }
 
     /// The ranges of the live disk written since snapshot `since`.
     pub async fn dirty(&self, since: &str) -> Result<Vec<DirtyRange>> {
-        let _ = since;
-        Err(unavailable())
+        let chain = self.chain();
+        let snap = snapshot::find(&chain, since)?;
+        blocking(move || dirty_ranges(&chain, snap.layer)).await
     }
 
     /// Opens snapshot `name` read-only, to be served as the export `export_name`;
     /// the snapshot cannot be deleted until [`Volume::unserve`] is called for it.
     pub fn serve_snapshot(&self, name: &str, export_name: &str) -> Result<SharedBackend> {
-        let _ = (name, export_name);
-        Err(unavailable())
+        let snap = snapshot::find(&self.chain(), name)?;
+        let backend = ImageBackend::new(image::open(&snap.path, false)?);
+        lock(&self.served).insert(export_name.to_owned(), name.to_owned());
+        Ok(Arc::new(backend))
     }
 
     /// Forgets that the export `export_name` serves a snapshot (it was removed).
     pub fn unserve(&self, export_name: &str) {
-        let _ = export_name;
+        lock(&self.served).remove(export_name);
     }
 }
 
-/// Is `name` acceptable as a snapshot or export name: 1 to 64 characters of ASCII
-/// letters, digits, `.`, `_`, `-` and `@`, not starting with `.` or `-`?
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with(['.', '-'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@'))
+/// The ranges of `chain` written since the snapshot at layer `layer`.
+pub fn dirty_ranges(chain: &Chain, layer: usize) -> Result<Vec<DirtyRange>> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    for (length, changed) in snapshot::changed_since(chain, layer, 0, chain.size())? {
+        if changed {
+            out.push(DirtyRange { offset, length });
+        }
+        offset += length;
+    }
+    Ok(out)
 }
+
+pub use snapshot::valid_name;

@@ -1,0 +1,821 @@
+//! Snapshots of a live image, as files linked into its backing chain.
+//!
+//! The snapshots of the image `DIR/disk.strata` live in `DIR/disk.strata.snapshots/`,
+//! one Strata image per snapshot (`NAME.strata`), and form the live image's backing
+//! chain, newest on top:
+//!
+//! ```text
+//!   disk.strata  ──>  disk.strata.snapshots/monday.strata  ──>  …sunday.strata  ──>  base
+//!   (live, rw)        (read-only: what changed until Monday)
+//! ```
+//!
+//! Taking a snapshot turns the live top into the newest snapshot: the file gains a
+//! second name in the snapshot directory, and a new, empty overlay takes the live name.
+//! The chain itself is the record of which snapshots exist and in what order; a small
+//! manifest (`manifest.json`) adds creation times and the intent of a deletion or
+//! rollback in progress, so that [`recover`] can finish or undo it after a crash.
+//!
+//! Every operation is ordered so that a crash at any point leaves either the old chain or
+//! the new one (`docs/snapshots.md` walks through each step):
+//!
+//! - **take**: the new overlay is written under a temporary name; then the live file is
+//!   linked to the snapshot name (a crash here leaves the snapshot name and the live
+//!   name on one file, which [`recover`] unlinks); then the overlay is renamed over the
+//!   live name, atomically.
+//! - **delete**: the snapshot's clusters are copied into the layer above it, which then
+//!   reads the same without it; that layer's header is pointed past it; only then is
+//!   the snapshot's file removed.
+//! - **rollback**: a new overlay of the target is renamed over the live name; newer
+//!   snapshots are removed afterwards.
+//!
+//! Changes since a snapshot need no bitmap of their own: a cluster changed after
+//! snapshot S exactly when a layer above S holds it, which the merged map already
+//! knows ([`changed_since`]).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::chain::{Chain, Lower, store_header};
+use super::format::{Backing, BackingKind, Header};
+use super::layer;
+use super::storage::{FileStorage, Storage};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Suffix of the directory holding an image's snapshots.
+pub const DIR_SUFFIX: &str = ".snapshots";
+/// Extension of snapshot files.
+const EXT: &str = "strata";
+/// Prefix of overlays being prepared, which [`recover`] removes.
+const TMP_PREFIX: &str = ".new-";
+const MANIFEST: &str = "manifest.json";
+
+/// Is `name` acceptable as a snapshot name (and as an export name): 1 to 64 ASCII
+/// letters, digits, `.`, `_`, `-` and `@`, not starting with `.` or `-`? Such a name is
+/// never a path: it cannot climb out of the snapshot directory.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@'))
+}
+
+fn check_name(name: &str) -> Result<()> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(Error::msg(
+            ErrorKind::InvalidInput,
+            format!(
+                "invalid snapshot name {name:?}: use 1 to 64 letters, digits, '.', '_', '-' \
+                 or '@', not starting with '.' or '-'"
+            ),
+        ))
+    }
+}
+
+/// The directory holding the snapshots of the live image at `live`.
+pub fn dir_of(live: &Path) -> PathBuf {
+    let mut name = live.file_name().unwrap_or_default().to_os_string();
+    name.push(DIR_SUFFIX);
+    live.with_file_name(name)
+}
+
+/// The file of snapshot `name` of the live image at `live`.
+pub fn file_of(live: &Path, name: &str) -> PathBuf {
+    dir_of(live).join(format!("{name}.{EXT}"))
+}
+
+fn tmp_of(live: &Path, name: &str) -> PathBuf {
+    dir_of(live).join(format!("{TMP_PREFIX}{name}.{EXT}"))
+}
+
+/// A snapshot found in a chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Its name.
+    pub name: String,
+    /// Its index in [`Chain::layers`] (0 is the bottom).
+    pub layer: usize,
+    /// Its file.
+    pub path: PathBuf,
+    /// When it was taken, in seconds since the Unix epoch.
+    pub created: u64,
+    /// Bytes of data clusters it holds itself.
+    pub allocated: u64,
+}
+
+/// The snapshot directory of a chain: its top's own directory when the top is itself a
+/// snapshot, else the directory next to the top.
+fn dir_of_chain(chain: &Chain) -> PathBuf {
+    let top = chain.path();
+    match top.parent() {
+        Some(p)
+            if p.file_name()
+                .is_some_and(|n| n.to_string_lossy().ends_with(DIR_SUFFIX)) =>
+        {
+            p.to_path_buf()
+        }
+        _ => dir_of(top),
+    }
+}
+
+/// The snapshots among the layers of `chain` below its top, oldest first.
+pub fn in_chain(chain: &Chain) -> Vec<Snapshot> {
+    let dir = dir_of_chain(chain);
+    let Ok(dir_canon) = std::fs::canonicalize(&dir) else {
+        return Vec::new();
+    };
+    let manifest = Manifest::load(&dir);
+    let layers = chain.layers();
+    let mut out = Vec::new();
+    for (i, layer) in layers[..layers.len() - 1].iter().enumerate() {
+        let in_dir = layer
+            .path
+            .parent()
+            .and_then(|p| std::fs::canonicalize(p).ok())
+            .is_some_and(|p| p == dir_canon);
+        if !in_dir || layer.path.extension().is_none_or(|e| e != EXT) {
+            continue;
+        }
+        let Some(name) = layer.path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        if !valid_name(name) {
+            continue;
+        }
+        let allocated = match &layer.kind {
+            super::chain::LayerKind::Strata { header, clusters } => {
+                clusters.0 * header.cluster_size()
+            }
+            super::chain::LayerKind::Raw { .. } => continue,
+        };
+        let created = manifest
+            .snapshots
+            .get(name)
+            .map(|e| e.created)
+            .or_else(|| modified(&layer.path))
+            .unwrap_or(0);
+        out.push(Snapshot {
+            name: name.to_owned(),
+            layer: i,
+            path: layer.path.clone(),
+            created,
+            allocated,
+        });
+    }
+    out
+}
+
+fn modified(path: &Path) -> Option<u64> {
+    let m = std::fs::metadata(path).ok()?.modified().ok()?;
+    Some(m.duration_since(UNIX_EPOCH).ok()?.as_secs())
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Finds snapshot `name` in `chain`.
+pub fn find(chain: &Chain, name: &str) -> Result<Snapshot> {
+    check_name(name)?;
+    in_chain(chain)
+        .into_iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| Error::msg(ErrorKind::NotFound, format!("no snapshot named {name:?}")))
+}
+
+/// Which parts of `[offset, offset + len)` were written after the snapshot at layer
+/// `layer` of `chain`: exactly those some layer above it holds. Returns contiguous
+/// `(length, changed)` runs covering the range.
+pub fn changed_since(
+    chain: &Chain,
+    layer: usize,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<(u64, bool)>> {
+    // Depth 1 is the top; the layers above `layer` have depths 1 ..= top - layer.
+    let above = u32::from(chain.top_index()) - layer as u32;
+    let mut out: Vec<(u64, bool)> = Vec::new();
+    for (length, depth) in chain.allocation_depth(offset, len)? {
+        let changed = depth >= 1 && depth <= above;
+        match out.last_mut() {
+            Some((l, c)) if *c == changed => *l += length,
+            _ => out.push((length, changed)),
+        }
+    }
+    Ok(out)
+}
+
+// --- the manifest ------------------------------------------------------------------
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Manifest {
+    #[serde(default)]
+    snapshots: BTreeMap<String, Entry>,
+    /// An operation that changes the chain and then removes files, recorded before it
+    /// starts so that a crash between the two can be finished.
+    #[serde(default)]
+    pending: Option<Pending>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Entry {
+    created: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Pending {
+    /// Snapshot `name` is being deleted: once the chain no longer uses its file, the
+    /// file goes.
+    Delete { name: String },
+    /// The live image is being replaced by the overlay with image id `new_id` (hex)
+    /// over snapshot `to`; once it is, the snapshots in `discard` go.
+    Rollback {
+        to: String,
+        new_id: String,
+        discard: Vec<String>,
+    },
+}
+
+impl Manifest {
+    /// The manifest in `dir`; a missing or unreadable one is empty (it only adds
+    /// detail to what the chain says).
+    fn load(dir: &Path) -> Manifest {
+        let path = dir.join(MANIFEST);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                warn!("ignoring unreadable {}: {e}", path.display());
+                Manifest::default()
+            }),
+            Err(_) => Manifest::default(),
+        }
+    }
+
+    /// Replaces the manifest in `dir` atomically and durably.
+    fn store(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(MANIFEST);
+        let tmp = dir.join(format!(".{MANIFEST}.tmp"));
+        let err = |e: std::io::Error| Error::from(e).with_op("write manifest").with_path(&path);
+        let bytes = serde_json::to_vec_pretty(self).expect("a manifest serialises");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(err)?;
+            f.write_all(&bytes).map_err(err)?;
+            f.sync_all().map_err(err)?;
+        }
+        std::fs::rename(&tmp, &path).map_err(err)?;
+        sync_dir(dir)
+    }
+}
+
+/// Makes the directory's entries (creations, renames, removals) durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    let d = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    std::fs::File::open(d)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::from(e).with_op("sync directory").with_path(d))
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+fn remove_file(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::from(e).with_op("remove").with_path(path)),
+    }
+}
+
+/// Stops the process at a named step of a snapshot operation, when the environment
+/// variable `STRATA_FAILPOINT` names it: the crash tests kill the server at each step
+/// this way and check what a restart finds.
+pub fn failpoint(step: &str) {
+    static CHOSEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let chosen = CHOSEN.get_or_init(|| std::env::var("STRATA_FAILPOINT").ok());
+    if chosen.as_deref() == Some(step) {
+        eprintln!("strata: stopping at failpoint {step}");
+        std::process::abort();
+    }
+}
+
+/// An empty overlay of the live image at `live`, created under a temporary name with
+/// its backing set to `backing` (the file it will refer to once renamed to `live`).
+fn new_overlay(
+    live: &Path,
+    tmp: &Path,
+    backing_path: &Path,
+    backing: &Header,
+) -> Result<(Arc<dyn Storage>, layer::Scan, Header)> {
+    let header = Header {
+        sequence: 1,
+        virtual_size: backing.virtual_size,
+        cluster_bits: backing.cluster_bits,
+        incompatible: 0,
+        compatible: 0,
+        image_id: super::random_id()?,
+        backing: Some(Backing {
+            kind: BackingKind::Strata,
+            path: super::backing_reference(live, backing_path)?,
+            size: backing.virtual_size,
+            identity: backing.image_id,
+        }),
+    };
+    remove_file(tmp)?;
+    let storage = FileStorage::create(tmp)?;
+    super::write_new(&storage, &header).map_err(|e| {
+        let _ = std::fs::remove_file(tmp);
+        Error::from(e).with_op("create").with_path(tmp)
+    })?;
+    let storage: Arc<dyn Storage> = Arc::new(storage);
+    let scan = layer::scan(storage.as_ref(), tmp)?.into_result(tmp)?;
+    Ok((storage, scan, header))
+}
+
+// --- taking a snapshot ---------------------------------------------------------------
+
+/// A snapshot being taken: its overlay is ready, the switch is yet to happen.
+pub struct Prepared {
+    live: PathBuf,
+    name: String,
+    tmp: PathBuf,
+    snap: PathBuf,
+    storage: Arc<dyn Storage>,
+    scan: layer::Scan,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("snap", &self.snap)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Prepared {
+    /// The snapshot's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The snapshot's file.
+    pub fn path(&self) -> &Path {
+        &self.snap
+    }
+
+    /// Gives up: removes the overlay that was prepared.
+    pub fn abandon(self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// First half of taking snapshot `name` of the live image `live` open as `chain`: checks
+/// the name and writes the new overlay, without disturbing clients.
+pub fn prepare(live: &Path, name: &str, chain: &Chain) -> Result<Prepared> {
+    check_name(name)?;
+    if !chain.writable() {
+        return Err(Error::msg(
+            ErrorKind::ReadOnly,
+            "the image is served read-only: a snapshot needs a writable image",
+        ));
+    }
+    let dir = dir_of(live);
+    let snap = file_of(live, name);
+    if snap.exists() || in_chain(chain).iter().any(|s| s.name == name) {
+        return Err(Error::msg(
+            ErrorKind::AlreadyExists,
+            format!("a snapshot named {name:?} exists already"),
+        ));
+    }
+    if !dir.is_dir() {
+        std::fs::create_dir(&dir).map_err(|e| Error::from(e).with_op("create").with_path(&dir))?;
+        sync_dir(parent_dir(live))?;
+    }
+    let tmp = tmp_of(live, name);
+    let (storage, scan, _) = new_overlay(live, &tmp, &snap, chain.header())?;
+    sync_dir(&dir)?;
+    Ok(Prepared {
+        live: live.to_path_buf(),
+        name: name.to_owned(),
+        tmp,
+        snap,
+        storage,
+        scan,
+    })
+}
+
+/// Second half, run while no request is in progress: commits what `chain` holds,
+/// makes its file the snapshot and the prepared overlay the live image, and returns
+/// the new live chain. On an error before the switch, the old chain is untouched and
+/// still live; the prepared overlay is removed.
+pub fn switch(prepared: Prepared, chain: &Chain) -> Result<Chain> {
+    let frozen = chain.flush().and_then(|()| chain.freeze(&prepared.snap));
+    let frozen = match frozen {
+        Ok(f) => f,
+        Err(e) => {
+            prepared.abandon();
+            return Err(e);
+        }
+    };
+    let dir = dir_of(&prepared.live);
+    let linked = std::fs::hard_link(&prepared.live, &prepared.snap)
+        .map_err(|e| Error::from(e).with_op("snapshot").with_path(&prepared.snap))
+        .and_then(|()| sync_dir(&dir));
+    if let Err(e) = linked {
+        let _ = std::fs::remove_file(&prepared.snap);
+        prepared.abandon();
+        return Err(e);
+    }
+    failpoint("snapshot-linked");
+    let renamed = std::fs::rename(&prepared.tmp, &prepared.live)
+        .map_err(|e| Error::from(e).with_op("snapshot").with_path(&prepared.live))
+        .and_then(|()| sync_dir(parent_dir(&prepared.live)));
+    if let Err(e) = renamed {
+        // The live name still names the old image (a rename is all or nothing); only
+        // the directory's durability is in doubt, and the old chain is still right.
+        let _ = std::fs::remove_file(&prepared.snap);
+        prepared.abandon();
+        return Err(e);
+    }
+    failpoint("snapshot-renamed");
+    if let Err(e) = chain.storage().share_lock() {
+        warn!("cannot share the lock of {}: {e}", prepared.snap.display());
+    }
+    let frozen = Arc::new(frozen);
+    super::share(&prepared.snap, &frozen);
+    Chain::over(
+        prepared.storage,
+        &prepared.live,
+        prepared.scan,
+        frozen,
+        true,
+    )
+}
+
+/// Records when snapshot `name` of `live` was taken (after [`switch`]). A failure
+/// only loses the time, which is then read from the file.
+pub fn record_taken(live: &Path, name: &str) {
+    let dir = dir_of(live);
+    let mut m = Manifest::load(&dir);
+    m.snapshots
+        .insert(name.to_owned(), Entry { created: now() });
+    if let Err(e) = m.store(&dir) {
+        warn!("cannot record snapshot {name}: {e}");
+    }
+}
+
+// --- deleting a snapshot -------------------------------------------------------------
+
+/// What the layer above a deleted snapshot should point at instead: the snapshot's own
+/// backing, described from `above`'s directory.
+fn bypass(chain: &Chain, snap: &Snapshot, above: &Path) -> Result<Option<Backing>> {
+    if snap.layer == 0 {
+        return Ok(None);
+    }
+    let below = chain
+        .lower_at(snap.layer - 1)
+        .ok_or_else(|| Error::msg(ErrorKind::Io, "snapshot chain is not open"))?;
+    let (kind, identity) = below.identity;
+    Ok(Some(Backing {
+        kind,
+        path: super::backing_reference(above, &below.top().path)?,
+        size: below.size(),
+        identity,
+    }))
+}
+
+/// Starts deleting snapshot `snap` of `live`: records the intent.
+pub fn begin_delete(live: &Path, snap: &Snapshot) -> Result<()> {
+    let dir = dir_of(live);
+    let mut m = Manifest::load(&dir);
+    m.pending = Some(Pending::Delete {
+        name: snap.name.clone(),
+    });
+    m.store(&dir)
+}
+
+/// Deletes snapshot `snap` whose layer above is another snapshot (not the live image):
+/// copies the snapshot's clusters into that layer and points it past the snapshot.
+/// The live chain still reads correctly afterwards (the layer above reads the same),
+/// but must be reopened to drop the snapshot. Returns the bytes copied.
+pub fn merge_into_snapshot(chain: &Chain, snap: &Snapshot) -> Result<u64> {
+    let above = &chain.layers()[snap.layer + 1];
+    let lower = chain
+        .lower_at(snap.layer)
+        .ok_or_else(|| Error::msg(ErrorKind::Io, "snapshot chain is not open"))?;
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open_for_merge(&above.path)?);
+    let scan = layer::scan(storage.as_ref(), &above.path)?.into_result(&above.path)?;
+    let mut target = Chain::over(storage, &above.path, scan, Arc::clone(lower), true)?;
+    let copied = target.absorb(u16::try_from(snap.layer).expect("layer index fits"))?;
+    target.flush()?;
+    failpoint("delete-merged");
+    let mut header = target.header().clone();
+    header.backing = bypass(chain, snap, &above.path)?;
+    target.rewrite_header(header)?;
+    failpoint("delete-rebased");
+    super::forget_shared(&above.path);
+    Ok(copied)
+}
+
+/// Deletes snapshot `snap` right below the live image of `chain`: its clusters must have
+/// been copied into the live image ([`Chain::absorb`]) and committed; points the live
+/// header past the snapshot. Run while no request is in progress; the chain must be
+/// reopened afterwards.
+pub fn bypass_below_live(chain: &Chain, snap: &Snapshot) -> Result<()> {
+    failpoint("delete-merged");
+    let mut header = chain.header().clone();
+    header.backing = bypass(chain, snap, chain.path())?;
+    store_header(
+        chain.storage().as_ref(),
+        chain.path(),
+        chain.header(),
+        chain.header_slot(),
+        header,
+    )?;
+    failpoint("delete-rebased");
+    Ok(())
+}
+
+/// Reopens the live image of `chain` from its file, keeping its lock, after the chain
+/// changed on disk; layers of the old chain that did not change are shared.
+pub fn reopen(chain: &Chain) -> Result<Chain> {
+    super::open_storage(Arc::clone(chain.storage()), chain.path(), chain.writable())
+}
+
+/// Finishes deleting snapshot `name`: removes its file and its record.
+pub fn finish_delete(live: &Path, name: &str) -> Result<()> {
+    let dir = dir_of(live);
+    remove_file(&file_of(live, name))?;
+    sync_dir(&dir)?;
+    let mut m = Manifest::load(&dir);
+    m.snapshots.remove(name);
+    m.pending = None;
+    m.store(&dir)
+}
+
+// --- rolling back ----------------------------------------------------------------------
+
+/// A rollback being made: the new live overlay is ready.
+pub struct Rollback {
+    live: PathBuf,
+    tmp: PathBuf,
+    storage: Arc<dyn Storage>,
+    scan: layer::Scan,
+    lower: Arc<Lower>,
+    discard: Vec<String>,
+}
+
+impl std::fmt::Debug for Rollback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rollback")
+            .field("live", &self.live)
+            .field("discard", &self.discard)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Rollback {
+    /// Snapshots newer than the target, removed by [`Rollback::finish`].
+    pub fn discarded(&self) -> &[String] {
+        &self.discard
+    }
+}
+
+/// Prepares rolling the live image of `chain` back to `snap`: writes a new, empty
+/// overlay of it and records the intent. `discard` are the snapshots newer than
+/// `snap`, which go with the rollback.
+pub fn prepare_rollback(
+    live: &Path,
+    chain: &Chain,
+    snap: &Snapshot,
+    discard: Vec<String>,
+) -> Result<Rollback> {
+    let lower = chain
+        .lower_at(snap.layer)
+        .ok_or_else(|| Error::msg(ErrorKind::Io, "snapshot chain is not open"))?;
+    let header = match &lower.top().kind {
+        super::chain::LayerKind::Strata { header, .. } => header.clone(),
+        super::chain::LayerKind::Raw { .. } => {
+            return Err(Error::msg(ErrorKind::InvalidInput, "not a snapshot"));
+        }
+    };
+    let tmp = tmp_of(live, &snap.name);
+    let (storage, scan, new_header) = new_overlay(live, &tmp, &snap.path, &header)?;
+    let dir = dir_of(live);
+    let mut m = Manifest::load(&dir);
+    m.pending = Some(Pending::Rollback {
+        to: snap.name.clone(),
+        new_id: super::format_id(&new_header.image_id),
+        discard: discard.clone(),
+    });
+    if let Err(e) = m.store(&dir) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(Rollback {
+        live: live.to_path_buf(),
+        tmp,
+        storage,
+        scan,
+        lower: Arc::clone(lower),
+        discard,
+    })
+}
+
+/// Makes the prepared overlay the live image (run while no request is in progress) and
+/// returns the new live chain.
+pub fn switch_rollback(rollback: &Rollback) -> Result<Chain> {
+    std::fs::rename(&rollback.tmp, &rollback.live)
+        .map_err(|e| Error::from(e).with_op("rollback").with_path(&rollback.live))?;
+    sync_dir(parent_dir(&rollback.live))?;
+    failpoint("rollback-renamed");
+    let scan = rollback.scan.clone();
+    Chain::over(
+        Arc::clone(&rollback.storage),
+        &rollback.live,
+        scan,
+        Arc::clone(&rollback.lower),
+        true,
+    )
+}
+
+impl Rollback {
+    /// Removes the discarded snapshots and the record of the rollback.
+    pub fn finish(self) -> Result<()> {
+        finish_discard(&self.live, &self.discard)
+    }
+
+    /// Gives up before the switch: removes the prepared overlay and the intent.
+    pub fn abandon(self) {
+        let _ = std::fs::remove_file(&self.tmp);
+        let dir = dir_of(&self.live);
+        let mut m = Manifest::load(&dir);
+        m.pending = None;
+        let _ = m.store(&dir);
+    }
+}
+
+fn finish_discard(live: &Path, discard: &[String]) -> Result<()> {
+    let dir = dir_of(live);
+    for name in discard {
+        remove_file(&file_of(live, name))?;
+    }
+    sync_dir(&dir)?;
+    let mut m = Manifest::load(&dir);
+    for name in discard {
+        m.snapshots.remove(name);
+    }
+    m.pending = None;
+    m.store(&dir)
+}
+
+// --- recovery ------------------------------------------------------------------------
+
+/// The files of `live`'s chain, by following backing references from its header.
+fn chain_files(live: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = vec![live.to_path_buf()];
+    let mut path = live.to_path_buf();
+    while out.len() <= super::MAX_CHAIN_DEPTH {
+        let header = match super::tools::header(&path) {
+            Ok(h) => h,
+            // A raw base, or a file the open will report on.
+            Err(_) => break,
+        };
+        let Some(b) = header.backing else { break };
+        path = super::resolve_backing(&path, &b.path);
+        out.push(path.clone());
+    }
+    Ok(out)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+fn references(files: &[PathBuf], target: &Path) -> bool {
+    files.iter().any(|f| same_file(f, target))
+}
+
+/// Finishes or undoes a snapshot operation that a crash interrupted, before the live
+/// image at `live` is opened. Returns what it did, one line per action (empty when
+/// there was nothing to do).
+pub fn recover(live: &Path) -> Result<Vec<String>> {
+    let dir = dir_of(live);
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut done = Vec::new();
+    let entries =
+        std::fs::read_dir(&dir).map_err(|e| Error::from(e).with_op("recover").with_path(&dir))?;
+    let mut manifest = Manifest::load(&dir);
+    let pending = manifest.pending.clone();
+    let rolled_back = match &pending {
+        Some(Pending::Rollback { new_id, .. }) => {
+            super::tools::header(live).is_ok_and(|h| super::format_id(&h.image_id) == *new_id)
+        }
+        _ => false,
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(TMP_PREFIX) {
+            remove_file(&path)?;
+            done.push(format!("removed unfinished overlay {}", path.display()));
+        } else if name.ends_with(&format!(".{EXT}")) && same_file(&path, live) {
+            // A snapshot was being taken: the live file was linked under the snapshot's
+            // name, but the new overlay never replaced it.
+            remove_file(&path)?;
+            done.push(format!(
+                "undid the unfinished snapshot {} (the live image is unchanged)",
+                path.display()
+            ));
+        }
+    }
+    match &pending {
+        Some(Pending::Delete { name }) => {
+            let file = file_of(live, name);
+            if file.exists() && !references(&chain_files(live)?, &file) {
+                remove_file(&file)?;
+                done.push(format!("finished deleting snapshot {name}"));
+            } else {
+                done.push(format!(
+                    "snapshot {name} was not deleted (interrupted before its removal)"
+                ));
+            }
+        }
+        Some(Pending::Rollback { to, discard, .. }) => {
+            if rolled_back {
+                for n in discard {
+                    remove_file(&file_of(live, n))?;
+                    manifest.snapshots.remove(n);
+                }
+                done.push(format!("finished rolling back to snapshot {to}"));
+            } else {
+                done.push(format!(
+                    "rollback to snapshot {to} did not happen (interrupted before the switch)"
+                ));
+            }
+        }
+        None => {}
+    }
+    if pending.is_some() || !done.is_empty() {
+        manifest.pending = None;
+        manifest.snapshots.retain(|n, _| file_of(live, n).exists());
+        sync_dir(&dir)?;
+        manifest.store(&dir)?;
+    }
+    for line in &done {
+        info!("{}: {line}", live.display());
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_cannot_leave_the_directory() {
+        for bad in ["", ".", "..", "../x", "a/b", ".hidden", "-x", "a b", "x\0"] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+        assert!(!valid_name(&"a".repeat(65)));
+        for good in ["monday", "2026-12-01T10.00", "vm1@snap", "a_b", "A9"] {
+            assert!(valid_name(good), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn snapshot_files_sit_next_to_the_image() {
+        assert_eq!(
+            file_of(Path::new("/tank/vm1.strata"), "mon"),
+            PathBuf::from("/tank/vm1.strata.snapshots/mon.strata")
+        );
+        assert_eq!(
+            dir_of(Path::new("vm.img")),
+            PathBuf::from("vm.img.snapshots")
+        );
+    }
+}
