@@ -124,7 +124,7 @@ pub struct ConvertArgs {
     pub json: bool,
 }
 
-fn print_json<T: Serialize>(value: &T) {
+pub(crate) fn print_json<T: Serialize>(value: &T) {
     match serde_json::to_string_pretty(value) {
         Ok(s) => println!("{s}"),
         Err(e) => eprintln!("strata: cannot encode JSON: {e}"),

@@ -12,6 +12,7 @@ use strata::server::{Exports, ListenAddr, Listener, Server, ServerConfig};
 use tracing::{error, info};
 
 mod cli_image;
+mod cli_snapshot;
 
 /// Strata: a fast NBD server for VM storage.
 #[derive(Parser, Debug)]
@@ -43,6 +44,10 @@ enum Command {
     Rebase(cli_image::RebaseArgs),
     /// Copy an image to a new Strata image or raw file, skipping unallocated data.
     Convert(cli_image::ConvertArgs),
+    /// Take, list, delete and roll back snapshots of an image that is not being served.
+    Snapshot(cli_snapshot::SnapshotArgs),
+    /// Print the ranges of an image written since one of its snapshots.
+    Diff(cli_snapshot::DiffArgs),
 }
 
 /// How `serve` reads image files.
@@ -267,6 +272,8 @@ fn main() -> ExitCode {
             Command::Commit(a) => cli_image::commit(a),
             Command::Rebase(a) => cli_image::rebase(a),
             Command::Convert(a) => cli_image::convert(a),
+            Command::Snapshot(a) => cli_snapshot::run(a).await,
+            Command::Diff(a) => cli_snapshot::diff(&a),
         }
     });
     match result {

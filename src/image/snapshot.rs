@@ -306,6 +306,21 @@ fn remove_file(path: &Path) -> Result<()> {
     }
 }
 
+/// The steps of snapshot operations at which [`failpoint`] can stop the process, in
+/// the order each operation reaches them.
+pub const FAILPOINTS: &[&str] = &[
+    "snapshot-prepared",
+    "snapshot-linked",
+    "snapshot-renamed",
+    "delete-begun",
+    "delete-merged",
+    "delete-rebased",
+    "delete-removed",
+    "rollback-prepared",
+    "rollback-renamed",
+    "rollback-discarding",
+];
+
 /// Stops the process at a named step of a snapshot operation, when the environment
 /// variable `STRATA_FAILPOINT` names it: the crash tests kill the server at each step
 /// this way and check what a restart finds.
@@ -413,6 +428,7 @@ pub fn prepare(live: &Path, name: &str, chain: &Chain) -> Result<Prepared> {
     let tmp = tmp_of(live, name);
     let (storage, scan, _) = new_overlay(live, &tmp, &snap, chain.header())?;
     sync_dir(&dir)?;
+    failpoint("snapshot-prepared");
     Ok(Prepared {
         live: live.to_path_buf(),
         name: name.to_owned(),
@@ -510,7 +526,9 @@ pub fn begin_delete(live: &Path, snap: &Snapshot) -> Result<()> {
     m.pending = Some(Pending::Delete {
         name: snap.name.clone(),
     });
-    m.store(&dir)
+    m.store(&dir)?;
+    failpoint("delete-begun");
+    Ok(())
 }
 
 /// Deletes snapshot `snap` whose layer above is another snapshot (not the live image):
@@ -565,6 +583,7 @@ pub fn reopen(chain: &Chain) -> Result<Chain> {
 pub fn finish_delete(live: &Path, name: &str) -> Result<()> {
     let dir = dir_of(live);
     remove_file(&file_of(live, name))?;
+    failpoint("delete-removed");
     sync_dir(&dir)?;
     let mut m = Manifest::load(&dir);
     m.snapshots.remove(name);
@@ -631,6 +650,7 @@ pub fn prepare_rollback(
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
+    failpoint("rollback-prepared");
     Ok(Rollback {
         live: live.to_path_buf(),
         tmp,
@@ -678,6 +698,7 @@ fn finish_discard(live: &Path, discard: &[String]) -> Result<()> {
     let dir = dir_of(live);
     for name in discard {
         remove_file(&file_of(live, name))?;
+        failpoint("rollback-discarding");
     }
     sync_dir(&dir)?;
     let mut m = Manifest::load(&dir);
