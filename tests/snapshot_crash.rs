@@ -84,8 +84,10 @@ fn setup(dir: &Path) -> PathBuf {
     path
 }
 
-fn strata(args: &[&str], failpoint: &str) -> std::process::ExitStatus {
+/// Runs `strata ARGS` in `dir` (with paths relative to it, as users type them).
+fn strata(dir: &Path, args: &[&str], failpoint: &str) -> std::process::ExitStatus {
     Command::new(env!("CARGO_BIN_EXE_strata"))
+        .current_dir(dir)
         .args(args)
         .env("STRATA_FAILPOINT", failpoint)
         .stderr(std::process::Stdio::null())
@@ -98,10 +100,11 @@ fn stray_files(path: &Path, state: &State) -> Vec<String> {
     let mut expected: Vec<String> = state
         .snapshots
         .keys()
-        .map(|n| format!("{n}.strata"))
+        .map(|n| format!("disk.strata@{n}"))
         .collect();
-    expected.push("manifest.json".into());
-    std::fs::read_dir(snapshot::dir_of(path))
+    expected.push("disk.strata".into());
+    expected.push("disk.strata.snapshots.json".into());
+    std::fs::read_dir(path.parent().unwrap())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| !expected.contains(n))
@@ -139,9 +142,9 @@ fn crash_at(failpoint: &str, args: &[&str], after: impl Fn(&State) -> State, don
     assert_ne!(before, expected_after, "the operation changes something");
     // `strata snapshot OP IMAGE NAME [FLAGS]`
     let mut cmd_args: Vec<&str> = args[..2].to_vec();
-    cmd_args.push(path.to_str().unwrap());
+    cmd_args.push("disk.strata");
     cmd_args.extend_from_slice(&args[2..]);
-    let status = strata(&cmd_args, failpoint);
+    let status = strata(dir.path(), &cmd_args, failpoint);
     assert!(
         !status.success(),
         "{failpoint}: the process should have stopped there ({status})"
@@ -169,7 +172,7 @@ fn crash_at(failpoint: &str, args: &[&str], after: impl Fn(&State) -> State, don
     }
     // The volume works on: an operation that did not happen can be done now (one that
     // did is refused or changes nothing), and then the new state is there.
-    let status = strata(&cmd_args, "");
+    let status = strata(dir.path(), &cmd_args, "");
     assert!(
         status.success() || done,
         "{failpoint}: redoing the operation after recovery failed ({status})"

@@ -266,22 +266,20 @@ fn run_case(dir: &Path, ops: &[Op]) -> Result<(), TestCaseError> {
             check(&volume, &model).await?;
         }
         // Nothing is left behind but the live image, its snapshots and the manifest.
-        let snapdir = image::snapshot::dir_of(&path);
-        if snapdir.exists() {
-            let mut files: Vec<String> = std::fs::read_dir(&snapdir)
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect();
-            files.sort();
-            let mut expected: Vec<String> = model
-                .snapshots
-                .iter()
-                .map(|s| format!("{}.strata", s.name))
-                .collect();
-            expected.push("manifest.json".into());
-            expected.sort();
-            prop_assert_eq!(files, expected);
-        }
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "disk.strata.snapshots.json")
+            .collect();
+        files.sort();
+        let mut expected: Vec<String> = model
+            .snapshots
+            .iter()
+            .map(|s| format!("disk.strata@{}", s.name))
+            .collect();
+        expected.push("disk.strata".into());
+        expected.sort();
+        prop_assert_eq!(files, expected);
         let _ = Arc::strong_count(&volume);
         Ok(())
     })

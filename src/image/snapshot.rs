@@ -1,18 +1,21 @@
 //! Snapshots of a live image, as files linked into its backing chain.
 //!
-//! The snapshots of the image `DIR/disk.strata` live in `DIR/disk.strata.snapshots/`,
-//! one Strata image per snapshot (`NAME.strata`), and form the live image's backing
-//! chain, newest on top:
+//! The snapshots of the image `DIR/disk.strata` are Strata images next to it,
+//! `DIR/disk.strata@NAME`, and form the live image's backing chain, newest on top:
 //!
 //! ```text
-//!   disk.strata  ──>  disk.strata.snapshots/monday.strata  ──>  …sunday.strata  ──>  base
-//!   (live, rw)        (read-only: what changed until Monday)
+//!   disk.strata  ──>  disk.strata@tuesday  ──>  disk.strata@monday  ──>  base
+//!   (live, rw)        (read-only: what changed from Monday to Tuesday)
 //! ```
 //!
+//! They share the live image's directory because backing references are relative to
+//! the directory of the image that holds them: a file that becomes a snapshot keeps its
+//! references, and they keep their meaning.
+//!
 //! Taking a snapshot turns the live top into the newest snapshot: the file gains a
-//! second name in the snapshot directory, and a new, empty overlay takes the live name.
-//! The chain itself is the record of which snapshots exist and in what order; a small
-//! manifest (`manifest.json`) adds creation times and the intent of a deletion or
+//! second name, and a new, empty overlay takes the live name. The chain itself is the
+//! record of which snapshots exist and in what order; a small manifest
+//! (`disk.strata.snapshots.json`) adds creation times and the intent of a deletion or
 //! rollback in progress, so that [`recover`] can finish or undo it after a crash.
 //!
 //! Every operation is ordered so that a crash at any point leaves either the old chain or
@@ -47,24 +50,22 @@ use super::layer;
 use super::storage::{FileStorage, Storage};
 use crate::error::{Error, ErrorKind, Result};
 
-/// Suffix of the directory holding an image's snapshots.
-pub const DIR_SUFFIX: &str = ".snapshots";
-/// Extension of snapshot files.
-const EXT: &str = "strata";
-/// Prefix of overlays being prepared, which [`recover`] removes.
-const TMP_PREFIX: &str = ".new-";
-const MANIFEST: &str = "manifest.json";
+/// Separates the live image's file name from the snapshot's name: `disk.strata@monday`.
+pub const SEP: char = '@';
+/// Overlays being prepared are hidden files with this suffix, which [`recover`] removes.
+const TMP_SUFFIX: &str = ".new";
+const MANIFEST_SUFFIX: &str = ".snapshots.json";
 
-/// Is `name` acceptable as a snapshot name (and as an export name): 1 to 64 ASCII
-/// letters, digits, `.`, `_`, `-` and `@`, not starting with `.` or `-`? Such a name is
-/// never a path: it cannot climb out of the snapshot directory.
+/// Is `name` acceptable as a snapshot name: 1 to 64 ASCII letters, digits, `.`, `_`
+/// and `-`, not starting with `.` or `-`? Such a name is never a path: it cannot reach
+/// another directory, and the file it names always starts with the live image's name.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && !name.starts_with(['.', '-'])
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@'))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -74,27 +75,49 @@ fn check_name(name: &str) -> Result<()> {
         Err(Error::msg(
             ErrorKind::InvalidInput,
             format!(
-                "invalid snapshot name {name:?}: use 1 to 64 letters, digits, '.', '_', '-' \
-                 or '@', not starting with '.' or '-'"
+                "invalid snapshot name {name:?}: use 1 to 64 letters, digits, '.', '_' or \
+                 '-', not starting with '.' or '-'"
             ),
         ))
     }
 }
 
-/// The directory holding the snapshots of the live image at `live`.
-pub fn dir_of(live: &Path) -> PathBuf {
-    let mut name = live.file_name().unwrap_or_default().to_os_string();
-    name.push(DIR_SUFFIX);
-    live.with_file_name(name)
+/// The directory of the image at `path` (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// The file of snapshot `name` of the live image at `live`.
 pub fn file_of(live: &Path, name: &str) -> PathBuf {
-    dir_of(live).join(format!("{name}.{EXT}"))
+    live.with_file_name(format!("{}{SEP}{name}", file_name(live)))
 }
 
 fn tmp_of(live: &Path, name: &str) -> PathBuf {
-    dir_of(live).join(format!("{TMP_PREFIX}{name}.{EXT}"))
+    live.with_file_name(format!(".{}{SEP}{name}{TMP_SUFFIX}", file_name(live)))
+}
+
+/// The manifest of the live image at `live`.
+pub fn manifest_of(live: &Path) -> PathBuf {
+    live.with_file_name(format!("{}{MANIFEST_SUFFIX}", file_name(live)))
+}
+
+/// The live image and the snapshot name of the file at `path`, if it is a snapshot:
+/// `LIVE@NAME` next to an existing `LIVE`.
+pub fn owner_of(path: &Path) -> Option<(PathBuf, String)> {
+    let name = file_name(path);
+    let (live, snap) = name.rsplit_once(SEP)?;
+    let live = path.with_file_name(live);
+    (valid_name(snap) && live.is_file()).then(|| (live, snap.to_owned()))
 }
 
 /// A snapshot found in a chain.
@@ -112,43 +135,28 @@ pub struct Snapshot {
     pub allocated: u64,
 }
 
-/// The snapshot directory of a chain: its top's own directory when the top is itself a
-/// snapshot, else the directory next to the top.
-fn dir_of_chain(chain: &Chain) -> PathBuf {
+/// The live image of a chain: its top, or the image its top is a snapshot of.
+fn live_of_chain(chain: &Chain) -> PathBuf {
     let top = chain.path();
-    match top.parent() {
-        Some(p)
-            if p.file_name()
-                .is_some_and(|n| n.to_string_lossy().ends_with(DIR_SUFFIX)) =>
-        {
-            p.to_path_buf()
-        }
-        _ => dir_of(top),
-    }
+    owner_of(top).map_or_else(|| top.to_path_buf(), |(live, _)| live)
 }
 
 /// The snapshots among the layers of `chain` below its top, oldest first.
 pub fn in_chain(chain: &Chain) -> Vec<Snapshot> {
-    let dir = dir_of_chain(chain);
-    let Ok(dir_canon) = std::fs::canonicalize(&dir) else {
+    let live = live_of_chain(chain);
+    let Ok(dir) = std::fs::canonicalize(parent_dir(&live)) else {
         return Vec::new();
     };
-    let manifest = Manifest::load(&dir);
+    let prefix = format!("{}{SEP}", file_name(&live));
+    let manifest = Manifest::load(&live);
     let layers = chain.layers();
     let mut out = Vec::new();
     for (i, layer) in layers[..layers.len() - 1].iter().enumerate() {
-        let in_dir = layer
-            .path
-            .parent()
-            .and_then(|p| std::fs::canonicalize(p).ok())
-            .is_some_and(|p| p == dir_canon);
-        if !in_dir || layer.path.extension().is_none_or(|e| e != EXT) {
-            continue;
-        }
-        let Some(name) = layer.path.file_stem().and_then(|s| s.to_str()) else {
+        let file = file_name(&layer.path);
+        let Some(name) = file.strip_prefix(&prefix).filter(|n| valid_name(n)) else {
             continue;
         };
-        if !valid_name(name) {
+        if std::fs::canonicalize(parent_dir(&layer.path)).ok().as_ref() != Some(&dir) {
             continue;
         }
         let allocated = match &layer.kind {
@@ -249,10 +257,10 @@ enum Pending {
 }
 
 impl Manifest {
-    /// The manifest in `dir`; a missing or unreadable one is empty (it only adds
-    /// detail to what the chain says).
-    fn load(dir: &Path) -> Manifest {
-        let path = dir.join(MANIFEST);
+    /// The manifest of the live image `live`; a missing or unreadable one is empty (it
+    /// only adds detail to what the chain says).
+    fn load(live: &Path) -> Manifest {
+        let path = manifest_of(live);
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 warn!("ignoring unreadable {}: {e}", path.display());
@@ -262,10 +270,10 @@ impl Manifest {
         }
     }
 
-    /// Replaces the manifest in `dir` atomically and durably.
-    fn store(&self, dir: &Path) -> Result<()> {
-        let path = dir.join(MANIFEST);
-        let tmp = dir.join(format!(".{MANIFEST}.tmp"));
+    /// Replaces the manifest of `live` atomically and durably.
+    fn store(&self, live: &Path) -> Result<()> {
+        let path = manifest_of(live);
+        let tmp = live.with_file_name(format!(".{}{MANIFEST_SUFFIX}.tmp", file_name(live)));
         let err = |e: std::io::Error| Error::from(e).with_op("write manifest").with_path(&path);
         let bytes = serde_json::to_vec_pretty(self).expect("a manifest serialises");
         {
@@ -275,7 +283,7 @@ impl Manifest {
             f.sync_all().map_err(err)?;
         }
         std::fs::rename(&tmp, &path).map_err(err)?;
-        sync_dir(dir)
+        sync_dir(parent_dir(live))
     }
 }
 
@@ -289,13 +297,6 @@ fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(d)
         .and_then(|f| f.sync_all())
         .map_err(|e| Error::from(e).with_op("sync directory").with_path(d))
-}
-
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
 }
 
 fn remove_file(path: &Path) -> Result<()> {
@@ -336,7 +337,6 @@ pub fn failpoint(step: &str) {
 /// An empty overlay of the live image at `live`, created under a temporary name with
 /// its backing set to `backing` (the file it will refer to once renamed to `live`).
 fn new_overlay(
-    live: &Path,
     tmp: &Path,
     backing_path: &Path,
     backing: &Header,
@@ -350,7 +350,9 @@ fn new_overlay(
         image_id: super::random_id()?,
         backing: Some(Backing {
             kind: BackingKind::Strata,
-            path: super::backing_reference(live, backing_path)?,
+            // The snapshot sits next to the live image: its bare file name is right
+            // wherever the directory is moved.
+            path: file_name(backing_path),
             size: backing.virtual_size,
             identity: backing.image_id,
         }),
@@ -413,7 +415,7 @@ pub fn prepare(live: &Path, name: &str, chain: &Chain) -> Result<Prepared> {
             "the image is served read-only: a snapshot needs a writable image",
         ));
     }
-    let dir = dir_of(live);
+    let dir = parent_dir(live);
     let snap = file_of(live, name);
     if snap.exists() || in_chain(chain).iter().any(|s| s.name == name) {
         return Err(Error::msg(
@@ -421,13 +423,9 @@ pub fn prepare(live: &Path, name: &str, chain: &Chain) -> Result<Prepared> {
             format!("a snapshot named {name:?} exists already"),
         ));
     }
-    if !dir.is_dir() {
-        std::fs::create_dir(&dir).map_err(|e| Error::from(e).with_op("create").with_path(&dir))?;
-        sync_dir(parent_dir(live))?;
-    }
     let tmp = tmp_of(live, name);
-    let (storage, scan, _) = new_overlay(live, &tmp, &snap, chain.header())?;
-    sync_dir(&dir)?;
+    let (storage, scan, _) = new_overlay(&tmp, &snap, chain.header())?;
+    sync_dir(dir)?;
     failpoint("snapshot-prepared");
     Ok(Prepared {
         live: live.to_path_buf(),
@@ -452,10 +450,10 @@ pub fn switch(prepared: Prepared, chain: &Chain) -> Result<Chain> {
             return Err(e);
         }
     };
-    let dir = dir_of(&prepared.live);
+    let dir = parent_dir(&prepared.live);
     let linked = std::fs::hard_link(&prepared.live, &prepared.snap)
         .map_err(|e| Error::from(e).with_op("snapshot").with_path(&prepared.snap))
-        .and_then(|()| sync_dir(&dir));
+        .and_then(|()| sync_dir(dir));
     if let Err(e) = linked {
         let _ = std::fs::remove_file(&prepared.snap);
         prepared.abandon();
@@ -490,11 +488,10 @@ pub fn switch(prepared: Prepared, chain: &Chain) -> Result<Chain> {
 /// Records when snapshot `name` of `live` was taken (after [`switch`]). A failure
 /// only loses the time, which is then read from the file.
 pub fn record_taken(live: &Path, name: &str) {
-    let dir = dir_of(live);
-    let mut m = Manifest::load(&dir);
+    let mut m = Manifest::load(live);
     m.snapshots
         .insert(name.to_owned(), Entry { created: now() });
-    if let Err(e) = m.store(&dir) {
+    if let Err(e) = m.store(live) {
         warn!("cannot record snapshot {name}: {e}");
     }
 }
@@ -502,31 +499,25 @@ pub fn record_taken(live: &Path, name: &str) {
 // --- deleting a snapshot -------------------------------------------------------------
 
 /// What the layer above a deleted snapshot should point at instead: the snapshot's own
-/// backing, described from `above`'s directory.
-fn bypass(chain: &Chain, snap: &Snapshot, above: &Path) -> Result<Option<Backing>> {
-    if snap.layer == 0 {
-        return Ok(None);
+/// backing, exactly as its header records it (the layer above is in the same directory,
+/// so the same reference means the same file).
+fn bypass(chain: &Chain, snap: &Snapshot) -> Result<Option<Backing>> {
+    match &chain.layers()[snap.layer].kind {
+        super::chain::LayerKind::Strata { header, .. } => Ok(header.backing.clone()),
+        super::chain::LayerKind::Raw { .. } => Err(Error::msg(
+            ErrorKind::InvalidInput,
+            "a raw layer is not a snapshot",
+        )),
     }
-    let below = chain
-        .lower_at(snap.layer - 1)
-        .ok_or_else(|| Error::msg(ErrorKind::Io, "snapshot chain is not open"))?;
-    let (kind, identity) = below.identity;
-    Ok(Some(Backing {
-        kind,
-        path: super::backing_reference(above, &below.top().path)?,
-        size: below.size(),
-        identity,
-    }))
 }
 
 /// Starts deleting snapshot `snap` of `live`: records the intent.
 pub fn begin_delete(live: &Path, snap: &Snapshot) -> Result<()> {
-    let dir = dir_of(live);
-    let mut m = Manifest::load(&dir);
+    let mut m = Manifest::load(live);
     m.pending = Some(Pending::Delete {
         name: snap.name.clone(),
     });
-    m.store(&dir)?;
+    m.store(live)?;
     failpoint("delete-begun");
     Ok(())
 }
@@ -547,7 +538,7 @@ pub fn merge_into_snapshot(chain: &Chain, snap: &Snapshot) -> Result<u64> {
     target.flush()?;
     failpoint("delete-merged");
     let mut header = target.header().clone();
-    header.backing = bypass(chain, snap, &above.path)?;
+    header.backing = bypass(chain, snap)?;
     target.rewrite_header(header)?;
     failpoint("delete-rebased");
     super::forget_shared(&above.path);
@@ -561,7 +552,7 @@ pub fn merge_into_snapshot(chain: &Chain, snap: &Snapshot) -> Result<u64> {
 pub fn bypass_below_live(chain: &Chain, snap: &Snapshot) -> Result<()> {
     failpoint("delete-merged");
     let mut header = chain.header().clone();
-    header.backing = bypass(chain, snap, chain.path())?;
+    header.backing = bypass(chain, snap)?;
     store_header(
         chain.storage().as_ref(),
         chain.path(),
@@ -581,14 +572,14 @@ pub fn reopen(chain: &Chain) -> Result<Chain> {
 
 /// Finishes deleting snapshot `name`: removes its file and its record.
 pub fn finish_delete(live: &Path, name: &str) -> Result<()> {
-    let dir = dir_of(live);
+    let dir = parent_dir(live);
     remove_file(&file_of(live, name))?;
     failpoint("delete-removed");
-    sync_dir(&dir)?;
-    let mut m = Manifest::load(&dir);
+    sync_dir(dir)?;
+    let mut m = Manifest::load(live);
     m.snapshots.remove(name);
     m.pending = None;
-    m.store(&dir)
+    m.store(live)
 }
 
 // --- rolling back ----------------------------------------------------------------------
@@ -638,15 +629,14 @@ pub fn prepare_rollback(
         }
     };
     let tmp = tmp_of(live, &snap.name);
-    let (storage, scan, new_header) = new_overlay(live, &tmp, &snap.path, &header)?;
-    let dir = dir_of(live);
-    let mut m = Manifest::load(&dir);
+    let (storage, scan, new_header) = new_overlay(&tmp, &snap.path, &header)?;
+    let mut m = Manifest::load(live);
     m.pending = Some(Pending::Rollback {
         to: snap.name.clone(),
         new_id: super::format_id(&new_header.image_id),
         discard: discard.clone(),
     });
-    if let Err(e) = m.store(&dir) {
+    if let Err(e) = m.store(live) {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
@@ -687,26 +677,26 @@ impl Rollback {
     /// Gives up before the switch: removes the prepared overlay and the intent.
     pub fn abandon(self) {
         let _ = std::fs::remove_file(&self.tmp);
-        let dir = dir_of(&self.live);
-        let mut m = Manifest::load(&dir);
+
+        let mut m = Manifest::load(&self.live);
         m.pending = None;
-        let _ = m.store(&dir);
+        let _ = m.store(&self.live);
     }
 }
 
 fn finish_discard(live: &Path, discard: &[String]) -> Result<()> {
-    let dir = dir_of(live);
+    let dir = parent_dir(live);
     for name in discard {
         remove_file(&file_of(live, name))?;
         failpoint("rollback-discarding");
     }
-    sync_dir(&dir)?;
-    let mut m = Manifest::load(&dir);
+    sync_dir(dir)?;
+    let mut m = Manifest::load(live);
     for name in discard {
         m.snapshots.remove(name);
     }
     m.pending = None;
-    m.store(&dir)
+    m.store(live)
 }
 
 // --- recovery ------------------------------------------------------------------------
@@ -743,14 +733,13 @@ fn references(files: &[PathBuf], target: &Path) -> bool {
 /// image at `live` is opened. Returns what it did, one line per action (empty when
 /// there was nothing to do).
 pub fn recover(live: &Path) -> Result<Vec<String>> {
-    let dir = dir_of(live);
-    if !dir.is_dir() {
-        return Ok(Vec::new());
-    }
+    let dir = parent_dir(live);
     let mut done = Vec::new();
     let entries =
-        std::fs::read_dir(&dir).map_err(|e| Error::from(e).with_op("recover").with_path(&dir))?;
-    let mut manifest = Manifest::load(&dir);
+        std::fs::read_dir(dir).map_err(|e| Error::from(e).with_op("recover").with_path(dir))?;
+    let mut manifest = Manifest::load(live);
+    let snap_prefix = format!("{}{SEP}", file_name(live));
+    let tmp_prefix = format!(".{snap_prefix}");
     let pending = manifest.pending.clone();
     let rolled_back = match &pending {
         Some(Pending::Rollback { new_id, .. }) => {
@@ -761,10 +750,10 @@ pub fn recover(live: &Path) -> Result<Vec<String>> {
     for entry in entries.flatten() {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(TMP_PREFIX) {
+        if name.starts_with(&tmp_prefix) && name.ends_with(TMP_SUFFIX) {
             remove_file(&path)?;
             done.push(format!("removed unfinished overlay {}", path.display()));
-        } else if name.ends_with(&format!(".{EXT}")) && same_file(&path, live) {
+        } else if name.starts_with(&snap_prefix) && same_file(&path, live) {
             // A snapshot was being taken: the live file was linked under the snapshot's
             // name, but the new overlay never replaced it.
             remove_file(&path)?;
@@ -804,8 +793,8 @@ pub fn recover(live: &Path) -> Result<Vec<String>> {
     if pending.is_some() || !done.is_empty() {
         manifest.pending = None;
         manifest.snapshots.retain(|n, _| file_of(live, n).exists());
-        sync_dir(&dir)?;
-        manifest.store(&dir)?;
+        sync_dir(dir)?;
+        manifest.store(live)?;
     }
     for line in &done {
         info!("{}: {line}", live.display());
@@ -819,11 +808,13 @@ mod tests {
 
     #[test]
     fn names_cannot_leave_the_directory() {
-        for bad in ["", ".", "..", "../x", "a/b", ".hidden", "-x", "a b", "x\0"] {
+        for bad in [
+            "", ".", "..", "../x", "a/b", ".hidden", "-x", "a b", "x\0", "a@b",
+        ] {
             assert!(!valid_name(bad), "{bad:?}");
         }
         assert!(!valid_name(&"a".repeat(65)));
-        for good in ["monday", "2026-12-01T10.00", "vm1@snap", "a_b", "A9"] {
+        for good in ["monday", "2026-12-01T10.00", "a_b", "A9"] {
             assert!(valid_name(good), "{good:?}");
         }
     }
@@ -832,11 +823,12 @@ mod tests {
     fn snapshot_files_sit_next_to_the_image() {
         assert_eq!(
             file_of(Path::new("/tank/vm1.strata"), "mon"),
-            PathBuf::from("/tank/vm1.strata.snapshots/mon.strata")
+            PathBuf::from("/tank/vm1.strata@mon")
         );
+        assert_eq!(file_of(Path::new("vm.img"), "a"), PathBuf::from("vm.img@a"));
         assert_eq!(
-            dir_of(Path::new("vm.img")),
-            PathBuf::from("vm.img.snapshots")
+            manifest_of(Path::new("/t/vm.img")),
+            PathBuf::from("/t/vm.img.snapshots.json")
         );
     }
 }

@@ -4,7 +4,7 @@
 //! A [`Volume`] owns a Strata image (the *live* top layer) and serves it through a
 //! switchable backend, so that a snapshot can turn the live top into a read-only layer
 //! and put a fresh overlay in its place between two requests. Snapshots are files next
-//! to the image (`IMAGE.snapshots/NAME.strata`), linked into its backing chain; see
+//! to the image (`IMAGE@NAME`), linked into its backing chain; see
 //! `docs/snapshots.md`.
 
 use std::collections::BTreeMap;
@@ -112,6 +112,17 @@ impl Volume {
     /// operation a crash interrupted first), read-write unless `read_only`.
     pub fn open(path: &Path, read_only: bool) -> Result<Arc<Volume>> {
         if !read_only {
+            if let Some((live, _)) = snapshot::owner_of(path) {
+                return Err(Error::msg(
+                    ErrorKind::ReadOnly,
+                    format!(
+                        "this is a snapshot of {}: writing it would change what that disk \
+                         reads; serve it read-only",
+                        live.display()
+                    ),
+                )
+                .with_path(path));
+            }
             snapshot::recover(path)?;
         }
         let backend = ImageBackend::new(image::open(path, !read_only)?);
@@ -415,4 +426,13 @@ pub fn dirty_ranges(chain: &Chain, layer: usize) -> Result<Vec<DirtyRange>> {
     Ok(out)
 }
 
-pub use snapshot::valid_name;
+/// Is `name` acceptable as an export name: 1 to 64 ASCII letters, digits, `.`, `_`,
+/// `-` and `@` (snapshot exports are `EXPORT@SNAPSHOT`), not starting with `.` or `-`?
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@'))
+}
