@@ -231,11 +231,12 @@ async fn handle_connection(stream: Stream, shared: &Shared) {
         extended = negotiated.extended,
         "transmission started"
     );
+    let _attached = export.attach();
     session::run(
         reader,
         writer,
         leftover,
-        export.backend().clone(),
+        &export,
         &negotiated,
         shared.config.session,
         shared.shutdown.clone(),
