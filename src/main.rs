@@ -12,6 +12,7 @@ use strata::server::export::open_export;
 use strata::server::{Exports, ListenAddr, Listener, Server, ServerConfig};
 use tracing::{error, info};
 
+mod cli_ctl;
 mod cli_image;
 
 /// Strata: a fast NBD server for VM storage.
@@ -44,6 +45,8 @@ enum Command {
     Rebase(cli_image::RebaseArgs),
     /// Copy an image to a new Strata image or raw file, skipping unallocated data.
     Convert(cli_image::ConvertArgs),
+    /// Manage a running server through its control API.
+    Ctl(cli_ctl::CtlArgs),
 }
 
 /// How `serve` reads image files.
@@ -338,6 +341,7 @@ fn main() -> ExitCode {
             Command::Commit(a) => cli_image::commit(a),
             Command::Rebase(a) => cli_image::rebase(a),
             Command::Convert(a) => cli_image::convert(a),
+            Command::Ctl(a) => cli_ctl::run(a).await,
         }
     });
     match result {
