@@ -941,6 +941,21 @@ mod tests {
         assert_eq!(format!("{t:?}"), "Token(..)");
     }
 
+    #[tokio::test]
+    async fn tcp_needs_a_token() {
+        let exports = Arc::new(Exports::new());
+        let server = super::super::Server::new(exports.clone(), Default::default());
+        let state = ControlState::new(exports, &[], server.connection_gauge());
+        let config = ControlConfig {
+            socket: None,
+            tcp: Some("127.0.0.1:0".parse().unwrap()),
+            token: None,
+        };
+        let e = ControlServer::bind(config, state).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("needs a token"), "{e}");
+    }
+
     #[test]
     fn every_kind_has_a_status() {
         assert_eq!(status_for(ErrorKind::NotFound), StatusCode::NOT_FOUND);
