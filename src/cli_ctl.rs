@@ -591,7 +591,12 @@ fn render_export(e: &Value) -> String {
             }
             .to_owned(),
         ),
-        ("description", text(e, "description")),
+        (
+            "description",
+            Some(text(e, "description"))
+                .filter(|d| !d.is_empty())
+                .unwrap_or_else(|| "-".to_owned()),
+        ),
         (
             "connections",
             format!(
