@@ -1180,3 +1180,47 @@ fn control_socket_path_must_be_free() {
     assert!(out.stderr.contains("another server"), "{}", out.report());
     assert_eq!(server.get("/v1/server").status, 200);
 }
+
+/// `MAX_CONNECTIONS` in src/server/control.rs.
+const CONTROL_CONNECTIONS: usize = 64;
+
+#[test]
+fn idle_control_connections_are_capped_and_timed_out() {
+    let server = Running::serve_with_tcp(&[OsStr::new("memory:1M")]);
+    let tcp = server.tcp.unwrap();
+    // Connections that never send a request, as anyone may open without the token.
+    let mut idle: Vec<TcpStream> = (0..CONTROL_CONNECTIONS)
+        .map(|_| TcpStream::connect(tcp).unwrap())
+        .collect();
+    // One more is closed unanswered, even with a valid request.
+    let mut extra = TcpStream::connect(tcp).unwrap();
+    extra.set_read_timeout(Some(WAIT)).unwrap();
+    let request = format!(
+        "GET /v1/server HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    );
+    let _ = extra.write_all(request.as_bytes());
+    let mut b = [0u8; 1];
+    match extra.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == IoErrorKind::ConnectionReset => {}
+        other => panic!("a connection past the cap was served: {other:?}"),
+    }
+    // The socket is a separate listener: it still answers.
+    assert_eq!(server.get("/v1/server").status, 200);
+    // Idle connections are closed by the server after the header timeout.
+    for s in &mut idle {
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        match s.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == IoErrorKind::ConnectionReset => {}
+            other => panic!("an idle connection stayed open: {other:?}"),
+        }
+    }
+    // Then there is room again.
+    let r = server.tcp(
+        "GET",
+        "/v1/server",
+        &[("Authorization", &format!("Bearer {TOKEN}"))],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+}

@@ -23,13 +23,17 @@ use axum::http::{HeaderValue, Method, StatusCode, Uri, header, request::Parts};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpListener, UnixListener};
-use tracing::{info, warn};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, info, warn};
 
 use super::export::{Export, Source, StatsSnapshot, open_export};
-use super::listener::{ListenAddr, Listener, UnixSocketGuard};
+use super::listener::{ListenAddr, Listener, Stream};
 use super::volume::{RollbackOptions, valid_name};
 use super::{ConnectionGauge, Exports, ShutdownHandle, Volume};
 use crate::error::{Error, ErrorKind, Result};
@@ -42,6 +46,15 @@ const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// How long shutdown waits for control requests in progress.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+
+/// A client must send a request's headers within this, also while a kept-alive
+/// connection waits for its next request, so that idle and slow connections (anyone
+/// can open one to the TCP listener, token or not) do not pile up.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections one control listener serves at once; further ones are closed on accept,
+/// so the control API cannot use up the descriptors the NBD listeners need.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// Where the control API listens.
 #[derive(Debug, Default)]
@@ -144,8 +157,8 @@ impl ControlState {
 
 /// The bound control listeners, ready to serve.
 pub struct ControlServer {
-    unix: Option<(UnixListener, UnixSocketGuard)>,
-    tcp: Option<(TcpListener, Token)>,
+    unix: Option<Listener>,
+    tcp: Option<(Listener, Token)>,
     addrs: Vec<ListenAddr>,
     state: ControlState,
 }
@@ -178,10 +191,8 @@ impl ControlServer {
                         format!("the control API on TCP ({addr}) needs a token file"),
                     ));
                 };
-                let Listener::Tcp(listener) = Listener::bind(&ListenAddr::Tcp(addr)).await? else {
-                    unreachable!("a TCP address binds a TCP listener")
-                };
-                addrs.push(ListenAddr::Tcp(listener.local_addr()?));
+                let listener = Listener::bind(&ListenAddr::Tcp(addr)).await?;
+                addrs.push(listener.local_addr()?);
                 Some((listener, token))
             }
             None => None,
@@ -210,60 +221,92 @@ impl ControlServer {
     /// most a few seconds) and removes the Unix socket.
     pub async fn serve(self, shutdown: ShutdownHandle) {
         let state = Arc::new(self.state);
-        let mut tasks = tokio::task::JoinSet::new();
-        if let Some((listener, guard)) = self.unix {
-            let app = router(state.clone());
-            let stop = shutdown.clone();
-            tasks.spawn(async move {
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.requested().await })
-                    .await;
-                drop(guard);
-                served
-            });
-        }
-        if let Some((listener, token)) = self.tcp {
+        let unix = self
+            .unix
+            .map(|listener| serve_http(listener, router(state.clone()), shutdown.clone()));
+        let tcp = self.tcp.map(|(listener, token)| {
             let app =
                 router(state.clone()).layer(middleware::from_fn_with_state(token, require_token));
-            let stop = shutdown.clone();
-            tasks.spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.requested().await })
-                    .await
-            });
-        }
-        let finished = async {
-            while let Some(result) = tasks.join_next().await {
-                match result {
-                    Ok(Err(e)) => warn!("control API: {e}"),
-                    Err(e) => warn!("control API task failed: {e}"),
-                    Ok(Ok(())) => {}
-                }
+            serve_http(listener, app, shutdown.clone())
+        });
+        let maybe = |f: Option<_>| async move {
+            if let Some(f) = f {
+                f.await;
             }
         };
-        tokio::select! {
-            () = finished => {}
-            () = async {
-                shutdown.requested().await;
-                tokio::time::sleep(SHUTDOWN_WAIT).await;
-            } => warn!("control API requests still running at shutdown; dropping them"),
+        tokio::join!(maybe(unix), maybe(tcp));
+    }
+}
+
+/// Accepts HTTP/1.1 connections on `listener` until shutdown, then lets each finish the
+/// request it is serving (idle ones are closed at once), for at most [`SHUTDOWN_WAIT`].
+async fn serve_http(listener: Listener, app: Router, shutdown: ShutdownHandle) {
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.requested() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                warn!("control API: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            warn!(%peer, "control API: {MAX_CONNECTIONS} connections open; closing a new one");
+            continue;
+        };
+        match stream {
+            Stream::Tcp(s) => serve_connection(s, &app, &graceful, slot),
+            Stream::Unix(s) => serve_connection(s, &app, &graceful, slot),
         }
     }
+    // The Unix socket file goes with its listener: no new client finds it.
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_WAIT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("control API requests still running at shutdown; dropping them");
+    }
+}
+
+fn serve_connection<S>(
+    stream: S,
+    app: &Router,
+    graceful: &GracefulShutdown,
+    slot: OwnedSemaphorePermit,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    let connection =
+        http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+    let connection = graceful.watch(connection);
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            debug!("control API connection: {e}");
+        }
+        drop(slot);
+    });
 }
 
 /// Binds a Unix socket that only this user may connect to. The mode is set through the
 /// umask while binding, so the socket never exists with a wider mode, even briefly; this
 /// runs at start-up, before anything else creates files.
-async fn bind_private_socket(path: &Path) -> Result<(UnixListener, UnixSocketGuard)> {
+async fn bind_private_socket(path: &Path) -> Result<Listener> {
     // SAFETY: umask(2) only swaps the process's file creation mask; it cannot fail.
     let old = unsafe { libc::umask(0o177) };
     let bound = Listener::bind(&ListenAddr::Unix(path.to_path_buf())).await;
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
-    match bound? {
-        Listener::Unix(listener, guard) => Ok((listener, guard)),
-        Listener::Tcp(_) => unreachable!("a Unix address binds a Unix listener"),
-    }
+    bound
 }
 
 fn router(state: Arc<ControlState>) -> Router {
