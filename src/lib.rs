@@ -30,7 +30,8 @@
 //! - [`proto`]: the NBD protocol without I/O: constants, handshake, request and reply
 //!   codecs, validation. Fuzzed and property-tested in isolation.
 //! - [`server`]: listeners, connection limits, the handshake driver, the transmission
-//!   session (concurrent requests, one reply writer, bounded memory), graceful shutdown.
+//!   session (concurrent requests, one reply writer, bounded memory), graceful shutdown,
+//!   per-export counters, and the HTTP/JSON control API ([`server::control`]).
 //! - [`backend`]: the [`backend::Backend`] trait, its object-safe twin, and the raw,
 //!   memory, image and read-only implementations.
 //! - [`image`]: the Strata image format: a pure header and map-page codec, the merged

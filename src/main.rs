@@ -1,16 +1,18 @@
 //! The `strata` command line: a thin front end that builds the export stack and hands it to
 //! the server.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use strata::server::control::{ControlConfig, ControlServer, ControlState, Token};
 use strata::server::export::open_export;
 use strata::server::{Exports, ListenAddr, Listener, Server, ServerConfig};
 use tracing::{error, info};
 
+mod cli_ctl;
 mod cli_image;
 mod cli_snapshot;
 
@@ -48,6 +50,8 @@ enum Command {
     Snapshot(cli_snapshot::SnapshotArgs),
     /// Print the ranges of an image written since one of its snapshots.
     Diff(cli_snapshot::DiffArgs),
+    /// Manage a running server through its control API.
+    Ctl(cli_ctl::CtlArgs),
 }
 
 /// How `serve` reads image files.
@@ -95,6 +99,18 @@ struct ServeArgs {
     /// Connections served at once.
     #[arg(long, default_value_t = 1024, value_name = "N")]
     max_connections: usize,
+
+    /// Serve the control API on this Unix socket (mode 0600: only this user may use it).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+
+    /// Also serve the control API over TCP on HOST:PORT; needs --control-token-file.
+    #[arg(long, value_name = "HOST:PORT", requires = "control_token_file")]
+    control_listen: Option<ListenAddr>,
+
+    /// File holding the bearer token that clients of --control-listen must send.
+    #[arg(long, value_name = "FILE", requires = "control_listen")]
+    control_token_file: Option<PathBuf>,
 
     /// Images to serve: Strata images, raw files or block devices, or memory:SIZE (e.g.
     /// memory:1G). Each is exported under its file stem; the first is the default export.
@@ -216,23 +232,81 @@ async fn serve(args: ServeArgs) -> strata::Result<()> {
         args.listen
     };
     let mut listeners = Vec::new();
+    let mut bound = Vec::new();
     for addr in &addrs {
         let listener = Listener::bind(addr).await?;
-        info!("listening on {}", listener.local_addr()?);
+        let local = listener.local_addr()?;
+        info!("listening on {local}");
         listeners.push(listener);
+        bound.push(local);
     }
     let config = ServerConfig {
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
         max_connections: args.max_connections.max(1),
         ..ServerConfig::default()
     };
-    let server = Server::new(exports, config);
+    let server = Server::new(exports.clone(), config);
     let handle = server.shutdown_handle();
-    tokio::spawn(async move {
-        signals.recv().await;
+    let control = ControlState::new(exports, &bound, server.connection_gauge());
+    let control = bind_control(
+        args.control.as_deref(),
+        args.control_listen,
+        args.control_token_file.as_deref(),
+        control,
+    )
+    .await?;
+    let control = control.map(|c| tokio::spawn(c.serve(handle.clone())));
+    {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            signals.recv().await;
+            handle.shutdown();
+        });
+    }
+    let served = server.serve(listeners).await;
+    if let Some(control) = control {
+        // The control API stops on the same signal; make sure it was sent even if the
+        // server ended on its own.
         handle.shutdown();
-    });
-    server.serve(listeners).await
+        let _ = control.await;
+    }
+    served
+}
+
+/// Binds the control API's listeners, if any were asked for.
+async fn bind_control(
+    socket: Option<&Path>,
+    tcp: Option<ListenAddr>,
+    token_file: Option<&Path>,
+    state: ControlState,
+) -> strata::Result<Option<ControlServer>> {
+    use strata::{Error, ErrorKind};
+    if socket.is_none() && tcp.is_none() {
+        return Ok(None);
+    }
+    let tcp = match tcp {
+        Some(ListenAddr::Tcp(addr)) => Some(addr),
+        Some(ListenAddr::Unix(_)) => {
+            return Err(Error::msg(
+                ErrorKind::InvalidInput,
+                "--control-listen takes HOST:PORT; use --control PATH for a Unix socket",
+            ));
+        }
+        None => None,
+    };
+    let config = ControlConfig {
+        socket: socket.map(Path::to_path_buf),
+        tcp,
+        token: token_file.map(Token::from_file).transpose()?,
+    };
+    let server = ControlServer::bind(config, state).await?;
+    for addr in server.local_addrs() {
+        match addr {
+            ListenAddr::Tcp(a) => info!("control API on http://{a}"),
+            ListenAddr::Unix(p) => info!("control API on unix:{}", p.display()),
+        }
+    }
+    Ok(Some(server))
 }
 
 /// Keeps request-sized buffers (up to the 32 MiB maximum payload) in the allocator's
@@ -274,6 +348,7 @@ fn main() -> ExitCode {
             Command::Convert(a) => cli_image::convert(a),
             Command::Snapshot(a) => cli_snapshot::run(a).await,
             Command::Diff(a) => cli_snapshot::diff(&a),
+            Command::Ctl(a) => cli_ctl::run(a).await,
         }
     });
     match result {

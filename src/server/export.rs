@@ -1,13 +1,20 @@
 //! The exports a server offers, and how they look to the handshake.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{Notify, watch};
 
 use crate::backend::{Capabilities, DynBackend, SharedBackend};
+use crate::error::{Error, ErrorKind};
 use crate::proto::consts::QEMU_DIRTY_BITMAP;
 use crate::proto::consts::transmission_flags as tf;
 use crate::proto::handshake::default_meta_contexts;
-use crate::proto::{BlockSizes, ExportCatalog, ExportInfo, ExportSummary};
+use crate::proto::{BlockSizes, Command, ExportCatalog, ExportInfo, ExportSummary};
 use crate::server::Volume;
 
 /// One named disk.
@@ -17,6 +24,160 @@ pub struct Export {
     backend: SharedBackend,
     /// Set for image exports that support snapshots.
     volume: Option<Arc<Volume>>,
+    /// What the backend serves, for the control API; the volume, when there is one,
+    /// says more.
+    source: Source,
+    /// Counters the sessions of this export update.
+    stats: Arc<ExportStats>,
+    /// Set to true once the export is removed: its sessions end, as they do at shutdown.
+    closed: watch::Sender<bool>,
+    /// Woken when the last connection of the export ends.
+    idle: Notify,
+}
+
+/// What an export serves, as far as its backend cannot tell (a backend is only storage).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Source {
+    /// A backend handed over by the code that built the export.
+    Backend,
+    /// An in-memory disk (`memory:SIZE`).
+    Memory,
+    /// A raw file or block device.
+    Raw(PathBuf),
+    /// A snapshot of a volume, served read-only.
+    Snapshot {
+        /// The volume the snapshot belongs to, which must be told when the export goes.
+        volume: Arc<Volume>,
+        /// The export that serves that volume's live disk.
+        export: String,
+        /// The snapshot's name.
+        snapshot: String,
+    },
+}
+
+/// Per-export counters: connections, and requests by kind. Sessions update them with
+/// relaxed atomics, one or two per request, so they cost nothing measurable; readers
+/// see each counter on its own, not a consistent picture of all of them.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    connections: AtomicU64,
+    total_connections: AtomicU64,
+    reads: AtomicU64,
+    writes: AtomicU64,
+    flushes: AtomicU64,
+    trims: AtomicU64,
+    zeroes: AtomicU64,
+    block_status: AtomicU64,
+    caches: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// A copy of an export's counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StatsSnapshot {
+    /// Clients in the transmission phase now.
+    pub connections: u64,
+    /// Clients that ever reached the transmission phase.
+    pub total_connections: u64,
+    /// `NBD_CMD_READ` requests executed.
+    pub reads: u64,
+    /// `NBD_CMD_WRITE` requests executed.
+    pub writes: u64,
+    /// `NBD_CMD_FLUSH` requests executed.
+    pub flushes: u64,
+    /// `NBD_CMD_TRIM` requests executed.
+    pub trims: u64,
+    /// `NBD_CMD_WRITE_ZEROES` requests executed.
+    pub zeroes: u64,
+    /// `NBD_CMD_BLOCK_STATUS` requests executed.
+    pub block_status: u64,
+    /// `NBD_CMD_CACHE` requests executed.
+    pub caches: u64,
+    /// Bytes asked for by the reads executed.
+    pub bytes_read: u64,
+    /// Bytes carried by the writes executed.
+    pub bytes_written: u64,
+    /// Requests answered with an error, refused ones included.
+    pub errors: u64,
+}
+
+impl ExportStats {
+    /// Counts a request that passed validation and is about to run.
+    #[inline]
+    pub fn count_request(&self, command: Command, length: u64) {
+        let add = |c: &AtomicU64, n: u64| {
+            c.fetch_add(n, Ordering::Relaxed);
+        };
+        match command {
+            Command::Read => {
+                add(&self.reads, 1);
+                add(&self.bytes_read, length);
+            }
+            Command::Write => {
+                add(&self.writes, 1);
+                add(&self.bytes_written, length);
+            }
+            Command::Flush => add(&self.flushes, 1),
+            Command::Trim => add(&self.trims, 1),
+            Command::WriteZeroes => add(&self.zeroes, 1),
+            Command::BlockStatus => add(&self.block_status, 1),
+            Command::Cache => add(&self.caches, 1),
+            Command::Disconnect | Command::Resize | Command::Unknown(_) => {}
+        }
+    }
+
+    /// Counts a request answered with an error.
+    #[inline]
+    pub fn count_error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Clients in the transmission phase now.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// All counters, read one by one.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            connections: get(&self.connections),
+            total_connections: get(&self.total_connections),
+            reads: get(&self.reads),
+            writes: get(&self.writes),
+            flushes: get(&self.flushes),
+            trims: get(&self.trims),
+            zeroes: get(&self.zeroes),
+            block_status: get(&self.block_status),
+            caches: get(&self.caches),
+            bytes_read: get(&self.bytes_read),
+            bytes_written: get(&self.bytes_written),
+            errors: get(&self.errors),
+        }
+    }
+}
+
+/// A client's connection to an export, counted while this lives.
+#[derive(Debug)]
+pub struct Attached<'a> {
+    export: &'a Export,
+}
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        if self
+            .export
+            .stats
+            .connections
+            .fetch_sub(1, Ordering::Relaxed)
+            == 1
+        {
+            self.export.idle.notify_waiters();
+        }
+    }
 }
 
 impl std::fmt::Debug for Export {
@@ -40,7 +201,18 @@ impl Export {
             description: description.into(),
             backend,
             volume: None,
+            source: Source::Backend,
+            stats: Arc::default(),
+            closed: watch::Sender::new(false),
+            idle: Notify::new(),
         }
+    }
+
+    /// Says what the backend serves (see [`Source`]).
+    #[must_use]
+    pub fn with_source(mut self, source: Source) -> Self {
+        self.source = source;
+        self
     }
 
     /// Creates an export named `name` serving the live disk of `volume`.
@@ -49,12 +221,9 @@ impl Export {
         description: impl Into<String>,
         volume: Arc<Volume>,
     ) -> Self {
-        Export {
-            name: name.into(),
-            description: description.into(),
-            backend: volume.backend().clone(),
-            volume: Some(volume),
-        }
+        let mut export = Export::new(name, description, volume.backend().clone());
+        export.volume = Some(volume);
+        export
     }
 
     /// The volume behind an image export, for snapshots.
@@ -62,9 +231,87 @@ impl Export {
         self.volume.as_ref()
     }
 
+    /// What the export serves, besides its volume.
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    /// A short name for what the export serves: `image` (a Strata image, with
+    /// snapshots), `snapshot`, `raw` (a file or block device), `memory`, or `backend`.
+    pub fn kind(&self) -> &'static str {
+        if self.volume.is_some() {
+            return "image";
+        }
+        match self.source {
+            Source::Backend => "backend",
+            Source::Memory => "memory",
+            Source::Raw(_) => "raw",
+            Source::Snapshot { .. } => "snapshot",
+        }
+    }
+
+    /// The file served, when there is one.
+    pub fn image_path(&self) -> Option<&Path> {
+        match (&self.volume, &self.source) {
+            (Some(volume), _) => Some(volume.path()),
+            (None, Source::Raw(path)) => Some(path),
+            _ => None,
+        }
+    }
+
     /// The export's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The description clients are sent.
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// Does the export refuse writes?
+    pub fn read_only(&self) -> bool {
+        self.backend.capabilities().read_only
+    }
+
+    /// The export's counters.
+    pub fn stats(&self) -> &Arc<ExportStats> {
+        &self.stats
+    }
+
+    /// Counts a client connection until the returned guard is dropped.
+    pub fn attach(&self) -> Attached<'_> {
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        self.stats.total_connections.fetch_add(1, Ordering::Relaxed);
+        Attached { export: self }
+    }
+
+    /// Ends every session of this export (each finishes the requests it accepted) and
+    /// every session that starts on it later.
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// True after [`Export::close`]; sessions watch it.
+    pub fn closed(&self) -> watch::Receiver<bool> {
+        self.closed.subscribe()
+    }
+
+    /// Waits until no client is connected, at most `timeout`; returns whether none is.
+    pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        let idle = async {
+            loop {
+                let notified = self.idle.notified();
+                tokio::pin!(notified);
+                // Registered before the check, so a wake-up between the two is not lost.
+                notified.as_mut().enable();
+                if self.stats.connections() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(timeout, idle).await.is_ok()
     }
 
     /// The storage behind it.
@@ -129,11 +376,17 @@ pub fn open_export(
         let volume = Volume::open(std::path::Path::new(spec), read_only)?;
         Export::with_volume(name, description, volume)
     } else {
+        let source = if spec.starts_with("memory:") {
+            Source::Memory
+        } else {
+            Source::Raw(PathBuf::from(spec))
+        };
         Export::new(
             name,
             description,
             crate::backend::open_as(spec, read_only, format)?,
         )
+        .with_source(source)
     })
 }
 
@@ -184,14 +437,47 @@ impl Exports {
 
     /// Adds (or replaces) an export.
     pub fn insert(&self, export: Export) {
-        let mut reg = self
-            .inner
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut reg = self.write();
         if reg.default.is_none() {
             reg.default = Some(export.name.clone());
         }
         reg.by_name.insert(export.name.clone(), Arc::new(export));
+    }
+
+    /// Adds an export unless one of that name exists ([`ErrorKind::AlreadyExists`]).
+    /// Like [`Exports::insert`], it becomes the default export if there is none.
+    pub fn try_insert(&self, export: Export) -> crate::Result<Arc<Export>> {
+        let mut reg = self.write();
+        if reg.by_name.contains_key(&export.name) {
+            return Err(Error::msg(
+                ErrorKind::AlreadyExists,
+                format!("an export named {:?} exists already", export.name),
+            ));
+        }
+        if reg.default.is_none() {
+            reg.default = Some(export.name.clone());
+        }
+        let export = Arc::new(export);
+        reg.by_name.insert(export.name.clone(), export.clone());
+        Ok(export)
+    }
+
+    /// Takes the export `name` out of the set: new clients no longer find it, connected
+    /// ones are left alone (see [`Export::close`]). Removing the default export leaves
+    /// none until the next one is added.
+    pub fn remove(&self, name: &str) -> Option<Arc<Export>> {
+        let mut reg = self.write();
+        let export = reg.by_name.remove(name)?;
+        if reg.default.as_deref() == Some(name) {
+            reg.default = None;
+        }
+        Some(export)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Registry> {
+        self.inner
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Finds an export by the name a client sent; "" is the default export.
@@ -231,5 +517,95 @@ impl ExportCatalog for Exports {
                 description: e.description.clone(),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+
+    fn memory(name: &str) -> Export {
+        Export::new(name, "", Arc::new(MemoryBackend::new(1 << 20)))
+    }
+
+    #[test]
+    fn names_are_unique_and_the_default_follows_removal() {
+        let exports = Exports::new();
+        exports.try_insert(memory("a")).unwrap();
+        exports.try_insert(memory("b")).unwrap();
+        let e = exports.try_insert(memory("a")).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+        assert_eq!(exports.get("").unwrap().name(), "a");
+        assert_eq!(exports.remove("a").unwrap().name(), "a");
+        assert!(exports.remove("a").is_none());
+        assert!(exports.get("a").is_none());
+        assert!(exports.get("").is_none(), "no default after removing it");
+        exports.try_insert(memory("c")).unwrap();
+        assert_eq!(exports.get("").unwrap().name(), "c");
+        assert_eq!(exports.all().len(), 2);
+    }
+
+    #[test]
+    fn stats_count_requests_and_connections() {
+        let export = memory("m");
+        let stats = export.stats();
+        stats.count_request(Command::Read, 4096);
+        stats.count_request(Command::Read, 512);
+        stats.count_request(Command::Write, 100);
+        stats.count_request(Command::Flush, 0);
+        stats.count_request(Command::Trim, 4096);
+        stats.count_request(Command::WriteZeroes, 4096);
+        stats.count_request(Command::BlockStatus, 4096);
+        stats.count_request(Command::Cache, 4096);
+        stats.count_error();
+        {
+            let _a = export.attach();
+            let _b = export.attach();
+            assert_eq!(stats.connections(), 2);
+        }
+        let s = stats.snapshot();
+        assert_eq!(
+            s,
+            StatsSnapshot {
+                connections: 0,
+                total_connections: 2,
+                reads: 2,
+                writes: 1,
+                flushes: 1,
+                trims: 1,
+                zeroes: 1,
+                block_status: 1,
+                caches: 1,
+                bytes_read: 4608,
+                bytes_written: 100,
+                errors: 1,
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn closing_signals_sessions_and_waiting_ends_with_the_last_one() {
+        let export = Arc::new(memory("m"));
+        let mut closed = export.closed();
+        assert!(!*closed.borrow());
+        assert!(export.wait_idle(Duration::from_millis(1)).await);
+        let (attached_tx, attached_rx) = tokio::sync::oneshot::channel();
+        let session = {
+            let export = export.clone();
+            tokio::spawn(async move {
+                let _attached = export.attach();
+                let mut closed = export.closed();
+                attached_tx.send(()).unwrap();
+                closed.wait_for(|c| *c).await.unwrap();
+            })
+        };
+        attached_rx.await.unwrap();
+        assert!(!export.wait_idle(Duration::from_millis(10)).await);
+        export.close();
+        assert!(export.wait_idle(Duration::from_secs(10)).await);
+        session.await.unwrap();
+        assert!(closed.has_changed().unwrap() && *closed.borrow_and_update());
+        assert_eq!(export.stats().connections(), 0);
     }
 }

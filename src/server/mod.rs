@@ -18,6 +18,7 @@ use crate::backend::Backend;
 use crate::error::{Error, ErrorKind, Result};
 use crate::proto::{HandshakeConfig, Negotiated, Progress, ProtocolError, ServerHandshake};
 
+pub mod control;
 pub mod export;
 pub mod listener;
 pub mod session;
@@ -80,6 +81,32 @@ impl ShutdownHandle {
     pub fn shutdown(&self) {
         let _ = self.0.send(true);
     }
+
+    /// Resolves once a shutdown has been asked for, so that services running beside the
+    /// server (the control API) stop with it.
+    pub async fn requested(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+/// How many connections a server holds, read from its connection slots.
+#[derive(Clone, Debug)]
+pub struct ConnectionGauge {
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+impl ConnectionGauge {
+    /// Connections open now, in the handshake or in transmission.
+    pub fn open(&self) -> usize {
+        self.max.saturating_sub(self.slots.available_permits())
+    }
+
+    /// The most connections served at once.
+    pub fn max(&self) -> usize {
+        self.max
+    }
 }
 
 impl Server {
@@ -101,6 +128,14 @@ impl Server {
     /// A handle to stop the server from elsewhere.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle(self.shutdown_tx.clone())
+    }
+
+    /// A view of the server's connection count.
+    pub fn connection_gauge(&self) -> ConnectionGauge {
+        ConnectionGauge {
+            slots: self.shared.slots.clone(),
+            max: self.shared.config.max_connections,
+        }
     }
 
     /// Serves on `listeners` until [`ShutdownHandle::shutdown`] is called, then drains
@@ -231,11 +266,12 @@ async fn handle_connection(stream: Stream, shared: &Shared) {
         extended = negotiated.extended,
         "transmission started"
     );
+    let _attached = export.attach();
     session::run(
         reader,
         writer,
         leftover,
-        export.backend().clone(),
+        &export,
         &negotiated,
         shared.config.session,
         shared.shutdown.clone(),

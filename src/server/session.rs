@@ -23,6 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
 
+use super::export::{Export, ExportStats};
 use super::listener::{ReadHalf, WriteHalf};
 use crate::backend::{
     Backend, DepthExtent, DirtyExtent, Extent, ReadChunk, SharedBackend, ZeroFlags,
@@ -76,6 +77,8 @@ pub enum SessionEnd {
     ClientClosed,
     /// The server is shutting down.
     Shutdown,
+    /// The export was removed.
+    Removed,
     /// The client broke the protocol.
     Protocol(ProtocolError),
     /// The socket failed.
@@ -88,6 +91,7 @@ impl std::fmt::Display for SessionEnd {
             SessionEnd::Disconnect => f.write_str("client disconnected"),
             SessionEnd::ClientClosed => f.write_str("client closed the connection"),
             SessionEnd::Shutdown => f.write_str("server shutting down"),
+            SessionEnd::Removed => f.write_str("export removed"),
             SessionEnd::Protocol(e) => write!(f, "protocol error: {e}"),
             SessionEnd::Io(e) => write!(f, "I/O error: {e}"),
         }
@@ -197,6 +201,7 @@ struct Context {
     contexts: Vec<MetaContext>,
     sparse_reads: bool,
     wrote: AtomicBool,
+    stats: Arc<ExportStats>,
 }
 
 impl Context {
@@ -228,6 +233,7 @@ impl Context {
         message: &str,
         offset: Option<u64>,
     ) -> Vec<Bytes> {
+        self.stats.count_error();
         let mut b = BytesMut::with_capacity(64 + message.len());
         if self.mode == ReplyMode::Simple {
             reply::encode_simple(&mut b, h.cookie, errno);
@@ -268,6 +274,7 @@ impl Context {
     }
 
     async fn execute(&self, h: RequestHeader, payload: Bytes) -> Vec<Bytes> {
+        self.stats.count_request(h.command, h.length);
         let fua = h.flags & cmd_flags::FUA != 0;
         let backend = &self.backend;
         let ranged = matches!(
@@ -535,18 +542,20 @@ pub fn normalize_extents<E: StatusExtent>(
     capped
 }
 
-/// Runs the transmission phase until the client disconnects, the connection fails or the
-/// server shuts down. `leftover` holds bytes read past the end of the handshake.
-#[allow(clippy::too_many_arguments)]
+/// Runs the transmission phase on `export` until the client disconnects, the connection
+/// fails, the export is closed or the server shuts down. `leftover` holds bytes read past
+/// the end of the handshake.
 pub async fn run(
     reader: ReadHalf,
     writer: WriteHalf,
     leftover: BytesMut,
-    backend: SharedBackend,
+    export: &Export,
     negotiated: &Negotiated,
     config: SessionConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> SessionEnd {
+    let backend = export.backend().clone();
+    let mut closed = export.closed();
     let mode = if negotiated.extended {
         ReplyMode::Extended
     } else if negotiated.structured {
@@ -568,6 +577,7 @@ pub async fn run(
         mode,
         contexts: negotiated.contexts.clone(),
         wrote: AtomicBool::new(false),
+        stats: export.stats().clone(),
     });
     let budget_total = config
         .max_in_flight
@@ -586,9 +596,13 @@ pub async fn run(
         if *shutdown.borrow() {
             break SessionEnd::Shutdown;
         }
+        if *closed.borrow() {
+            break SessionEnd::Removed;
+        }
         let filled = tokio::select! {
             biased;
             _ = shutdown.changed() => break SessionEnd::Shutdown,
+            _ = closed.changed() => break SessionEnd::Removed,
             res = &mut writer_task => {
                 break match res {
                     Ok(Err(e)) => SessionEnd::Io(e),
@@ -631,6 +645,7 @@ pub async fn run(
                 Err(_) => break SessionEnd::Shutdown,
             },
             _ = shutdown.wait_for(|stop| *stop) => break SessionEnd::Shutdown,
+            _ = closed.wait_for(|closed| *closed) => break SessionEnd::Removed,
         };
         if let Err(refusal) = verdict {
             debug!(
