@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
+use crate::access::{Access, Client};
 use crate::backend::{Capabilities, DynBackend, SharedBackend};
 use crate::proto::consts::transmission_flags as tf;
 use crate::proto::handshake::default_meta_contexts;
@@ -16,6 +17,8 @@ pub struct Export {
     backend: SharedBackend,
     /// Set for image exports that support snapshots.
     volume: Option<Arc<Volume>>,
+    /// Who may see and open it.
+    access: Access,
 }
 
 impl std::fmt::Debug for Export {
@@ -39,6 +42,7 @@ impl Export {
             description: description.into(),
             backend,
             volume: None,
+            access: Access::open(),
         }
     }
 
@@ -53,7 +57,20 @@ impl Export {
             description: description.into(),
             backend: volume.backend().clone(),
             volume: Some(volume),
+            access: Access::open(),
         }
+    }
+
+    /// Restricts who may see and open the export.
+    #[must_use]
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
+    }
+
+    /// Who may see and open the export.
+    pub fn access(&self) -> &Access {
+        &self.access
     }
 
     /// The volume behind an image export, for snapshots.
@@ -204,14 +221,43 @@ impl Exports {
     }
 }
 
-impl ExportCatalog for Exports {
+impl Exports {
+    /// The exports as one client may see them, for its handshake.
+    pub fn seen_by<'a>(&'a self, client: &'a Client) -> ClientView<'a> {
+        ClientView {
+            exports: self,
+            client,
+        }
+    }
+}
+
+/// The catalog one client's handshake reads: exports its [`Access`] rules do not allow
+/// are missing from listings and unknown by name, exactly as if they did not exist.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientView<'a> {
+    exports: &'a Exports,
+    client: &'a Client,
+}
+
+impl ClientView<'_> {
+    /// The export `name` ("" for the default one), if this client may use it.
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        self.exports
+            .get(name)
+            .filter(|e| e.access.allows(self.client))
+    }
+}
+
+impl ExportCatalog for ClientView<'_> {
     fn export(&self, name: &str) -> Option<ExportInfo> {
         self.get(name).map(|e| e.info())
     }
 
     fn list(&self) -> Vec<ExportSummary> {
-        self.all()
+        self.exports
+            .all()
             .iter()
+            .filter(|e| e.access.allows(self.client))
             .map(|e| ExportSummary {
                 name: e.name.clone(),
                 description: e.description.clone(),
