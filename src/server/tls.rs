@@ -83,13 +83,17 @@ mod with_rustls {
     /// A connection after a successful TLS handshake.
     pub type Upgraded = tokio_rustls::server::TlsStream<Stream>;
 
-    fn file_error(what: &str, path: &Path, e: pem::Error) -> Error {
+    const CERTIFICATE: &str = "a PEM 'BEGIN CERTIFICATE' section";
+    const KEY: &str =
+        "a PEM 'BEGIN PRIVATE KEY', 'BEGIN RSA PRIVATE KEY' or 'BEGIN EC PRIVATE KEY' section";
+
+    fn file_error(what: &str, expected: &str, path: &Path, e: pem::Error) -> Error {
         let detail = match e {
             pem::Error::Io(e) => {
                 return Error::from(e)
                     .with_message(format!("cannot read the {what} file {}", path.display()));
             }
-            pem::Error::NoItemsFound => "no PEM section of the expected kind found".to_owned(),
+            pem::Error::NoItemsFound => format!("found no {what} in it (expected {expected})"),
             other => other.to_string(),
         };
         Error::msg(
@@ -101,9 +105,14 @@ mod with_rustls {
     fn certificates(what: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>> {
         let certs = CertificateDer::pem_file_iter(path)
             .and_then(Iterator::collect::<std::result::Result<Vec<_>, _>>)
-            .map_err(|e| file_error(what, path, e))?;
+            .map_err(|e| file_error(what, CERTIFICATE, path, e))?;
         if certs.is_empty() {
-            return Err(file_error(what, path, pem::Error::NoItemsFound));
+            return Err(file_error(
+                what,
+                CERTIFICATE,
+                path,
+                pem::Error::NoItemsFound,
+            ));
         }
         Ok(certs)
     }
@@ -118,7 +127,7 @@ mod with_rustls {
         pub fn load(files: &TlsFiles) -> Result<Self> {
             let chain = certificates("TLS certificate", &files.cert)?;
             let key = PrivateKeyDer::from_pem_file(&files.key)
-                .map_err(|e| file_error("TLS private key", &files.key, e))?;
+                .map_err(|e| file_error("TLS private key", KEY, &files.key, e))?;
             let builder = rustls::ServerConfig::builder_with_provider(provider())
                 .with_safe_default_protocol_versions()
                 .map_err(|e| Error::msg(ErrorKind::InvalidInput, e.to_string()))?;
@@ -147,6 +156,12 @@ mod with_rustls {
                 }
             };
             let config = builder.with_single_cert(chain, key).map_err(|e| {
+                let e = match e {
+                    rustls::Error::InconsistentKeys(_) => {
+                        "the key does not belong to the certificate".to_owned()
+                    }
+                    other => other.to_string(),
+                };
                 Error::msg(
                     ErrorKind::InvalidInput,
                     format!(
