@@ -8,6 +8,7 @@
 //!                                  │  TCP / Unix socket
 //!   ┌──────────────────────────────▼───────────────────────────────┐
 //!   │ server   listeners ─ slots ─ handshake driver ─ session      │  tokio, sockets
+//!   │          TLS upgrade (rustls) · per-client export view       │  access rules
 //!   ├──────────────────────────────────────────────────────────────┤
 //!   │ proto    handshake state machine · request/reply codec ·     │  pure, no I/O
 //!   │          validation · errno mapping                          │

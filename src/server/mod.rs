@@ -5,6 +5,11 @@
 //! a slot (connections are capped), runs the handshake under a deadline, then a
 //! [`session`] until the client leaves or the server shuts down. Shutting down stops the
 //! listeners, lets sessions finish the requests they accepted, and flushes every export.
+//!
+//! The handshake reads the exports through the view of one client
+//! ([`export::ClientView`]), so exports its access rules refuse do not exist for it.
+//! After `STARTTLS` the connection continues over TLS ([`tls`]), and the view is rebuilt
+//! with the identity of the client's certificate.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +54,7 @@ pub struct ServerConfig {
     /// Transmission-phase tunables.
     pub session: SessionConfig,
     /// Certificates and keys for `STARTTLS`; required unless `handshake.tls` is
-    /// [`TlsPolicy::Disabled`](crate::proto::TlsPolicy::Disabled).
+    /// [`TlsPolicy::Disabled`].
     pub tls: Option<TlsSettings>,
 }
 
