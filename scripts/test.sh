@@ -143,8 +143,8 @@ step doc env RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 # --- the qemu tests again with Debian 12's qemu-img 7.2 ---------------------------------
 # Users run both the distribution's qemu 7.2 and newer ones (10.0 here, which negotiates
 # extended headers). When the installed qemu-img is not 7.2, the 7.2 tools are unpacked
-# (not installed) under target/ and the qemu interop tests (plain exports and Strata
-# images) run once more with them.
+# (not installed) under target/ and the qemu interop tests (plain exports, Strata
+# images, TLS) run once more with them.
 qemu72() {
     local dir="target/qemu-7.2"
     if [ ! -x "$dir/root/usr/bin/qemu-img" ]; then
@@ -167,7 +167,7 @@ qemu72() {
         dpkg -x "$dir"/qemu-utils_*.deb "$dir/root" || return 1
     fi
     "$dir/root/usr/bin/qemu-img" --version | head -n 1
-    PATH="$PWD/$dir/root/usr/bin:$PATH" cargo test --test interop_qemu --test interop_images
+    PATH="$PWD/$dir/root/usr/bin:$PATH" cargo test --test interop_qemu --test interop_images --test interop_tls
 }
 if qemu-img --version 2>/dev/null | head -n 1 | grep -q 'version 7\.2'; then
     log "qemu-img is 7.2 already: the qemu tests above covered it"

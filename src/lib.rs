@@ -8,6 +8,7 @@
 //!                                  │  TCP / Unix socket
 //!   ┌──────────────────────────────▼───────────────────────────────┐
 //!   │ server   listeners ─ slots ─ handshake driver ─ session      │  tokio, sockets
+//!   │          TLS upgrade (rustls) · per-client export view       │  access rules
 //!   ├──────────────────────────────────────────────────────────────┤
 //!   │ proto    handshake state machine · request/reply codec ·     │  pure, no I/O
 //!   │          validation · errno mapping                          │
@@ -37,9 +38,12 @@
 //! - [`image`]: the Strata image format: a pure header and map-page codec, the merged
 //!   cluster map of a backing chain, the copy-on-write engine with its crash-safe commit
 //!   order, and the image tools (create, info, check, map, commit, rebase, convert).
+//! - [`access`]: who may use an export (client networks, certificate identities): pure
+//!   rules the handshake driver applies before a client sees an export.
 //! - [`error`]: the crate's one error type.
 //! - [`size`]: parsing of human-friendly sizes.
 
+pub mod access;
 pub mod backend;
 pub mod error;
 pub mod image;

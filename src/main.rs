@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use strata::access::{Access, NetworkRule};
+use strata::proto::{HandshakeConfig, TlsPolicy};
 use strata::server::control::{ControlConfig, ControlServer, ControlState, Token};
 use strata::server::export::open_export;
-use strata::server::{Exports, ListenAddr, Listener, Server, ServerConfig};
+use strata::server::{Exports, ListenAddr, Listener, Server, ServerConfig, TlsFiles, TlsSettings};
 use tracing::{error, info};
 
 mod cli_ctl;
@@ -66,6 +68,17 @@ enum FormatArg {
     Strata,
 }
 
+/// `serve --tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TlsArg {
+    /// No TLS: STARTTLS is refused.
+    Off,
+    /// Clients may upgrade to TLS with STARTTLS, or stay in plaintext.
+    Optional,
+    /// Clients must upgrade before they learn anything, even the export list.
+    Require,
+}
+
 #[derive(Args, Debug)]
 struct ServeArgs {
     /// Address to listen on: HOST:PORT, [V6]:PORT or unix:PATH. Repeat for several.
@@ -111,6 +124,36 @@ struct ServeArgs {
     /// File holding the bearer token that clients of --control-listen must send.
     #[arg(long, value_name = "FILE", requires = "control_listen")]
     control_token_file: Option<PathBuf>,
+    /// TLS policy [default: optional with --tls-cert, off without].
+    #[arg(long, value_enum, value_name = "MODE")]
+    tls: Option<TlsArg>,
+
+    /// The server's TLS certificate chain (PEM), leaf first.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM): TLS clients must present a certificate signed by one of
+    /// them (mutual TLS).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+
+    /// Let only clients from this network (CIDR, e.g. 10.0.0.0/8, or an address) use the
+    /// exports; `unix` admits Unix-socket clients. Repeat for several.
+    #[arg(long = "allow", value_name = "CIDR")]
+    allow: Vec<NetworkRule>,
+
+    /// Let only TLS clients whose certificate names NAME (subject CN, DNS or URI name)
+    /// use the exports; needs --tls-client-ca. Repeat for several.
+    #[arg(
+        long = "allow-identity",
+        value_name = "NAME",
+        requires = "tls_client_ca"
+    )]
+    allow_identity: Vec<String>,
 
     /// Images to serve: Strata images, raw files or block devices, or memory:SIZE (e.g.
     /// memory:1G). Each is exported under its file stem; the first is the default export.
@@ -207,8 +250,46 @@ fn export_list(args: &ServeArgs) -> strata::Result<Vec<(String, String)>> {
     Ok(list)
 }
 
+/// The TLS policy and, unless it is off, the loaded certificates.
+fn tls_config(args: &ServeArgs) -> strata::Result<(TlsPolicy, Option<TlsSettings>)> {
+    use strata::{Error, ErrorKind};
+    let mode = args.tls.unwrap_or(if args.tls_cert.is_some() {
+        TlsArg::Optional
+    } else {
+        TlsArg::Off
+    });
+    let policy = match mode {
+        TlsArg::Off => TlsPolicy::Disabled,
+        TlsArg::Optional => TlsPolicy::Allowed,
+        TlsArg::Require => TlsPolicy::Required,
+    };
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        if policy != TlsPolicy::Disabled {
+            return Err(Error::msg(
+                ErrorKind::InvalidInput,
+                "--tls optional and --tls require need --tls-cert and --tls-key",
+            ));
+        }
+        return Ok((policy, None));
+    };
+    if policy == TlsPolicy::Disabled {
+        return Err(Error::msg(
+            ErrorKind::InvalidInput,
+            "--tls off contradicts --tls-cert: drop one of them",
+        ));
+    }
+    let settings = TlsSettings::load(&TlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: args.tls_client_ca.clone(),
+    })?;
+    Ok((policy, Some(settings)))
+}
+
 async fn serve(args: ServeArgs) -> strata::Result<()> {
     let signals = ShutdownSignals::install()?;
+    let (tls_policy, tls) = tls_config(&args)?;
+    let access = Access::new(args.allow.clone(), args.allow_identity.clone());
     let format = match args.format {
         FormatArg::Auto => None,
         FormatArg::Raw => Some(strata::image::Format::Raw),
@@ -216,7 +297,8 @@ async fn serve(args: ServeArgs) -> strata::Result<()> {
     };
     let exports = Arc::new(Exports::new());
     for (name, image) in export_list(&args)? {
-        let export = open_export(&name, &image, args.read_only, format, &args.description)?;
+        let export = open_export(&name, &image, args.read_only, format, &args.description)?
+            .with_access(access.clone());
         info!(
             export = name,
             size = export.backend().size(),
@@ -240,14 +322,28 @@ async fn serve(args: ServeArgs) -> strata::Result<()> {
         listeners.push(listener);
         bound.push(local);
     }
+    if !access.is_open() {
+        info!(
+            networks = ?access.networks().iter().map(ToString::to_string).collect::<Vec<_>>(),
+            identities = ?access.identities(),
+            "exports restricted"
+        );
+    }
+    info!(tls = ?tls_policy, client_certificates = tls.as_ref().is_some_and(TlsSettings::verifies_clients), "TLS policy");
     let config = ServerConfig {
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
         max_connections: args.max_connections.max(1),
+        handshake: HandshakeConfig {
+            tls: tls_policy,
+            ..HandshakeConfig::default()
+        },
+        tls,
         ..ServerConfig::default()
     };
     let server = Server::new(exports.clone(), config);
     let handle = server.shutdown_handle();
-    let control = ControlState::new(exports, &bound, server.connection_gauge());
+    let control =
+        ControlState::new(exports, &bound, server.connection_gauge()).with_access(access.clone());
     let control = bind_control(
         args.control.as_deref(),
         args.control_listen,

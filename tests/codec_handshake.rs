@@ -771,6 +771,26 @@ fn tls_required_still_allows_abort() {
     assert_eq!(d.take_replies()[0].ty, REP_ACK);
 }
 
+/// TLS needs fixed newstyle: a server that requires TLS ends the session of a client
+/// without it at once; one that merely allows TLS treats it as a server without TLS.
+#[test]
+fn tls_needs_a_fixed_newstyle_client() {
+    let mut d = Driver::new(HandshakeConfig {
+        tls: TlsPolicy::Required,
+        ..HandshakeConfig::default()
+    });
+    d.take_sent();
+    assert_eq!(
+        d.feed(&0u32.to_be_bytes()),
+        Outcome::Err(ProtocolError::TlsNeedsFixedNewstyle)
+    );
+    assert!(d.take_sent().is_empty());
+
+    let mut d = Driver::started(TlsPolicy::Allowed, 0);
+    d.expect_single(OPT_STARTTLS, &[], REP_ERR_UNSUP);
+    done(d.feed(&opt(OPT_EXPORT_NAME, b"ro")));
+}
+
 #[test]
 fn tls_required_export_name_after_tls() {
     let mut d = Driver::started(TlsPolicy::Required, C_FIXED_NO_ZEROES);

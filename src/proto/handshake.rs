@@ -141,6 +141,9 @@ enum Phase {
 #[derive(Debug)]
 pub struct ServerHandshake {
     config: HandshakeConfig,
+    /// The TLS policy for this connection: the configured one, or `Disabled` for a client
+    /// without fixed newstyle, with which TLS cannot be negotiated.
+    tls: TlsPolicy,
     phase: Phase,
     out: BytesMut,
     no_zeroes: bool,
@@ -195,6 +198,7 @@ impl ServerHandshake {
         out.put_u64(IHAVEOPT);
         out.put_u16(handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES);
         ServerHandshake {
+            tls: config.tls,
             config,
             phase: Phase::ClientFlags,
             out,
@@ -249,6 +253,14 @@ impl ServerHandshake {
         }
         // Clients without FIXED_NEWSTYLE can still pick an export with EXPORT_NAME; every
         // other option is answered as fixed newstyle requires, which such clients never send.
+        // TLS needs fixed newstyle: without it the server must not offer TLS, so a server
+        // that requires TLS has nothing to offer such a client.
+        if flags & client_flags::FIXED_NEWSTYLE == 0 {
+            if self.tls == TlsPolicy::Required {
+                return Err(ProtocolError::TlsNeedsFixedNewstyle);
+            }
+            self.tls = TlsPolicy::Disabled;
+        }
         self.no_zeroes = flags & client_flags::NO_ZEROES != 0;
         self.phase = Phase::Options;
         Ok(Progress::Continue)
@@ -265,7 +277,7 @@ impl ServerHandshake {
         self.phase = Phase::Options;
         // Under FORCEDTLS every option but STARTTLS and ABORT must get ERR_TLS_REQD before
         // the upgrade, oversized or not.
-        let tls_pending = self.config.tls == TlsPolicy::Required && !self.tls_active;
+        let tls_pending = self.tls == TlsPolicy::Required && !self.tls_active;
         if tls_pending && option != opt::STARTTLS && option != opt::ABORT {
             self.reply(option, rep::ERR_TLS_REQD, b"TLS is required on this server");
             return Progress::Continue;
@@ -330,7 +342,7 @@ impl ServerHandshake {
         data: &[u8],
         catalog: &dyn ExportCatalog,
     ) -> Result<Progress, ProtocolError> {
-        let tls_pending = self.config.tls == TlsPolicy::Required && !self.tls_active;
+        let tls_pending = self.tls == TlsPolicy::Required && !self.tls_active;
         match option {
             opt::ABORT => {
                 self.reply(option, rep::ACK, &[]);
@@ -366,7 +378,7 @@ impl ServerHandshake {
     }
 
     fn handle_starttls(&mut self, data: &[u8]) -> Progress {
-        let refusal = if self.config.tls == TlsPolicy::Disabled {
+        let refusal = if self.tls == TlsPolicy::Disabled {
             Some((rep::ERR_UNSUP, "TLS is not configured on this server"))
         } else if !data.is_empty() {
             Some((rep::ERR_INVALID, "STARTTLS takes no data"))

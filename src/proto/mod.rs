@@ -43,6 +43,9 @@ pub enum ProtocolError {
     UnknownExport(String),
     /// `EXPORT_NAME` before the required TLS upgrade.
     TlsRequired,
+    /// TLS is required, but the client did not set fixed newstyle, without which TLS
+    /// cannot be negotiated.
+    TlsNeedsFixedNewstyle,
     /// An option whose data cannot be skipped safely.
     OptionTooLarge(u32),
     /// Input after the handshake ended.
@@ -65,6 +68,10 @@ impl fmt::Display for ProtocolError {
             ProtocolError::BadOption(m) => write!(f, "malformed option: {m}"),
             ProtocolError::UnknownExport(n) => write!(f, "no export named {n:?}"),
             ProtocolError::TlsRequired => write!(f, "TLS is required before choosing an export"),
+            ProtocolError::TlsNeedsFixedNewstyle => write!(
+                f,
+                "TLS is required, and a client without fixed newstyle cannot start it"
+            ),
             ProtocolError::OptionTooLarge(n) => write!(f, "option of {n} bytes is too large"),
             ProtocolError::HandshakeFinished => write!(f, "handshake already finished"),
             ProtocolError::DataAfterStartTls => {

@@ -33,9 +33,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::export::{Export, Source, StatsSnapshot, open_export};
-use super::listener::{ListenAddr, Listener, Stream};
+use super::listener::{Accepted, ListenAddr, Listener, Stream};
 use super::volume::{RollbackOptions, valid_name};
 use super::{ConnectionGauge, Exports, ShutdownHandle, Volume};
+use crate::access::Access;
 use crate::error::{Error, ErrorKind, Result};
 
 /// Largest request body accepted.
@@ -139,9 +140,19 @@ pub struct ControlState {
     listen: Vec<String>,
     control: Vec<String>,
     connections: ConnectionGauge,
+    /// Who may use exports added through the API (those given at start-up have the
+    /// same rules); a snapshot's export takes its volume export's rules.
+    access: Access,
 }
 
 impl ControlState {
+    /// Applies `access` to exports added through the API.
+    #[must_use]
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
+    }
+
     /// State for a server of `exports` listening on `listen` (reported as given), whose
     /// connections `gauge` counts.
     pub fn new(exports: Arc<Exports>, listen: &[ListenAddr], gauge: ConnectionGauge) -> Self {
@@ -151,6 +162,7 @@ impl ControlState {
             listen: listen.iter().map(ToString::to_string).collect(),
             control: Vec::new(),
             connections: gauge,
+            access: Access::open(),
         }
     }
 }
@@ -248,7 +260,7 @@ async fn serve_http(listener: Listener, app: Router, shutdown: ShutdownHandle) {
             () = shutdown.requested() => break,
             r = listener.accept() => r,
         };
-        let (stream, peer) = match accepted {
+        let Accepted { stream, peer, .. } = match accepted {
             Ok(x) => x,
             Err(e) => {
                 warn!("control API: accept failed: {e}");
@@ -684,9 +696,12 @@ async fn add_export(
         FormatChoice::Strata => Some(crate::image::Format::Strata),
     };
     let (name, image) = (req.name.clone(), req.image.clone());
-    let export =
-        blocking(move || open_export(&name, &image, req.read_only, format, &req.description))
-            .await?;
+    let access = state.access.clone();
+    let export = blocking(move || {
+        open_export(&name, &image, req.read_only, format, &req.description)
+            .map(|e| e.with_access(access))
+    })
+    .await?;
     let export = state.exports.try_insert(export)?;
     info!(
         export = export.name(),
@@ -892,7 +907,8 @@ async fn export_snapshot(
     check_name("snapshot", &snap)?;
     let export_name = req.name.unwrap_or_else(|| format!("{name}@{snap}"));
     check_name("export", &export_name)?;
-    let volume = volume_of(&*find(&state, &name)?)?;
+    let live = find(&state, &name)?;
+    let volume = volume_of(&live)?;
     if state.exports.get(&export_name).is_some() {
         return Err(Error::msg(
             ErrorKind::AlreadyExists,
@@ -913,7 +929,8 @@ async fn export_snapshot(
         volume: volume.clone(),
         export: name.clone(),
         snapshot: snap.clone(),
-    });
+    })
+    .with_access(live.access().clone());
     let export = match state.exports.try_insert(export) {
         Ok(export) => export,
         Err(e) => {

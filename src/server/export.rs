@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
+use crate::access::{Access, Client};
 use crate::backend::{Capabilities, DynBackend, SharedBackend};
 use crate::error::{Error, ErrorKind};
 use crate::proto::consts::QEMU_DIRTY_BITMAP;
@@ -33,6 +34,8 @@ pub struct Export {
     closed: watch::Sender<bool>,
     /// Woken when the last connection of the export ends.
     idle: Notify,
+    /// Who may see and open it.
+    access: Access,
 }
 
 /// What an export serves, as far as its backend cannot tell (a backend is only storage).
@@ -205,6 +208,7 @@ impl Export {
             stats: Arc::default(),
             closed: watch::Sender::new(false),
             idle: Notify::new(),
+            access: Access::open(),
         }
     }
 
@@ -224,6 +228,18 @@ impl Export {
         let mut export = Export::new(name, description, volume.backend().clone());
         export.volume = Some(volume);
         export
+    }
+
+    /// Restricts who may see and open the export.
+    #[must_use]
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
+    }
+
+    /// Who may see and open the export.
+    pub fn access(&self) -> &Access {
+        &self.access
     }
 
     /// The volume behind an image export, for snapshots.
@@ -504,14 +520,43 @@ impl Exports {
     }
 }
 
-impl ExportCatalog for Exports {
+impl Exports {
+    /// The exports as one client may see them, for its handshake.
+    pub fn seen_by<'a>(&'a self, client: &'a Client) -> ClientView<'a> {
+        ClientView {
+            exports: self,
+            client,
+        }
+    }
+}
+
+/// The catalog one client's handshake reads: exports its [`Access`] rules do not allow
+/// are missing from listings and unknown by name, exactly as if they did not exist.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientView<'a> {
+    exports: &'a Exports,
+    client: &'a Client,
+}
+
+impl ClientView<'_> {
+    /// The export `name` ("" for the default one), if this client may use it.
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        self.exports
+            .get(name)
+            .filter(|e| e.access.allows(self.client))
+    }
+}
+
+impl ExportCatalog for ClientView<'_> {
     fn export(&self, name: &str) -> Option<ExportInfo> {
         self.get(name).map(|e| e.info())
     }
 
     fn list(&self) -> Vec<ExportSummary> {
-        self.all()
+        self.exports
+            .all()
             .iter()
+            .filter(|e| e.access.allows(self.client))
             .map(|e| ExportSummary {
                 name: e.name.clone(),
                 description: e.description.clone(),

@@ -6,10 +6,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::str::FromStr;
+use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
 
+use crate::access::ClientAddr;
 use crate::error::{Error, ErrorKind, Result};
 
 /// Where to listen: `HOST:PORT`, `[V6]:PORT` or `unix:PATH`.
@@ -77,7 +79,7 @@ pub enum Stream {
 }
 
 impl Stream {
-    /// Splits into owned halves without a shared lock.
+    /// Splits into owned halves without a shared lock, for the transmission phase.
     pub fn into_split(self) -> (ReadHalf, WriteHalf) {
         match self {
             Stream::Tcp(s) => {
@@ -90,6 +92,73 @@ impl Stream {
             }
         }
     }
+}
+
+// The handshake reads and writes the whole stream (and TLS wraps it); only the
+// transmission phase splits it.
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// An accepted connection and where it comes from.
+pub struct Accepted {
+    /// The connection.
+    pub stream: Stream,
+    /// The client's address, for access rules.
+    pub addr: ClientAddr,
+    /// A printable name of the peer, for logs.
+    pub peer: String,
 }
 
 /// A bound listener.
@@ -171,18 +240,26 @@ impl Listener {
         }
     }
 
-    /// Accepts one connection, returning it with a printable peer name.
-    pub async fn accept(&self) -> io::Result<(Stream, String)> {
+    /// Accepts one connection.
+    pub async fn accept(&self) -> io::Result<Accepted> {
         match self {
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 s.set_nodelay(true)?;
                 set_keepalive(&s);
-                Ok((Stream::Tcp(s), peer.to_string()))
+                Ok(Accepted {
+                    stream: Stream::Tcp(s),
+                    addr: ClientAddr::Tcp(peer),
+                    peer: peer.to_string(),
+                })
             }
             Listener::Unix(l, guard) => {
                 let (s, _) = l.accept().await?;
-                Ok((Stream::Unix(s), format!("unix:{}", guard.0.display())))
+                Ok(Accepted {
+                    stream: Stream::Unix(s),
+                    addr: ClientAddr::Unix,
+                    peer: format!("unix:{}", guard.0.display()),
+                })
             }
         }
     }

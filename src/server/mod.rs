@@ -5,28 +5,38 @@
 //! a slot (connections are capped), runs the handshake under a deadline, then a
 //! [`session`] until the client leaves or the server shuts down. Shutting down stops the
 //! listeners, lets sessions finish the requests they accepted, and flushes every export.
+//!
+//! The handshake reads the exports through the view of one client
+//! ([`export::ClientView`]), so exports its access rules refuse do not exist for it.
+//! After `STARTTLS` the connection continues over TLS ([`tls`]), and the view is rebuilt
+//! with the identity of the client's certificate.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::access::{self, ClientAddr};
 use crate::backend::Backend;
 use crate::error::{Error, ErrorKind, Result};
-use crate::proto::{HandshakeConfig, Negotiated, Progress, ProtocolError, ServerHandshake};
+use crate::proto::{
+    HandshakeConfig, Negotiated, Progress, ProtocolError, ServerHandshake, TlsPolicy,
+};
 
 pub mod control;
 pub mod export;
 pub mod listener;
 pub mod session;
+pub mod tls;
 pub mod volume;
 
 pub use export::{Export, Exports};
 pub use listener::{ListenAddr, Listener};
 pub use session::SessionConfig;
+pub use tls::{TlsFiles, TlsSettings};
 pub use volume::Volume;
 
 use listener::{ReadHalf, Stream, WriteHalf};
@@ -44,6 +54,9 @@ pub struct ServerConfig {
     pub handshake: HandshakeConfig,
     /// Transmission-phase tunables.
     pub session: SessionConfig,
+    /// Certificates and keys for `STARTTLS`; required unless `handshake.tls` is
+    /// [`TlsPolicy::Disabled`].
+    pub tls: Option<TlsSettings>,
 }
 
 impl Default for ServerConfig {
@@ -54,6 +67,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             handshake: HandshakeConfig::default(),
             session: SessionConfig::default(),
+            tls: None,
         }
     }
 }
@@ -144,6 +158,14 @@ impl Server {
         if listeners.is_empty() {
             return Err(Error::msg(ErrorKind::InvalidInput, "no listen address"));
         }
+        if self.shared.config.handshake.tls != TlsPolicy::Disabled
+            && self.shared.config.tls.is_none()
+        {
+            return Err(Error::msg(
+                ErrorKind::InvalidInput,
+                "a TLS policy other than off needs a certificate and a key",
+            ));
+        }
         let mut loops = Vec::new();
         for listener in listeners {
             loops.push(tokio::spawn(accept_loop(listener, self.shared.clone())));
@@ -187,7 +209,7 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             _ = shutdown.changed() => break,
             r = listener.accept() => r,
         };
-        let (stream, peer) = match accepted {
+        let listener::Accepted { stream, addr, peer } = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // Out of descriptors and similar: back off briefly instead of spinning.
@@ -205,7 +227,7 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         let span = info_span!("conn", %peer);
         tokio::spawn(
             async move {
-                handle_connection(stream, &shared).await;
+                handle_connection(stream, addr, &shared).await;
                 drop(slot);
             }
             .instrument(span),
@@ -213,21 +235,20 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
     }
 }
 
-async fn handle_connection(stream: Stream, shared: &Shared) {
-    let (mut reader, mut writer) = stream.into_split();
+async fn handle_connection(stream: Stream, addr: ClientAddr, shared: &Shared) {
     debug!("connected");
     let mut shutdown = shared.shutdown.clone();
     let negotiation = tokio::select! {
         r = tokio::time::timeout(
             shared.config.handshake_timeout,
-            negotiate(&mut reader, &mut writer, shared),
+            negotiate(stream, addr, shared),
         ) => r,
         _ = shutdown.wait_for(|stop| *stop) => {
             debug!("shutdown during the handshake");
             return;
         }
     };
-    let (negotiated, leftover) = match negotiation {
+    let ready = match negotiation {
         Err(_) => {
             warn!(
                 "handshake not finished within {:?}; dropping",
@@ -251,9 +272,16 @@ async fn handle_connection(stream: Stream, shared: &Shared) {
             debug!("client aborted the handshake");
             return;
         }
-        Ok(Ok(Some(n))) => n,
+        Ok(Ok(Some(ready))) => ready,
     };
-    let Some(export) = shared.exports.get(&negotiated.export.name) else {
+    let Ready {
+        reader,
+        writer,
+        leftover,
+        negotiated,
+        client,
+    } = ready;
+    let Some(export) = shared.exports.seen_by(&client).get(&negotiated.export.name) else {
         warn!(
             export = negotiated.export.name,
             "export vanished during the handshake"
@@ -264,6 +292,7 @@ async fn handle_connection(stream: Stream, shared: &Shared) {
         export = export.name(),
         structured = negotiated.structured,
         extended = negotiated.extended,
+        tls = client.tls,
         "transmission started"
     );
     let _attached = export.attach();
@@ -294,6 +323,10 @@ enum HandshakeError {
     Protocol(ProtocolError),
     Io(std::io::Error),
     Closed,
+    /// The TLS handshake after `STARTTLS` failed (bad or missing client certificate,
+    /// no common protocol version, plaintext where TLS was expected, ...).
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    Tls(std::io::Error),
     TlsUnavailable,
 }
 
@@ -303,6 +336,7 @@ impl std::fmt::Display for HandshakeError {
             HandshakeError::Protocol(e) => write!(f, "{e}"),
             HandshakeError::Io(e) => write!(f, "{e}"),
             HandshakeError::Closed => f.write_str("client closed the connection"),
+            HandshakeError::Tls(e) => write!(f, "TLS handshake failed: {e}"),
             HandshakeError::TlsUnavailable => f.write_str("TLS requested but not available"),
         }
     }
@@ -314,42 +348,168 @@ impl From<std::io::Error> for HandshakeError {
     }
 }
 
-/// Drives the handshake state machine over the socket. Returns the negotiated session and
-/// any bytes the client already sent past the handshake, or `None` if the client aborted.
+/// A connection that finished its handshake, ready for the transmission phase.
+struct Ready {
+    reader: ReadHalf,
+    writer: WriteHalf,
+    /// Bytes the client already sent past the handshake.
+    leftover: BytesMut,
+    negotiated: Negotiated,
+    client: Client,
+}
+
+/// The client as access rules see it, and whether it upgraded to TLS.
+struct Client {
+    who: access::Client,
+    tls: bool,
+}
+
+impl std::ops::Deref for Client {
+    type Target = access::Client;
+    fn deref(&self) -> &access::Client {
+        &self.who
+    }
+}
+
+/// How a stretch of the handshake on one stream ended.
+enum Step {
+    /// The client chose an export, with any bytes it sent past the handshake.
+    Done(Box<Negotiated>, BytesMut),
+    /// The client aborted.
+    Aborted,
+    /// `STARTTLS` was acknowledged: the TLS handshake comes next.
+    StartTls,
+}
+
+/// Runs the handshake: in plaintext, and after `STARTTLS` over TLS, which then carries
+/// the rest of the connection. Returns `None` if the client aborted.
 async fn negotiate(
-    reader: &mut ReadHalf,
-    writer: &mut WriteHalf,
+    mut stream: Stream,
+    addr: ClientAddr,
     shared: &Shared,
-) -> std::result::Result<Option<(Negotiated, BytesMut)>, HandshakeError> {
+) -> std::result::Result<Option<Ready>, HandshakeError> {
     let mut hs = ServerHandshake::new(shared.config.handshake.clone());
     let mut input = BytesMut::with_capacity(4096);
+    let client = Client {
+        who: access::Client {
+            addr,
+            identity: None,
+        },
+        tls: false,
+    };
+    match drive(&mut stream, &mut hs, &mut input, &shared.exports, &client).await? {
+        Step::Aborted => Ok(None),
+        Step::Done(negotiated, leftover) => {
+            // Plaintext keeps the socket's own halves: no lock between reader and writer.
+            let (reader, writer) = stream.into_split();
+            Ok(Some(Ready {
+                reader,
+                writer,
+                leftover,
+                negotiated: *negotiated,
+                client,
+            }))
+        }
+        Step::StartTls => {
+            let Some(tls) = &shared.config.tls else {
+                return Err(HandshakeError::TlsUnavailable);
+            };
+            upgrade(stream, tls, hs, client.who, shared).await
+        }
+    }
+}
+
+#[cfg(feature = "tls")]
+async fn upgrade(
+    stream: Stream,
+    tls: &TlsSettings,
+    mut hs: ServerHandshake,
+    mut who: access::Client,
+    shared: &Shared,
+) -> std::result::Result<Option<Ready>, HandshakeError> {
+    // The state machine has refused any byte sent behind STARTTLS, so nothing read in
+    // plaintext is carried into the TLS session.
+    let (mut stream, identity) = tls.accept(stream).await.map_err(HandshakeError::Tls)?;
+    match &identity {
+        Some(id) => info!(identity = %id, "TLS established with a verified client certificate"),
+        None => info!("TLS established"),
+    }
+    who.identity = identity;
+    let client = Client { who, tls: true };
+    hs.tls_established();
+    let mut input = BytesMut::with_capacity(4096);
+    match drive(&mut stream, &mut hs, &mut input, &shared.exports, &client).await? {
+        Step::Aborted => {
+            let _ = stream.shutdown().await;
+            Ok(None)
+        }
+        Step::Done(negotiated, leftover) => {
+            // TLS state is shared by both directions, so the halves share a lock.
+            let (reader, writer) = tokio::io::split(stream);
+            Ok(Some(Ready {
+                reader: Box::pin(reader),
+                writer: Box::pin(writer),
+                leftover,
+                negotiated: *negotiated,
+                client,
+            }))
+        }
+        // The state machine refuses a second STARTTLS.
+        Step::StartTls => Err(HandshakeError::TlsUnavailable),
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+async fn upgrade(
+    _stream: Stream,
+    _tls: &TlsSettings,
+    _hs: ServerHandshake,
+    _who: access::Client,
+    _shared: &Shared,
+) -> std::result::Result<Option<Ready>, HandshakeError> {
+    Err(HandshakeError::TlsUnavailable)
+}
+
+/// Drives the handshake state machine over `io` until the client picks an export, aborts
+/// or asks for TLS. The catalog is the one this client may see: what it may open can
+/// change when TLS brings a certificate.
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    hs: &mut ServerHandshake,
+    input: &mut BytesMut,
+    exports: &Exports,
+    client: &Client,
+) -> std::result::Result<Step, HandshakeError> {
+    let catalog = exports.seen_by(client);
     loop {
         if let Some(out) = hs.poll_transmit() {
-            writer.write_all(&out).await?;
+            io.write_all(&out).await?;
+            io.flush().await?;
         }
         let progress = hs
-            .handle_input(&mut input, &*shared.exports)
+            .handle_input(input, &catalog)
             .map_err(HandshakeError::Protocol)?;
         match progress {
             Progress::NeedInput => {
-                if reader.read_buf(&mut input).await? == 0 {
+                if io.read_buf(input).await? == 0 {
                     return Err(HandshakeError::Closed);
                 }
             }
             Progress::Continue => {}
-            Progress::StartTls => return Err(HandshakeError::TlsUnavailable),
-            Progress::Abort => {
+            Progress::StartTls | Progress::Abort | Progress::Done(_) => {
                 if let Some(out) = hs.poll_transmit() {
-                    writer.write_all(&out).await?;
+                    io.write_all(&out).await?;
+                    io.flush().await?;
                 }
-                let _ = writer.shutdown().await;
-                return Ok(None);
-            }
-            Progress::Done(negotiated) => {
-                if let Some(out) = hs.poll_transmit() {
-                    writer.write_all(&out).await?;
-                }
-                return Ok(Some((*negotiated, input)));
+                return Ok(match progress {
+                    Progress::StartTls => Step::StartTls,
+                    Progress::Abort => {
+                        let _ = io.shutdown().await;
+                        Step::Aborted
+                    }
+                    Progress::Done(negotiated) => Step::Done(negotiated, input.split()),
+                    Progress::NeedInput | Progress::Continue => unreachable!(),
+                });
             }
         }
     }

@@ -734,6 +734,9 @@ async fn write_loop(mut w: WriteHalf, mut rx: mpsc::UnboundedReceiver<Outgoing>)
             }
         }
         write_all_parts(&mut w, batch.iter().flat_map(|o| o.parts.iter())).await?;
+        // A socket's flush does nothing; TLS may still hold records that the socket
+        // would not take, and they must leave before the writer waits for more replies.
+        w.flush().await?;
         batch.clear();
     }
     w.flush().await?;

@@ -584,6 +584,7 @@ pub struct ServerBuilder {
     name: Option<String>,
     read_only: bool,
     file_size_limit: Option<u64>,
+    extra_args: Vec<OsString>,
 }
 
 /// A server on `memory:SIZE`.
@@ -613,7 +614,15 @@ impl ServerBuilder {
             name: None,
             read_only: false,
             file_size_limit: None,
+            extra_args: Vec::new(),
         }
+    }
+
+    /// More `strata serve` arguments (strata only: guard the test with
+    /// [`strata_only`]).
+    pub fn args<S: Into<OsString>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.extra_args.extend(args.into_iter().map(Into::into));
+        self
     }
 
     /// Runs the server with `RLIMIT_FSIZE` at `bytes` and `SIGXFSZ` ignored, so that
@@ -739,6 +748,7 @@ impl ServerBuilder {
         if self.read_only {
             cmd.arg("--read-only");
         }
+        cmd.args(&self.extra_args);
         cmd.args(self.image.args());
         if let Some(level) = std::env::var_os("STRATA_TEST_LOG") {
             cmd.env("RUST_LOG", level);
@@ -774,6 +784,10 @@ impl ServerBuilder {
         assert!(
             self.file_size_limit.is_none(),
             "file size limits apply to strata; guard this test with common::strata_only"
+        );
+        assert!(
+            self.extra_args.is_empty(),
+            "serve arguments apply to strata; guard this test with common::strata_only"
         );
         let mut cmd = Command::new("nbdkit");
         cmd.args(["-f", "--exit-with-parent"]);
