@@ -87,14 +87,19 @@ def strata_bin():
     return exe
 
 
+RUNNING = []
+
+
 class Server:
     def __init__(self, exe, image, sock, read_only=False):
         self.sock = sock
         self.proc = subprocess.Popen(
             [exe, "serve", "--listen", f"unix:{sock}", "--name", "disk", image]
             + (["--read-only"] if read_only else []),
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        RUNNING.append(self.proc)
         deadline = time.time() + 20
         while not os.path.exists(sock):
             if time.time() > deadline or self.proc.poll() is not None:
@@ -116,6 +121,14 @@ def timed(cmd, **kw):
     return time.perf_counter() - t, out.stdout
 
 
+def nbdsh():
+    """nbdsh runs `python3 -m nbd`; the first python3 on PATH may lack the module."""
+    for py in ("python3", "/usr/bin/python3"):
+        if subprocess.run([py, "-c", "import nbd"], capture_output=True).returncode == 0:
+            return [py, "-m", "nbd"]
+    sys.exit("python3-libnbd is needed")
+
+
 def drop_caches():
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -132,7 +145,7 @@ def main():
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     size = parse_size(args.size)
-    for tool in ("nbdkit", "nbdcopy", "nbdsh", "fio", "cmp"):
+    for tool in ("nbdkit", "nbdcopy", "fio", "cmp"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is needed")
     exe = strata_bin()
@@ -174,7 +187,7 @@ def main():
         snap_srv.stop()
         drop_caches()
         env = dict(os.environ, URI=srv.uri, SNAP="base", TARGET=prev)
-        t_incr, out = timed(["nbdsh", "-c", COPIER], env=env)
+        t_incr, out = timed(nbdsh() + ["-c", COPIER], env=env)
         ranges, copied = (int(x) for x in out.split())
         run(["cmp", full, prev])
         srv.stop()
@@ -190,6 +203,9 @@ def main():
               f"({changed_bytes // mib} MiB, {args.changed}%); incremental / full time: "
               f"{t_incr / t_full:.3f} ({t_full / t_incr:.1f}x faster); results identical (cmp)")
     finally:
+        for p in RUNNING:
+            if p.poll() is None:
+                p.kill()
         if args.keep:
             print(f"kept {work}", file=sys.stderr)
         else:
