@@ -3,380 +3,26 @@
 //! HTTP/1.1 client written here from the protocol's text format, by `strata ctl`, and by
 //! NBD clients whose I/O the counters must show.
 //!
-//! Snapshot success paths need the snapshot engine; until it lands these tests check
-//! what the API itself promises around them: which exports have snapshots, name checks,
-//! unknown exports.
+//! Here: what the API itself promises around snapshots (which exports have them, name
+//! checks, unknown exports). Snapshots themselves, through the API and `strata ctl`, are
+//! tested in tests/snapshot_online.rs.
 
 mod common;
 mod support;
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, ErrorKind as IoErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{ErrorKind as IoErrorKind, Read, Write};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use common::control::{Response, Running, TOKEN, WAIT, http};
 use serde_json::{Value, json};
 use support::wire::{self, Conn};
 
-const WAIT: Duration = Duration::from_secs(20);
-
 fn strata() -> Command {
     Command::new(env!("CARGO_BIN_EXE_strata"))
-}
-
-// ---------------------------------------------------------------------------------------
-// The server under test
-// ---------------------------------------------------------------------------------------
-
-/// A `strata serve --listen 127.0.0.1:0 --control DIR/control.sock` child, optionally
-/// with `--control-listen 127.0.0.1:0` and a token. The addresses come from its log; it
-/// is killed when dropped.
-struct Running {
-    child: Child,
-    nbd: SocketAddr,
-    socket: PathBuf,
-    tcp: Option<SocketAddr>,
-    token_file: Option<PathBuf>,
-    log: Arc<Mutex<String>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-    dir: tempfile::TempDir,
-}
-
-const TOKEN: &str = "5f0e7c1d-control-token";
-
-enum Line {
-    Nbd(SocketAddr),
-    ControlUnix,
-    ControlTcp(SocketAddr),
-}
-
-fn parse_line(line: &str) -> Option<Line> {
-    let word_after = |marker: &str| -> Option<String> {
-        let rest = &line[line.find(marker)? + marker.len()..];
-        let end = rest
-            .find(|c: char| c.is_whitespace() || c == '\x1b')
-            .unwrap_or(rest.len());
-        Some(rest[..end].to_owned())
-    };
-    if let Some(addr) = word_after("control API on http://") {
-        return addr.parse().ok().map(Line::ControlTcp);
-    }
-    if line.contains("control API on unix:") {
-        return Some(Line::ControlUnix);
-    }
-    word_after("listening on ")?.parse().ok().map(Line::Nbd)
-}
-
-impl Running {
-    /// Serves `args` (images, `--export`s) with a control socket.
-    fn serve(args: &[&OsStr]) -> Running {
-        Self::start(args, false, None)
-    }
-
-    /// Also with a TCP control listener and a token file.
-    fn serve_with_tcp(args: &[&OsStr]) -> Running {
-        Self::start(args, true, None)
-    }
-
-    /// With the control socket at `socket`.
-    fn serve_at(socket: &Path, args: &[&OsStr]) -> Running {
-        Self::start(args, false, Some(socket.to_path_buf()))
-    }
-
-    fn start(args: &[&OsStr], tcp: bool, socket: Option<PathBuf>) -> Running {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = socket.unwrap_or_else(|| dir.path().join("control.sock"));
-        let mut cmd = strata();
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--control"])
-            .arg(&socket);
-        let token_file = tcp.then(|| {
-            let path = dir.path().join("token");
-            std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
-            cmd.args(["--control-listen", "127.0.0.1:0", "--control-token-file"])
-                .arg(&path);
-            path
-        });
-        let mut child = cmd.args(args).stderr(Stdio::piped()).spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let reader = {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some(event) = parse_line(&line) {
-                        let _ = tx.send(event);
-                    }
-                    let mut log = log.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            })
-        };
-        let (mut nbd, mut unix, mut tcp_addr) = (None, false, None);
-        let deadline = Instant::now() + WAIT;
-        while nbd.is_none() || !unix || (tcp && tcp_addr.is_none()) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(Line::Nbd(a)) => nbd = Some(a),
-                Ok(Line::ControlUnix) => unix = true,
-                Ok(Line::ControlTcp(a)) => tcp_addr = Some(a),
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "server never said where it listens: {}",
-                        log.lock().unwrap()
-                    );
-                }
-            }
-        }
-        Running {
-            child,
-            nbd: nbd.unwrap(),
-            socket,
-            tcp: tcp_addr,
-            token_file,
-            log,
-            reader: Some(reader),
-            dir,
-        }
-    }
-
-    fn scratch(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// A request over the control socket.
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Response {
-        let body = body.map(|b| b.to_string());
-        let mut headers = vec![];
-        if body.is_some() {
-            headers.push(("Content-Type", "application/json"));
-        }
-        self.raw(method, path, &headers, body.as_deref().map(str::as_bytes))
-    }
-
-    fn get(&self, path: &str) -> Response {
-        self.call("GET", path, None)
-    }
-
-    /// A request over the control socket with exactly these headers and body.
-    fn raw(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: Option<&[u8]>,
-    ) -> Response {
-        let s = UnixStream::connect(&self.socket).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        s.set_write_timeout(Some(WAIT)).unwrap();
-        http(s, method, path, headers, body)
-    }
-
-    /// A request over the TCP control listener.
-    fn tcp(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> Response {
-        let s = TcpStream::connect(self.tcp.expect("a TCP control listener")).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        s.set_write_timeout(Some(WAIT)).unwrap();
-        http(s, method, path, headers, None)
-    }
-
-    /// `strata ctl --socket SOCKET ARGS...`
-    fn ctl(&self, args: &[&str]) -> common::CmdOutput {
-        let mut cmd = strata();
-        cmd.arg("ctl").arg("--socket").arg(&self.socket).args(args);
-        common::run(&mut cmd)
-    }
-
-    fn conn(&self, export: &str) -> Conn {
-        let mut c = Conn::connect(self.nbd);
-        c.handshake(export, true, false);
-        c
-    }
-
-    fn export(&self, name: &str) -> Value {
-        let r = self.get(&format!("/v1/exports/{name}"));
-        assert_eq!(r.status, 200, "{r:?}");
-        r.json()
-    }
-
-    /// Waits (bounded) until `name` reports `n` connected clients, and returns its view.
-    fn wait_connections(&self, name: &str, n: u64) -> Value {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let e = self.export(name);
-            if e["stats"]["connections"] == n {
-                return e;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} never had {n} connection(s): {e}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) on our own child, which has not been reaped.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, signal);
-        }
-    }
-
-    /// Waits (bounded) for the child to exit; returns its status and log.
-    fn wait_exit(mut self) -> (std::process::ExitStatus, String) {
-        let deadline = Instant::now() + WAIT;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "server did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        if let Some(reader) = self.reader.take() {
-            reader.join().unwrap();
-        }
-        let log = self.log.lock().unwrap().clone();
-        (status, log)
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- server log ---\n{}\n------------------",
-                self.log.lock().unwrap()
-            );
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// A minimal HTTP/1.1 client
-// ---------------------------------------------------------------------------------------
-
-#[derive(Debug)]
-struct Response {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    #[track_caller]
-    fn json(&self) -> Value {
-        assert_eq!(
-            self.header("content-type"),
-            Some("application/json"),
-            "{self:?}"
-        );
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {self:?}"))
-    }
-
-    /// The message of an error answer, checking it has the API's error shape.
-    #[track_caller]
-    fn error(&self) -> String {
-        let v = self.json();
-        let obj = v.as_object().expect("an object");
-        assert_eq!(obj.len(), 1, "only an error field: {v}");
-        obj["error"].as_str().expect("a string message").to_owned()
-    }
-}
-
-/// Sends one request (with `Connection: close`) and reads the whole response.
-fn http(
-    mut s: impl Read + Write,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&[u8]>,
-) -> Response {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if let Some(b) = body {
-        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
-    }
-    req.push_str("\r\n");
-    let mut bytes = req.into_bytes();
-    bytes.extend_from_slice(body.unwrap_or_default());
-    // The server may answer (and stop reading) before a refused body is all sent.
-    let _ = s.write_all(&bytes);
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => raw.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == IoErrorKind::ConnectionReset && !raw.is_empty() => break,
-            Err(e) => panic!("reading the response to {method} {path}: {e}"),
-        }
-    }
-    parse_response(&raw)
-}
-
-fn parse_response(raw: &[u8]) -> Response {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no end of headers in {:?}", String::from_utf8_lossy(raw)));
-    let head = std::str::from_utf8(&raw[..split]).unwrap();
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap();
-    let status = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .collect();
-    let mut body = raw[split + 4..].to_vec();
-    let chunked = headers.iter().any(|(k, v)| {
-        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
-    });
-    if chunked {
-        body = dechunk(&body);
-    }
-    Response {
-        status,
-        headers,
-        body,
-    }
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let eol = data.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&data[..eol]).unwrap().trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&data[eol + 2..eol + 2 + size]);
-        data = &data[eol + 2 + size + 2..];
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -399,6 +45,13 @@ fn export_arg(name: &str, image: &Path) -> std::ffi::OsString {
     let mut arg = std::ffi::OsString::from(format!("{name}="));
     arg.push(image);
     arg
+}
+
+/// An NBD connection to `export` of the server, handshake done.
+fn conn(server: &Running, export: &str) -> Conn {
+    let mut c = Conn::connect(server.nbd);
+    c.handshake(export, true, false);
+    c
 }
 
 /// Asserts the server ended the connection: end of stream or a reset, not a timeout.
@@ -453,7 +106,7 @@ fn exports_are_listed_with_counters_that_follow_nbd_io() {
         }
     }
 
-    let mut c = server.conn("disk");
+    let mut c = conn(&server, "disk");
     let data = common::pattern(7, 4096);
     assert_eq!(c.command(0, wire::CMD_WRITE, 8192, 4096, &data), 0);
     assert_eq!(c.read(0, 8192, 4096).unwrap(), data);
@@ -515,7 +168,7 @@ fn server_reports_version_addresses_and_connections() {
     assert_eq!(v["connections"], 0);
     assert_eq!(v["max_connections"], 1024);
     assert_eq!(v["exports"], 1);
-    let _c = server.conn("memory");
+    let _c = conn(&server, "memory");
     assert_eq!(server.get("/v1/server").json()["connections"], 1);
 }
 
@@ -565,7 +218,7 @@ fn exports_added_at_run_time_serve_clients() {
     // The new exports serve NBD clients at once.
     let data = common::pattern(3, 65536);
     for name in ["scratch", "vm"] {
-        let mut c = server.conn(name);
+        let mut c = conn(&server, name);
         assert_eq!(c.command(0, wire::CMD_WRITE, 65536, 65536, &data), 0);
         assert_eq!(c.read(0, 65536, 65536).unwrap(), data, "{name}");
     }
@@ -653,7 +306,7 @@ fn removing_an_export_waits_for_its_clients_unless_forced() {
     let replies = c.opt(wire::OPT_GO, &Conn::info_payload("idle", &[]));
     assert_eq!(replies.last().unwrap().ty, wire::REP_ERR_UNKNOWN);
 
-    let mut c = server.conn("busy");
+    let mut c = conn(&server, "busy");
     assert_eq!(c.command(0, wire::CMD_WRITE, 0, 512, &[9; 512]), 0);
     let r = server.call("DELETE", "/v1/exports/busy", None);
     assert_eq!(r.status, 409, "{r:?}");

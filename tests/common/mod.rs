@@ -15,6 +15,8 @@
 
 #![allow(dead_code)]
 
+pub mod control;
+
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fmt::Write as _;
