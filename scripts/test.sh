@@ -167,7 +167,7 @@ qemu72() {
         dpkg -x "$dir"/qemu-utils_*.deb "$dir/root" || return 1
     fi
     "$dir/root/usr/bin/qemu-img" --version | head -n 1
-    PATH="$PWD/$dir/root/usr/bin:$PATH" cargo test --test interop_qemu --test interop_images --test interop_tls
+    PATH="$PWD/$dir/root/usr/bin:$PATH" cargo test --test interop_qemu --test interop_images --test interop_tls --test interop_snapshots
 }
 if qemu-img --version 2>/dev/null | head -n 1 | grep -q 'version 7\.2'; then
     log "qemu-img is 7.2 already: the qemu tests above covered it"

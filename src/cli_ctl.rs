@@ -519,7 +519,7 @@ fn duration(secs: u64) -> String {
 }
 
 /// Seconds since the epoch as a UTC date and time.
-fn timestamp(secs: u64) -> String {
+pub(crate) fn timestamp(secs: u64) -> String {
     // Days to a civil date, after Howard Hinnant's algorithm.
     let days = i64::try_from(secs / 86400).unwrap_or(0);
     let z = days + 719_468;

@@ -12,6 +12,7 @@ use strata::image::snapshot;
 use strata::server::volume::{self, DirtyRange, RollbackOptions, Volume};
 use strata::size::format_size;
 
+use crate::cli_ctl::timestamp;
 use crate::cli_image::print_json;
 
 type CmdResult = strata::Result<ExitCode>;
@@ -77,14 +78,14 @@ fn print_snapshots(list: &[volume::SnapshotInfo]) {
         return;
     }
     println!(
-        "{:<24} {:>20} {:>10}  file",
-        "name", "taken (unix time)", "holds"
+        "{:<24} {:<20} {:>10}  FILE",
+        "NAME", "CREATED (UTC)", "ALLOCATED"
     );
     for s in list {
         println!(
-            "{:<24} {:>20} {:>10}  {}",
+            "{:<24} {:<20} {:>10}  {}",
             s.name,
-            s.created,
+            timestamp(s.created),
             format_size(s.allocated),
             s.path.display()
         );

@@ -13,7 +13,7 @@
 //!   │ proto    handshake state machine · request/reply codec ·     │  pure, no I/O
 //!   │          validation · errno mapping                          │
 //!   ├──────────────────────────────────────────────────────────────┤
-//!   │ backend  Backend trait ─ layers (ReadOnly, …)                │
+//!   │ backend  Backend trait ─ layers (ReadOnly, Switchable, …)    │
 //!   │          ├─ RawBackend (file, block device) · MemoryBackend  │  storage
 //!   │          └─ ImageBackend ─┐                                  │
 //!   ├───────────────────────────▼──────────────────────────────────┤
@@ -32,12 +32,14 @@
 //!   codecs, validation. Fuzzed and property-tested in isolation.
 //! - [`server`]: listeners, connection limits, the handshake driver, the transmission
 //!   session (concurrent requests, one reply writer, bounded memory), graceful shutdown,
-//!   per-export counters, and the HTTP/JSON control API ([`server::control`]).
+//!   per-export counters, volumes with online snapshots ([`server::volume`]), and the
+//!   HTTP/JSON control API ([`server::control`]).
 //! - [`backend`]: the [`backend::Backend`] trait, its object-safe twin, and the raw,
 //!   memory, image and read-only implementations.
 //! - [`image`]: the Strata image format: a pure header and map-page codec, the merged
 //!   cluster map of a backing chain, the copy-on-write engine with its crash-safe commit
-//!   order, and the image tools (create, info, check, map, commit, rebase, convert).
+//!   order, the image tools (create, info, check, map, commit, rebase, convert), and
+//!   snapshots as files of a chain ([`image::snapshot`]).
 //! - [`access`]: who may use an export (client networks, certificate identities): pure
 //!   rules the handshake driver applies before a client sees an export.
 //! - [`error`]: the crate's one error type.
