@@ -286,3 +286,45 @@ fn every_failpoint_is_covered() {
         );
     }
 }
+
+/// Writes acknowledged between the commit that prepares a snapshot and the switch are
+/// committed (into the snapshot's file) by the first flush after the switch, or before
+/// the snapshot call returns: reopening the files afresh finds them.
+#[test]
+fn writes_just_before_the_switch_are_durable_after_the_next_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.strata");
+    image::create(
+        &path,
+        &CreateOptions {
+            size: Some(SIZE),
+            cluster_size: Some(CLUSTER),
+            backing: None,
+        },
+    )
+    .unwrap();
+    {
+        let chain = std::sync::Arc::new(image::open(&path, true).unwrap());
+        chain.write(0, &[1; 4096], false).unwrap();
+        let prepared = snapshot::prepare(&path, "s", &chain).unwrap();
+        // In flight while the snapshot is prepared: acknowledged, not committed.
+        chain.write(CLUSTER * 5, &[2; 4096], false).unwrap();
+        let new = snapshot::switch(prepared, &chain).unwrap();
+        new.write(CLUSTER * 9, &[3; 4096], false).unwrap();
+        new.flush().unwrap();
+    }
+    // Fresh opens read only what was committed to the files.
+    let reads = |chain: &image::Chain, cluster: u64, byte: u8| {
+        chain.read_vec(CLUSTER * cluster, 4096).unwrap() == vec![byte; 4096]
+    };
+    let snap = image::open(&snapshot::file_of(&path, "s"), false).unwrap();
+    assert!(
+        reads(&snap, 5, 2),
+        "the write in flight is not in the snapshot's file"
+    );
+    assert!(reads(&snap, 0, 1), "the write before the snapshot");
+    assert!(reads(&snap, 9, 0), "a write after the snapshot reached it");
+    drop(snap);
+    let live = image::open(&path, false).unwrap();
+    assert!(reads(&live, 5, 2) && reads(&live, 9, 3), "the live disk");
+}

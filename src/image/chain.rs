@@ -53,8 +53,6 @@ pub enum LayerKind {
     Strata {
         /// Its header.
         header: Header,
-        /// Data and zero clusters it maps.
-        clusters: (u64, u64),
     },
 }
 
@@ -127,7 +125,6 @@ impl Lower {
             storage,
             path: path.to_path_buf(),
             kind: LayerKind::Strata {
-                clusters: scan.counts(),
                 header: scan.header,
             },
         }));
@@ -255,6 +252,10 @@ pub enum RangeState {
     Unallocated,
 }
 
+/// Durable-making work a chain must finish before its first flush (see
+/// [`Chain::settle_first`]).
+pub type Settle = Box<dyn Fn() -> Result<()> + Send + Sync>;
+
 /// A past generation of zero-copy reads and the space freed while it was current.
 type Retired = (Arc<()>, Vec<(u64, u64)>);
 
@@ -319,6 +320,10 @@ pub struct Chain {
     /// Zero-copy reads: data read straight from mappings of in-memory files.
     zero_copy: bool,
     pins: Mutex<Pins>,
+    /// Work that must be durable before this chain may acknowledge a flush: after a
+    /// snapshot, the commit of the layer frozen below it and the rename that made this
+    /// image the live one. Done at most once, by whoever flushes first.
+    settle: Mutex<Option<Settle>>,
     /// The shared backing chain, kept open (and so in the cache of open chains) as long
     /// as this image is, for other overlays of the same base to share.
     pub(super) lower: Option<Arc<Lower>>,
@@ -374,7 +379,6 @@ impl Chain {
             storage,
             path: path.to_path_buf(),
             kind: LayerKind::Strata {
-                clusters: scan.counts(),
                 header: scan.header.clone(),
             },
         }));
@@ -404,6 +408,7 @@ impl Chain {
             gate: RwLock::new(()),
             zero_copy: false,
             pins: Mutex::new(Pins::default()),
+            settle: Mutex::new(None),
             lower: None,
         })
     }
@@ -441,46 +446,34 @@ impl Chain {
         Some(lower)
     }
 
+    /// Data and zero clusters that layer `index` (0 is the bottom) holds itself,
+    /// whether or not layers above it hide them.
+    pub fn clusters_of(&self, index: usize) -> Result<(u64, u64)> {
+        let id = layer_id(index, self.path())?;
+        if index == usize::from(self.top) {
+            return Ok(self.state.read().map_err(|_| lock_err())?.map.owned_by(id));
+        }
+        Ok(self.lower_at(index).map_or((0, 0), |l| l.map.owned_by(id)))
+    }
+
     /// Index of the top layer in [`Chain::layers`].
     pub fn top_index(&self) -> u16 {
         self.top
     }
 
     /// Turns this chain into a read-only backing chain whose top is this image, known
-    /// from now on as `path` (a snapshot). Every change must have been committed, and
-    /// nothing may write to the chain afterwards. The merged map is shared, not rebuilt,
-    /// so this costs the same whatever the size of the disk.
+    /// from now on as `path` (a snapshot). Nothing may write to the chain afterwards;
+    /// changes it has not committed yet stay in its memory (and in the frozen view) until
+    /// its [`Chain::flush`] commits them. The merged map is shared, not rebuilt, so this
+    /// costs the same whatever the size of the disk.
     pub fn freeze(&self, path: &Path) -> Result<Lower> {
         let st = self.state.read().map_err(|_| lock_err())?;
-        if !st.dirty.is_empty() || !st.l1_dirty.is_empty() || !st.pending_free.is_empty() {
-            return Err(Error::msg(
-                ErrorKind::Io,
-                "the image has changes that are not committed",
-            )
-            .with_op("freeze")
-            .with_path(self.path()));
-        }
-        let (mut data, mut zero) = (0u64, 0u64);
-        for p in 0..st.map.len() {
-            if let Some(page) = st.map.page(p) {
-                for &e in page.iter() {
-                    if e != entry::UNALLOCATED && entry::layer(e) == self.top {
-                        if entry::host(e).is_some() {
-                            data += 1;
-                        } else {
-                            zero += 1;
-                        }
-                    }
-                }
-            }
-        }
         let mut layers = self.layers[..usize::from(self.top)].to_vec();
         layers.push(Arc::new(Layer {
             storage: Arc::clone(self.storage()),
             path: path.to_path_buf(),
             kind: LayerKind::Strata {
                 header: self.header.clone(),
-                clusters: (data, zero),
             },
         }));
         Ok(Lower {
@@ -1142,12 +1135,31 @@ impl Chain {
         Ok(())
     }
 
+    /// Makes `work` a condition of this chain's next flush: it runs (until it succeeds)
+    /// before any commit of this chain is acknowledged.
+    pub fn settle_first(&self, work: Settle) {
+        if let Ok(mut s) = self.settle.lock() {
+            *s = Some(work);
+        }
+    }
+
+    /// Runs the work [`Chain::settle_first`] left, if it has not run yet.
+    pub fn settle(&self) -> Result<()> {
+        let mut pending = self.settle.lock().map_err(|_| lock_err())?;
+        if let Some(work) = pending.as_ref() {
+            work()?;
+            *pending = None;
+        }
+        Ok(())
+    }
+
     /// Makes every completed write durable: commits the map changes made since the last
     /// commit, in the order that keeps every crash point consistent.
     pub fn flush(&self) -> Result<()> {
         if !self.writable {
             return Ok(());
         }
+        self.settle()?;
         let _c = self.commit.lock().map_err(|_| lock_err())?;
         let plan = {
             let mut st = self.state.write().map_err(|_| lock_err())?;

@@ -55,20 +55,27 @@ pub mod entry {
     }
 }
 
+/// Pages per chunk of the map's page table.
+const CHUNK: usize = 512;
+/// A run of [`CHUNK`] optional pages, shared between maps until one changes it.
+type Chunk = [Option<Arc<Page>>; CHUNK];
+
 /// The merged cluster map: one optional page per L2 page of the top image.
+///
+/// The page table is itself in shared chunks of 512 pages, so cloning a map (a snapshot
+/// does, to give the frozen layer and the new top the same view) copies one pointer per
+/// 512 pages (about 1,000 for a 16 TiB disk with 64 KiB clusters), not one per page;
+/// the first change to a chunk copies that chunk alone.
 #[derive(Clone, Default)]
 pub struct MergedMap {
-    pages: Vec<Option<Arc<Page>>>,
+    chunks: Vec<Option<Arc<Chunk>>>,
+    pages: usize,
 }
 
 impl std::fmt::Debug for MergedMap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let present = self.pages.iter().filter(|p| p.is_some()).count();
-        write!(
-            f,
-            "MergedMap({} pages, {present} present)",
-            self.pages.len()
-        )
+        let present = (0..self.pages).filter(|&p| self.page(p).is_some()).count();
+        write!(f, "MergedMap({} pages, {present} present)", self.pages)
     }
 }
 
@@ -82,61 +89,79 @@ fn split(cluster: u64) -> (usize, usize) {
 impl MergedMap {
     /// A map of `pages` pages, all unallocated.
     pub fn new(pages: usize) -> MergedMap {
-        MergedMap {
-            pages: vec![None; pages],
-        }
+        let mut map = MergedMap::default();
+        map.grow(pages);
+        map
     }
 
     /// Grows (never shrinks) to `pages` pages.
     pub fn grow(&mut self, pages: usize) {
-        if self.pages.len() < pages {
-            self.pages.resize(pages, None);
+        if self.pages < pages {
+            self.pages = pages;
+            self.chunks.resize(pages.div_ceil(CHUNK), None);
         }
     }
 
     /// Number of pages.
     pub fn len(&self) -> usize {
-        self.pages.len()
+        self.pages
     }
 
     /// True when the map has no pages.
     pub fn is_empty(&self) -> bool {
-        self.pages.is_empty()
+        self.pages == 0
     }
 
     /// The entry of `cluster`.
     #[inline]
     pub fn get(&self, cluster: u64) -> u64 {
         let (p, i) = split(cluster);
-        match self.pages.get(p) {
-            Some(Some(page)) => page[i],
-            _ => entry::UNALLOCATED,
+        match self.page(p) {
+            Some(page) => page[i],
+            None => entry::UNALLOCATED,
         }
+    }
+
+    /// The slot of page `p`, copying its chunk first if it is shared.
+    fn slot_mut(&mut self, p: usize) -> &mut Option<Arc<Page>> {
+        assert!(
+            p < self.pages,
+            "page {p} beyond the map's {} pages",
+            self.pages
+        );
+        let chunk = self.chunks[p / CHUNK].get_or_insert_with(|| Arc::new([const { None }; CHUNK]));
+        &mut Arc::make_mut(chunk)[p % CHUNK]
     }
 
     /// Sets the entry of `cluster`, returning the old one. Copies the page first if it is
     /// shared.
     pub fn set(&mut self, cluster: u64, value: u64) -> u64 {
         let (p, i) = split(cluster);
-        let page = self.pages[p].get_or_insert_with(|| Arc::new([entry::UNALLOCATED; ENTRIES]));
+        let page = self
+            .slot_mut(p)
+            .get_or_insert_with(|| Arc::new([entry::UNALLOCATED; ENTRIES]));
         let page = Arc::make_mut(page);
         std::mem::replace(&mut page[i], value)
     }
 
     /// Page `p`, if present.
+    #[inline]
     pub fn page(&self, p: usize) -> Option<&Arc<Page>> {
-        self.pages.get(p).and_then(Option::as_ref)
+        self.chunks.get(p / CHUNK)?.as_ref()?[p % CHUNK].as_ref()
     }
 
     /// Replaces page `p`, returning the old one.
     pub fn replace_page(&mut self, p: usize, page: Option<Arc<Page>>) -> Option<Arc<Page>> {
-        std::mem::replace(&mut self.pages[p], page)
+        if page.is_none() && self.page(p).is_none() {
+            return None;
+        }
+        std::mem::replace(self.slot_mut(p), page)
     }
 
     /// Lays `upper`'s entries for page `p` over this map's: every entry of `upper` that is
     /// not unallocated wins.
     pub fn overlay_page(&mut self, p: usize, upper: &Arc<Page>) {
-        match &mut self.pages[p] {
+        match self.slot_mut(p) {
             slot @ None => *slot = Some(Arc::clone(upper)),
             Some(lower) => {
                 if upper.iter().all(|&e| e != entry::UNALLOCATED) {
@@ -151,6 +176,38 @@ impl MergedMap {
                 }
             }
         }
+    }
+
+    /// The present pages, with their indices, in order (absent chunks are skipped
+    /// whole).
+    pub fn present(&self) -> impl Iterator<Item = (usize, &Arc<Page>)> + '_ {
+        self.chunks
+            .iter()
+            .enumerate()
+            .filter_map(|(c, chunk)| Some((c, chunk.as_ref()?)))
+            .flat_map(|(c, chunk)| {
+                chunk
+                    .iter()
+                    .enumerate()
+                    .filter_map(move |(i, page)| Some((c * CHUNK + i, page.as_ref()?)))
+            })
+    }
+
+    /// Data and zero clusters owned by `layer`.
+    pub fn owned_by(&self, layer: u16) -> (u64, u64) {
+        let (mut data, mut zero) = (0, 0);
+        for (_, page) in self.present() {
+            for &e in page.iter() {
+                if e != entry::UNALLOCATED && entry::layer(e) == layer {
+                    if entry::host(e).is_some() {
+                        data += 1;
+                    } else {
+                        zero += 1;
+                    }
+                }
+            }
+        }
+        (data, zero)
     }
 }
 
@@ -216,6 +273,43 @@ impl FreeList {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clones_share_chunks_until_one_changes() {
+        let pages = 3 * CHUNK + 7;
+        let mut a = MergedMap::new(pages);
+        let last = (pages * ENTRIES - 1) as u64;
+        for c in [0, 5 * ENTRIES as u64, (CHUNK * ENTRIES) as u64 + 1, last] {
+            a.set(c, entry::data(1, c * 4096));
+        }
+        let mut b = a.clone();
+        assert!(Arc::ptr_eq(
+            a.chunks[0].as_ref().unwrap(),
+            b.chunks[0].as_ref().unwrap()
+        ));
+        b.set(1, entry::zero(2));
+        b.replace_page((CHUNK * 2) + 3, Some(Arc::new([entry::zero(2); ENTRIES])));
+        // The original sees none of it; the untouched chunks are still shared.
+        assert_eq!(a.get(1), entry::UNALLOCATED);
+        assert_eq!(b.get(1), entry::zero(2));
+        assert!(a.page(CHUNK * 2 + 3).is_none());
+        assert!(Arc::ptr_eq(
+            a.chunks[1].as_ref().unwrap(),
+            b.chunks[1].as_ref().unwrap()
+        ));
+        assert_eq!(a.get(last), entry::data(1, last * 4096));
+        assert_eq!(a.get(last + 1), entry::UNALLOCATED, "past the end");
+        let present: Vec<usize> = a.present().map(|(p, _)| p).collect();
+        assert_eq!(present, [0, 5, CHUNK, pages - 1]);
+        assert_eq!(a.owned_by(1), (4, 0));
+        assert_eq!(b.owned_by(2), (0, ENTRIES as u64 + 1));
+        // Removing a page that is absent changes (and copies) nothing.
+        assert!(b.replace_page(CHUNK * 3, None).is_none());
+        assert!(Arc::ptr_eq(
+            a.chunks[3].as_ref().unwrap(),
+            b.chunks[3].as_ref().unwrap()
+        ));
+    }
 
     #[test]
     fn entries_pack_and_unpack() {

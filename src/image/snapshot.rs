@@ -160,8 +160,8 @@ pub fn in_chain(chain: &Chain) -> Vec<Snapshot> {
             continue;
         }
         let allocated = match &layer.kind {
-            super::chain::LayerKind::Strata { header, clusters } => {
-                clusters.0 * header.cluster_size()
+            super::chain::LayerKind::Strata { header } => {
+                chain.clusters_of(i).map_or(0, |c| c.0) * header.cluster_size()
             }
             super::chain::LayerKind::Raw { .. } => continue,
         };
@@ -389,6 +389,12 @@ impl std::fmt::Debug for Prepared {
 }
 
 impl Prepared {
+    /// Gives up before the switch: removes the snapshot's name and the prepared overlay.
+    pub fn abandon(self) {
+        let _ = std::fs::remove_file(&self.snap);
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+
     /// The snapshot's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -398,15 +404,13 @@ impl Prepared {
     pub fn path(&self) -> &Path {
         &self.snap
     }
-
-    /// Gives up: removes the overlay that was prepared.
-    pub fn abandon(self) {
-        let _ = std::fs::remove_file(&self.tmp);
-    }
 }
 
-/// First half of taking snapshot `name` of the live image `live` open as `chain`: checks
-/// the name and writes the new overlay, without disturbing clients.
+/// First half of taking snapshot `name` of the live image `live` open as `chain`, while
+/// clients run: checks the name, writes the new overlay, commits what the live image
+/// holds, and gives the live file the snapshot's name too (durably: the new overlay
+/// will refer to that name). A crash from here until the switch leaves two names on
+/// the live file, which [`recover`] undoes.
 pub fn prepare(live: &Path, name: &str, chain: &Chain) -> Result<Prepared> {
     check_name(name)?;
     if !chain.writable() {
@@ -425,50 +429,50 @@ pub fn prepare(live: &Path, name: &str, chain: &Chain) -> Result<Prepared> {
     }
     let tmp = tmp_of(live, name);
     let (storage, scan, _) = new_overlay(&tmp, &snap, chain.header())?;
-    sync_dir(dir)?;
-    failpoint("snapshot-prepared");
-    Ok(Prepared {
+    let prepared = Prepared {
         live: live.to_path_buf(),
         name: name.to_owned(),
         tmp,
         snap,
         storage,
         scan,
-    })
+    };
+    failpoint("snapshot-prepared");
+    // Commit now, so that the commit left for after the switch is small.
+    let linked = chain
+        .flush()
+        .and_then(|()| {
+            std::fs::hard_link(&prepared.live, &prepared.snap)
+                .map_err(|e| Error::from(e).with_op("snapshot").with_path(&prepared.snap))
+        })
+        .and_then(|()| sync_dir(dir));
+    if let Err(e) = linked {
+        prepared.abandon();
+        return Err(e);
+    }
+    failpoint("snapshot-linked");
+    Ok(prepared)
 }
 
-/// Second half, run while no request is in progress: commits what `chain` holds,
-/// makes its file the snapshot and the prepared overlay the live image, and returns
-/// the new live chain. On an error before the switch, the old chain is untouched and
-/// still live; the prepared overlay is removed.
-pub fn switch(prepared: Prepared, chain: &Chain) -> Result<Chain> {
-    let frozen = chain.flush().and_then(|()| chain.freeze(&prepared.snap));
-    let frozen = match frozen {
+/// Second half, run while no request is in progress: makes the prepared overlay the
+/// live image (a rename) over the old live image, frozen in memory as the snapshot, and
+/// returns the new live chain. Nothing here waits for a disk: what remains to make the
+/// snapshot durable (the old image's last changes, the directory entry) is left to the
+/// new chain's [`Chain::settle`], which its first flush runs, and which the caller runs
+/// once requests go on. On an error the old chain is untouched and still live.
+pub fn switch(prepared: Prepared, chain: &Arc<Chain>) -> Result<Chain> {
+    let frozen = match chain.freeze(&prepared.snap) {
         Ok(f) => f,
         Err(e) => {
             prepared.abandon();
             return Err(e);
         }
     };
-    let dir = parent_dir(&prepared.live);
-    let linked = std::fs::hard_link(&prepared.live, &prepared.snap)
-        .map_err(|e| Error::from(e).with_op("snapshot").with_path(&prepared.snap))
-        .and_then(|()| sync_dir(dir));
-    if let Err(e) = linked {
-        let _ = std::fs::remove_file(&prepared.snap);
+    if let Err(e) = std::fs::rename(&prepared.tmp, &prepared.live) {
+        // The live name still names the old image (a rename is all or nothing).
+        let err = Error::from(e).with_op("snapshot").with_path(&prepared.live);
         prepared.abandon();
-        return Err(e);
-    }
-    failpoint("snapshot-linked");
-    let renamed = std::fs::rename(&prepared.tmp, &prepared.live)
-        .map_err(|e| Error::from(e).with_op("snapshot").with_path(&prepared.live))
-        .and_then(|()| sync_dir(parent_dir(&prepared.live)));
-    if let Err(e) = renamed {
-        // The live name still names the old image (a rename is all or nothing); only
-        // the directory's durability is in doubt, and the old chain is still right.
-        let _ = std::fs::remove_file(&prepared.snap);
-        prepared.abandon();
-        return Err(e);
+        return Err(err);
     }
     failpoint("snapshot-renamed");
     if let Err(e) = chain.storage().share_lock() {
@@ -476,13 +480,19 @@ pub fn switch(prepared: Prepared, chain: &Chain) -> Result<Chain> {
     }
     let frozen = Arc::new(frozen);
     super::share(&prepared.snap, &frozen);
-    Chain::over(
+    let new = Chain::over(
         prepared.storage,
         &prepared.live,
         prepared.scan,
         frozen,
         true,
-    )
+    )?;
+    let (old, dir) = (Arc::clone(chain), parent_dir(&prepared.live).to_path_buf());
+    new.settle_first(Box::new(move || {
+        old.flush()?;
+        sync_dir(&dir)
+    }));
+    Ok(new)
 }
 
 /// Records when snapshot `name` of `live` was taken (after [`switch`]). A failure

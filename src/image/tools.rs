@@ -94,7 +94,7 @@ pub fn info(path: &Path) -> Result<Info> {
     let h = chain.header().clone();
     let cs = h.cluster_size();
     let mut layers = Vec::new();
-    for l in chain.layers().iter().rev() {
+    for (i, l) in chain.layers().iter().enumerate().rev() {
         layers.push(match &l.kind {
             LayerKind::Raw { size } => LayerInfo {
                 path: l.path.clone(),
@@ -106,13 +106,16 @@ pub fn info(path: &Path) -> Result<Info> {
                     .map_or(*size, |r| r.iter().map(|x| x.1).sum()),
                 zeroed: 0,
             },
-            LayerKind::Strata { header, clusters } => LayerInfo {
-                path: l.path.clone(),
-                format: "strata",
-                virtual_size: header.virtual_size,
-                allocated: clusters.0 * header.cluster_size(),
-                zeroed: clusters.1 * header.cluster_size(),
-            },
+            LayerKind::Strata { header } => {
+                let (data, zero) = chain.clusters_of(i)?;
+                LayerInfo {
+                    path: l.path.clone(),
+                    format: "strata",
+                    virtual_size: header.virtual_size,
+                    allocated: data * header.cluster_size(),
+                    zeroed: zero * header.cluster_size(),
+                }
+            }
         });
     }
     let top = &layers[0];

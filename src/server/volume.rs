@@ -207,16 +207,7 @@ impl Volume {
         let chain = self.chain();
         let prepared = {
             let (live, name, chain) = (self.path.clone(), name.to_owned(), Arc::clone(&chain));
-            blocking(move || {
-                let prepared = snapshot::prepare(&live, &name, &chain)?;
-                // Commit outside the pause, so that the commit inside it is small.
-                if let Err(e) = chain.flush() {
-                    prepared.abandon();
-                    return Err(e);
-                }
-                Ok(prepared)
-            })
-            .await?
+            blocking(move || snapshot::prepare(&live, &name, &chain)).await?
         };
         let start = Instant::now();
         let mut paused = self.switch.pause().await;
@@ -228,8 +219,10 @@ impl Volume {
         drop(paused);
         let pause = start.elapsed();
         {
-            let (live, name) = (self.path.clone(), name.to_owned());
+            // Durable before the answer (clients' flushes would wait for this too).
+            let (live, name, new) = (self.path.clone(), name.to_owned(), self.chain());
             blocking(move || {
+                new.settle()?;
                 snapshot::record_taken(&live, &name);
                 Ok(())
             })
