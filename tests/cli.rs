@@ -2,14 +2,13 @@
 //! devices. Listeners, export naming and signals are also covered with the real clients
 //! in `interop_server.rs`.
 
+mod common;
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant};
+use std::net::TcpListener;
+use std::process::Command;
 
+use common::control::Running;
 use support::wire::Conn;
 
 fn strata() -> Command {
@@ -18,97 +17,12 @@ fn strata() -> Command {
 
 /// A `strata serve` child listening on a port the kernel chose (`--listen 127.0.0.1:0`),
 /// so no other socket on the machine can take the port between choosing and binding it.
-/// Its stderr is collected by a thread; the child is killed when this is dropped.
-struct Running {
-    child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<String>>,
-    reader: Option<std::thread::JoinHandle<()>>,
+fn serve(args: &[&std::ffi::OsStr]) -> Running {
+    Running::serve_plain(args)
 }
 
-impl Running {
-    /// Starts `strata serve --listen 127.0.0.1:0 ARGS...` and waits for the address it
-    /// logs.
-    fn serve(args: &[&std::ffi::OsStr]) -> Running {
-        let mut child = strata()
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let reader = {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some(addr) = listening_addr(&line) {
-                        let _ = tx.send(addr);
-                    }
-                    let mut log = log.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            })
-        };
-        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "server never said where it listens: {}",
-                    log.lock().unwrap()
-                );
-            }
-        };
-        Running {
-            child,
-            addr,
-            log,
-            reader: Some(reader),
-        }
-    }
-
-    fn conn(&self) -> Conn {
-        Conn::connect(self.addr)
-    }
-
-    /// Waits for the child to exit (at most 20 s) and returns its status and all it
-    /// printed.
-    fn wait_exit(mut self) -> (std::process::ExitStatus, String) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "server did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        if let Some(reader) = self.reader.take() {
-            reader.join().unwrap();
-        }
-        let log = self.log.lock().unwrap().clone();
-        (status, log)
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The address in a `listening on ADDR` log line (which may carry colour codes).
-fn listening_addr(line: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
-    let end = rest
-        .find(|c: char| c.is_whitespace() || c == '\x1b')
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
+fn conn(server: &Running) -> Conn {
+    Conn::connect(server.nbd)
 }
 
 fn fails_with(args: &[&str], expect: &str) {
@@ -149,8 +63,8 @@ fn sigterm_flushes_and_exits_cleanly() {
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
-    let server = Running::serve(&[img.as_os_str()]);
-    let mut c = server.conn();
+    let server = serve(&[img.as_os_str()]);
+    let mut c = conn(&server);
     c.handshake("d", false, false);
     assert_eq!(c.command(0, support::wire::CMD_WRITE, 512, 5, b"hello"), 0);
     // SAFETY: plain kill(2) on our own child's pid.
@@ -181,8 +95,8 @@ fn serves_a_block_device() {
         let mut f = std::fs::File::open(&dev).unwrap();
         f.seek(std::io::SeekFrom::End(0)).unwrap()
     };
-    let server = Running::serve(&[std::ffi::OsStr::new(&dev)]);
-    let mut c = server.conn();
+    let server = serve(&[std::ffi::OsStr::new(&dev)]);
+    let mut c = conn(&server);
     let (export_size, _) = c.handshake("", true, false);
     assert_eq!(export_size, size);
     let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();

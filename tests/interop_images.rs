@@ -20,17 +20,6 @@ use support::wire::Conn;
 
 const CS: u64 = 64 * KIB;
 
-fn strata(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
-    c.current_dir(dir).args(args).env("RUST_LOG", "error");
-    c
-}
-
-#[track_caller]
-fn strata_ok(dir: &Path, args: &[&str]) -> CmdOutput {
-    run_ok(&mut strata(dir, args))
-}
-
 #[track_caller]
 fn json(out: &CmdOutput) -> Value {
     serde_json::from_str(&out.stdout)
@@ -39,7 +28,7 @@ fn json(out: &CmdOutput) -> Value {
 
 #[track_caller]
 fn assert_clean(dir: &Path, image: &str) {
-    let out = strata_ok(dir, &["check", image]);
+    let out = strata_at_ok(dir, &["check", image]);
     assert!(out.stdout.contains("no errors"), "{}", out.report());
 }
 
@@ -47,7 +36,7 @@ fn assert_clean(dir: &Path, image: &str) {
 fn contents(dir: &Path, image: &str) -> Vec<u8> {
     let out = dir.join(format!("{image}.contents.raw"));
     let _ = fs::remove_file(&out);
-    strata_ok(dir, &["convert", "-O", "raw", image, out.to_str().unwrap()]);
+    strata_at_ok(dir, &["convert", "-O", "raw", image, out.to_str().unwrap()]);
     let data = fs::read(&out).unwrap();
     fs::remove_file(&out).unwrap();
     data
@@ -76,7 +65,7 @@ fn qemu_img_convert_through_strata_images(t: Transport) {
     let data = write_mixed_image(&src, 31, len);
 
     // Into a fresh standalone image, and out again.
-    strata_ok(d, &["create", "disk.strata", "-s", &len.to_string()]);
+    strata_at_ok(d, &["create", "disk.strata", "-s", &len.to_string()]);
     let mut server = file(d.join("disk.strata")).listen(t).start();
     let uri = server.uri();
     run_ok(
@@ -121,7 +110,7 @@ fn qemu_img_convert_through_strata_images(t: Transport) {
         &expected,
     );
     // The zero runs of the source were not stored as data.
-    let info = json(&strata_ok(d, &["info", "--json", "disk.strata"]));
+    let info = json(&strata_at_ok(d, &["info", "--json", "disk.strata"]));
     assert!(
         info["allocated"].as_u64().unwrap() < len as u64,
         "every cluster allocated: {info:#}"
@@ -133,7 +122,7 @@ fn qemu_img_convert_through_strata_images(t: Transport) {
     put(&mut changed, 3 * MIB + 100, &pattern(32, 70_000));
     fill(&mut changed, 8 * MIB, 256 * KIB, 0);
     fs::write(&other, &changed).unwrap();
-    strata_ok(d, &["create", "-b", "src.raw", "ov.strata"]);
+    strata_at_ok(d, &["create", "-b", "src.raw", "ov.strata"]);
     let mut server = file(d.join("ov.strata")).listen(t).start();
     let uri = server.uri();
     run_ok(
@@ -178,7 +167,7 @@ fn qemu_io_on_an_overlay(t: Transport) {
     let mut base = vec![0x11u8; 4 * MIB as usize];
     fill(&mut base, 2 * MIB, 2 * MIB, 0x22);
     fs::write(d.join("base.raw"), &base).unwrap();
-    strata_ok(d, &["create", "-b", "base.raw", "ov.strata"]);
+    strata_at_ok(d, &["create", "-b", "base.raw", "ov.strata"]);
     let mut server = file(d.join("ov.strata")).listen(t).start();
     let uri = server.uri();
     qemu_io_ok(
@@ -253,7 +242,7 @@ fn qemu_io_on_an_overlay(t: Transport) {
         base,
         "the base changed"
     );
-    let rows = json(&strata_ok(d, &["map", "--json", "ov.strata"]));
+    let rows = json(&strata_at_ok(d, &["map", "--json", "ov.strata"]));
     let owned: Vec<(u64, u64, &str)> = rows
         .as_array()
         .unwrap()
@@ -324,9 +313,9 @@ fn maps_of_a_three_layer_chain(t: Transport) {
         let f = fs::OpenOptions::new().write(true).open(&base).unwrap();
         f.write_all_at(&pattern(40, 8 * CS as usize), 0).unwrap();
     }
-    strata_ok(d, &["create", "-b", "base.raw", "mid.strata"]);
+    strata_at_ok(d, &["create", "-b", "base.raw", "mid.strata"]);
     // top is larger than its backing: its last 4 clusters belong to no layer.
-    strata_ok(
+    strata_at_ok(
         d,
         &[
             "create",
@@ -435,7 +424,7 @@ fn maps_of_a_three_layer_chain(t: Transport) {
     );
 
     // And strata map agrees, the server still running.
-    let rows = json(&strata_ok(d, &["map", "--json", "top.strata"]));
+    let rows = json(&strata_at_ok(d, &["map", "--json", "top.strata"]));
     let mut depths = Vec::new();
     for r in rows.as_array().unwrap() {
         let n = r["length"].as_u64().unwrap() / CS;
@@ -530,14 +519,14 @@ fn golden_image(kind: &str) {
     let golden = if kind == "raw" {
         "golden.raw"
     } else {
-        strata_ok(d, &["convert", "golden.raw", "golden.strata"]);
+        strata_at_ok(d, &["convert", "golden.raw", "golden.strata"]);
         "golden.strata"
     };
     let before = fs::read(d.join(golden)).unwrap();
     let names: Vec<String> = (0..VMS).map(|i| format!("vm-{i}")).collect();
     let paths: Vec<_> = (0..VMS).map(|i| d.join(format!("vm{i}.strata"))).collect();
     for p in &paths {
-        strata_ok(d, &["create", "-b", golden, p.to_str().unwrap()]);
+        strata_at_ok(d, &["create", "-b", golden, p.to_str().unwrap()]);
     }
     let list: Vec<(&str, &Path)> = names
         .iter()
@@ -616,7 +605,7 @@ fn golden_image(kind: &str) {
     }
 
     // Commit one overlay into the golden image.
-    strata_ok(d, &["commit", "vm0.strata"]);
+    strata_at_ok(d, &["commit", "vm0.strata"]);
     let merged = if kind == "raw" {
         fs::read(d.join(golden)).unwrap()
     } else {
@@ -624,12 +613,12 @@ fn golden_image(kind: &str) {
         contents(d, golden)
     };
     assert_same_bytes("golden image after commit", &merged, &expected[0]);
-    let info = json(&strata_ok(d, &["info", "--json", "vm0.strata"]));
+    let info = json(&strata_at_ok(d, &["info", "--json", "vm0.strata"]));
     assert_eq!(info["allocated"], 0, "{info:#}");
     assert_same_bytes("vm0 after commit", &contents(d, "vm0.strata"), &expected[0]);
     if kind == "raw" {
         // The other overlays were made on the old contents and now refuse to open.
-        let out = run(&mut strata(d, &["info", "vm1.strata"])).assert_code(1);
+        let out = run(&mut strata_at(d, &["info", "vm1.strata"])).assert_code(1);
         assert!(
             out.stderr.contains("backing file has changed") && out.stderr.contains("golden.raw"),
             "{}",
@@ -715,7 +704,7 @@ fn concurrent_clients(cluster: &str, stripe: u64) {
     let d = dir.path();
     let base = pattern(90, SIZE as usize);
     fs::write(d.join("base.raw"), &base).unwrap();
-    strata_ok(
+    strata_at_ok(
         d,
         &["create", "-b", "base.raw", "shared.strata", "-c", cluster],
     );
@@ -853,7 +842,7 @@ fn writes_beyond_the_file_size_limit_fail_with_enospc() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let img = d.join("disk.strata");
-    strata_ok(d, &["create", "disk.strata", "-s", "64M"]);
+    strata_at_ok(d, &["create", "disk.strata", "-s", "64M"]);
     let first = pattern(60, 4 * CS as usize);
     let mut expected = vec![0u8; 64 * MIB as usize];
     put(&mut expected, 0, &first);

@@ -19,17 +19,6 @@ use serde_json::Value;
 const CS: u64 = 64 * KIB;
 const SIZE: u64 = 16 * MIB;
 
-fn strata(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
-    c.current_dir(dir).args(args).env("RUST_LOG", "error");
-    c
-}
-
-#[track_caller]
-fn strata_ok(dir: &Path, args: &[&str]) -> CmdOutput {
-    run_ok(&mut strata(dir, args))
-}
-
 /// The clusters touched by `[start, start + len)`.
 fn clusters(start: u64, len: u64) -> std::ops::Range<u64> {
     start / CS..(start + len).div_ceil(CS)
@@ -106,7 +95,7 @@ fn qemu_dirty(server: &Server, export: &str, name: &str) -> Vec<(u64, u64)> {
 }
 
 fn strata_dirty(dir: &Path, image: &str, name: &str) -> Vec<(u64, u64)> {
-    let out = strata_ok(dir, &["diff", "--json", image, "--since", name]);
+    let out = strata_at_ok(dir, &["diff", "--json", image, "--since", name]);
     let v: Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(v["cluster_size"].as_u64(), Some(CS));
     let ranges: Vec<(u64, u64)> = v["ranges"]
@@ -121,7 +110,7 @@ fn strata_dirty(dir: &Path, image: &str, name: &str) -> Vec<(u64, u64)> {
     let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
     assert_eq!(v["bytes"].as_u64(), Some(total));
     // The text form says the same.
-    let text = strata_ok(dir, &["diff", image, "--since", name]);
+    let text = strata_at_ok(dir, &["diff", image, "--since", name]);
     let from_text: Vec<(u64, u64)> = text
         .stdout
         .lines()
@@ -157,7 +146,7 @@ fn dirty_bitmaps_through_real_clients(t: Transport) {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    strata_ok(
+    strata_at_ok(
         d,
         &[
             "create",
@@ -171,7 +160,7 @@ fn dirty_bitmaps_through_real_clients(t: Transport) {
     let mut server = serve(d, t);
     qemu_io_ok(&server.uri(), false, &["write -P 0x11 0 4M", "flush"]);
     server.stop_cleanly_with(libc::SIGTERM);
-    strata_ok(d, &["snapshot", "create", "disk.strata", "mon"]);
+    strata_at_ok(d, &["snapshot", "create", "disk.strata", "mon"]);
 
     // Changes after mon: a partial cluster, an unaligned run over cluster boundaries,
     // a discard (hides data below: changed) and zeroing.
@@ -201,7 +190,7 @@ fn dirty_bitmaps_through_real_clients(t: Transport) {
     server.stop_cleanly_with(libc::SIGTERM);
 
     // A second snapshot: mon keeps accumulating, tue sees only what follows it.
-    strata_ok(d, &["snapshot", "create", "disk.strata", "tue"]);
+    strata_at_ok(d, &["snapshot", "create", "disk.strata", "tue"]);
     let mut server = serve(d, t);
     let uri = server.uri();
     qemu_io_ok(&uri, false, &["write -P 0x44 12M 300k", "flush"]);
@@ -230,7 +219,7 @@ fn dirty_bitmaps_through_real_clients(t: Transport) {
 
     // Deleting mon merges it into tue: tue's own changes are then everything since the
     // base, and the live disk's changes since tue are unchanged.
-    strata_ok(d, &["snapshot", "delete", "disk.strata", "mon"]);
+    strata_at_ok(d, &["snapshot", "delete", "disk.strata", "mon"]);
     let mut server = serve(d, t);
     let ctx = contexts(&server.uri());
     assert!(!ctx.iter().any(|c| c.ends_with(":mon")), "{ctx:?}");
@@ -246,7 +235,7 @@ fn snapshot_exports_read_by_qemu_img_and_nbdcopy(t: Transport) {
     let d = dir.path();
     let src = d.join("src.raw");
     let data = write_mixed_image(&src, 77, SIZE as usize);
-    strata_ok(d, &["create", "disk.strata", "-s", &SIZE.to_string()]);
+    strata_at_ok(d, &["create", "disk.strata", "-s", &SIZE.to_string()]);
     let mut server = serve(d, t);
     run_ok(
         qemu_img()
@@ -255,7 +244,7 @@ fn snapshot_exports_read_by_qemu_img_and_nbdcopy(t: Transport) {
             .arg(server.uri()),
     );
     server.stop_cleanly_with(libc::SIGTERM);
-    strata_ok(d, &["snapshot", "create", "disk.strata", "before"]);
+    strata_at_ok(d, &["snapshot", "create", "disk.strata", "before"]);
     let mut server = serve(d, t);
     qemu_io_ok(
         &server.uri(),
@@ -286,7 +275,7 @@ fn snapshot_exports_read_by_qemu_img_and_nbdcopy(t: Transport) {
     assert_same_bytes("nbdcopy of the snapshot", &fs::read(&copy).unwrap(), &data);
     snap.stop_cleanly_with(libc::SIGTERM);
     // Writing to a snapshot's file would change what the live disk reads through it.
-    let out = run(&mut strata(d, &["serve", "disk.strata@before"]));
+    let out = run(&mut strata_at(d, &["serve", "disk.strata@before"]));
     assert!(
         !out.success(),
         "a snapshot served writable: {}",

@@ -4,25 +4,19 @@
 //! checks that the chain is exactly the old one or exactly the new one: every layer
 //! reads what it read before, nothing is half done, and no stray file is left.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bytes::Bytes;
 use strata::backend::Backend;
-use strata::image::{self, CreateOptions, snapshot};
+use strata::image::{self, snapshot};
 use strata::server::volume::Volume;
 
 const CLUSTER: u64 = 4096;
 const SIZE: u64 = 64 * CLUSTER;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// What a volume reads: the live disk and each snapshot, by name.
 #[derive(Debug, PartialEq, Eq)]
@@ -32,7 +26,7 @@ struct State {
 }
 
 fn read_state(path: &Path) -> State {
-    rt().block_on(async {
+    common::runtime().block_on(async {
         let v = Volume::open(path, false).expect("the volume opens");
         let live = v.backend().read(0, SIZE as usize).await.unwrap().to_vec();
         let mut snapshots = BTreeMap::new();
@@ -52,16 +46,8 @@ fn read_state(path: &Path) -> State {
 /// clusters overwritten in later layers, some trimmed), and live writes on top.
 fn setup(dir: &Path) -> PathBuf {
     let path = dir.join("disk.strata");
-    image::create(
-        &path,
-        &CreateOptions {
-            size: Some(SIZE),
-            cluster_size: Some(CLUSTER),
-            backing: None,
-        },
-    )
-    .unwrap();
-    rt().block_on(async {
+    common::new_image(&path, SIZE, CLUSTER);
+    common::runtime().block_on(async {
         let v = Volume::open(&path, false).unwrap();
         let b = v.backend();
         for (layer, byte) in [(0u64, 0x11u8), (1, 0x22), (2, 0x33), (3, 0x44)] {
@@ -294,15 +280,7 @@ fn every_failpoint_is_covered() {
 fn writes_just_before_the_switch_are_durable_after_the_next_flush() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.strata");
-    image::create(
-        &path,
-        &CreateOptions {
-            size: Some(SIZE),
-            cluster_size: Some(CLUSTER),
-            backing: None,
-        },
-    )
-    .unwrap();
+    common::new_image(&path, SIZE, CLUSTER);
     {
         let chain = std::sync::Arc::new(image::open(&path, true).unwrap());
         chain.write(0, &[1; 4096], false).unwrap();

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use proptest::prelude::*;
 use strata::backend::{Backend, SharedBackend};
-use strata::image::{self, CreateOptions};
 use strata::server::volume::{RollbackOptions, Volume};
 
 const CLUSTER: u64 = 4096;
@@ -85,14 +84,6 @@ impl Model {
     }
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 async fn read_all(b: &SharedBackend) -> Vec<u8> {
     b.read(0, SIZE as usize).await.unwrap().to_vec()
 }
@@ -144,16 +135,8 @@ fn run_case(dir: &Path, ops: &[Op]) -> Result<(), TestCaseError> {
     let path: PathBuf = dir.join("disk.strata");
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
-    image::create(
-        &path,
-        &CreateOptions {
-            size: Some(SIZE),
-            cluster_size: Some(CLUSTER),
-            backing: None,
-        },
-    )
-    .unwrap();
-    let rt = rt();
+    common::new_image(&path, SIZE, CLUSTER);
+    let rt = common::runtime();
     rt.block_on(async {
         let mut volume = Volume::open(&path, false).unwrap();
         let mut model = Model {

@@ -56,16 +56,21 @@ pub const SEP: char = '@';
 const TMP_SUFFIX: &str = ".new";
 const MANIFEST_SUFFIX: &str = ".snapshots.json";
 
-/// Is `name` acceptable as a snapshot name: 1 to 64 ASCII letters, digits, `.`, `_`
-/// and `-`, not starting with `.` or `-`? Such a name is never a path: it cannot reach
-/// another directory, and the file it names always starts with the live image's name.
-pub fn valid_name(name: &str) -> bool {
+/// Is `name` 1 to 64 ASCII letters, digits, `.`, `_`, `-` and the bytes in `extra`, not
+/// starting with `.` or `-`? Such a name is never a path and never an option.
+pub fn plain_name(name: &str, extra: &[u8]) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && !name.starts_with(['.', '-'])
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b) || extra.contains(&b))
+}
+
+/// Is `name` acceptable as a snapshot name ([`plain_name`])? It cannot reach another
+/// directory, and the file it names always starts with the live image's name.
+pub fn valid_name(name: &str) -> bool {
+    plain_name(name, b"")
 }
 
 fn check_name(name: &str) -> Result<()> {

@@ -419,13 +419,8 @@ pub fn dirty_ranges(chain: &Chain, layer: usize) -> Result<Vec<DirtyRange>> {
     Ok(out)
 }
 
-/// Is `name` acceptable as an export name: 1 to 64 ASCII letters, digits, `.`, `_`,
-/// `-` and `@` (snapshot exports are `EXPORT@SNAPSHOT`), not starting with `.` or `-`?
+/// Is `name` acceptable as an export name: a plain name where `@` may appear too
+/// (snapshot exports are `EXPORT@SNAPSHOT`)? See [`snapshot::plain_name`].
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with(['.', '-'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@'))
+    snapshot::plain_name(name, b"@")
 }

@@ -75,6 +75,11 @@ impl Running {
         Self::start_env(args, false, None, env)
     }
 
+    /// Serves `args` without a control API (`socket` then names nothing).
+    pub fn serve_plain(args: &[&OsStr]) -> Running {
+        Self::start_env(args, false, Some(PathBuf::new()), &[])
+    }
+
     /// Also with a TCP control listener and a token file.
     pub fn serve_with_tcp(args: &[&OsStr]) -> Running {
         Self::start(args, true, None)
@@ -97,9 +102,13 @@ impl Running {
     ) -> Running {
         let dir = tempfile::tempdir().unwrap();
         let socket = socket.unwrap_or_else(|| dir.path().join("control.sock"));
+        // An empty path: no control API at all.
+        let control = !socket.as_os_str().is_empty();
         let mut cmd = strata();
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--control"])
-            .arg(&socket);
+        cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+        if control {
+            cmd.arg("--control").arg(&socket);
+        }
         let token_file = tcp.then(|| {
             let path = dir.path().join("token");
             std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
@@ -126,7 +135,7 @@ impl Running {
                 }
             })
         };
-        let (mut nbd, mut unix, mut tcp_addr) = (None, false, None);
+        let (mut nbd, mut unix, mut tcp_addr) = (None, !control, None);
         let deadline = Instant::now() + WAIT;
         while nbd.is_none() || !unix || (tcp && tcp_addr.is_none()) {
             let left = deadline.saturating_duration_since(Instant::now());

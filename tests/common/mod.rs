@@ -1270,6 +1270,42 @@ pub fn parse_nbdinfo_depth_map(text: &str) -> Vec<DepthEntry> {
         .collect()
 }
 
+/// Creates an empty standalone Strata image at `path` (which must not exist).
+pub fn new_image(path: &Path, size: u64, cluster: u64) {
+    strata::image::create(
+        path,
+        &strata::image::CreateOptions {
+            size: Some(size),
+            cluster_size: Some(cluster),
+            backing: None,
+        },
+    )
+    .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+}
+
+/// A small tokio runtime for tests that drive the library's async API.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// `strata ARGS...` with `dir` as its working directory (so paths are relative, as users
+/// type them), logging only errors.
+pub fn strata_at(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
+    c.current_dir(dir).args(args).env("RUST_LOG", "error");
+    c
+}
+
+/// Runs [`strata_at`], failing the test unless it succeeds.
+#[track_caller]
+pub fn strata_at_ok(dir: &Path, args: &[&str]) -> CmdOutput {
+    run_ok(&mut strata_at(dir, args))
+}
+
 /// `qemu-img`.
 pub fn qemu_img() -> Command {
     Command::new("qemu-img")
