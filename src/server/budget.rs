@@ -13,7 +13,7 @@
 //! the shared pool is touched only when the lease must grow or is given back.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::Semaphore;
 
@@ -65,10 +65,35 @@ pub struct ConnBudget {
 #[derive(Debug)]
 struct LocalPool {
     sem: Semaphore,
-    /// Bytes leased from `global` (all of `max` without one). Written by the session's
-    /// reader only.
+    /// Bytes leased from `global` (all of `max` without one). Grown by the session's
+    /// reader, shrunk by whoever gives the lease back, always with atomic adds.
     lease: AtomicU64,
     global: Option<Arc<GlobalBudget>>,
+    /// Set while the reader waits for the client's next request: the last charge given
+    /// back then gives the lease back too.
+    waiting: AtomicBool,
+}
+
+impl LocalPool {
+    /// Gives the whole lease back to the shared pool if nothing is charged.
+    fn release_if_idle(&self) {
+        let Some(global) = &self.global else {
+            return;
+        };
+        let lease = self.lease.load(Ordering::Relaxed);
+        let Ok(lease32) = u32::try_from(lease) else {
+            return;
+        };
+        if lease32 == 0 {
+            return;
+        }
+        // Succeeds only when every leased byte is free, i.e. nothing is charged.
+        if let Ok(p) = self.sem.try_acquire_many(lease32) {
+            p.forget();
+            self.lease.fetch_sub(lease, Ordering::Relaxed);
+            global.pool.add_permits(lease as usize);
+        }
+    }
 }
 
 impl Drop for LocalPool {
@@ -86,9 +111,19 @@ pub struct Charge {
     bytes: u32,
 }
 
+impl Charge {
+    /// Bytes charged.
+    pub fn bytes(&self) -> u32 {
+        self.bytes
+    }
+}
+
 impl Drop for Charge {
     fn drop(&mut self) {
         self.local.sem.add_permits(self.bytes as usize);
+        if self.local.waiting.load(Ordering::Relaxed) {
+            self.local.release_if_idle();
+        }
     }
 }
 
@@ -106,6 +141,7 @@ impl ConnBudget {
                 sem: Semaphore::new(owned as usize),
                 lease: AtomicU64::new(owned),
                 global,
+                waiting: AtomicBool::new(false),
             }),
             max,
         }
@@ -119,7 +155,15 @@ impl ConnBudget {
     /// True while some charge is outstanding (a request running, or its reply waiting
     /// to be written).
     pub fn in_flight(&self) -> bool {
-        (self.local.sem.available_permits() as u64) < self.local.lease.load(Ordering::Relaxed)
+        self.charged() > 0
+    }
+
+    /// Bytes charged now.
+    pub fn charged(&self) -> u64 {
+        self.local
+            .lease
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.local.sem.available_permits() as u64)
     }
 
     /// Charges `bytes` (at most [`ConnBudget::max`]), waiting until charges in flight are
@@ -129,12 +173,12 @@ impl ConnBudget {
         loop {
             if let Ok(p) = self.local.sem.try_acquire_many(bytes) {
                 p.forget();
-                return self.charged(bytes);
+                return self.charge_of(bytes);
             }
             let lease = self.local.lease.load(Ordering::Relaxed);
             let available = self.local.sem.available_permits() as u64;
             let need = u64::from(bytes).saturating_sub(available);
-            let room = self.max - lease;
+            let room = self.max.saturating_sub(lease);
             let grow = match &self.local.global {
                 Some(global) if room >= need => {
                     Some((global.clone(), need.max(LEASE_STEP).min(room)))
@@ -145,47 +189,37 @@ impl ConnBudget {
                 // Only charges in flight can make room.
                 let p = self.local.sem.acquire_many(bytes).await;
                 p.expect("the semaphore is never closed").forget();
-                return self.charged(bytes);
+                return self.charge_of(bytes);
             };
             // Whichever comes first: our own charges given back, or a bigger lease.
             tokio::select! {
                 p = self.local.sem.acquire_many(bytes) => {
                     p.expect("the semaphore is never closed").forget();
-                    return self.charged(bytes);
+                    return self.charge_of(bytes);
                 }
                 p = global.pool.acquire_many(step as u32) => {
                     p.expect("the semaphore is never closed").forget();
-                    self.local.lease.store(lease + step, Ordering::Relaxed);
+                    self.local.lease.fetch_add(step, Ordering::Relaxed);
                     self.local.sem.add_permits(step as usize);
                 }
             }
         }
     }
 
-    fn charged(&self, bytes: u32) -> Charge {
+    fn charge_of(&self, bytes: u32) -> Charge {
         Charge {
             local: self.local.clone(),
             bytes,
         }
     }
 
-    /// Gives the lease back to the shared pool if nothing is in flight. The session calls
-    /// this before it waits for the client's next request.
-    pub fn release_if_idle(&self) {
-        let Some(global) = &self.local.global else {
-            return;
-        };
-        let lease = self.local.lease.load(Ordering::Relaxed);
-        if lease == 0 {
-            return;
-        }
-        let Ok(lease32) = u32::try_from(lease) else {
-            return;
-        };
-        if let Ok(p) = self.local.sem.try_acquire_many(lease32) {
-            p.forget();
-            self.local.lease.store(0, Ordering::Relaxed);
-            global.pool.add_permits(lease as usize);
+    /// Says whether the reader is waiting for the client's next request. While it is,
+    /// the lease goes back to the shared pool as soon as nothing is charged, so an idle
+    /// connection holds nothing.
+    pub fn set_waiting(&self, waiting: bool) {
+        self.local.waiting.store(waiting, Ordering::Relaxed);
+        if waiting {
+            self.local.release_if_idle();
         }
     }
 }
@@ -204,7 +238,7 @@ mod tests {
         assert!(blocked.is_err(), "the budget is spent");
         drop((a, c));
         assert!(!b.in_flight());
-        b.release_if_idle();
+        b.set_waiting(true);
         let _again = b.charge(1 << 20).await;
     }
 
@@ -227,11 +261,19 @@ mod tests {
             tokio::time::timeout(std::time::Duration::from_millis(20), two.charge(2 << 20)).await;
         assert!(blocked.is_err(), "the shared pool is spent");
         drop(big);
-        one.release_if_idle();
+        one.set_waiting(true);
+        one.set_waiting(false);
         let more = two.charge(2 << 20).await;
         drop((small, more));
-        two.release_if_idle();
+        two.set_waiting(true);
+        two.set_waiting(false);
         assert_eq!(global.leased(), 0);
+        // A charge given back while the reader waits gives the lease back at once.
+        two.set_waiting(true);
+        let held = two.charge(64 << 10).await;
+        assert!(global.leased() > 0);
+        drop(held);
+        assert_eq!(global.leased(), 0, "the last charge gave the lease back");
         // A session that ends with a charge still out gives its lease back with it.
         let late = one.charge(1 << 20).await;
         drop(one);

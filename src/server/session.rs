@@ -621,6 +621,8 @@ pub async fn run(
     let header_len = RequestHeader::wire_len(negotiated.extended);
     let mut idle = config.idle_timeout.map(IdleWatch::new);
     let mut requests_read = 0u64;
+    // The charge of the request being read, which is not running yet.
+    let reading = AtomicU64::new(0);
 
     let end = loop {
         if *shutdown.borrow() {
@@ -629,11 +631,12 @@ pub async fn run(
         if *closed.borrow() {
             break SessionEnd::Removed;
         }
-        if reader.buf.len() < header_len {
-            // About to wait for the client: an idle connection holds no shared budget.
-            budget.release_if_idle();
+        // About to wait for the client: an idle connection holds no shared budget.
+        let waiting = reader.buf.len() < header_len;
+        if waiting {
+            budget.set_waiting(true);
         }
-        let next = next_request(&mut reader, &budget, &limits, header_len);
+        let next = next_request(&mut reader, &budget, &reading, &limits, header_len);
         tokio::pin!(next);
         // Shutdown, removal, a dead writer and idleness interrupt the wait for a request
         // wherever it is: its header, the budget, its payload. A request cut off there was
@@ -651,13 +654,18 @@ pub async fn run(
                 }
                 () = IdleWatch::tick(idle.as_mut()) => {
                     let watch = idle.as_mut().expect("ticks only with a watch");
-                    if watch.expired(requests_read, budget.in_flight(), &progress) {
+                    let running = budget.charged() > reading.load(Ordering::Relaxed);
+                    if watch.expired(requests_read, running, &progress) {
                         break Step::End(SessionEnd::Idle);
                     }
                 }
                 step = &mut next => break step,
             }
         };
+        reading.store(0, Ordering::Relaxed);
+        if waiting {
+            budget.set_waiting(false);
+        }
         match step {
             Step::End(end) => break end,
             Step::Refused(header, refusal, charge) => {
@@ -727,6 +735,7 @@ enum Step {
 async fn next_request(
     reader: &mut FrameReader,
     budget: &ConnBudget,
+    reading: &AtomicU64,
     limits: &Limits,
     header_len: usize,
 ) -> Step {
@@ -742,6 +751,7 @@ async fn next_request(
             Err(e) => return Step::End(SessionEnd::Protocol(e)),
         }
     };
+    budget.set_waiting(false);
     let payload_len = header.payload_len(limits.extended);
     if payload_len > MAX_SKIPPABLE_PAYLOAD {
         return Step::End(SessionEnd::Protocol(ProtocolError::PayloadTooLarge(
@@ -762,6 +772,7 @@ async fn next_request(
     // Waiting here is the backpressure: while the budget is spent, nothing more is
     // read from the socket.
     let charge = budget.charge(charge).await;
+    reading.store(u64::from(charge.bytes()), Ordering::Relaxed);
     if let Err(refusal) = verdict {
         if let Err(e) = reader.skip(payload_len).await {
             return Step::End(SessionEnd::Io(e));
