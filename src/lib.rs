@@ -30,12 +30,14 @@
 //! # Layout
 //! - [`proto`]: the NBD protocol without I/O: constants, handshake, request and reply
 //!   codecs, validation. Fuzzed and property-tested in isolation.
-//! - [`server`]: listeners, connection limits, the handshake driver, the transmission
-//!   session (concurrent requests, one reply writer, bounded memory), graceful shutdown,
-//!   per-export counters, volumes with online snapshots ([`server::volume`]), and the
+//! - [`server`]: listeners, connection limits (in total and per client), the handshake
+//!   driver, the transmission session (concurrent requests, one reply writer, an idle
+//!   timeout, memory bounded per connection and in total by [`server::budget`]),
+//!   graceful shutdown, per-export counters and Prometheus metrics
+//!   ([`server::metrics`]), volumes with online snapshots ([`server::volume`]), and the
 //!   HTTP/JSON control API ([`server::control`]).
 //! - [`backend`]: the [`backend::Backend`] trait, its object-safe twin, and the raw,
-//!   memory, image and read-only implementations.
+//!   memory, image, read-only and fault-injecting ([`backend::Faulty`]) implementations.
 //! - [`image`]: the Strata image format: a pure header and map-page codec, the merged
 //!   cluster map of a backing chain, the copy-on-write engine with its crash-safe commit
 //!   order, the image tools (create, info, check, map, commit, rebase, convert), and

@@ -9,9 +9,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use strata::access::{Access, NetworkRule};
 use strata::proto::{HandshakeConfig, TlsPolicy};
-use strata::server::control::{ControlConfig, ControlServer, ControlState, Token};
+use strata::server::control::{ControlConfig, ControlServer, ControlState, MetricsServer, Token};
 use strata::server::export::open_export;
-use strata::server::{Exports, ListenAddr, Listener, Server, ServerConfig, TlsFiles, TlsSettings};
+use strata::server::{
+    Exports, ListenAddr, Listener, Server, ServerConfig, SessionConfig, TlsFiles, TlsSettings,
+};
 use tracing::{error, info};
 
 mod cli_ctl;
@@ -33,7 +35,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve images over NBD.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create a Strata image, empty or as an overlay of a backing file.
     Create(cli_image::CreateArgs),
     /// Describe an image and its backing chain.
@@ -113,6 +115,34 @@ struct ServeArgs {
     #[arg(long, default_value_t = 1024, value_name = "N")]
     max_connections: usize,
 
+    /// Connections served at once from one client IP address (0: no limit).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    max_connections_per_client: usize,
+
+    /// Seconds a client may send no request (with none running) before it is
+    /// disconnected; also a client that reads none of its replies (0: never).
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    idle_timeout: u64,
+
+    /// Request and reply bytes one connection may have in flight.
+    #[arg(long, default_value = "64M", value_name = "SIZE", value_parser = parse_size_arg)]
+    max_in_flight: u64,
+
+    /// Request and reply bytes all connections together may have in flight (0: no
+    /// server-wide limit).
+    #[arg(long, default_value = "1G", value_name = "SIZE", value_parser = parse_size_arg)]
+    max_in_flight_total: u64,
+
+    /// Serve Prometheus metrics (GET /metrics) on HOST:PORT or unix:PATH.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<ListenAddr>,
+
+    /// Fail the requests a rule selects, to test how clients cope:
+    /// OPS:ERROR[:CONDITION,...], e.g. write:EIO:offset=1M,length=64K (see
+    /// docs/deploy.md). Repeat for several; they apply to every export.
+    #[arg(long = "inject-error", value_name = "RULE", value_parser = parse_fault_arg)]
+    inject_error: Vec<String>,
+
     /// Serve the control API on this Unix socket (mode 0600: only this user may use it).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
@@ -159,6 +189,18 @@ struct ServeArgs {
     /// memory:1G). Each is exported under its file stem; the first is the default export.
     #[arg(value_name = "IMAGE", required_unless_present = "export")]
     images: Vec<String>,
+}
+
+fn parse_size_arg(text: &str) -> Result<u64, String> {
+    strata::size::parse_size(text).map_err(|e| e.to_string())
+}
+
+/// Checks a fault rule at parse time; each export parses it again for counters of its
+/// own.
+fn parse_fault_arg(text: &str) -> Result<String, String> {
+    strata::backend::parse_fault_rule(text)
+        .map(|_| text.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 fn init_logging(verbose: u8) {
@@ -297,8 +339,17 @@ async fn serve(args: ServeArgs) -> strata::Result<()> {
     };
     let exports = Arc::new(Exports::new());
     for (name, image) in export_list(&args)? {
-        let export = open_export(&name, &image, args.read_only, format, &args.description)?
+        let mut export = open_export(&name, &image, args.read_only, format, &args.description)?
             .with_access(access.clone());
+        if !args.inject_error.is_empty() {
+            let rules = args
+                .inject_error
+                .iter()
+                .map(|r| strata::backend::parse_fault_rule(r))
+                .collect::<strata::Result<Vec<_>>>()?;
+            tracing::warn!(export = name, rules = ?args.inject_error, "injecting errors");
+            export = export.with_layer(|b| Arc::new(strata::backend::Faulty::new(b, rules)));
+        }
         info!(
             export = name,
             size = export.backend().size(),
@@ -333,6 +384,13 @@ async fn serve(args: ServeArgs) -> strata::Result<()> {
     let config = ServerConfig {
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
         max_connections: args.max_connections.max(1),
+        max_connections_per_client: args.max_connections_per_client,
+        max_in_flight_total: (args.max_in_flight_total > 0).then_some(args.max_in_flight_total),
+        session: SessionConfig {
+            max_in_flight: args.max_in_flight,
+            idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
+            ..SessionConfig::default()
+        },
         handshake: HandshakeConfig {
             tls: tls_policy,
             ..HandshakeConfig::default()
@@ -341,6 +399,7 @@ async fn serve(args: ServeArgs) -> strata::Result<()> {
         ..ServerConfig::default()
     };
     let server = Server::new(exports.clone(), config);
+    let exports_for_metrics = exports.clone();
     let handle = server.shutdown_handle();
     let control =
         ControlState::new(exports, &bound, server.connection_gauge()).with_access(access.clone());
@@ -352,6 +411,15 @@ async fn serve(args: ServeArgs) -> strata::Result<()> {
     )
     .await?;
     let control = control.map(|c| tokio::spawn(c.serve(handle.clone())));
+    let metrics = match &args.metrics {
+        Some(addr) => {
+            let m =
+                MetricsServer::bind(addr, exports_for_metrics, server.connection_gauge()).await?;
+            info!("metrics on {}/metrics", m.local_addr()?);
+            Some(tokio::spawn(m.serve(handle.clone())))
+        }
+        None => None,
+    };
     {
         let handle = handle.clone();
         tokio::spawn(async move {
@@ -365,6 +433,10 @@ async fn serve(args: ServeArgs) -> strata::Result<()> {
         // server ended on its own.
         handle.shutdown();
         let _ = control.await;
+    }
+    if let Some(metrics) = metrics {
+        handle.shutdown();
+        let _ = metrics.await;
     }
     served
 }
@@ -434,7 +506,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Serve(args) => serve(*args).await.map(|()| ExitCode::SUCCESS),
             Command::Create(a) => cli_image::create(a),
             Command::Info(a) => cli_image::info(a),
             Command::Check(a) => cli_image::check(a),

@@ -137,7 +137,86 @@ fn handshake_seeds() -> Vec<(&'static str, Vec<u8>)> {
             handshake_seed(
                 0,
                 &[0, 2, 6],
-                &[flags(C_FIXED), opt(OPT_STRUCTURED_REPLY, &[]), go_disk],
+                &[
+                    flags(C_FIXED),
+                    opt(OPT_STRUCTURED_REPLY, &[]),
+                    go_disk.clone(),
+                ],
+            ),
+        ),
+        (
+            // The fuzz catalog offers qemu:dirty-bitmap:monday; "missing" is unknown.
+            "meta-dirty-bitmap",
+            handshake_seed(
+                0,
+                &[],
+                &[
+                    flags(C_FIXED),
+                    opt(OPT_STRUCTURED_REPLY, &[]),
+                    opt(OPT_LIST_META_CONTEXT, &meta_data("disk", &["qemu:"])),
+                    opt(
+                        OPT_SET_META_CONTEXT,
+                        &meta_data(
+                            "disk",
+                            &[
+                                "base:allocation",
+                                "qemu:dirty-bitmap:monday",
+                                "qemu:dirty-bitmap:missing",
+                                "qemu:allocation-depth",
+                            ],
+                        ),
+                    ),
+                    go_disk.clone(),
+                ],
+            ),
+        ),
+        (
+            "extended-list-all-contexts-then-structured",
+            handshake_seed(
+                0,
+                &[],
+                &[
+                    flags(C_FIXED_NO_ZEROES),
+                    opt(OPT_EXTENDED_HEADERS, &[]),
+                    opt(OPT_STRUCTURED_REPLY, &[]),
+                    opt(OPT_LIST_META_CONTEXT, &meta_data("disk", &[])),
+                    opt(
+                        OPT_SET_META_CONTEXT,
+                        &meta_data("disk", &["qemu:dirty-bitmap:monday"]),
+                    ),
+                    opt(OPT_INFO, &info_data("disk", &[INFO_BLOCK_SIZE, INFO_NAME])),
+                    go_disk.clone(),
+                ],
+            ),
+        ),
+        (
+            // Bytes right behind STARTTLS must end the session, not be read as options.
+            "starttls-with-data-behind",
+            handshake_seed(
+                1,
+                &[],
+                &[
+                    flags(C_FIXED),
+                    [opt(OPT_STARTTLS, &[]), opt(OPT_LIST, &[])].concat(),
+                    go_disk.clone(),
+                ],
+            ),
+        ),
+        (
+            "starttls-required-in-chunks",
+            handshake_seed(
+                2,
+                &[15, 3],
+                &[
+                    flags(C_FIXED),
+                    opt(OPT_STARTTLS, &[]),
+                    opt(OPT_EXTENDED_HEADERS, &[]),
+                    opt(
+                        OPT_SET_META_CONTEXT,
+                        &meta_data("disk", &["base:allocation", "qemu:dirty-bitmap:monday"]),
+                    ),
+                    go_disk,
+                ],
             ),
         ),
     ]
@@ -221,6 +300,18 @@ fn request_seeds() -> Vec<(&'static str, Vec<u8>)> {
         (
             "extended-block-status-64",
             request_seed(false, h(Command::BlockStatus, 0, 0, 1 << 33), true),
+        ),
+        (
+            "extended-read-df",
+            request_seed(false, h(Command::Read, cf::DF, 1 << 19, 65536), true),
+        ),
+        (
+            "extended-cache",
+            request_seed(false, h(Command::Cache, 0, 0, 1 << 20), true),
+        ),
+        (
+            "compact-write-past-end",
+            request_seed(false, h(Command::Write, 0, (1 << 20) - 512, 4096), false),
         ),
     ]
 }
@@ -307,6 +398,30 @@ fn reply_seeds() -> Vec<(&'static str, Vec<u8>)> {
             "extended-error",
             seed(0, &|b| {
                 reply::encode_error(b, x, true, errno::ENOSPC, "full", None)
+            }),
+        ),
+        (
+            // One chunk per context: base:allocation, then a dirty bitmap (id 3).
+            "structured-block-status-two-contexts",
+            seed(0, &|b| {
+                reply::encode_block_status(b, s, false, 1, &descriptors);
+                reply::encode_block_status(b, s, true, 3, &descriptors[..1]);
+            }),
+        ),
+        (
+            "extended-block-status-dirty",
+            seed(2, &|b| {
+                reply::encode_block_status(b, x, false, 2, &descriptors[1..]);
+                reply::encode_block_status(b, x, true, 3, &descriptors);
+            }),
+        ),
+        (
+            "structured-data-hole-error",
+            seed(0, &|b| {
+                reply::encode_offset_data_header(b, s, false, 4096, 4);
+                b.extend_from_slice(b"data");
+                reply::encode_offset_hole(b, s, false, 4100, 4092);
+                reply::encode_error(b, s, true, errno::EIO, "injected EIO", Some(8192));
             }),
         ),
     ]

@@ -41,7 +41,12 @@ impl ExportCatalog for Catalog {
                 preferred: 4096,
                 maximum: 1 << 20,
             },
-            meta_contexts: strata::proto::handshake::default_meta_contexts(),
+            meta_contexts: {
+                // As an image export with one snapshot offers them.
+                let mut contexts = strata::proto::handshake::default_meta_contexts();
+                contexts.push("qemu:dirty-bitmap:monday".into());
+                contexts
+            },
         })
     }
 

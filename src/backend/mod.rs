@@ -20,12 +20,14 @@ use bytes::Bytes;
 
 use crate::error::{Error, ErrorKind, Result};
 
+pub mod faulty;
 pub mod image;
 pub mod memory;
 pub mod raw;
 mod readonly;
 pub mod switch;
 
+pub use faulty::{FaultRule, Faulty, parse_rule as parse_fault_rule};
 pub use image::ImageBackend;
 pub use memory::MemoryBackend;
 pub use raw::RawBackend;

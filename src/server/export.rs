@@ -17,6 +17,7 @@ use crate::proto::consts::transmission_flags as tf;
 use crate::proto::handshake::default_meta_contexts;
 use crate::proto::{BlockSizes, Command, ExportCatalog, ExportInfo, ExportSummary};
 use crate::server::Volume;
+use crate::server::metrics::{self, Histogram};
 
 /// One named disk.
 pub struct Export {
@@ -59,9 +60,10 @@ pub enum Source {
     },
 }
 
-/// Per-export counters: connections, and requests by kind. Sessions update them with
-/// relaxed atomics, one or two per request, so they cost nothing measurable; readers
-/// see each counter on its own, not a consistent picture of all of them.
+/// Per-export counters: connections, requests by kind, errors by errno, and a latency
+/// histogram per kind of request. Sessions update them with relaxed atomics, a few per
+/// request, so they cost nothing measurable; readers see each counter on its own, not a
+/// consistent picture of all of them.
 #[derive(Debug, Default)]
 pub struct ExportStats {
     connections: AtomicU64,
@@ -75,7 +77,10 @@ pub struct ExportStats {
     caches: AtomicU64,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
-    errors: AtomicU64,
+    /// Errors by errno, in the order of [`metrics::ERRNOS`].
+    errors: [AtomicU64; metrics::ERRNOS.len()],
+    /// Latency by kind of request, in the order of [`metrics::OPS`].
+    latency: [Histogram; metrics::OPS.len()],
 }
 
 /// A copy of an export's counters at one moment.
@@ -132,10 +137,42 @@ impl ExportStats {
         }
     }
 
-    /// Counts a request answered with an error.
+    /// Counts a request answered with the NBD error `errno`.
     #[inline]
-    pub fn count_error(&self) {
-        self.errors.fetch_add(1, Ordering::Relaxed);
+    pub fn count_error(&self, errno: u32) {
+        self.errors[metrics::errno_index(errno)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records how long a request of kind `command` took.
+    #[inline]
+    pub fn record_latency(&self, command: Command, elapsed: Duration) {
+        if let Some(op) = metrics::op_index(command) {
+            self.latency[op].record(elapsed);
+        }
+    }
+
+    /// Requests executed of the kind at position `op` of [`metrics::OPS`].
+    pub fn requests(&self, op: usize) -> u64 {
+        let counter = match op {
+            0 => &self.reads,
+            1 => &self.writes,
+            2 => &self.flushes,
+            3 => &self.trims,
+            4 => &self.zeroes,
+            5 => &self.block_status,
+            _ => &self.caches,
+        };
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// Errors answered with the errno at position `i` of [`metrics::ERRNOS`].
+    pub fn errors_by_errno(&self, i: usize) -> u64 {
+        self.errors[i].load(Ordering::Relaxed)
+    }
+
+    /// The latency histogram of the kind at position `op` of [`metrics::OPS`].
+    pub fn latency(&self, op: usize) -> &Histogram {
+        &self.latency[op]
     }
 
     /// Clients in the transmission phase now.
@@ -158,7 +195,7 @@ impl ExportStats {
             caches: get(&self.caches),
             bytes_read: get(&self.bytes_read),
             bytes_written: get(&self.bytes_written),
-            errors: get(&self.errors),
+            errors: self.errors.iter().map(get).sum(),
         }
     }
 }
@@ -228,6 +265,14 @@ impl Export {
         let mut export = Export::new(name, description, volume.backend().clone());
         export.volume = Some(volume);
         export
+    }
+
+    /// Puts a layer over the export's backend (fault injection, say); a volume keeps
+    /// its own handle on the image below.
+    #[must_use]
+    pub fn with_layer(mut self, layer: impl FnOnce(SharedBackend) -> SharedBackend) -> Self {
+        self.backend = layer(self.backend);
+        self
     }
 
     /// Restricts who may see and open the export.
@@ -603,7 +648,7 @@ mod tests {
         stats.count_request(Command::WriteZeroes, 4096);
         stats.count_request(Command::BlockStatus, 4096);
         stats.count_request(Command::Cache, 4096);
-        stats.count_error();
+        stats.count_error(crate::proto::consts::errno::EIO);
         {
             let _a = export.attach();
             let _b = export.attach();

@@ -2,16 +2,20 @@
 //! graceful shutdown.
 //!
 //! A [`Server`] owns the [`Exports`] and its configuration. Each accepted connection takes
-//! a slot (connections are capped), runs the handshake under a deadline, then a
-//! [`session`] until the client leaves or the server shuts down. Shutting down stops the
-//! listeners, lets sessions finish the requests they accepted, and flushes every export.
+//! a slot (connections are capped, in total and per client address), runs the handshake
+//! under a deadline for the whole handshake, then a [`session`] until the client leaves,
+//! stays idle too long, or the server shuts down. Shutting down stops the listeners, lets
+//! sessions finish the requests they accepted, and flushes every export. What happens is
+//! counted for [`metrics`].
 //!
 //! The handshake reads the exports through the view of one client
 //! ([`export::ClientView`]), so exports its access rules refuse do not exist for it.
 //! After `STARTTLS` the connection continues over TLS ([`tls`]), and the view is rebuilt
 //! with the identity of the client's certificate.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -26,9 +30,11 @@ use crate::proto::{
     HandshakeConfig, Negotiated, Progress, ProtocolError, ServerHandshake, TlsPolicy,
 };
 
+pub mod budget;
 pub mod control;
 pub mod export;
 pub mod listener;
+pub mod metrics;
 pub mod session;
 pub mod tls;
 pub mod volume;
@@ -48,6 +54,14 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Connections served at once; further ones are closed on accept.
     pub max_connections: usize,
+    /// Connections served at once from one client IP address (0: no limit); further
+    /// ones are closed on accept. Unix-socket clients are local and only count towards
+    /// `max_connections`.
+    pub max_connections_per_client: usize,
+    /// Bytes of request and reply data all connections together may have in flight
+    /// (`None`: only each connection's `session.max_in_flight` applies). Connections
+    /// lease their budgets from it and give them back when they go idle.
+    pub max_in_flight_total: Option<u64>,
     /// How long shutdown waits for sessions to finish their requests.
     pub shutdown_grace: Duration,
     /// Handshake tunables.
@@ -64,6 +78,8 @@ impl Default for ServerConfig {
         ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            max_connections_per_client: 0,
+            max_in_flight_total: Some(DEFAULT_MAX_IN_FLIGHT_TOTAL),
             shutdown_grace: Duration::from_secs(30),
             handshake: HandshakeConfig::default(),
             session: SessionConfig::default(),
@@ -72,12 +88,87 @@ impl Default for ServerConfig {
     }
 }
 
+/// The default server-wide in-flight budget: 1 GiB, sixteen connections' worth of the
+/// default per-connection budget, and far more than a fast disk needs to stay busy.
+pub const DEFAULT_MAX_IN_FLIGHT_TOTAL: u64 = 1 << 30;
+
 /// State shared by the accept loops and connections.
 struct Shared {
     exports: Arc<Exports>,
     config: ServerConfig,
     slots: Arc<Semaphore>,
+    per_client: Arc<PerClient>,
+    budget: Option<Arc<budget::GlobalBudget>>,
+    stats: Arc<metrics::ServerStats>,
     shutdown: watch::Receiver<bool>,
+}
+
+/// Connections open per client address, for `max_connections_per_client`. Touched twice
+/// per connection (accept and close), never per request.
+#[derive(Debug)]
+struct PerClient {
+    limit: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// A connection counted against its address until dropped.
+struct ClientSlot {
+    table: Arc<PerClient>,
+    ip: IpAddr,
+}
+
+impl PerClient {
+    /// Counts a connection from `addr`, unless its address is at the limit. Unix-socket
+    /// clients and a limit of 0 are not counted.
+    fn admit(
+        table: &Arc<PerClient>,
+        addr: &ClientAddr,
+    ) -> std::result::Result<Option<ClientSlot>, ()> {
+        let ClientAddr::Tcp(sa) = addr else {
+            return Ok(None);
+        };
+        if table.limit == 0 {
+            return Ok(None);
+        }
+        let ip = canonical_ip(sa.ip());
+        let mut open = table
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = open.entry(ip).or_insert(0);
+        if *n >= table.limit {
+            return Err(());
+        }
+        *n += 1;
+        Ok(Some(ClientSlot {
+            table: table.clone(),
+            ip,
+        }))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .table
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// An IPv4 client that reached an IPv6 socket counts as its IPv4 address.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
 }
 
 /// An NBD server over a set of exports.
@@ -104,14 +195,37 @@ impl ShutdownHandle {
     }
 }
 
-/// How many connections a server holds, read from its connection slots.
+/// How many connections a server holds, read from its connection slots, with the
+/// server's other counters and gauges for metrics.
 #[derive(Clone, Debug)]
 pub struct ConnectionGauge {
     slots: Arc<Semaphore>,
     max: usize,
+    stats: Arc<metrics::ServerStats>,
+    budget: Option<Arc<budget::GlobalBudget>>,
 }
 
 impl ConnectionGauge {
+    /// The server-wide counters.
+    pub fn stats(&self) -> &metrics::ServerStats {
+        &self.stats
+    }
+
+    /// The server-wide gauges, read now.
+    pub fn gauges(&self) -> metrics::Gauges {
+        metrics::Gauges {
+            connections: self.open() as u64,
+            max_connections: self.max as u64,
+            in_flight_bytes: self.budget.as_ref().map_or(0, |b| b.leased()),
+            in_flight_limit: self.budget.as_ref().map(|b| b.total()),
+        }
+    }
+
+    /// Every metric of the server and of `exports`, in the Prometheus text format.
+    pub fn render_metrics(&self, exports: &Exports) -> String {
+        metrics::render(&exports.all(), &self.stats, self.gauges())
+    }
+
     /// Connections open now, in the handshake or in transmission.
     pub fn open(&self) -> usize {
         self.max.saturating_sub(self.slots.available_permits())
@@ -128,11 +242,19 @@ impl Server {
     pub fn new(exports: Arc<Exports>, config: ServerConfig) -> Self {
         let (shutdown_tx, shutdown) = watch::channel(false);
         let slots = Arc::new(Semaphore::new(config.max_connections));
+        let per_client = Arc::new(PerClient {
+            limit: config.max_connections_per_client,
+            open: Mutex::new(HashMap::new()),
+        });
+        let budget = config.max_in_flight_total.map(budget::GlobalBudget::new);
         Server {
             shared: Arc::new(Shared {
                 exports,
                 config,
                 slots,
+                per_client,
+                budget,
+                stats: Arc::default(),
                 shutdown,
             }),
             shutdown_tx,
@@ -149,6 +271,8 @@ impl Server {
         ConnectionGauge {
             slots: self.shared.slots.clone(),
             max: self.shared.config.max_connections,
+            stats: self.shared.stats.clone(),
+            budget: self.shared.budget.clone(),
         }
     }
 
@@ -220,14 +344,27 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         };
         let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
             warn!(%peer, "connection refused: limit of {} connections reached", shared.config.max_connections);
+            shared.stats.count_refused(metrics::Refusal::MaxConnections);
             drop(stream);
             continue;
         };
+        let Ok(client_slot) = PerClient::admit(&shared.per_client, &addr) else {
+            warn!(
+                %peer,
+                "connection refused: limit of {} connections per client reached",
+                shared.config.max_connections_per_client
+            );
+            shared.stats.count_refused(metrics::Refusal::PerClient);
+            drop(stream);
+            continue;
+        };
+        shared.stats.count_accepted();
         let shared = shared.clone();
         let span = info_span!("conn", %peer);
         tokio::spawn(
             async move {
                 handle_connection(stream, addr, &shared).await;
+                drop(client_slot);
                 drop(slot);
             }
             .instrument(span),
@@ -248,24 +385,34 @@ async fn handle_connection(stream: Stream, addr: ClientAddr, shared: &Shared) {
             return;
         }
     };
+    use metrics::HandshakeFailure as Failure;
+    let failed = |why| shared.stats.count_handshake_failure(why);
     let ready = match negotiation {
         Err(_) => {
             warn!(
                 "handshake not finished within {:?}; dropping",
                 shared.config.handshake_timeout
             );
+            failed(Failure::Timeout);
             return;
         }
         Ok(Err(HandshakeError::Io(e))) if is_disconnect(&e) => {
             debug!("client went away during the handshake: {e}");
+            failed(Failure::Disconnected);
             return;
         }
         Ok(Err(HandshakeError::Closed)) => {
             debug!("client closed the connection during the handshake");
+            failed(Failure::Disconnected);
             return;
         }
         Ok(Err(e)) => {
             info!("handshake failed: {e}");
+            failed(match e {
+                HandshakeError::Tls(_) | HandshakeError::TlsUnavailable => Failure::Tls,
+                HandshakeError::Io(_) => Failure::Disconnected,
+                HandshakeError::Protocol(_) | HandshakeError::Closed => Failure::Protocol,
+            });
             return;
         }
         Ok(Ok(None)) => {
@@ -296,16 +443,20 @@ async fn handle_connection(stream: Stream, addr: ClientAddr, shared: &Shared) {
         "transmission started"
     );
     let _attached = export.attach();
-    session::run(
+    let end = session::run(
         reader,
         writer,
         leftover,
         &export,
         &negotiated,
         shared.config.session,
+        shared.budget.clone(),
         shared.shutdown.clone(),
     )
     .await;
+    if matches!(end, session::SessionEnd::Idle) {
+        shared.stats.count_idle_closed();
+    }
 }
 
 /// True for errors that only mean the peer hung up.

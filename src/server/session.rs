@@ -10,19 +10,26 @@
 //! Requests run concurrently and complete in any order; replies carry the request's
 //! cookie. Only the writer task touches the write half, and it batches whatever replies
 //! are ready into one vectored write. Memory in flight is bounded by a per-connection byte
-//! budget: the reader stops reading from the socket while the budget is spent, which
-//! pushes back on the client through TCP flow control.
+//! budget, which may draw from a server-wide one ([`super::budget`]): the reader stops
+//! reading from the socket while the budget is spent, which pushes back on the client
+//! through TCP flow control.
+//!
+//! With an idle timeout, a session whose client sent no request for that long is closed,
+//! unless requests are still running; a client that stops reading its replies counts as
+//! idle too (its replies make no progress), since it holds budget without using it.
 
 use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use super::budget::{Charge, ConnBudget, GlobalBudget};
 use super::export::{Export, ExportStats};
 use super::listener::{ReadHalf, WriteHalf};
 use crate::backend::{
@@ -57,6 +64,11 @@ pub struct SessionConfig {
     /// How long the last replies of a closing session may take to reach a client that
     /// has stopped reading, before the connection is dropped without them.
     pub final_replies_timeout: Duration,
+    /// A client that sends no request for this long, while none of its requests runs,
+    /// is disconnected (within a quarter more); so is one that reads none of its
+    /// replies for this long. `None` keeps idle clients forever, as VMs whose disks see
+    /// no I/O for hours expect.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for SessionConfig {
@@ -64,6 +76,7 @@ impl Default for SessionConfig {
         SessionConfig {
             max_in_flight: 64 * 1024 * 1024,
             final_replies_timeout: Duration::from_secs(10),
+            idle_timeout: None,
         }
     }
 }
@@ -79,6 +92,8 @@ pub enum SessionEnd {
     Shutdown,
     /// The export was removed.
     Removed,
+    /// The client sent nothing (or read nothing) for the idle timeout.
+    Idle,
     /// The client broke the protocol.
     Protocol(ProtocolError),
     /// The socket failed.
@@ -92,6 +107,7 @@ impl std::fmt::Display for SessionEnd {
             SessionEnd::ClientClosed => f.write_str("client closed the connection"),
             SessionEnd::Shutdown => f.write_str("server shutting down"),
             SessionEnd::Removed => f.write_str("export removed"),
+            SessionEnd::Idle => f.write_str("client idle for too long"),
             SessionEnd::Protocol(e) => write!(f, "protocol error: {e}"),
             SessionEnd::Io(e) => write!(f, "I/O error: {e}"),
         }
@@ -161,7 +177,7 @@ impl FrameReader {
 /// One encoded reply, kept with the budget it holds until it is on the wire.
 struct Outgoing {
     parts: Vec<Bytes>,
-    _permit: OwnedSemaphorePermit,
+    _charge: Charge,
 }
 
 /// Builds a reply out of small encoded headers and large data buffers, without copying
@@ -233,7 +249,7 @@ impl Context {
         message: &str,
         offset: Option<u64>,
     ) -> Vec<Bytes> {
-        self.stats.count_error();
+        self.stats.count_error(errno);
         let mut b = BytesMut::with_capacity(64 + message.len());
         if self.mode == ReplyMode::Simple {
             reply::encode_simple(&mut b, h.cookie, errno);
@@ -273,7 +289,15 @@ impl Context {
         }
     }
 
+    /// Runs a request and encodes its reply, timing both for the latency histogram.
     async fn execute(&self, h: RequestHeader, payload: Bytes) -> Vec<Bytes> {
+        let start = Instant::now();
+        let parts = self.dispatch(h, payload).await;
+        self.stats.record_latency(h.command, start.elapsed());
+        parts
+    }
+
+    async fn dispatch(&self, h: RequestHeader, payload: Bytes) -> Vec<Bytes> {
         self.stats.count_request(h.command, h.length);
         let fua = h.flags & cmd_flags::FUA != 0;
         let backend = &self.backend;
@@ -543,8 +567,11 @@ pub fn normalize_extents<E: StatusExtent>(
 }
 
 /// Runs the transmission phase on `export` until the client disconnects, the connection
-/// fails, the export is closed or the server shuts down. `leftover` holds bytes read past
-/// the end of the handshake.
+/// fails, the export is closed, the client stays idle past the idle timeout, or the
+/// server shuts down. `leftover` holds bytes read past the end of the handshake; requests
+/// are charged to a budget of `config.max_in_flight` bytes leased from `global`, when
+/// there is a server-wide budget.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     reader: ReadHalf,
     writer: WriteHalf,
@@ -552,6 +579,7 @@ pub async fn run(
     export: &Export,
     negotiated: &Negotiated,
     config: SessionConfig,
+    global: Option<Arc<GlobalBudget>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> SessionEnd {
     let backend = export.backend().clone();
@@ -579,18 +607,22 @@ pub async fn run(
         wrote: AtomicBool::new(false),
         stats: export.stats().clone(),
     });
-    let budget_total = config
-        .max_in_flight
-        .max(u64::from(limits.max_payload))
-        .min(u64::from(u32::MAX));
-    let budget = Arc::new(Semaphore::new(budget_total as usize));
+    let budget = ConnBudget::new(
+        config.max_in_flight.max(u64::from(limits.max_payload)),
+        global,
+    );
     let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
-    let mut writer_task = tokio::spawn(write_loop(writer, rx));
+    let progress = Arc::new(WriterProgress::default());
+    let mut writer_task = tokio::spawn(write_loop(writer, rx, progress.clone()));
     let mut reader = FrameReader {
         inner: reader,
         buf: leftover,
     };
     let header_len = RequestHeader::wire_len(negotiated.extended);
+    let mut idle = config.idle_timeout.map(IdleWatch::new);
+    let mut requests_read = 0u64;
+    // The charge of the request being read, which is not running yet.
+    let reading = AtomicU64::new(0);
 
     let end = loop {
         if *shutdown.borrow() {
@@ -599,89 +631,71 @@ pub async fn run(
         if *closed.borrow() {
             break SessionEnd::Removed;
         }
-        let filled = tokio::select! {
-            biased;
-            _ = shutdown.changed() => break SessionEnd::Shutdown,
-            _ = closed.changed() => break SessionEnd::Removed,
-            res = &mut writer_task => {
-                break match res {
-                    Ok(Err(e)) => SessionEnd::Io(e),
-                    _ => SessionEnd::ClientClosed,
-                };
+        // About to wait for the client: an idle connection holds no shared budget.
+        let waiting = reader.buf.len() < header_len;
+        if waiting {
+            budget.set_waiting(true);
+        }
+        let next = next_request(&mut reader, &budget, &reading, &limits, header_len);
+        tokio::pin!(next);
+        // Shutdown, removal, a dead writer and idleness interrupt the wait for a request
+        // wherever it is: its header, the budget, its payload. A request cut off there was
+        // never accepted, so nothing is lost.
+        let step = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break Step::End(SessionEnd::Shutdown),
+                _ = closed.changed() => break Step::End(SessionEnd::Removed),
+                res = &mut writer_task => {
+                    break Step::End(match res {
+                        Ok(Err(e)) => SessionEnd::Io(e),
+                        _ => SessionEnd::ClientClosed,
+                    });
+                }
+                () = IdleWatch::tick(idle.as_mut()) => {
+                    let watch = idle.as_mut().expect("ticks only with a watch");
+                    let running = budget.charged() > reading.load(Ordering::Relaxed);
+                    if watch.expired(requests_read, running, &progress) {
+                        break Step::End(SessionEnd::Idle);
+                    }
+                }
+                step = &mut next => break step,
             }
-            r = reader.fill(header_len) => r,
         };
-        match filled {
-            Ok(true) => {}
-            Ok(false) => break SessionEnd::ClientClosed,
-            Err(e) => break SessionEnd::Io(e),
+        reading.store(0, Ordering::Relaxed);
+        if waiting {
+            budget.set_waiting(false);
         }
-        let header = match RequestHeader::decode(&mut reader.buf, negotiated.extended) {
-            Ok(Some(h)) => h,
-            Ok(None) => continue,
-            Err(e) => break SessionEnd::Protocol(e),
-        };
-        let payload_len = header.payload_len(negotiated.extended);
-        if payload_len > MAX_SKIPPABLE_PAYLOAD {
-            break SessionEnd::Protocol(ProtocolError::PayloadTooLarge(payload_len));
-        }
-        if header.command == Command::Disconnect {
-            break SessionEnd::Disconnect;
-        }
-        let verdict = validate(&header, &limits);
-        // Refusals are charged too: a client that floods the server with bad requests
-        // while never reading the replies must not grow the reply queue without bound.
-        let data_len = match (&verdict, header.command) {
-            (Ok(()), Command::Read | Command::Write) => header.length,
-            _ => 0,
-        };
-        let charge = data_len.max(MIN_CHARGE).min(budget_total) as u32;
-        // Waiting here is the backpressure: while the budget is spent, nothing more is
-        // read from the socket. A client that stops reading its replies would keep us
-        // here forever, so shutdown must be able to interrupt the wait.
-        let permit = tokio::select! {
-            p = budget.clone().acquire_many_owned(charge) => match p {
-                Ok(p) => p,
-                Err(_) => break SessionEnd::Shutdown,
-            },
-            _ = shutdown.wait_for(|stop| *stop) => break SessionEnd::Shutdown,
-            _ = closed.wait_for(|closed| *closed) => break SessionEnd::Removed,
-        };
-        if let Err(refusal) = verdict {
-            debug!(
-                command = header.command.name(),
-                offset = header.offset,
-                length = header.length,
-                "refused: {}",
-                refusal.message
-            );
-            if let Err(e) = reader.skip(payload_len).await {
-                break SessionEnd::Io(e);
+        match step {
+            Step::End(end) => break end,
+            Step::Refused(header, refusal, charge) => {
+                requests_read += 1;
+                debug!(
+                    command = header.command.name(),
+                    offset = header.offset,
+                    length = header.length,
+                    "refused: {}",
+                    refusal.message
+                );
+                let parts = ctx.error(&header, refusal.errno, &refusal.message, None);
+                let _ = tx.send(Outgoing {
+                    parts,
+                    _charge: charge,
+                });
             }
-            let parts = ctx.error(&header, refusal.errno, &refusal.message, None);
-            let _ = tx.send(Outgoing {
-                parts,
-                _permit: permit,
-            });
-            continue;
-        }
-        let payload = if payload_len > 0 {
-            match reader.payload(payload_len as usize).await {
-                Ok(p) => p,
-                Err(e) => break SessionEnd::Io(e),
+            Step::Request(header, payload, charge) => {
+                requests_read += 1;
+                let ctx = ctx.clone();
+                let tx = tx.clone();
+                run_or_spawn(async move {
+                    let parts = ctx.execute(header, payload).await;
+                    let _ = tx.send(Outgoing {
+                        parts,
+                        _charge: charge,
+                    });
+                });
             }
-        } else {
-            Bytes::new()
-        };
-        let ctx = ctx.clone();
-        let tx = tx.clone();
-        run_or_spawn(async move {
-            let parts = ctx.execute(header, payload).await;
-            let _ = tx.send(Outgoing {
-                parts,
-                _permit: permit,
-            });
-        });
+        }
     };
 
     // Let every request already accepted finish and its reply reach the client: the
@@ -707,6 +721,131 @@ pub async fn run(
     end
 }
 
+/// What the reader got from the client.
+enum Step {
+    /// A valid request, its payload read, its budget charged.
+    Request(RequestHeader, Bytes, Charge),
+    /// A request validation refused; its payload, if any, was skipped.
+    Refused(RequestHeader, crate::proto::Refusal, Charge),
+    /// The session must end.
+    End(SessionEnd),
+}
+
+/// Reads the next request: its header, its charge against the budget, its payload.
+async fn next_request(
+    reader: &mut FrameReader,
+    budget: &ConnBudget,
+    reading: &AtomicU64,
+    limits: &Limits,
+    header_len: usize,
+) -> Step {
+    let header = loop {
+        match reader.fill(header_len).await {
+            Ok(true) => {}
+            Ok(false) => return Step::End(SessionEnd::ClientClosed),
+            Err(e) => return Step::End(SessionEnd::Io(e)),
+        }
+        match RequestHeader::decode(&mut reader.buf, limits.extended) {
+            Ok(Some(h)) => break h,
+            Ok(None) => {}
+            Err(e) => return Step::End(SessionEnd::Protocol(e)),
+        }
+    };
+    budget.set_waiting(false);
+    let payload_len = header.payload_len(limits.extended);
+    if payload_len > MAX_SKIPPABLE_PAYLOAD {
+        return Step::End(SessionEnd::Protocol(ProtocolError::PayloadTooLarge(
+            payload_len,
+        )));
+    }
+    if header.command == Command::Disconnect {
+        return Step::End(SessionEnd::Disconnect);
+    }
+    let verdict = validate(&header, limits);
+    // Refusals are charged too: a client that floods the server with bad requests
+    // while never reading the replies must not grow the reply queue without bound.
+    let data_len = match (&verdict, header.command) {
+        (Ok(()), Command::Read | Command::Write) => header.length,
+        _ => 0,
+    };
+    let charge = data_len.max(MIN_CHARGE).min(budget.max()) as u32;
+    // Waiting here is the backpressure: while the budget is spent, nothing more is
+    // read from the socket.
+    let charge = budget.charge(charge).await;
+    reading.store(u64::from(charge.bytes()), Ordering::Relaxed);
+    if let Err(refusal) = verdict {
+        if let Err(e) = reader.skip(payload_len).await {
+            return Step::End(SessionEnd::Io(e));
+        }
+        return Step::Refused(header, refusal, charge);
+    }
+    let payload = if payload_len > 0 {
+        match reader.payload(payload_len as usize).await {
+            Ok(p) => p,
+            Err(e) => return Step::End(SessionEnd::Io(e)),
+        }
+    } else {
+        Bytes::new()
+    };
+    Step::Request(header, payload, charge)
+}
+
+/// What the reply writer tells the idle watch: whether it is in the middle of a write,
+/// and how many writes it finished. Plain stores, a few per batch of replies.
+#[derive(Debug, Default)]
+struct WriterProgress {
+    writing: AtomicBool,
+    writes: AtomicU64,
+}
+
+/// Ticks a quarter of the idle timeout apart; a session is idle after four ticks in a
+/// row without a new request, with nothing running or with replies that make no
+/// progress. This costs a timer per session, not per request.
+struct IdleWatch {
+    period: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    quiet: u32,
+    requests: u64,
+    writes: u64,
+}
+
+/// Quiet ticks after which a session is idle.
+const IDLE_TICKS: u32 = 4;
+
+impl IdleWatch {
+    fn new(timeout: Duration) -> IdleWatch {
+        let period = (timeout / IDLE_TICKS).max(Duration::from_millis(1));
+        IdleWatch {
+            period,
+            sleep: Box::pin(tokio::time::sleep(period)),
+            quiet: 0,
+            requests: 0,
+            writes: 0,
+        }
+    }
+
+    /// The next tick; never, without a watch.
+    async fn tick(watch: Option<&mut IdleWatch>) {
+        match watch {
+            Some(w) => w.sleep.as_mut().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Called on each tick: true once the session has been quiet for the timeout.
+    fn expired(&mut self, requests: u64, in_flight: bool, progress: &WriterProgress) -> bool {
+        let writes = progress.writes.load(Ordering::Relaxed);
+        let stalled = progress.writing.load(Ordering::Relaxed) && writes == self.writes;
+        let busy = requests != self.requests || (in_flight && !stalled);
+        self.requests = requests;
+        self.writes = writes;
+        self.quiet = if busy { 0 } else { self.quiet + 1 };
+        let deadline = self.sleep.deadline() + self.period;
+        self.sleep.as_mut().reset(deadline);
+        self.quiet >= IDLE_TICKS
+    }
+}
+
 /// Polls `request` once right here and spawns it only if it has to wait.
 ///
 /// Most requests on memory-backed storage complete without ever waiting; running them
@@ -723,7 +862,11 @@ fn run_or_spawn(request: impl Future<Output = ()> + Send + 'static) {
     }
 }
 
-async fn write_loop(mut w: WriteHalf, mut rx: mpsc::UnboundedReceiver<Outgoing>) -> io::Result<()> {
+async fn write_loop(
+    mut w: WriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    progress: Arc<WriterProgress>,
+) -> io::Result<()> {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -733,10 +876,12 @@ async fn write_loop(mut w: WriteHalf, mut rx: mpsc::UnboundedReceiver<Outgoing>)
                 Err(_) => break,
             }
         }
-        write_all_parts(&mut w, batch.iter().flat_map(|o| o.parts.iter())).await?;
+        progress.writing.store(true, Ordering::Relaxed);
+        write_all_parts(&mut w, batch.iter().flat_map(|o| o.parts.iter()), &progress).await?;
         // A socket's flush does nothing; TLS may still hold records that the socket
         // would not take, and they must leave before the writer waits for more replies.
         w.flush().await?;
+        progress.writing.store(false, Ordering::Relaxed);
         batch.clear();
     }
     w.flush().await?;
@@ -749,7 +894,9 @@ const MAX_IOVECS: usize = 512;
 async fn write_all_parts<'a>(
     w: &mut WriteHalf,
     parts: impl Iterator<Item = &'a Bytes>,
+    progress: &WriterProgress,
 ) -> io::Result<()> {
+    let mut writes = progress.writes.load(Ordering::Relaxed);
     let parts: Vec<&Bytes> = parts.filter(|p| !p.is_empty()).collect();
     let mut start = 0;
     while start < parts.len() {
@@ -763,6 +910,8 @@ async fn write_all_parts<'a>(
                 return Err(io::ErrorKind::WriteZero.into());
             }
             IoSlice::advance_slices(&mut view, n);
+            writes = writes.wrapping_add(1);
+            progress.writes.store(writes, Ordering::Relaxed);
         }
         start = end;
     }

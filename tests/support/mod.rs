@@ -1,2 +1,3 @@
+pub mod raw;
 pub mod spec;
 pub mod wire;
