@@ -354,6 +354,8 @@ fn snapshots_under_a_write_load_hold_exactly_the_writes_before_them() {
         .collect();
     // fio, a real client, writes and verifies another region meanwhile.
     let fio = Command::new("fio")
+        // fio leaves its verify state files in its working directory.
+        .current_dir(dir.path())
         .args([
             "--name=verify",
             "--ioengine=nbd",
