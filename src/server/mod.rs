@@ -394,6 +394,7 @@ async fn negotiate(
         who: access::Client {
             addr,
             identity: None,
+            tls: false,
         },
         tls: false,
     };
@@ -435,6 +436,7 @@ async fn upgrade(
         None => info!("TLS established"),
     }
     who.identity = identity;
+    who.tls = true;
     let client = Client { who, tls: true };
     hs.tls_established();
     let mut input = BytesMut::with_capacity(4096);
