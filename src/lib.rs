@@ -51,6 +51,7 @@
 pub mod access;
 pub mod backend;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod image;
 pub mod mapping;
