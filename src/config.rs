@@ -277,7 +277,10 @@ impl ServerSettings {
         check(self.control == other.control, "control");
         check(self.log == other.log, "log");
         check(self.pid_file == other.pid_file, "pid_file");
-        check(self.api_access == other.api_access, "access");
+        check(
+            self.api_access == other.api_access,
+            "[access] for exports added through the control API",
+        );
         out
     }
 }

@@ -45,6 +45,9 @@
 //! - [`config`]: the configuration of `strata serve` (a TOML file and the flags) as pure
 //!   functions from text to a validated [`config::Config`], with errors that name the
 //!   file, line, column and field.
+//! - [`daemon`]: `strata serve` as a long-running service: the server built from a
+//!   `Config`, reloads of its exports on `SIGHUP`, socket activation, readiness
+//!   notifications and the pid file.
 //! - [`error`]: the crate's one error type.
 //! - [`size`]: parsing of human-friendly sizes.
 
