@@ -368,23 +368,21 @@ fn serve(args: &ServeArgs, verbose: u8) -> ExitCode {
         );
         return ExitCode::from(exit::OK);
     }
-    init_logging(&config.server.log.level, config.server.log.format);
+    let format = config.server.log.format;
+    init_logging(&config.server.log.level, format);
     // SAFETY: no other thread exists yet: the runtime is built below.
-    let inherited = match unsafe { activation::take() } {
-        Ok(inherited) => inherited,
-        Err(e) => {
-            error!("{e}");
-            return ExitCode::from(exit::FAILURE);
-        }
-    };
-    let flags = overrides(args, verbose);
-    let result =
-        runtime().and_then(|rt| rt.block_on(daemon::run(config, Options { flags, inherited })));
+    let result = unsafe { activation::take() }.and_then(|inherited| {
+        let flags = overrides(args, verbose);
+        runtime()?.block_on(daemon::run(config, Options { flags, inherited }))
+    });
     match result {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
-            error!("{e}");
-            eprintln!("strata: {e}");
+            // JSON logs stay JSON, line for line; text goes out as before logging began.
+            match format {
+                LogFormat::Json => error!("{e}"),
+                LogFormat::Text => eprintln!("strata: {e}"),
+            }
             ExitCode::from(exit::FAILURE)
         }
     }

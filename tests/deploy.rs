@@ -729,6 +729,20 @@ fn json_logs_are_one_object_per_line() {
 }
 
 #[test]
+fn json_logs_stay_json_when_the_server_cannot_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (status, log) =
+        Daemon::serve(&["--log-format", "json", "--listen", &addr, "memory:1M"]).wait_exit();
+    assert_eq!(status.code(), Some(1), "{log}");
+    let messages = json_messages(&log);
+    assert!(
+        messages.iter().any(|m| m.contains("cannot listen on")),
+        "{messages:?}"
+    );
+}
+
+#[test]
 fn json_logs_from_the_file_cover_reload_errors() {
     let site = Site::new();
     let text = "listen = [\"127.0.0.1:0\"]\n[log]\nformat = \"json\"\n";

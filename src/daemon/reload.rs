@@ -15,7 +15,8 @@
 //! - an export no longer in the file is closed (clients disconnected) and removed;
 //! - a new export is opened and added. If an export of that name was added through the
 //!   control API, the file's definition takes its place; other API exports are left
-//!   alone.
+//!   alone. An unchanged export that was removed through the control API since is
+//!   added again: the file names it.
 //!
 //! A step that fails is logged and leaves that export as it was (or, for a file
 //! reopened in place, absent); the other steps go on. What the server then runs is
@@ -92,6 +93,12 @@ pub async fn apply(exports: &Exports, running: &[ExportDef], new: &[ExportDef]) 
         let old_def = running.iter().find(|d| d.name == name);
         match (step, def) {
             (Step::Remove, _) => remove(exports, &name).await,
+            // Removed through the control API since: the file still names it.
+            (Step::Keep, Some(def)) if exports.get(&name).is_none() => {
+                if add(exports, def).await {
+                    now.push(def.clone());
+                }
+            }
             (Step::Keep, Some(def)) => now.push(def.clone()),
             (Step::Add, Some(def)) => {
                 if add(exports, def).await {
@@ -428,6 +435,16 @@ mod tests {
             exports.get("").unwrap().name(),
             "c",
             "the file's first export is the default"
+        );
+
+        // An export of the file removed behind its back comes back at the next reload.
+        exports.remove("d");
+        let again = apply(&exports, &now, &new).await;
+        assert_eq!(again, new);
+        assert!(exports.get("d").is_some());
+        assert!(
+            Arc::ptr_eq(&exports.get("c").unwrap(), &c),
+            "still untouched"
         );
     }
 
