@@ -44,11 +44,19 @@
 //!   snapshots as files of a chain ([`image::snapshot`]).
 //! - [`access`]: who may use an export (client networks, certificate identities): pure
 //!   rules the handshake driver applies before a client sees an export.
+//! - [`config`]: the configuration of `strata serve` (a TOML file and the flags) as pure
+//!   functions from text to a validated [`config::Config`], with errors that name the
+//!   file, line, column and field.
+//! - [`daemon`]: `strata serve` as a long-running service: the server built from a
+//!   `Config`, reloads of its exports on `SIGHUP`, socket activation, readiness
+//!   notifications and the pid file.
 //! - [`error`]: the crate's one error type.
 //! - [`size`]: parsing of human-friendly sizes.
 
 pub mod access;
 pub mod backend;
+pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod image;
 pub mod mapping;

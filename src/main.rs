@@ -3,18 +3,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use strata::access::{Access, NetworkRule};
-use strata::proto::{HandshakeConfig, TlsPolicy};
-use strata::server::control::{ControlConfig, ControlServer, ControlState, MetricsServer, Token};
-use strata::server::export::open_export;
-use strata::server::{
-    Exports, ListenAddr, Listener, Server, ServerConfig, SessionConfig, TlsFiles, TlsSettings,
-};
-use tracing::{error, info};
+use strata::config::{self, Config, ExportDef, LogFormat, Overrides, SystemFiles, TlsMode};
+use strata::daemon::{self, Options, activation};
+use strata::server::ListenAddr;
+use tracing::error;
 
 mod cli_ctl;
 mod cli_image;
@@ -81,9 +76,37 @@ enum TlsArg {
     Require,
 }
 
+/// `serve --log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormatArg {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 #[derive(Args, Debug)]
 struct ServeArgs {
-    /// Address to listen on: HOST:PORT, [V6]:PORT or unix:PATH. Repeat for several.
+    /// Read the configuration from this TOML file (see docs/deploy.md); flags given too
+    /// override its settings. SIGHUP re-reads its exports.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Validate the configuration (the file and the flags) and exit: 0 when it is valid.
+    #[arg(long, requires = "config")]
+    check_config: bool,
+
+    /// Write the server's pid to this file once it listens (locked while it runs,
+    /// removed at exit); refuse to start if a running server holds it.
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+
+    /// Log format.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    log_format: Option<LogFormatArg>,
+
+    /// Address to listen on: HOST:PORT, [V6]:PORT or unix:PATH. Repeat for several
+    /// [default: 127.0.0.1:10809].
     #[arg(short, long = "listen", value_name = "ADDR")]
     listen: Vec<ListenAddr>,
 
@@ -95,43 +118,44 @@ struct ServeArgs {
     #[arg(short, long = "export", value_name = "NAME=IMAGE")]
     export: Vec<String>,
 
-    /// Image format.
-    #[arg(short, long, value_enum, default_value = "auto")]
-    format: FormatArg,
+    /// Image format [default: auto].
+    #[arg(short, long, value_enum)]
+    format: Option<FormatArg>,
 
     /// Human-readable description sent to clients that ask.
-    #[arg(long, default_value = "")]
-    description: String,
+    #[arg(long)]
+    description: Option<String>,
 
     /// Refuse writes.
     #[arg(short, long)]
     read_only: bool,
 
-    /// Seconds a client may take to finish the handshake.
-    #[arg(long, default_value_t = 10, value_name = "SECS")]
-    handshake_timeout: u64,
+    /// Seconds a client may take to finish the handshake [default: 10].
+    #[arg(long, value_name = "SECS")]
+    handshake_timeout: Option<u64>,
 
-    /// Connections served at once.
-    #[arg(long, default_value_t = 1024, value_name = "N")]
-    max_connections: usize,
+    /// Connections served at once [default: 1024].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
 
-    /// Connections served at once from one client IP address (0: no limit).
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    max_connections_per_client: usize,
+    /// Connections served at once from one client IP address (0: no limit) [default: 0].
+    #[arg(long, value_name = "N")]
+    max_connections_per_client: Option<usize>,
 
     /// Seconds a client may send no request (with none running) before it is
-    /// disconnected; also a client that reads none of its replies (0: never).
-    #[arg(long, default_value_t = 0, value_name = "SECS")]
-    idle_timeout: u64,
+    /// disconnected; also a client that reads none of its replies (0: never)
+    /// [default: 0].
+    #[arg(long, value_name = "SECS")]
+    idle_timeout: Option<u64>,
 
-    /// Request and reply bytes one connection may have in flight.
-    #[arg(long, default_value = "64M", value_name = "SIZE", value_parser = parse_size_arg)]
-    max_in_flight: u64,
+    /// Request and reply bytes one connection may have in flight [default: 64M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    max_in_flight: Option<u64>,
 
     /// Request and reply bytes all connections together may have in flight (0: no
-    /// server-wide limit).
-    #[arg(long, default_value = "1G", value_name = "SIZE", value_parser = parse_size_arg)]
-    max_in_flight_total: u64,
+    /// server-wide limit) [default: 1G].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    max_in_flight_total: Option<u64>,
 
     /// Serve Prometheus metrics (GET /metrics) on HOST:PORT or unix:PATH.
     #[arg(long, value_name = "ADDR")]
@@ -148,27 +172,28 @@ struct ServeArgs {
     control: Option<PathBuf>,
 
     /// Also serve the control API over TCP on HOST:PORT; needs --control-token-file.
-    #[arg(long, value_name = "HOST:PORT", requires = "control_token_file")]
+    #[arg(long, value_name = "HOST:PORT")]
     control_listen: Option<ListenAddr>,
 
     /// File holding the bearer token that clients of --control-listen must send.
-    #[arg(long, value_name = "FILE", requires = "control_listen")]
+    #[arg(long, value_name = "FILE")]
     control_token_file: Option<PathBuf>,
+
     /// TLS policy [default: optional with --tls-cert, off without].
     #[arg(long, value_enum, value_name = "MODE")]
     tls: Option<TlsArg>,
 
     /// The server's TLS certificate chain (PEM), leaf first.
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    #[arg(long, value_name = "FILE")]
     tls_cert: Option<PathBuf>,
 
     /// The private key of --tls-cert (PEM).
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
 
     /// CA certificates (PEM): TLS clients must present a certificate signed by one of
     /// them (mutual TLS).
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    #[arg(long, value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
 
     /// Let only clients from this network (CIDR, e.g. 10.0.0.0/8, or an address) use the
@@ -178,16 +203,12 @@ struct ServeArgs {
 
     /// Let only TLS clients whose certificate names NAME (subject CN, DNS or URI name)
     /// use the exports; needs --tls-client-ca. Repeat for several.
-    #[arg(
-        long = "allow-identity",
-        value_name = "NAME",
-        requires = "tls_client_ca"
-    )]
+    #[arg(long = "allow-identity", value_name = "NAME")]
     allow_identity: Vec<String>,
 
     /// Images to serve: Strata images, raw files or block devices, or memory:SIZE (e.g.
     /// memory:1G). Each is exported under its file stem; the first is the default export.
-    #[arg(value_name = "IMAGE", required_unless_present = "export")]
+    #[arg(value_name = "IMAGE", required_unless_present_any = ["export", "config"])]
     images: Vec<String>,
 }
 
@@ -203,18 +224,40 @@ fn parse_fault_arg(text: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-fn init_logging(verbose: u8) {
+/// Exit statuses of `strata serve` (docs/deploy.md lists them).
+mod exit {
+    /// Clean shutdown after SIGTERM or SIGINT; a valid configuration for --check-config.
+    pub const OK: u8 = 0;
+    /// Start-up or run-time failure: a listener cannot be bound, an image cannot be
+    /// opened, the pid file is held, the final flush failed.
+    pub const FAILURE: u8 = 1;
+    /// A bad command line (clap uses 2 as well).
+    pub const USAGE: u8 = 2;
+    /// The configuration file cannot be read or is invalid, alone or with the flags
+    /// (`EX_CONFIG` of sysexits.h).
+    pub const CONFIG: u8 = 78;
+}
+
+/// Logging to stderr: `RUST_LOG` if set, else `level`; colours only on a terminal.
+fn init_logging(level: &str, format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let default = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn verbosity(verbose: u8) -> Option<&'static str> {
+    match verbose {
+        0 => None,
+        1 => Some("debug"),
+        _ => Some("trace"),
+    }
 }
 
 fn default_export_name(image: &str) -> String {
@@ -226,43 +269,13 @@ fn default_export_name(image: &str) -> String {
         .map_or_else(|| "disk".to_owned(), |s| s.to_string_lossy().into_owned())
 }
 
-/// SIGTERM and SIGINT, caught from the moment this exists: installed before any
-/// listener is bound, so a signal sent as soon as the server says where it listens
-/// shuts it down gracefully instead of killing it.
-struct ShutdownSignals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl ShutdownSignals {
-    fn install() -> strata::Result<Self> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let install = |kind| {
-            signal(kind)
-                .map_err(|e| strata::Error::from(e).with_message("cannot install signal handlers"))
-        };
-        Ok(ShutdownSignals {
-            term: install(SignalKind::terminate())?,
-            int: install(SignalKind::interrupt())?,
-        })
-    }
-
-    async fn recv(mut self) {
-        tokio::select! {
-            _ = self.term.recv() => info!("SIGTERM received"),
-            _ = self.int.recv() => info!("SIGINT received"),
-        }
-    }
-}
-
-/// The exports `serve` was asked for, as (name, image) pairs, in order.
-fn export_list(args: &ServeArgs) -> strata::Result<Vec<(String, String)>> {
-    use strata::{Error, ErrorKind};
+/// The exports `serve` was asked for on the command line, as (name, image) pairs, in
+/// order.
+fn export_list(args: &ServeArgs) -> Result<Vec<(String, String)>, String> {
     if args.name.is_some() && args.images.len() + args.export.len() != 1 {
-        return Err(Error::msg(
-            ErrorKind::InvalidInput,
-            "--name applies to a single image; use --export NAME=IMAGE for several",
-        ));
+        return Err(
+            "--name applies to a single image; use --export NAME=IMAGE for several".to_owned(),
+        );
     }
     let mut list: Vec<(String, String)> = Vec::new();
     for image in &args.images {
@@ -274,207 +287,160 @@ fn export_list(args: &ServeArgs) -> strata::Result<Vec<(String, String)>> {
     }
     for spec in &args.export {
         let Some((name, image)) = spec.split_once('=') else {
-            return Err(Error::msg(
-                ErrorKind::InvalidInput,
-                format!("--export {spec:?}: expected NAME=IMAGE"),
-            ));
+            return Err(format!("--export {spec:?}: expected NAME=IMAGE"));
         };
         list.push((name.to_owned(), image.to_owned()));
-    }
-    for (i, (name, _)) in list.iter().enumerate() {
-        if list[..i].iter().any(|(n, _)| n == name) {
-            return Err(Error::msg(
-                ErrorKind::InvalidInput,
-                format!("two exports are named {name:?}; name them with --export NAME=IMAGE"),
-            ));
-        }
     }
     Ok(list)
 }
 
-/// The TLS policy and, unless it is off, the loaded certificates.
-fn tls_config(args: &ServeArgs) -> strata::Result<(TlsPolicy, Option<TlsSettings>)> {
-    use strata::{Error, ErrorKind};
-    let mode = args.tls.unwrap_or(if args.tls_cert.is_some() {
-        TlsArg::Optional
-    } else {
-        TlsArg::Off
-    });
-    let policy = match mode {
-        TlsArg::Off => TlsPolicy::Disabled,
-        TlsArg::Optional => TlsPolicy::Allowed,
-        TlsArg::Require => TlsPolicy::Required,
-    };
-    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
-        if policy != TlsPolicy::Disabled {
-            return Err(Error::msg(
-                ErrorKind::InvalidInput,
-                "--tls optional and --tls require need --tls-cert and --tls-key",
+/// The server-wide flags, which win over the configuration file.
+fn overrides(args: &ServeArgs, verbose: u8) -> Overrides {
+    Overrides {
+        listen: args.listen.clone(),
+        handshake_timeout: args.handshake_timeout,
+        max_connections: args.max_connections,
+        tls_mode: args.tls.map(|t| match t {
+            TlsArg::Off => TlsMode::Off,
+            TlsArg::Optional => TlsMode::Optional,
+            TlsArg::Require => TlsMode::Require,
+        }),
+        tls_cert: args.tls_cert.clone(),
+        tls_key: args.tls_key.clone(),
+        tls_client_ca: args.tls_client_ca.clone(),
+        control_socket: args.control.clone(),
+        control_listen: args.control_listen.clone(),
+        control_token_file: args.control_token_file.clone(),
+        log_level: verbosity(verbose).map(str::to_owned),
+        log_format: args.log_format.map(|f| match f {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }),
+        pid_file: args.pid_file.clone(),
+        max_connections_per_client: args.max_connections_per_client,
+        idle_timeout: args.idle_timeout,
+        max_in_flight: args.max_in_flight,
+        max_in_flight_total: args.max_in_flight_total,
+        metrics: args.metrics.clone(),
+    }
+}
+
+/// Flags that describe exports, which a configuration file describes itself.
+fn export_flags_given(args: &ServeArgs) -> Vec<&'static str> {
+    let given = [
+        (!args.images.is_empty(), "IMAGE"),
+        (!args.export.is_empty(), "--export"),
+        (args.name.is_some(), "--name"),
+        (args.read_only, "--read-only"),
+        (args.format.is_some(), "--format"),
+        (args.description.is_some(), "--description"),
+        (!args.allow.is_empty(), "--allow"),
+        (!args.allow_identity.is_empty(), "--allow-identity"),
+        (!args.inject_error.is_empty(), "--inject-error"),
+    ];
+    given
+        .into_iter()
+        .filter_map(|(given, flag)| given.then_some(flag))
+        .collect()
+}
+
+/// The configuration `serve` runs with, or the exit status and message to fail with.
+fn serve_config(args: &ServeArgs, verbose: u8) -> Result<Config, (u8, String)> {
+    let flags = overrides(args, verbose);
+    let Some(file) = &args.config else {
+        let format = args.format.and_then(|f| match f {
+            FormatArg::Auto => None,
+            FormatArg::Raw => Some(strata::image::Format::Raw),
+            FormatArg::Strata => Some(strata::image::Format::Strata),
+        });
+        let access = Access::new(args.allow.clone(), args.allow_identity.clone());
+        if !args.allow_identity.is_empty() && args.tls_client_ca.is_none() {
+            return Err((
+                exit::USAGE,
+                "--allow-identity needs --tls-client-ca: identities come from verified \
+                 client certificates"
+                    .to_owned(),
             ));
         }
-        return Ok((policy, None));
+        let exports = export_list(args)
+            .map_err(|e| (exit::USAGE, e))?
+            .into_iter()
+            .map(|(name, image)| {
+                ExportDef::new(
+                    name,
+                    image,
+                    args.read_only,
+                    format,
+                    args.description.clone().unwrap_or_default(),
+                    access.clone(),
+                )
+                .with_faults(args.inject_error.clone())
+            })
+            .collect();
+        return config::from_flags(&flags, exports).map_err(|e| (exit::USAGE, e.to_string()));
     };
-    if policy == TlsPolicy::Disabled {
-        return Err(Error::msg(
-            ErrorKind::InvalidInput,
-            "--tls off contradicts --tls-cert: drop one of them",
+    let given = export_flags_given(args);
+    if !given.is_empty() {
+        return Err((
+            exit::USAGE,
+            format!(
+                "{} cannot be combined with --config: the file's [[exports]] describe the \
+                 exports (name, image, read_only, format, description, allow, \
+                 allow_identity, inject_errors)",
+                given.join(", ")
+            ),
         ));
     }
-    let settings = TlsSettings::load(&TlsFiles {
-        cert: cert.clone(),
-        key: key.clone(),
-        client_ca: args.tls_client_ca.clone(),
-    })?;
-    Ok((policy, Some(settings)))
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| (exit::CONFIG, format!("cannot read {}: {e}", file.display())))?;
+    config::load(&text, file, &flags, &SystemFiles).map_err(|e| (exit::CONFIG, e.to_string()))
 }
 
-async fn serve(args: ServeArgs) -> strata::Result<()> {
-    let signals = ShutdownSignals::install()?;
-    let (tls_policy, tls) = tls_config(&args)?;
-    let access = Access::new(args.allow.clone(), args.allow_identity.clone());
-    let format = match args.format {
-        FormatArg::Auto => None,
-        FormatArg::Raw => Some(strata::image::Format::Raw),
-        FormatArg::Strata => Some(strata::image::Format::Strata),
-    };
-    let exports = Arc::new(Exports::new());
-    for (name, image) in export_list(&args)? {
-        let mut export = open_export(&name, &image, args.read_only, format, &args.description)?
-            .with_access(access.clone());
-        if !args.inject_error.is_empty() {
-            let rules = args
-                .inject_error
-                .iter()
-                .map(|r| strata::backend::parse_fault_rule(r))
-                .collect::<strata::Result<Vec<_>>>()?;
-            tracing::warn!(export = name, rules = ?args.inject_error, "injecting errors");
-            export = export.with_layer(|b| Arc::new(strata::backend::Faulty::new(b, rules)));
+/// `strata serve`: from the configuration to a clean exit.
+fn serve(args: &ServeArgs, verbose: u8) -> ExitCode {
+    let config = match serve_config(args, verbose) {
+        Ok(config) => config,
+        Err((code, message)) => {
+            for line in message.lines() {
+                eprintln!("strata: {line}");
+            }
+            return ExitCode::from(code);
         }
-        info!(
-            export = name,
-            size = export.backend().size(),
-            read_only = args.read_only,
-            "serving {image}"
-        );
-        exports.insert(export);
-    }
-
-    let addrs = if args.listen.is_empty() {
-        vec!["127.0.0.1:10809".parse()?]
-    } else {
-        args.listen
     };
-    let mut listeners = Vec::new();
-    let mut bound = Vec::new();
-    for addr in &addrs {
-        let listener = Listener::bind(addr).await?;
-        let local = listener.local_addr()?;
-        info!("listening on {local}");
-        listeners.push(listener);
-        bound.push(local);
-    }
-    if !access.is_open() {
-        info!(
-            networks = ?access.networks().iter().map(ToString::to_string).collect::<Vec<_>>(),
-            identities = ?access.identities(),
-            "exports restricted"
+    if args.check_config {
+        let file = config.file.as_deref().unwrap_or(Path::new("-")).display();
+        let n = config.exports.len();
+        println!(
+            "{file}: valid ({n} export{})",
+            if n == 1 { "" } else { "s" }
         );
+        return ExitCode::from(exit::OK);
     }
-    info!(tls = ?tls_policy, client_certificates = tls.as_ref().is_some_and(TlsSettings::verifies_clients), "TLS policy");
-    let config = ServerConfig {
-        handshake_timeout: Duration::from_secs(args.handshake_timeout),
-        max_connections: args.max_connections.max(1),
-        max_connections_per_client: args.max_connections_per_client,
-        max_in_flight_total: (args.max_in_flight_total > 0).then_some(args.max_in_flight_total),
-        session: SessionConfig {
-            max_in_flight: args.max_in_flight,
-            idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
-            ..SessionConfig::default()
-        },
-        handshake: HandshakeConfig {
-            tls: tls_policy,
-            ..HandshakeConfig::default()
-        },
-        tls,
-        ..ServerConfig::default()
-    };
-    let server = Server::new(exports.clone(), config);
-    let exports_for_metrics = exports.clone();
-    let handle = server.shutdown_handle();
-    let control =
-        ControlState::new(exports, &bound, server.connection_gauge()).with_access(access.clone());
-    let control = bind_control(
-        args.control.as_deref(),
-        args.control_listen,
-        args.control_token_file.as_deref(),
-        control,
-    )
-    .await?;
-    let control = control.map(|c| tokio::spawn(c.serve(handle.clone())));
-    let metrics = match &args.metrics {
-        Some(addr) => {
-            let m =
-                MetricsServer::bind(addr, exports_for_metrics, server.connection_gauge()).await?;
-            info!("metrics on {}/metrics", m.local_addr()?);
-            Some(tokio::spawn(m.serve(handle.clone())))
+    let format = config.server.log.format;
+    init_logging(&config.server.log.level, format);
+    // SAFETY: no other thread exists yet: the runtime is built below.
+    let result = unsafe { activation::take() }.and_then(|inherited| {
+        let flags = overrides(args, verbose);
+        runtime()?.block_on(daemon::run(config, Options { flags, inherited }))
+    });
+    match result {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => {
+            // JSON logs stay JSON, line for line; text goes out as before logging began.
+            match format {
+                LogFormat::Json => error!("{e}"),
+                LogFormat::Text => eprintln!("strata: {e}"),
+            }
+            ExitCode::from(exit::FAILURE)
         }
-        None => None,
-    };
-    {
-        let handle = handle.clone();
-        tokio::spawn(async move {
-            signals.recv().await;
-            handle.shutdown();
-        });
     }
-    let served = server.serve(listeners).await;
-    if let Some(control) = control {
-        // The control API stops on the same signal; make sure it was sent even if the
-        // server ended on its own.
-        handle.shutdown();
-        let _ = control.await;
-    }
-    if let Some(metrics) = metrics {
-        handle.shutdown();
-        let _ = metrics.await;
-    }
-    served
 }
 
-/// Binds the control API's listeners, if any were asked for.
-async fn bind_control(
-    socket: Option<&Path>,
-    tcp: Option<ListenAddr>,
-    token_file: Option<&Path>,
-    state: ControlState,
-) -> strata::Result<Option<ControlServer>> {
-    use strata::{Error, ErrorKind};
-    if socket.is_none() && tcp.is_none() {
-        return Ok(None);
-    }
-    let tcp = match tcp {
-        Some(ListenAddr::Tcp(addr)) => Some(addr),
-        Some(ListenAddr::Unix(_)) => {
-            return Err(Error::msg(
-                ErrorKind::InvalidInput,
-                "--control-listen takes HOST:PORT; use --control PATH for a Unix socket",
-            ));
-        }
-        None => None,
-    };
-    let config = ControlConfig {
-        socket: socket.map(Path::to_path_buf),
-        tcp,
-        token: token_file.map(Token::from_file).transpose()?,
-    };
-    let server = ControlServer::bind(config, state).await?;
-    for addr in server.local_addrs() {
-        match addr {
-            ListenAddr::Tcp(a) => info!("control API on http://{a}"),
-            ListenAddr::Unix(p) => info!("control API on unix:{}", p.display()),
-        }
-    }
-    Ok(Some(server))
+fn runtime() -> strata::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| strata::Error::from(e).with_message("cannot start the runtime"))
 }
 
 /// Keeps request-sized buffers (up to the 32 MiB maximum payload) in the allocator's
@@ -493,20 +459,21 @@ fn tune_allocator() {
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
-    init_logging(cli.verbose);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let command = match cli.command {
+        Command::Serve(args) => return serve(&args, cli.verbose),
+        command => command,
+    };
+    init_logging(verbosity(cli.verbose).unwrap_or("info"), LogFormat::Text);
+    let runtime = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
-            error!("cannot start the runtime: {e}");
+            error!("{e}");
             return ExitCode::FAILURE;
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Serve(args) => serve(*args).await.map(|()| ExitCode::SUCCESS),
+        match command {
+            Command::Serve(_) => unreachable!("served above"),
             Command::Create(a) => cli_image::create(a),
             Command::Info(a) => cli_image::info(a),
             Command::Check(a) => cli_image::check(a),

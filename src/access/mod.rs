@@ -232,14 +232,20 @@ pub struct Client {
     /// The identity of its verified TLS client certificate: `None` without TLS, or when
     /// the server does not ask for client certificates.
     pub identity: Option<ClientIdentity>,
+    /// Whether the connection has been upgraded to TLS, with or without a certificate.
+    pub tls: bool,
 }
 
 /// Who may use an export. Empty rule lists restrict nothing; a client must pass both the
-/// network rules and the identity rules.
+/// network rules and the identity rules, and when TLS is required, be on TLS.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Access {
     networks: Vec<NetworkRule>,
     identities: Vec<String>,
+    /// Plaintext clients may not see the export even when the server lets them in
+    /// (`--tls optional`), so one server can serve some exports to plaintext clients
+    /// and others only over TLS.
+    tls_required: bool,
 }
 
 impl Access {
@@ -254,7 +260,21 @@ impl Access {
         Access {
             networks,
             identities,
+            tls_required: false,
         }
+    }
+
+    /// Also requires the client to have upgraded to TLS (a client certificate is not
+    /// needed for this; identity rules ask for one).
+    #[must_use]
+    pub fn with_tls_required(mut self, required: bool) -> Self {
+        self.tls_required = required;
+        self
+    }
+
+    /// True if only TLS clients may use the export.
+    pub fn tls_required(&self) -> bool {
+        self.tls_required
     }
 
     /// The network rules.
@@ -269,12 +289,14 @@ impl Access {
 
     /// True if the rules restrict nothing.
     pub fn is_open(&self) -> bool {
-        self.networks.is_empty() && self.identities.is_empty()
+        self.networks.is_empty() && self.identities.is_empty() && !self.tls_required
     }
 
     /// May `client` see and open the export?
     pub fn allows(&self, client: &Client) -> bool {
-        self.network_allows(client.addr) && self.identity_allows(client.identity.as_ref())
+        (client.tls || !self.tls_required)
+            && self.network_allows(client.addr)
+            && self.identity_allows(client.identity.as_ref())
     }
 
     fn network_allows(&self, addr: ClientAddr) -> bool {
@@ -314,6 +336,7 @@ mod tests {
         Client {
             addr: ClientAddr::Tcp(SocketAddr::new(ip(s), 40000)),
             identity: None,
+            tls: false,
         }
     }
 
@@ -382,7 +405,8 @@ mod tests {
         assert!(open.allows(&tcp("203.0.113.9")));
         assert!(open.allows(&Client {
             addr: ClientAddr::Unix,
-            identity: None
+            identity: None,
+            tls: false,
         }));
     }
 
@@ -402,6 +426,7 @@ mod tests {
         let unix = Client {
             addr: ClientAddr::Unix,
             identity: None,
+            tls: false,
         };
         assert!(!access.allows(&unix));
         let with_unix = Access::new(vec![NetworkRule::Unix], vec![]);
@@ -417,6 +442,7 @@ mod tests {
         let with = |identity: ClientIdentity| Client {
             addr: ClientAddr::Unix,
             identity: Some(identity),
+            tls: true,
         };
         assert!(!access.allows(&tcp("127.0.0.1")), "no certificate");
         assert!(access.allows(&with(ClientIdentity {
@@ -452,10 +478,28 @@ mod tests {
         let mut c = tcp("127.0.0.1");
         assert!(!access.allows(&c));
         c.identity = Some(id.clone());
+        c.tls = true;
         assert!(access.allows(&c));
         let mut far = tcp("192.0.2.1");
         far.identity = Some(id);
+        far.tls = true;
         assert!(!access.allows(&far));
+    }
+
+    #[test]
+    fn required_tls_hides_the_export_from_plaintext_clients() {
+        let access =
+            Access::new(vec!["127.0.0.0/8".parse().unwrap()], vec![]).with_tls_required(true);
+        assert!(access.tls_required() && !access.is_open());
+        let mut c = tcp("127.0.0.1");
+        assert!(!access.allows(&c), "plaintext");
+        c.tls = true;
+        assert!(access.allows(&c), "TLS without a certificate is enough");
+        let mut far = tcp("192.0.2.1");
+        far.tls = true;
+        assert!(!access.allows(&far), "the network rules still apply");
+        assert!(Access::open().with_tls_required(true).allows(&c));
+        assert!(!Access::open().with_tls_required(true).is_open());
     }
 
     #[test]

@@ -535,6 +535,17 @@ impl Exports {
         Some(export)
     }
 
+    /// Makes `name` the default export, answered for the empty name. Returns false, and
+    /// changes nothing, when there is no export of that name.
+    pub fn set_default(&self, name: &str) -> bool {
+        let mut reg = self.write();
+        if !reg.by_name.contains_key(name) {
+            return false;
+        }
+        reg.default = Some(name.to_owned());
+        true
+    }
+
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Registry> {
         self.inner
             .write()
@@ -634,6 +645,10 @@ mod tests {
         exports.try_insert(memory("c")).unwrap();
         assert_eq!(exports.get("").unwrap().name(), "c");
         assert_eq!(exports.all().len(), 2);
+        assert!(exports.set_default("b"));
+        assert_eq!(exports.get("").unwrap().name(), "b");
+        assert!(!exports.set_default("a"), "no such export");
+        assert_eq!(exports.get("").unwrap().name(), "b");
     }
 
     #[test]

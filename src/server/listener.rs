@@ -165,16 +165,23 @@ pub struct Accepted {
 pub enum Listener {
     /// TCP listener.
     Tcp(TcpListener),
-    /// Unix listener; the socket file is removed when this is dropped.
+    /// Unix listener; the socket file is removed when this is dropped, unless the socket
+    /// was inherited.
     Unix(UnixListener, UnixSocketGuard),
 }
 
-/// Removes a Unix socket file on drop.
-pub struct UnixSocketGuard(PathBuf);
+/// Removes a Unix socket file on drop, if this process created it.
+pub struct UnixSocketGuard {
+    path: PathBuf,
+    /// False for sockets handed over by a service manager, which owns their files.
+    remove: bool,
+}
 
 impl Drop for UnixSocketGuard {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if self.remove {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -227,16 +234,47 @@ impl Listener {
             ListenAddr::Unix(path) => {
                 clear_stale_socket(path).map_err(|e| bind_error(addr, e))?;
                 let listener = UnixListener::bind(path).map_err(|e| bind_error(addr, e))?;
-                Ok(Listener::Unix(listener, UnixSocketGuard(path.clone())))
+                Ok(Listener::Unix(
+                    listener,
+                    UnixSocketGuard {
+                        path: path.clone(),
+                        remove: true,
+                    },
+                ))
             }
         }
+    }
+
+    /// Serves on a listening TCP socket bound by someone else (a service manager's socket
+    /// activation). Must be called within the tokio runtime.
+    pub fn from_std_tcp(listener: std::net::TcpListener) -> Result<Listener> {
+        listener.set_nonblocking(true)?;
+        Ok(Listener::Tcp(TcpListener::from_std(listener)?))
+    }
+
+    /// Serves on a listening Unix socket bound by someone else. Its file is left in place
+    /// when the listener goes: whoever created it removes it. Must be called within the
+    /// tokio runtime.
+    pub fn from_std_unix(listener: std::os::unix::net::UnixListener) -> Result<Listener> {
+        listener.set_nonblocking(true)?;
+        let path = listener
+            .local_addr()?
+            .as_pathname()
+            .map_or_else(|| PathBuf::from("(unnamed)"), Path::to_path_buf);
+        Ok(Listener::Unix(
+            UnixListener::from_std(listener)?,
+            UnixSocketGuard {
+                path,
+                remove: false,
+            },
+        ))
     }
 
     /// The bound address (with the real port when port 0 was asked for).
     pub fn local_addr(&self) -> Result<ListenAddr> {
         match self {
             Listener::Tcp(l) => Ok(ListenAddr::Tcp(l.local_addr()?)),
-            Listener::Unix(_, guard) => Ok(ListenAddr::Unix(guard.0.clone())),
+            Listener::Unix(_, guard) => Ok(ListenAddr::Unix(guard.path.clone())),
         }
     }
 
@@ -258,7 +296,7 @@ impl Listener {
                 Ok(Accepted {
                     stream: Stream::Unix(s),
                     addr: ClientAddr::Unix,
-                    peer: format!("unix:{}", guard.0.display()),
+                    peer: format!("unix:{}", guard.path.display()),
                 })
             }
         }
@@ -318,5 +356,39 @@ mod tests {
         assert!("unix:".parse::<ListenAddr>().is_err());
         assert!("nonsense".parse::<ListenAddr>().is_err());
         assert!("1.2.3.4".parse::<ListenAddr>().is_err());
+    }
+
+    #[tokio::test]
+    async fn inherited_sockets_are_served_and_their_files_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let std_unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let unix = Listener::from_std_unix(std_unix).unwrap();
+        assert_eq!(unix.local_addr().unwrap(), ListenAddr::Unix(path.clone()));
+        let client = tokio::net::UnixStream::connect(&path);
+        let (accepted, connected) = tokio::join!(unix.accept(), client);
+        assert!(accepted.is_ok() && connected.is_ok());
+        drop(unix);
+        assert!(path.exists(), "the socket file belongs to whoever bound it");
+
+        let std_tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = std_tcp.local_addr().unwrap();
+        let tcp = Listener::from_std_tcp(std_tcp).unwrap();
+        assert_eq!(tcp.local_addr().unwrap(), ListenAddr::Tcp(addr));
+        let client = tokio::net::TcpStream::connect(addr);
+        let (accepted, connected) = tokio::join!(tcp.accept(), client);
+        assert!(accepted.is_ok() && connected.is_ok());
+    }
+
+    #[tokio::test]
+    async fn bound_unix_sockets_are_removed_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let l = Listener::bind(&ListenAddr::Unix(path.clone()))
+            .await
+            .unwrap();
+        assert!(path.exists());
+        drop(l);
+        assert!(!path.exists());
     }
 }

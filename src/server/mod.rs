@@ -545,6 +545,7 @@ async fn negotiate(
         who: access::Client {
             addr,
             identity: None,
+            tls: false,
         },
         tls: false,
     };
@@ -586,6 +587,7 @@ async fn upgrade(
         None => info!("TLS established"),
     }
     who.identity = identity;
+    who.tls = true;
     let client = Client { who, tls: true };
     hs.tls_established();
     let mut input = BytesMut::with_capacity(4096);

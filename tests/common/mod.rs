@@ -16,6 +16,7 @@
 #![allow(dead_code)]
 
 pub mod control;
+pub mod daemon;
 
 use std::collections::HashSet;
 use std::ffi::OsString;
