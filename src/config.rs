@@ -1023,11 +1023,14 @@ fn limits(
     match value {
         None => {}
         Some(Ok(0)) => out.max_in_flight_total = None,
-        Some(Ok(n)) if n >= out.max_in_flight => out.max_in_flight_total = Some(n),
+        // Below max_in_flight, it caps each connection too.
+        Some(Ok(n)) if n >= u64::from(crate::backend::BlockSize::MAX_PAYLOAD) => {
+            out.max_in_flight_total = Some(n);
+        }
         Some(Ok(_)) => problems.add(
             setting.at,
             setting.name,
-            "must be 0 (no limit) or at least the per-connection max_in_flight",
+            "must be 0 (no limit) or at least 32M, the largest request",
         ),
         Some(Err(e)) => problems.add(setting.at, setting.name, e.to_string()),
     }

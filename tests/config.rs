@@ -345,6 +345,11 @@ fn limits_metrics_and_fault_rules_are_read_and_checked() {
          an optional K/M/G/T suffix",
     );
     refused(
+        "[limits]\nmax_in_flight_total = \"1M\"\n",
+        "2:23: limits.max_in_flight_total: must be 0 (no limit) or at least 32M, the largest \
+         request",
+    );
+    refused(
         "[limits]\nidle_timeout = -1\n",
         "2:16: limits.idle_timeout: must be 0 (never) or a number of seconds",
     );
