@@ -47,6 +47,7 @@
 
 pub mod access;
 pub mod backend;
+pub mod control_client;
 pub mod error;
 pub mod image;
 pub mod mapping;
