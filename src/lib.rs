@@ -55,5 +55,6 @@ pub mod proto;
 pub mod server;
 pub mod size;
 mod sys;
+pub mod vm;
 
 pub use error::{Error, ErrorKind, Result};

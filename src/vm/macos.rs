@@ -1,0 +1,1 @@
+//! The Virtualization.framework driver (macOS only).
