@@ -322,14 +322,14 @@ fn list<'a>(v: &'a Value, key: &str) -> &'a [Value] {
 }
 
 /// Columns padded to their widest cell; numbers right-aligned.
-struct Table {
-    headers: &'static [&'static str],
-    numeric: &'static [bool],
-    rows: Vec<Vec<String>>,
+pub(crate) struct Table {
+    pub(crate) headers: &'static [&'static str],
+    pub(crate) numeric: &'static [bool],
+    pub(crate) rows: Vec<Vec<String>>,
 }
 
 impl Table {
-    fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut widths: Vec<usize> = self.headers.iter().map(|h| h.len()).collect();
         for row in &self.rows {
             for (w, cell) in widths.iter_mut().zip(row) {

@@ -17,6 +17,7 @@ use tracing::{error, info};
 mod cli_ctl;
 mod cli_image;
 mod cli_snapshot;
+mod cli_vm;
 
 /// Strata: a fast NBD server for VM storage.
 #[derive(Parser, Debug)]
@@ -54,6 +55,8 @@ enum Command {
     Diff(cli_snapshot::DiffArgs),
     /// Manage a running server through its control API.
     Ctl(cli_ctl::CtlArgs),
+    /// Boot, suspend and resume VMs whose disk is an NBD export.
+    Vm(cli_vm::VmArgs),
 }
 
 /// How `serve` reads image files.
@@ -445,6 +448,7 @@ fn main() -> ExitCode {
             Command::Snapshot(a) => cli_snapshot::run(a).await,
             Command::Diff(a) => cli_snapshot::diff(&a),
             Command::Ctl(a) => cli_ctl::run(a).await,
+            Command::Vm(a) => cli_vm::run(a).await,
         }
     });
     match result {

@@ -286,8 +286,8 @@ async fn open_disk(
             return Err(Error::msg(
                 ErrorKind::AlreadyExists,
                 format!(
-                    "VM {:?} has a disk overlay from an earlier --serve ({}): run it without \
-                     --serve to go on with that disk",
+                    "VM {:?} has a disk overlay already ({}): run it without --serve to go \
+                     on with that disk",
                     bundle.name(),
                     overlay.display()
                 ),

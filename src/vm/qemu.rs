@@ -175,7 +175,10 @@ fn args_push(
     push("-mon", "chardev=qmp,mode=control".to_owned());
     push(
         "-chardev",
-        format!("file,id=console,path={}", esc(&path_str(&paths.console))),
+        format!(
+            "file,id=console,path={},append=on",
+            esc(&path_str(&paths.console))
+        ),
     );
     push("-serial", "chardev:console".to_owned());
     if headless {
@@ -231,6 +234,18 @@ impl QemuDriver {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        #[cfg(target_os = "linux")]
+        // SAFETY: the closure runs in the child between fork and exec and only calls
+        // prctl(2), which is async-signal-safe; it touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                // QEMU goes when the launcher goes, even if the launcher is killed.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = command.spawn().map_err(|e| {
             let why = if e.kind() == std::io::ErrorKind::NotFound {
                 format!(
