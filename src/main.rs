@@ -413,6 +413,8 @@ async fn bind_control(
 /// and unmaps them on free, so every large read or write buffer cost page faults and
 /// page zeroing: a fifth of the CPU time of 1 MiB reads.
 fn tune_allocator() {
+    // glibc's: other C libraries have no such knobs.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only adjusts allocator parameters; it is called before any other
     // thread exists.
     unsafe {
