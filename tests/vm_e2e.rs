@@ -814,7 +814,6 @@ fn write_marker(image: &Path, dir: &Path) {
     client.seek(SeekFrom::Start(MARKER_OFFSET)).unwrap();
     client.write_all(format!("{MARKER}\n").as_bytes()).unwrap();
     client.flush().unwrap();
-    drop(client);
     drop(stream);
     // SAFETY: SIGTERM to the server we started; it flushes and exits.
     unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };

@@ -532,6 +532,39 @@ async fn start_driver(
     }
 }
 
+/// Installs macOS into the VM of `bundle` from the restore image `ipsw`, its disk
+/// served or reached as for a run; `progress` gets the fraction done. Marks the spec
+/// installed once the install has succeeded.
+#[cfg(target_os = "macos")]
+pub async fn install(
+    bundle: &Bundle,
+    ipsw: &Path,
+    report: Report,
+    progress: Arc<dyn Fn(f64) + Send + Sync>,
+) -> Result<()> {
+    let mut spec = bundle.spec()?;
+    if spec.platform != Platform::Macos {
+        return Err(Error::msg(
+            ErrorKind::InvalidInput,
+            format!(
+                "VM {:?} is a {} VM: only macOS is installed this way",
+                bundle.name(),
+                spec.platform
+            ),
+        ));
+    }
+    check_host(&spec)?;
+    let _lock = bundle.lock()?;
+    let disk = open_disk(bundle, &mut spec, &RunOptions::default(), &report).await?;
+    let result = super::macos::install(bundle, &spec, &disk.url, ipsw, &report, progress).await;
+    disk.close(&report).await;
+    result?;
+    if let Some(m) = spec.macos.as_mut() {
+        m.installed = true;
+    }
+    bundle.save_spec(&spec)
+}
+
 /// Runs the VM of `bundle` until it stops.
 pub async fn run(bundle: &Bundle, options: RunOptions, report: Report) -> Result<Outcome> {
     let mut spec = bundle.spec()?;

@@ -154,12 +154,12 @@ async fn read_info<S: AsyncRead + Unpin>(s: &mut S, url: &NbdUrl) -> Result<Expo
         };
         match kind {
             rep::ACK => return Ok(found),
-            rep::INFO => {
-                if data.len() >= 12 && u16::from_be_bytes([data[0], data[1]]) == info::EXPORT {
-                    found.size = Some(u64::from_be_bytes(data[2..10].try_into().expect("8")));
-                    let flags = u16::from_be_bytes([data[10], data[11]]);
-                    found.read_only = flags & transmission_flags::READ_ONLY != 0;
-                }
+            rep::INFO
+                if data.len() >= 12 && u16::from_be_bytes([data[0], data[1]]) == info::EXPORT =>
+            {
+                found.size = Some(u64::from_be_bytes(data[2..10].try_into().expect("8")));
+                let flags = u16::from_be_bytes([data[10], data[11]]);
+                found.read_only = flags & transmission_flags::READ_ONLY != 0;
             }
             rep::ERR_UNKNOWN => {
                 return Err(Error::msg(
