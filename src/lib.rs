@@ -42,6 +42,10 @@
 //!   snapshots as files of a chain ([`image::snapshot`]).
 //! - [`access`]: who may use an export (client networks, certificate identities): pure
 //!   rules the handshake driver applies before a client sees an export.
+//! - [`vm`]: the VM launcher (`strata vm`): VM specs and bundles, checkpoints (machine
+//!   state plus a disk snapshot), the QEMU driver and, on macOS, the
+//!   Virtualization.framework driver.
+//! - [`control_client`]: the control API's HTTP client.
 //! - [`error`]: the crate's one error type.
 //! - [`size`]: parsing of human-friendly sizes.
 
