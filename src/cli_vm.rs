@@ -218,6 +218,44 @@ fn root(args: &VmArgs) -> strata::Result<PathBuf> {
     }
 }
 
+/// Whether this command boots a macOS VM that should get a window.
+#[cfg(target_os = "macos")]
+pub fn wants_window(args: &VmArgs) -> bool {
+    let (name, headless) = match &args.command {
+        VmCommand::Run { name, headless, .. } | VmCommand::Resume { name, headless, .. } => {
+            (name, *headless)
+        }
+        _ => return false,
+    };
+    let spec = root(args).and_then(|root| Bundle::open(&root, name)?.spec());
+    !headless && matches!(spec, Ok(s) if s.platform == Platform::Macos && !s.headless)
+}
+
+/// Runs `args` on a thread of its own while AppKit's event loop runs on this, the main,
+/// thread; exits the process when the command is done.
+#[cfg(target_os = "macos")]
+pub fn run_with_window(args: VmArgs) -> ! {
+    strata::vm::macos::run_app(move || {
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("strata: cannot start the runtime: {e}");
+                return 1;
+            }
+        };
+        match runtime.block_on(run(args)) {
+            Ok(_) => 0,
+            Err(e) => {
+                eprintln!("strata: {e}");
+                1
+            }
+        }
+    })
+}
+
 /// The message printer given to the launcher.
 fn reporter() -> launcher::Report {
     Arc::new(|line: &str| eprintln!("strata vm: {line}"))

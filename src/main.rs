@@ -427,6 +427,16 @@ fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    // A macOS VM with a window needs AppKit's event loop on this thread.
+    #[cfg(target_os = "macos")]
+    if let Command::Vm(args) = &cli.command
+        && cli_vm::wants_window(args)
+    {
+        let Command::Vm(args) = cli.command else {
+            unreachable!()
+        };
+        cli_vm::run_with_window(args);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

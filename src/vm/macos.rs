@@ -12,18 +12,25 @@
 //! and the auxiliary storage come from the restore image at install time; the machine
 //! identifier is made when the bundle is created.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use block2::RcBlock;
-use dispatch2::{DispatchQueue, DispatchQueueAttr, DispatchRetained};
+use dispatch2::{DispatchObject, DispatchQueue, DispatchQueueAttr, DispatchRetained};
 use objc2::rc::Retained;
 use objc2::runtime::ProtocolObject;
-use objc2::{AllocAnyThread, DefinedClass, define_class, msg_send};
+use objc2::{
+    AllocAnyThread, DefinedClass, MainThreadMarker, MainThreadOnly, define_class, msg_send,
+};
+use objc2_app_kit::{
+    NSApplication, NSApplicationActivationPolicy, NSBackingStoreType, NSWindow, NSWindowStyleMask,
+};
 use objc2_foundation::{
-    NSArray, NSData, NSError, NSObject, NSObjectProtocol, NSOperatingSystemVersion, NSProcessInfo,
-    NSString, NSURL,
+    NSArray, NSData, NSError, NSObject, NSObjectProtocol, NSOperatingSystemVersion, NSPoint,
+    NSProcessInfo, NSRect, NSSize, NSString, NSURL,
 };
 use objc2_virtualization::{
     VZDiskSynchronizationMode, VZEntropyDeviceConfiguration, VZGraphicsDeviceConfiguration,
@@ -36,7 +43,7 @@ use objc2_virtualization::{
     VZPointingDeviceConfiguration, VZStorageDeviceConfiguration,
     VZUSBScreenCoordinatePointingDeviceConfiguration, VZVirtioBlockDeviceConfiguration,
     VZVirtioEntropyDeviceConfiguration, VZVirtioNetworkDeviceConfiguration, VZVirtualMachine,
-    VZVirtualMachineConfiguration, VZVirtualMachineDelegate,
+    VZVirtualMachineConfiguration, VZVirtualMachineDelegate, VZVirtualMachineView,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -62,6 +69,76 @@ fn framework_error(what: &str, e: &NSError) -> Error {
         ErrorKind::Io,
         format!("{what}: {}", e.localizedDescription()),
     )
+}
+
+/// Set once AppKit's event loop runs on the main thread ([`run_app`]): only then can a
+/// VM have a window.
+static APP_RUNNING: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// The VMs' windows, kept on the main thread (AppKit objects are released there).
+    static WINDOWS: RefCell<Vec<Retained<NSWindow>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs AppKit's event loop on the main thread (which must be the caller's) while
+/// `work` runs on another thread, and ends the process with `work`'s exit code. A VM
+/// with a display needs this: its window and its `VZVirtualMachineView` live on the
+/// main thread, and the VM on the main queue.
+pub fn run_app(work: impl FnOnce() -> i32 + Send + 'static) -> ! {
+    let Some(mtm) = MainThreadMarker::new() else {
+        std::process::exit(work());
+    };
+    let app = NSApplication::sharedApplication(mtm);
+    app.setActivationPolicy(NSApplicationActivationPolicy::Regular);
+    APP_RUNNING.store(true, Ordering::SeqCst);
+    std::thread::spawn(move || {
+        let code = work();
+        std::process::exit(code);
+    });
+    app.run();
+    std::process::exit(0)
+}
+
+/// Opens a window showing `vm`'s display. Runs on the main thread.
+fn open_window(mtm: MainThreadMarker, vm: &VZVirtualMachine, title: &str, spec: &VmSpec) {
+    let macos = spec.macos.clone().unwrap_or_default();
+    // Pixels are points on a standard display and half of them on a Retina one; the
+    // window can be resized, and the guest's display follows it.
+    let size = NSSize::new(
+        f64::from(macos.display_width) / 2.0,
+        f64::from(macos.display_height) / 2.0,
+    );
+    let style = NSWindowStyleMask::Titled
+        | NSWindowStyleMask::Closable
+        | NSWindowStyleMask::Miniaturizable
+        | NSWindowStyleMask::Resizable;
+    // SAFETY: on the main thread, with a valid frame; the window is kept alive in
+    // WINDOWS rather than released when closed.
+    let window = unsafe {
+        let window = NSWindow::initWithContentRect_styleMask_backing_defer(
+            NSWindow::alloc(mtm),
+            NSRect::new(NSPoint::new(0.0, 0.0), size),
+            style,
+            NSBackingStoreType::Buffered,
+            false,
+        );
+        window.setReleasedWhenClosed(false);
+        window
+    };
+    window.setTitle(&NSString::from_str(title));
+    // SAFETY: on the main thread; the VM runs on the main queue, as the view requires.
+    let view = unsafe {
+        let view = VZVirtualMachineView::new(mtm);
+        view.setVirtualMachine(Some(vm));
+        view.setCapturesSystemKeys(true);
+        view.setAutomaticallyReconfiguresDisplay(true);
+        view
+    };
+    window.setContentView(Some(&view));
+    window.center();
+    window.makeKeyAndOrderFront(None);
+    NSApplication::sharedApplication(mtm).activate();
+    WINDOWS.with(|w| w.borrow_mut().push(window));
 }
 
 /// Fails unless this Mac can run macOS guests with NBD disks and saved states.
@@ -378,24 +455,29 @@ impl VzDriver {
         boot: Boot<'_>,
     ) -> Result<VzDriver> {
         check_host()?;
-        if !headless {
-            tracing::warn!(
-                "no display window yet: the VM runs headless (use Screen Sharing into the guest)"
-            );
+        let windowed = !headless && APP_RUNNING.load(Ordering::SeqCst);
+        if !headless && !windowed {
+            tracing::warn!("no window without AppKit's event loop: the VM runs headless");
         }
         let dir = bundle.path(bundle::MACOS_DIR);
         let (aux, hardware) = platform_files(&dir)?;
         let (tx, events) = mpsc::unbounded_channel();
         let delegate = Delegate::new(tx);
         let machine = configure(spec, &dir, &aux, &hardware, url, &delegate)?;
-        let queue = DispatchQueue::new("org.strata.vm", DispatchQueueAttr::SERIAL);
+        // A VM shown in a window must run on the main queue; others get their own.
+        let queue = if windowed {
+            DispatchQueue::main().retain()
+        } else {
+            DispatchQueue::new("org.strata.vm", DispatchQueueAttr::SERIAL)
+        };
         let vm = {
             let (done, wait) = oneshot::channel();
             let config = OnQueue(machine.config.clone());
             let delegate = OnQueue(delegate.clone());
             let q = OnQueue(queue.clone());
+            let window = windowed.then(|| OnQueue((bundle.name().to_owned(), spec.clone())));
             queue.exec_async(move || {
-                let (config, delegate, q) = (config, delegate, q);
+                let (config, delegate, q, window) = (config, delegate, q, window);
                 // SAFETY: runs on the queue the VM is bound to; the configuration was
                 // validated.
                 let vm = unsafe {
@@ -407,6 +489,10 @@ impl VzDriver {
                 };
                 // SAFETY: on the VM's queue.
                 unsafe { vm.setDelegate(Some(ProtocolObject::from_ref(&*delegate.0))) };
+                if let (Some(window), Some(mtm)) = (window, MainThreadMarker::new()) {
+                    let (title, spec) = window.0;
+                    open_window(mtm, &vm, &title, &spec);
+                }
                 let _ = done.send(OnQueue(vm));
             });
             wait.await
