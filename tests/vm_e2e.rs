@@ -647,12 +647,170 @@ fn boot_write_poweroff_checkpoint_resume() {
         "{}",
         r.report()
     );
+    // A second checkpoint, the VM running on; then back to the first one, which needs
+    // the second one deleted.
+    let r = vm.ctl(&["suspend", "e2e"]);
+    assert!(
+        r.success() && r.stdout.contains("checkpoint ckpt-2"),
+        "{}",
+        r.report()
+    );
     let r = vm.ctl(&["stop", "e2e", "--force"]);
     assert!(r.success(), "{}", r.report());
-    let status = third.wait(Duration::from_secs(30));
-    assert!(status.success(), "{}", third.log());
+    assert!(
+        third.wait(Duration::from_secs(30)).success(),
+        "{}",
+        third.log()
+    );
     assert!(!vm.bundle().join("launcher.sock").exists());
     assert!(!vm.bundle().join("nbd.sock").exists());
+    let r = vm.ctl(&["resume", "e2e", "--checkpoint", "ckpt-1"]);
+    assert_eq!(r.code(), Some(1), "{}", r.report());
+    assert!(
+        r.stderr.contains("newer checkpoints exist (ckpt-2)"),
+        "{}",
+        r.report()
+    );
+    assert!(vm.bundle().join("checkpoints/ckpt-2.state").is_file());
+
+    let seen = std::fs::read_to_string(vm.console()).unwrap().len();
+    let mut fourth = vm.launch(
+        &["resume", "e2e", "--checkpoint", "ckpt-1", "--destroy-newer"],
+        "resume2.log",
+    );
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    let fresh = loop {
+        let text = std::fs::read_to_string(vm.console()).unwrap();
+        let fresh = text[seen.min(text.len())..].to_owned();
+        if last_tick(&fresh) > 0 {
+            break fresh;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no tick after the second resume\n{}",
+            fourth.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let first_tick = fresh
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("STRATA-E2E-TICK ")?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap();
+    assert_eq!(
+        first_tick,
+        at_suspend + 1,
+        "the guest should go on from checkpoint ckpt-1\n{fresh}"
+    );
+    let r = vm.ctl(&["checkpoints", "e2e"]);
+    assert!(
+        r.stdout.contains("ckpt-1") && !r.stdout.contains("ckpt-2"),
+        "{}",
+        r.report()
+    );
+    assert!(!vm.bundle().join("checkpoints/ckpt-2.state").exists());
+    assert!(!vm.bundle().join("disk.strata@vm.ckpt-2").exists());
+    let r = vm.ctl(&["stop", "e2e", "--force"]);
+    assert!(r.success(), "{}", r.report());
+    assert!(
+        fourth.wait(Duration::from_secs(30)).success(),
+        "{}",
+        fourth.log()
+    );
+}
+
+/// Waits until the launcher says the VM runs and the guest has ticked `ticks` times
+/// since the console held `seen` bytes.
+fn wait_running(vm: &Vm, launcher: &Launcher, seen: usize, ticks: u64) {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let console = std::fs::read_to_string(vm.console()).unwrap_or_default();
+        let fresh = &console[seen.min(console.len())..];
+        if launcher.log().contains("is running") && last_tick(fresh) >= ticks {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VM did not run\n{}\n--- console ---\n{fresh}",
+            launcher.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A launcher that dies in the middle of a suspend (`STRATA_FAILPOINT`, which aborts it
+/// there) leaves no checkpoint listed, a bundle that runs again, and nothing in the way
+/// of taking the same checkpoint afterwards.
+#[test]
+fn a_crashed_suspend_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(guest) = build_guest(dir.path()) else {
+        return;
+    };
+    // A golden image that has the marker already: the guest ticks at once.
+    let golden = golden(dir.path());
+    {
+        use std::os::unix::fs::FileExt as _;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&golden)
+            .unwrap();
+        f.write_all_at(format!("{MARKER}\n").as_bytes(), MARKER_OFFSET)
+            .unwrap();
+    }
+    let vm = Vm {
+        root: dir.path().join("vms"),
+        name: "crash",
+    };
+    vm.create(&guest, golden.to_str().unwrap(), &["--overlay"]);
+    for (round, failpoint) in ["vm-suspend-snapshotted", "vm-suspend-saved"]
+        .iter()
+        .enumerate()
+    {
+        let seen = std::fs::read_to_string(vm.console()).map_or(0, |t| t.len());
+        let mut cmd = vm.cmd();
+        cmd.args(["run", "crash"])
+            .env("STRATA_FAILPOINT", failpoint);
+        let mut run = Launcher::spawn(cmd, vm.root.join(format!("crash-{round}.log")));
+        wait_running(&vm, &run, seen, 2);
+        let r = vm.ctl(&["suspend", "crash", "--checkpoint", "c1"]);
+        assert!(!r.success(), "{}", r.report());
+        let status = run.wait(Duration::from_secs(30));
+        assert!(!status.success(), "{}", run.log());
+        assert!(
+            run.log().contains(&format!("failpoint {failpoint}")),
+            "{}",
+            run.log()
+        );
+        // Nothing listed; the bundle is whole and not locked.
+        let r = vm.ctl(&["checkpoints", "crash"]);
+        assert!(r.success() && !r.stdout.contains("c1"), "{}", r.report());
+        let r = vm.ctl(&["list"]);
+        assert!(
+            r.success() && r.stdout.contains("stopped"),
+            "{}",
+            r.report()
+        );
+    }
+    // The same checkpoint, taken properly now.
+    let seen = std::fs::read_to_string(vm.console()).map_or(0, |t| t.len());
+    let mut run = vm.launch(&["run", "crash"], "crash-ok.log");
+    wait_running(&vm, &run, seen, 2);
+    let r = vm.ctl(&["suspend", "crash", "--checkpoint", "c1", "--stop"]);
+    assert!(r.success(), "{}\n{}", r.report(), run.log());
+    assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.log());
+    let r = vm.ctl(&["checkpoints", "crash"]);
+    assert!(r.stdout.contains("c1"), "{}", r.report());
+    let r = run_timeout(
+        strata().arg("check").arg(vm.bundle().join("disk.strata")),
+        Duration::from_secs(30),
+    );
+    assert!(r.success(), "{}", r.report());
 }
 
 fn second_log(vm: &Vm) -> String {

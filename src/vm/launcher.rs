@@ -39,6 +39,11 @@ use crate::error::{Error, ErrorKind, Result};
 /// The launcher's socket in the bundle.
 pub const SOCKET: &str = "launcher.sock";
 
+/// The steps of a suspend at which `STRATA_FAILPOINT` can stop the launcher (see
+/// [`crate::image::snapshot::failpoint`]), for the crash tests: after the disk snapshot,
+/// and after the state file is in place but before the checkpoint is recorded.
+pub const FAILPOINTS: &[&str] = &["vm-suspend-snapshotted", "vm-suspend-saved"];
+
 /// Where the launcher's messages go (the command line prints them).
 pub type Report = Arc<dyn Fn(&str) + Send + Sync>;
 
@@ -825,7 +830,7 @@ async fn suspend(
     let start = Instant::now();
     driver.pause().await?;
     let paused = start.elapsed();
-    let snapshot_pause_us = match control.take_snapshot(&disk.export, &snapshot).await {
+    let snapshot_pause_us = match take_snapshot(bundle, control, &disk.export, &snapshot).await {
         Ok(us) => us,
         Err(e) => {
             let _ = driver.resume().await;
@@ -836,9 +841,11 @@ async fn suspend(
         }
     };
     let snapped = start.elapsed();
+    crate::image::snapshot::failpoint(FAILPOINTS[0]);
     let saved = async {
         driver.save_state(&partial).await?;
         commit_file(&partial, &path)?;
+        crate::image::snapshot::failpoint(FAILPOINTS[1]);
         let state_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         bundle.add_checkpoint(Checkpoint {
             name: name.clone(),
@@ -901,6 +908,33 @@ async fn suspend(
         "total_ms": ms(total),
         "stopped": then_stop,
     }))
+}
+
+/// Takes the disk snapshot of a new checkpoint. A snapshot of that name that no
+/// checkpoint lists was left by a suspend that crashed before recording it: it is
+/// deleted and taken anew.
+async fn take_snapshot(
+    bundle: &Bundle,
+    control: &ControlTarget,
+    export: &str,
+    snapshot: &str,
+) -> Result<u64> {
+    match control.take_snapshot(export, snapshot).await {
+        Err(e) if e.kind() == ErrorKind::Busy => {
+            let listed = bundle.checkpoints()?.iter().any(|c| c.snapshot == snapshot);
+            let exists = control
+                .snapshot_names(export)
+                .await?
+                .iter()
+                .any(|s| s == snapshot);
+            if listed || !exists {
+                return Err(e);
+            }
+            control.delete_snapshot(export, snapshot).await?;
+            control.take_snapshot(export, snapshot).await
+        }
+        other => other,
+    }
 }
 
 /// Sends `request` to the launcher running the VM of `bundle` and returns its answer;
