@@ -918,6 +918,12 @@ fn serve_discard_and_a_vanishing_server() {
         Duration::from_secs(60),
         &|| remote_console(&remote),
     );
+    wait_for(
+        &run.log,
+        "the disk server does not answer: cannot reach the NBD server",
+        Duration::from_secs(30),
+        &|| remote_console(&remote),
+    );
     let r = remote.ctl(&["suspend", "remote", "--checkpoint", "after"]);
     assert!(!r.success(), "{}", r.report());
     assert!(

@@ -51,6 +51,9 @@ pub type Report = Arc<dyn Fn(&str) + Send + Sync>;
 /// is stopped outright.
 pub const STOP_GRACE: Duration = Duration::from_secs(30);
 
+/// How often a disk error makes the launcher check whether a remote server answers.
+const PROBE_EVERY: Duration = Duration::from_secs(10);
+
 /// What `run` and `resume` were asked for.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -704,6 +707,7 @@ async fn serve_vm(
     let mut int = signal(SignalKind::interrupt()).map_err(Error::from)?;
     let mut stop_by: Option<tokio::time::Instant> = None;
     let mut suspended: Option<String> = None;
+    let mut last_probe: Option<Instant> = None;
     loop {
         let deadline = async {
             match stop_by {
@@ -725,6 +729,16 @@ async fn serve_vm(
                         });
                     }
                     VmEvent::Failed(why) => return Err(Error::msg(ErrorKind::Io, why)),
+                    VmEvent::DiskError { .. } if disk.local.is_none() => {
+                        // Say whether the server itself is gone, once in a while.
+                        let due = last_probe.is_none_or(|t: Instant| t.elapsed() > PROBE_EVERY);
+                        if due {
+                            last_probe = Some(Instant::now());
+                            if let Err(e) = probe::probe(&disk.url, Duration::from_secs(2)).await {
+                                report(&format!("the disk server does not answer: {e}"));
+                            }
+                        }
+                    }
                     _ => {}
                 }
             }
