@@ -1135,6 +1135,23 @@ fn bad_input_gets_clear_messages() {
         vm_cmd(&root).args(["run", "noqemu"]),
         "qemu-system-nonesuch is not installed",
     );
+    // A QEMU that fails at once: reported, and the overlay made for the run is gone.
+    let r = run_timeout(
+        vm_cmd(&root)
+            .args(["create", "badqemu", "--qemu", "/bin/false", "--disk"])
+            .arg(&image),
+        Duration::from_secs(30),
+    );
+    assert!(r.success(), "{}", r.report());
+    fails_with(
+        vm_cmd(&root)
+            .args(["run", "badqemu", "--serve"])
+            .arg(&image),
+        "QEMU exited at once",
+    );
+    assert!(!root.join("badqemu/disk.strata").exists());
+    let config = std::fs::read_to_string(root.join("badqemu/config.json")).unwrap();
+    assert!(!config.contains("disk.strata"), "{config}");
     let r = run_timeout(
         vm_cmd(&root).args(["run", "noqemu", "--discard"]),
         Duration::from_secs(30),

@@ -589,6 +589,19 @@ pub async fn run(bundle: &Bundle, options: RunOptions, report: Report) -> Result
     let result = run_with_disk(bundle, &mut spec, &options, &disk, headless, &report).await;
     disk.close(&report).await;
     let _ = std::fs::remove_file(bundle.path(SOCKET));
+    if result.is_err() && options.serve.is_some() && !options.discard {
+        // A VM that never ran on its new overlay does not keep it: the spec names it
+        // only once the VM has started.
+        let kept = bundle.spec().is_ok_and(|s| {
+            s.disk
+                == Disk::Image {
+                    path: PathBuf::from(bundle::OVERLAY),
+                }
+        });
+        if !kept {
+            remove_overlay(&bundle.path(bundle::OVERLAY));
+        }
+    }
     result
 }
 
