@@ -98,6 +98,14 @@ enum VmCommand {
         /// VM name.
         name: String,
     },
+    /// Delete a checkpoint: its disk snapshot (merged into the layer above it, so the
+    /// disk reads as before) and its machine state.
+    DeleteCheckpoint {
+        /// VM name.
+        name: String,
+        /// Checkpoint name.
+        checkpoint: String,
+    },
     /// Show what a running VM is doing.
     Status {
         /// VM name.
@@ -327,6 +335,20 @@ pub async fn run(args: VmArgs) -> strata::Result<ExitCode> {
             let bundle = Bundle::open(&root, &name)?;
             let answer = launcher::send(&bundle, &Request::Status, Duration::from_secs(30)).await?;
             println!("{answer}");
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::DeleteCheckpoint { name, checkpoint } => {
+            let bundle = Bundle::open(&root, &name)?;
+            let answer = launcher::delete(&bundle, &checkpoint, reporter()).await?;
+            let snapshot = answer.get("snapshot_deleted").and_then(Value::as_bool);
+            println!(
+                "checkpoint {checkpoint} of {name} deleted{}",
+                if snapshot == Some(false) {
+                    " (its disk snapshot was gone already)"
+                } else {
+                    ""
+                }
+            );
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::List => list(&root),

@@ -715,12 +715,40 @@ fn boot_write_poweroff_checkpoint_resume() {
     );
     assert!(!vm.bundle().join("checkpoints/ckpt-2.state").exists());
     assert!(!vm.bundle().join("disk.strata@vm.ckpt-2").exists());
+
+    // Deleting checkpoints: one of the running VM (through its launcher), then, with the
+    // VM stopped, the last one; the disk reads as before.
+    let r = vm.ctl(&["suspend", "e2e", "--checkpoint", "scratch"]);
+    assert!(r.success(), "{}", r.report());
+    let r = vm.ctl(&["delete-checkpoint", "e2e", "scratch"]);
+    assert!(r.success(), "{}\n{}", r.report(), fourth.log());
+    assert!(!vm.bundle().join("checkpoints/scratch.state").exists());
+    assert!(!vm.bundle().join("disk.strata@vm.scratch").exists());
     let r = vm.ctl(&["stop", "e2e", "--force"]);
     assert!(r.success(), "{}", r.report());
     assert!(
         fourth.wait(Duration::from_secs(30)).success(),
         "{}",
         fourth.log()
+    );
+    let before = raw_copy(&overlay, &dir.path().join("before-delete.raw"));
+    let r = vm.ctl(&["delete-checkpoint", "e2e", "ckpt-1"]);
+    assert!(r.success(), "{}", r.report());
+    let r = vm.ctl(&["checkpoints", "e2e"]);
+    assert!(!r.stdout.contains("ckpt-1"), "{}", r.report());
+    assert!(!vm.bundle().join("checkpoints/ckpt-1.state").exists());
+    assert!(!vm.bundle().join("disk.strata@vm.ckpt-1").exists());
+    let after = raw_copy(&overlay, &dir.path().join("after-delete.raw"));
+    assert!(
+        std::fs::read(&before).unwrap() == std::fs::read(&after).unwrap(),
+        "deleting a checkpoint changed the disk"
+    );
+    let r = vm.ctl(&["delete-checkpoint", "e2e", "ckpt-1"]);
+    assert_eq!(r.code(), Some(1), "{}", r.report());
+    assert!(
+        r.stderr.contains("has no checkpoint \"ckpt-1\""),
+        "{}",
+        r.report()
     );
 }
 

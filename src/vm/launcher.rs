@@ -108,6 +108,11 @@ pub enum Request {
         #[serde(default)]
         stop: bool,
     },
+    /// Delete a checkpoint: its record, its disk snapshot, its state file.
+    Delete {
+        /// The checkpoint.
+        checkpoint: String,
+    },
 }
 
 /// The driver of either platform.
@@ -649,9 +654,18 @@ async fn run_with_disk(
         bundle.name()
     ));
     let (tx, mut requests) = mpsc::channel::<(Request, oneshot::Sender<Value>)>(4);
-    let accept = tokio::spawn(accept_requests(listener, tx));
+    // Each connection holds a clone: the answers given just before the VM stopped (to
+    // `stop` itself) are written before the launcher exits.
+    let in_flight = Arc::new(());
+    let accept = tokio::spawn(accept_requests(listener, tx, Arc::clone(&in_flight)));
     let result = serve_vm(bundle, spec, disk, &mut driver, &mut requests, report).await;
     accept.abort();
+    let _ = accept.await;
+    drop(requests);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Arc::strong_count(&in_flight) > 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     if result.is_err() {
         let _ = driver.stop().await;
     }
@@ -661,10 +675,13 @@ async fn run_with_disk(
 async fn accept_requests(
     listener: UnixListener,
     tx: mpsc::Sender<(Request, oneshot::Sender<Value>)>,
+    in_flight: Arc<()>,
 ) {
     while let Ok((stream, _)) = listener.accept().await {
         let tx = tx.clone();
+        let token = Arc::clone(&in_flight);
         tokio::spawn(async move {
+            let _token = token;
             let (read, mut write) = stream.into_split();
             let mut line = String::new();
             let mut reader = BufReader::new(read);
@@ -778,6 +795,12 @@ async fn serve_vm(
                                 |e| json!({ "error": e.to_string() }),
                                 |()| json!({ "stopping": true, "grace_s": STOP_GRACE.as_secs() }),
                             )
+                        }
+                    }
+                    Request::Delete { checkpoint } => {
+                        match delete_checkpoint(bundle, disk, &checkpoint).await {
+                            Ok(v) => v,
+                            Err(e) => json!({ "error": e.to_string() }),
                         }
                     }
                     Request::Suspend { checkpoint, stop } => {
@@ -935,6 +958,54 @@ async fn suspend(
         "total_ms": ms(total),
         "stopped": then_stop,
     }))
+}
+
+/// Deletes checkpoint `name`: first its record (so that a crash never leaves a listed
+/// checkpoint without its snapshot), then its disk snapshot (merged into the layer
+/// above it, so the disk reads as before), then its state file.
+async fn delete_checkpoint(bundle: &Bundle, disk: &DiskAccess, name: &str) -> Result<Value> {
+    let checkpoint = bundle.checkpoint(name)?;
+    let control = disk.control()?;
+    bundle.remove_checkpoints(std::slice::from_ref(&checkpoint.name))?;
+    let snapshot = match control
+        .delete_snapshot(&disk.export, &checkpoint.snapshot)
+        .await
+    {
+        Ok(()) => json!(true),
+        Err(e) if e.kind() == ErrorKind::NotFound => json!(false),
+        Err(e) => {
+            let _ = std::fs::remove_file(bundle.path(&checkpoint.state));
+            return Err(Error::msg(
+                e.kind(),
+                format!(
+                    "checkpoint {name:?} is forgotten, but its disk snapshot {} is left \
+                     (`strata ctl delete-snapshot` removes it): {e}",
+                    checkpoint.snapshot
+                ),
+            ));
+        }
+    };
+    let _ = std::fs::remove_file(bundle.path(&checkpoint.state));
+    Ok(json!({ "deleted": name, "snapshot_deleted": snapshot }))
+}
+
+/// Deletes checkpoint `name` of `bundle`: through its launcher when the VM runs (which
+/// serialises it with suspends), directly otherwise (the disk served in-process for the
+/// time it takes, for a local disk).
+pub async fn delete(bundle: &Bundle, name: &str, report: Report) -> Result<Value> {
+    if bundle.is_running() {
+        let request = Request::Delete {
+            checkpoint: name.to_owned(),
+        };
+        return send(bundle, &request, Duration::from_secs(600)).await;
+    }
+    let mut spec = bundle.spec()?;
+    bundle.checkpoint(name)?;
+    let _lock = bundle.lock()?;
+    let disk = open_disk(bundle, &mut spec, &RunOptions::default(), &report).await?;
+    let result = delete_checkpoint(bundle, &disk, name).await;
+    disk.close(&report).await;
+    result
 }
 
 /// Takes the disk snapshot of a new checkpoint. A snapshot of that name that no
