@@ -7,12 +7,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use bytes::Bytes;
 use clap::{Args, Subcommand, ValueEnum};
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, header};
-use hyper_util::rt::TokioIo;
+use hyper::Method;
 use serde_json::{Value, json};
+use strata::control_client::{ControlTarget as Target, encode};
 use strata::size::format_size;
 use strata::{Error, ErrorKind};
 
@@ -149,182 +147,46 @@ impl Format {
     }
 }
 
-/// Where the control API is.
-#[derive(Debug)]
-enum Target {
-    Unix(PathBuf),
-    Tcp {
-        authority: String,
-        token: Option<String>,
-    },
-}
-
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Target::Unix(p) => write!(f, "unix:{}", p.display()),
-            Target::Tcp { authority, .. } => write!(f, "http://{authority}"),
-        }
-    }
-}
-
 fn invalid(message: impl Into<String>) -> Error {
     Error::msg(ErrorKind::InvalidInput, message)
 }
 
-impl Target {
-    fn from_args(args: &CtlArgs) -> strata::Result<Target> {
-        if let Some(url) = &args.url {
-            let authority = match url.strip_prefix("http://") {
-                Some(rest) => rest.trim_end_matches('/'),
-                None if url.starts_with("https://") => {
-                    return Err(invalid(
-                        "the control API speaks plain HTTP: use http://, on a trusted network",
-                    ));
-                }
-                None => return Err(invalid(format!("--url {url:?}: expected http://HOST:PORT"))),
-            };
-            if authority.is_empty() || authority.contains('/') {
-                return Err(invalid(format!("--url {url:?}: expected http://HOST:PORT")));
-            }
-            let token = match &args.token_file {
-                Some(path) => Some(
-                    std::fs::read_to_string(path)
-                        .map_err(|e| {
-                            Error::from(e)
-                                .with_message("cannot read the token file")
-                                .with_path(path)
-                        })?
-                        .trim()
-                        .to_owned(),
-                ),
-                None => None,
-            };
-            return Ok(Target::Tcp {
-                authority: authority.to_owned(),
-                token,
-            });
+/// Where the control API is, from `--url`/`--token-file`, `--socket` or
+/// `$STRATA_CONTROL`.
+fn target_from_args(args: &CtlArgs) -> strata::Result<Target> {
+    if let Some(url) = &args.url {
+        if !url.starts_with("http://") && !url.starts_with("https://") {
+            return Err(invalid(format!("--url {url:?}: expected http://HOST:PORT")));
         }
-        let socket = args
-            .socket
-            .clone()
-            .or_else(|| std::env::var_os("STRATA_CONTROL").map(PathBuf::from))
-            .filter(|p| !p.as_os_str().is_empty())
-            .ok_or_else(|| {
-                invalid("where is the server? give --socket PATH, --url URL or set STRATA_CONTROL")
-            })?;
-        Ok(Target::Unix(socket))
-    }
-
-    fn unreachable(&self, e: impl std::fmt::Display) -> Error {
-        Error::msg(
-            ErrorKind::Io,
-            format!("cannot reach the control API at {self}: {e}"),
-        )
-    }
-
-    /// Sends one request; returns the answer's body when the status is a success, and
-    /// the server's message as the error otherwise.
-    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> strata::Result<Bytes> {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::ACCEPT, "application/json");
-        request = match self {
-            Target::Unix(_) => request.header(header::HOST, "localhost"),
-            Target::Tcp { authority, token } => {
-                let request = request.header(header::HOST, authority.as_str());
-                match token {
-                    Some(t) => request.header(header::AUTHORIZATION, format!("Bearer {t}")),
-                    None => request,
-                }
-            }
+        let token = match &args.token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        Error::from(e)
+                            .with_message("cannot read the token file")
+                            .with_path(path)
+                    })?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
         };
-        let payload = match body {
-            Some(v) => {
-                request = request.header(header::CONTENT_TYPE, "application/json");
-                Bytes::from(v.to_string())
-            }
-            None => Bytes::new(),
-        };
-        let request = request
-            .body(Full::new(payload))
-            .map_err(|e| invalid(format!("cannot build the request: {e}")))?;
-
-        let (status, body) = match self {
-            Target::Unix(path) => {
-                let stream = tokio::net::UnixStream::connect(path)
-                    .await
-                    .map_err(|e| self.unreachable(e))?;
-                self.exchange(stream, request).await?
-            }
-            Target::Tcp { authority, .. } => {
-                let stream = tokio::net::TcpStream::connect(authority.as_str())
-                    .await
-                    .map_err(|e| self.unreachable(e))?;
-                self.exchange(stream, request).await?
-            }
-        };
-        if status.is_success() {
-            return Ok(body);
-        }
-        let message = serde_json::from_slice::<Value>(&body)
-            .ok()
-            .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
-            .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_owned());
-        let kind = match status.as_u16() {
-            404 => ErrorKind::NotFound,
-            409 => ErrorKind::Busy,
-            400..=499 => ErrorKind::InvalidInput,
-            _ => ErrorKind::Io,
-        };
-        Err(Error::msg(kind, format!("{message} (HTTP {status})")))
+        return Target::parse(url, token).map_err(|e| invalid(format!("--url: {e}")));
     }
-
-    async fn exchange<S>(
-        &self,
-        stream: S,
-        request: Request<Full<Bytes>>,
-    ) -> strata::Result<(hyper::StatusCode, Bytes)>
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let driver = tokio::spawn(connection);
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| self.unreachable(e))?
-            .to_bytes();
-        driver.abort();
-        Ok((status, body))
-    }
-}
-
-/// Percent-encodes `s` for use as one path segment or query value.
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~@".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
+    let socket = args
+        .socket
+        .clone()
+        .or_else(|| std::env::var_os("STRATA_CONTROL").map(PathBuf::from))
+        .filter(|p| !p.as_os_str().is_empty())
+        .ok_or_else(|| {
+            invalid("where is the server? give --socket PATH, --url URL or set STRATA_CONTROL")
+        })?;
+    Ok(Target::Unix(socket))
 }
 
 /// Runs `strata ctl`.
 pub async fn run(args: CtlArgs) -> strata::Result<ExitCode> {
-    let target = Target::from_args(&args)?;
+    let target = target_from_args(&args)?;
     let timeout = Duration::from_secs(args.timeout.max(1));
     let (method, path, body) = request_for(&args.command, &target)?;
     let answer = tokio::time::timeout(timeout, target.call(method, &path, body))
@@ -460,14 +322,14 @@ fn list<'a>(v: &'a Value, key: &str) -> &'a [Value] {
 }
 
 /// Columns padded to their widest cell; numbers right-aligned.
-struct Table {
-    headers: &'static [&'static str],
-    numeric: &'static [bool],
-    rows: Vec<Vec<String>>,
+pub(crate) struct Table {
+    pub(crate) headers: &'static [&'static str],
+    pub(crate) numeric: &'static [bool],
+    pub(crate) rows: Vec<Vec<String>>,
 }
 
 impl Table {
-    fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut widths: Vec<usize> = self.headers.iter().map(|h| h.len()).collect();
         for row in &self.rows {
             for (w, cell) in widths.iter_mut().zip(row) {
@@ -753,12 +615,6 @@ mod tests {
         assert_eq!(timestamp(0), "1970-01-01 00:00:00");
         assert_eq!(timestamp(951_782_400), "2000-02-29 00:00:00");
         assert_eq!(timestamp(1_700_000_000), "2023-11-14 22:13:20");
-    }
-
-    #[test]
-    fn names_are_encoded_as_segments() {
-        assert_eq!(encode("vm1@snap-1.a_b~"), "vm1@snap-1.a_b~");
-        assert_eq!(encode("a b/c?d"), "a%20b%2Fc%3Fd");
     }
 
     #[test]

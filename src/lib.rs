@@ -50,12 +50,17 @@
 //! - [`daemon`]: `strata serve` as a long-running service: the server built from a
 //!   `Config`, reloads of its exports on `SIGHUP`, socket activation, readiness
 //!   notifications and the pid file.
+//! - [`vm`]: the VM launcher (`strata vm`): VM specs and bundles, checkpoints (machine
+//!   state plus a disk snapshot), the QEMU driver and, on macOS, the
+//!   Virtualization.framework driver.
+//! - [`control_client`]: the control API's HTTP client.
 //! - [`error`]: the crate's one error type.
 //! - [`size`]: parsing of human-friendly sizes.
 
 pub mod access;
 pub mod backend;
 pub mod config;
+pub mod control_client;
 pub mod daemon;
 pub mod error;
 pub mod image;
@@ -64,5 +69,6 @@ pub mod proto;
 pub mod server;
 pub mod size;
 mod sys;
+pub mod vm;
 
 pub use error::{Error, ErrorKind, Result};

@@ -14,6 +14,7 @@ use tracing::error;
 mod cli_ctl;
 mod cli_image;
 mod cli_snapshot;
+mod cli_vm;
 
 /// Strata: a fast NBD server for VM storage.
 #[derive(Parser, Debug)]
@@ -51,6 +52,8 @@ enum Command {
     Diff(cli_snapshot::DiffArgs),
     /// Manage a running server through its control API.
     Ctl(cli_ctl::CtlArgs),
+    /// Boot, suspend and resume VMs whose disk is an NBD export.
+    Vm(cli_vm::VmArgs),
 }
 
 /// How `serve` reads image files.
@@ -448,6 +451,8 @@ fn runtime() -> strata::Result<tokio::runtime::Runtime> {
 /// and unmaps them on free, so every large read or write buffer cost page faults and
 /// page zeroing: a fifth of the CPU time of 1 MiB reads.
 fn tune_allocator() {
+    // glibc's: other C libraries have no such knobs.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only adjusts allocator parameters; it is called before any other
     // thread exists.
     unsafe {
@@ -464,6 +469,16 @@ fn main() -> ExitCode {
         command => command,
     };
     init_logging(verbosity(cli.verbose).unwrap_or("info"), LogFormat::Text);
+    // A macOS VM with a window needs AppKit's event loop on this thread.
+    #[cfg(target_os = "macos")]
+    if let Command::Vm(args) = &command
+        && cli_vm::wants_window(args)
+    {
+        let Command::Vm(args) = command else {
+            unreachable!()
+        };
+        cli_vm::run_with_window(args);
+    }
     let runtime = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -484,6 +499,7 @@ fn main() -> ExitCode {
             Command::Snapshot(a) => cli_snapshot::run(a).await,
             Command::Diff(a) => cli_snapshot::diff(&a),
             Command::Ctl(a) => cli_ctl::run(a).await,
+            Command::Vm(a) => cli_vm::run(a).await,
         }
     });
     match result {

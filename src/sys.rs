@@ -1,4 +1,9 @@
 //! Thin, safe wrappers around the Linux system calls the file-backed layers share.
+//!
+//! Built for another Unix (macOS, where the VM launcher runs), the Linux-only calls
+//! (`fallocate`, the block-device ioctls, `preadv2`, `posix_fadvise`) report
+//! `EOPNOTSUPP`, which the callers already treat as "not available here" and answer
+//! with their honest fallbacks (zeroes written as data, reads that may block).
 
 use std::fs::File;
 use std::io;
@@ -6,7 +11,28 @@ use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
 
 /// `BLKGETSIZE64` from `<linux/fs.h>`: device size in bytes.
+#[cfg(target_os = "linux")]
 const BLKGETSIZE64: libc::Ioctl = libc::_IOR::<libc::size_t>(0x12, 114);
+
+/// `fallocate` modes (Linux values; elsewhere fallocate is never available).
+pub(crate) mod falloc {
+    #[cfg(target_os = "linux")]
+    pub(crate) use libc::{
+        FALLOC_FL_KEEP_SIZE as KEEP_SIZE, FALLOC_FL_PUNCH_HOLE as PUNCH_HOLE,
+        FALLOC_FL_ZERO_RANGE as ZERO_RANGE,
+    };
+    #[cfg(not(target_os = "linux"))]
+    pub(crate) const KEEP_SIZE: libc::c_int = 0x01;
+    #[cfg(not(target_os = "linux"))]
+    pub(crate) const PUNCH_HOLE: libc::c_int = 0x02;
+    #[cfg(not(target_os = "linux"))]
+    pub(crate) const ZERO_RANGE: libc::c_int = 0x10;
+}
+
+#[cfg(not(target_os = "linux"))]
+fn unsupported() -> io::Error {
+    io::Error::from_raw_os_error(libc::EOPNOTSUPP)
+}
 
 /// True when the file is on a filesystem kept in memory, where I/O never waits for a
 /// device.
@@ -72,6 +98,17 @@ pub(crate) fn retry_eintr<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result
     }
 }
 
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn fallocate(
+    _file: &File,
+    _mode: libc::c_int,
+    _offset: u64,
+    _len: u64,
+) -> io::Result<()> {
+    Err(unsupported())
+}
+
+#[cfg(target_os = "linux")]
 pub(crate) fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     let (offset, len) = (off_t(offset)?, off_t(len)?);
     retry_eintr(|| {
@@ -87,14 +124,18 @@ pub(crate) fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -
 }
 
 pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    fallocate(
-        file,
-        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-        offset,
-        len,
-    )
+    fallocate(file, falloc::PUNCH_HOLE | falloc::KEEP_SIZE, offset, len)
 }
 
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn device_size(_file: &File) -> io::Result<u64> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "block devices are served on Linux only",
+    ))
+}
+
+#[cfg(target_os = "linux")]
 pub(crate) fn device_size(file: &File) -> io::Result<u64> {
     let mut size: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one `size_t` (a u64 on the 64-bit targets this is built
@@ -107,6 +148,12 @@ pub(crate) fn device_size(file: &File) -> io::Result<u64> {
     }
 }
 
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn logical_block_size(_file: &File) -> Option<u64> {
+    None
+}
+
+#[cfg(target_os = "linux")]
 pub(crate) fn logical_block_size(file: &File) -> Option<u64> {
     let mut sector: libc::c_int = 0;
     // SAFETY: BLKSSZGET writes one `int` through the pointer, which points at `sector`.
@@ -115,6 +162,13 @@ pub(crate) fn logical_block_size(file: &File) -> Option<u64> {
 }
 
 /// Reads `queue/rotational` for the device `rdev`; partitions keep it in their parent.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn is_rotational(_rdev: u64) -> bool {
+    false
+}
+
+/// Reads `queue/rotational` for the device `rdev`; partitions keep it in their parent.
+#[cfg(target_os = "linux")]
 pub(crate) fn is_rotational(rdev: u64) -> bool {
     let dir = format!("/sys/dev/block/{}:{}", libc::major(rdev), libc::minor(rdev));
     ["queue/rotational", "../queue/rotational"]
@@ -143,3 +197,125 @@ pub(crate) fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<
 }
 
 const _: () = assert!(size_of::<libc::size_t>() == size_of::<u64>());
+
+/// A block-device range operation.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RangeOp {
+    /// `BLKDISCARD`: discard a byte range.
+    Discard,
+    /// `BLKZEROOUT`: zero a byte range.
+    ZeroOut,
+}
+
+/// Issues a block-device range ioctl (`BLKDISCARD`, `BLKZEROOUT`).
+#[cfg(target_os = "linux")]
+pub(crate) fn block_range(file: &File, op: RangeOp, offset: u64, len: u64) -> io::Result<()> {
+    /// `BLKDISCARD` from `<linux/fs.h>`.
+    const BLKDISCARD: libc::Ioctl = libc::_IO(0x12, 119);
+    /// `BLKZEROOUT` from `<linux/fs.h>`.
+    const BLKZEROOUT: libc::Ioctl = libc::_IO(0x12, 127);
+    let request = match op {
+        RangeOp::Discard => BLKDISCARD,
+        RangeOp::ZeroOut => BLKZEROOUT,
+    };
+    let range: [u64; 2] = [offset, len];
+    retry_eintr(|| {
+        // SAFETY: both ioctls read a `uint64_t[2]` through the pointer, which points at
+        // `range`, alive and properly aligned for the duration of the call.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), request, range.as_ptr()) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    })
+}
+
+/// Issues a block-device range ioctl: not available off Linux.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn block_range(_file: &File, _op: RangeOp, _offset: u64, _len: u64) -> io::Result<()> {
+    Err(unsupported())
+}
+
+/// One `preadv2(RWF_NOWAIT)` into `buf`'s spare capacity: the byte count, or `EAGAIN`
+/// when the data is not all in the page cache.
+#[cfg(target_os = "linux")]
+pub(crate) fn pread_nowait_into(
+    file: &File,
+    buf: &mut Vec<u8>,
+    offset: u64,
+    len: usize,
+) -> io::Result<usize> {
+    buf.reserve(len);
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    // SAFETY: `iov` describes `len` bytes of the vector's spare capacity, and the kernel
+    // writes at most that many.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off_t(offset)?, libc::RWF_NOWAIT) };
+    byte_count(n)
+}
+
+/// `preadv2(RWF_NOWAIT)` is Linux's: elsewhere every read may block.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn pread_nowait_into(
+    _file: &File,
+    _buf: &mut Vec<u8>,
+    _offset: u64,
+    _len: usize,
+) -> io::Result<usize> {
+    Err(unsupported())
+}
+
+/// `posix_fadvise(WILLNEED)`: starts reading a range into the page cache.
+#[cfg(target_os = "linux")]
+pub(crate) fn will_need(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (offset, len) = (off_t(offset)?, off_t(len)?);
+    // SAFETY: posix_fadvise only reads its scalar arguments; the descriptor is valid for
+    // as long as `file` is borrowed.
+    let rc =
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_WILLNEED) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// A hint only: nothing to do where `posix_fadvise` is missing.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn will_need(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
+    Ok(())
+}
+
+/// Fills `buf` with random bytes from the kernel.
+pub(crate) fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        #[cfg(target_os = "linux")]
+        // SAFETY: getrandom writes at most `len - got` bytes into the buffer slice, which
+        // is valid and writable for that length.
+        let n = unsafe { libc::getrandom(buf[got..].as_mut_ptr().cast(), buf.len() - got, 0) };
+        #[cfg(not(target_os = "linux"))]
+        let n = {
+            let want = (buf.len() - got).min(256);
+            // SAFETY: getentropy writes exactly `want` (at most 256) bytes into the
+            // buffer slice, which is valid and writable for that length.
+            if unsafe { libc::getentropy(buf[got..].as_mut_ptr().cast(), want) } == 0 {
+                want as isize
+            } else {
+                -1
+            }
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        } else {
+            got += n as usize;
+        }
+    }
+    Ok(())
+}

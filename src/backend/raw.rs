@@ -20,11 +20,11 @@
 //! | block status   | `lseek(SEEK_DATA / SEEK_HOLE)`                | everything is data        |
 //! | cache          | `posix_fadvise(WILLNEED)`                     | same                      |
 //!
-//! This module is Linux-specific.
+//! This module is written for Linux; elsewhere the Linux-only calls report
+//! `EOPNOTSUPP` (see `crate::sys`) and the fallbacks above take over.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,14 +36,9 @@ use super::{Backend, Capabilities, Extent, ZeroFlags};
 use crate::error::{Error, ErrorKind, Result};
 use crate::mapping::MappedReads;
 use crate::sys::{
-    device_size, fallocate, is_rotational, logical_block_size, memory_backed, off_t, pread_uninit,
-    punch_hole, retry_eintr, seek,
+    RangeOp, block_range, device_size, falloc, fallocate, is_rotational, logical_block_size,
+    memory_backed, pread_nowait_into, pread_uninit, punch_hole, seek, will_need,
 };
-
-/// `BLKDISCARD` from `<linux/fs.h>`: discard a `[start, len]` byte range.
-const BLKDISCARD: libc::Ioctl = libc::_IO(0x12, 119);
-/// `BLKZEROOUT` from `<linux/fs.h>`: zero a `[start, len]` byte range.
-const BLKZEROOUT: libc::Ioctl = libc::_IO(0x12, 127);
 
 /// Largest buffer used when zeroes have to be written out.
 const ZERO_BUF: usize = 1024 * 1024;
@@ -236,21 +231,16 @@ fn pread_exact(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
 /// One `preadv2(RWF_NOWAIT)`: `Ok(None)` when the data is not all in the page cache.
 fn pread_nowait(file: &File, offset: u64, len: usize) -> io::Result<Option<Bytes>> {
     let mut buf: Vec<u8> = Vec::with_capacity(len);
-    let iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: len,
+    let n = match pread_nowait_into(file, &mut buf, offset, len) {
+        Ok(n) => n,
+        Err(e) => {
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN | libc::EINTR) => Ok(None),
+                _ => Err(e),
+            };
+        }
     };
-    // SAFETY: `iov` describes the vector's capacity of `len` writable bytes, and the
-    // kernel writes at most that many.
-    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off_t(offset)?, libc::RWF_NOWAIT) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::EAGAIN | libc::EINTR) => Ok(None),
-            _ => Err(e),
-        };
-    }
-    if (n as usize) < len {
+    if n < len {
         // Partly cached, or the end of the file: let the blocking path sort it out.
         return Ok(None);
     }
@@ -283,21 +273,6 @@ fn unsupported(e: &io::Error) -> bool {
     )
 }
 
-/// Issues a block-device range ioctl (`BLKDISCARD`, `BLKZEROOUT`).
-fn range_ioctl(file: &File, request: libc::Ioctl, offset: u64, len: u64) -> io::Result<()> {
-    let range: [u64; 2] = [offset, len];
-    retry_eintr(|| {
-        // SAFETY: both ioctls read a `uint64_t[2]` through the pointer, which points at
-        // `range`, alive and properly aligned for the duration of the call.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), request, range.as_ptr()) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    })
-}
-
 fn write_zero_buffers(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let zeroes = vec![0u8; (len as usize).min(ZERO_BUF)];
     let mut done = 0u64;
@@ -319,12 +294,7 @@ fn zero_file_range(file: &File, offset: u64, len: u64, flags: ZeroFlags) -> io::
             Err(e) => return Err(e),
         }
     }
-    match fallocate(
-        file,
-        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-        offset,
-        len,
-    ) {
+    match fallocate(file, falloc::ZERO_RANGE | falloc::KEEP_SIZE, offset, len) {
         Ok(()) => return Ok(()),
         Err(e) if unsupported(&e) => {}
         Err(e) => return Err(e),
@@ -356,7 +326,7 @@ fn zero_device_range(file: &File, offset: u64, len: u64, sector: u64) -> io::Res
     let start = offset.next_multiple_of(sector);
     let stop = end / sector * sector;
     if start < stop {
-        match range_ioctl(file, BLKZEROOUT, start, stop - start) {
+        match block_range(file, RangeOp::ZeroOut, start, stop - start) {
             Ok(()) => {
                 write_zero_buffers(file, offset, start - offset)?;
                 return write_zero_buffers(file, stop, end - stop);
@@ -496,7 +466,7 @@ impl Backend for RawBackend {
                     let start = offset.next_multiple_of(sector);
                     let stop = (offset + len) / sector * sector;
                     if start < stop {
-                        range_ioctl(file, BLKDISCARD, start, stop - start)
+                        block_range(file, RangeOp::Discard, start, stop - start)
                     } else {
                         Ok(())
                     }
@@ -565,17 +535,7 @@ impl Backend for RawBackend {
             return Ok(());
         }
         self.blocking("cache", Some((offset, len)), move |file| {
-            let (offset, len) = (off_t(offset)?, off_t(len)?);
-            // SAFETY: posix_fadvise only reads its scalar arguments; the descriptor is
-            // valid for as long as `file` is borrowed.
-            let rc = unsafe {
-                libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_WILLNEED)
-            };
-            if rc == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::from_raw_os_error(rc))
-            }
+            will_need(file, offset, len)
         })
         .await
     }

@@ -180,13 +180,27 @@ fn check_socket(fd: RawFd) -> Result<Family> {
             "is not listening (a service's sockets need Accept=no)".to_owned(),
         ));
     }
-    match int_opt(libc::SO_DOMAIN)? {
+    match address_family(fd).map_err(|_| fail("is not a socket"))? {
         libc::AF_INET | libc::AF_INET6 => Ok(Family::Tcp),
         libc::AF_UNIX => Ok(Family::Unix),
         other => Err(refuse(format!(
             "has address family {other}, not TCP or Unix"
         ))),
     }
+}
+
+/// The address family of the socket `fd` (`getsockname` has it everywhere, where
+/// `SO_DOMAIN` is Linux's).
+fn address_family(fd: std::os::fd::RawFd) -> std::io::Result<libc::c_int> {
+    // SAFETY: an all-zero sockaddr_storage is a valid value of the type.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `addr` is writable for `len` bytes, which getsockname does not exceed.
+    let rc = unsafe { libc::getsockname(fd, (&raw mut addr).cast(), &raw mut len) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(libc::c_int::from(addr.ss_family))
 }
 
 impl Inherited {

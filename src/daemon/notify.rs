@@ -86,11 +86,15 @@ fn send(target: &Target, state: &str) -> std::io::Result<()> {
     let socket = UnixDatagram::unbound()?;
     match target {
         Target::Path(path) => socket.send_to(state.as_bytes(), path)?,
+        #[cfg(target_os = "linux")]
         Target::Abstract(name) => {
             use std::os::linux::net::SocketAddrExt;
             let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
             socket.send_to_addr(state.as_bytes(), &addr)?
         }
+        // Abstract socket names are Linux's (and so is systemd).
+        #[cfg(not(target_os = "linux"))]
+        Target::Abstract(_) => return Err(std::io::ErrorKind::Unsupported.into()),
     };
     Ok(())
 }

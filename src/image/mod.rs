@@ -124,20 +124,7 @@ pub fn fingerprint(storage: &dyn Storage, size: u64) -> std::io::Result<[u8; 16]
 /// Random bytes from the kernel, for image identities.
 pub(crate) fn random_id() -> Result<[u8; 16]> {
     let mut id = [0u8; 16];
-    let mut got = 0;
-    while got < id.len() {
-        // SAFETY: getrandom writes at most `len - got` bytes into the buffer slice, which
-        // is valid and writable for that length.
-        let n = unsafe { libc::getrandom(id[got..].as_mut_ptr().cast(), id.len() - got, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(Error::from(e).with_op("getrandom"));
-            }
-        } else {
-            got += n as usize;
-        }
-    }
+    crate::sys::random_bytes(&mut id).map_err(|e| Error::from(e).with_op("getrandom"))?;
     Ok(id)
 }
 

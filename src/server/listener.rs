@@ -310,7 +310,11 @@ fn set_keepalive(stream: &tokio::net::TcpStream) {
     let fd = stream.as_raw_fd();
     let opts: [(libc::c_int, libc::c_int, libc::c_int); 4] = [
         (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        #[cfg(target_os = "linux")]
         (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 60),
+        // macOS names the idle time TCP_KEEPALIVE.
+        #[cfg(not(target_os = "linux"))]
+        (libc::IPPROTO_TCP, libc::TCP_KEEPALIVE, 60),
         (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10),
         (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6),
     ];
