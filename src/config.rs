@@ -34,7 +34,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::access::{Access, NetworkRule};
-use crate::image::Format;
+use crate::image::{Format, FormatChoice};
 use crate::server::ListenAddr;
 
 /// Where `strata serve` listens when neither the file nor the flags say.
@@ -186,16 +186,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for log collectors.
     Json,
-}
-
-/// How an image file is read (`format` of an export).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum FormatChoice {
-    #[default]
-    Auto,
-    Raw,
-    Strata,
 }
 
 /// The server's TLS settings; the files are loaded when the server starts.
@@ -1489,11 +1479,7 @@ fn exports(
             names.insert(name.clone(), i);
         }
         let image = export_image(e, &field, source, files, problems);
-        let format = match e.format.as_ref().map(|f| *f.get_ref()) {
-            None | Some(FormatChoice::Auto) => None,
-            Some(FormatChoice::Raw) => Some(Format::Raw),
-            Some(FormatChoice::Strata) => Some(Format::Strata),
-        };
+        let format = e.format.as_ref().and_then(|f| f.get_ref().forced());
         if format.is_some() && image.starts_with("memory:") {
             problems.add(
                 e.format.as_ref().and_then(|f| source.at_of(f)),

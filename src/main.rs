@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use strata::access::{Access, NetworkRule};
 use strata::config::{self, Config, ExportDef, LogFormat, Overrides, SystemFiles, TlsMode};
 use strata::daemon::{self, Options, activation};
+use strata::image::FormatChoice;
 use strata::server::ListenAddr;
 use tracing::error;
 
@@ -54,18 +55,6 @@ enum Command {
     Ctl(cli_ctl::CtlArgs),
     /// Boot, suspend and resume VMs whose disk is an NBD export.
     Vm(cli_vm::VmArgs),
-}
-
-/// How `serve` reads image files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum FormatArg {
-    /// Strata image if the file starts with the Strata signature, raw otherwise
-    /// (other tools' image formats are refused).
-    Auto,
-    /// The file's bytes as they are.
-    Raw,
-    /// A Strata image.
-    Strata,
 }
 
 /// `serve --tls`.
@@ -123,7 +112,7 @@ struct ServeArgs {
 
     /// Image format [default: auto].
     #[arg(short, long, value_enum)]
-    format: Option<FormatArg>,
+    format: Option<FormatChoice>,
 
     /// Human-readable description sent to clients that ask.
     #[arg(long)]
@@ -351,11 +340,7 @@ fn export_flags_given(args: &ServeArgs) -> Vec<&'static str> {
 fn serve_config(args: &ServeArgs, verbose: u8) -> Result<Config, (u8, String)> {
     let flags = overrides(args, verbose);
     let Some(file) = &args.config else {
-        let format = args.format.and_then(|f| match f {
-            FormatArg::Auto => None,
-            FormatArg::Raw => Some(strata::image::Format::Raw),
-            FormatArg::Strata => Some(strata::image::Format::Strata),
-        });
+        let format = args.format.and_then(FormatChoice::forced);
         let access = Access::new(args.allow.clone(), args.allow_identity.clone());
         if !args.allow_identity.is_empty() && args.tls_client_ca.is_none() {
             return Err((

@@ -45,6 +45,32 @@ pub enum Format {
     Foreign(&'static str),
 }
 
+/// How a file is to be read, as the command line, the configuration file and the
+/// control API say it (`auto`, `raw`, `strata`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FormatChoice {
+    /// A Strata image if the file starts with the Strata signature, raw otherwise
+    /// (other tools' image formats are refused).
+    #[default]
+    Auto,
+    /// The file's bytes as they are.
+    Raw,
+    /// A Strata image.
+    Strata,
+}
+
+impl FormatChoice {
+    /// The format to force, or `None` to detect it from the file.
+    pub fn forced(self) -> Option<Format> {
+        match self {
+            FormatChoice::Auto => None,
+            FormatChoice::Raw => Some(Format::Raw),
+            FormatChoice::Strata => Some(Format::Strata),
+        }
+    }
+}
+
 /// Recognises the format of the first bytes of a file.
 pub fn detect(head: &[u8]) -> Format {
     if format::has_magic(head) {

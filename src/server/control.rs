@@ -698,16 +698,6 @@ async fn get_export(
     Ok(axum::Json(ExportView::of(&export)))
 }
 
-/// How `POST /v1/exports` reads the image.
-#[derive(Debug, Default, Clone, Copy, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum FormatChoice {
-    #[default]
-    Auto,
-    Raw,
-    Strata,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AddExport {
@@ -716,7 +706,7 @@ struct AddExport {
     #[serde(default)]
     read_only: bool,
     #[serde(default)]
-    format: FormatChoice,
+    format: crate::image::FormatChoice,
     #[serde(default)]
     description: String,
 }
@@ -765,11 +755,7 @@ async fn add_export(
         )
         .into());
     }
-    let format = match req.format {
-        FormatChoice::Auto => None,
-        FormatChoice::Raw => Some(crate::image::Format::Raw),
-        FormatChoice::Strata => Some(crate::image::Format::Strata),
-    };
+    let format = req.format.forced();
     let (name, image) = (req.name.clone(), req.image.clone());
     let access = state.access.clone();
     let export = blocking(move || {
