@@ -300,12 +300,8 @@ impl VmSpec {
 /// `_` and `-`, not starting with `.` or `-` (it names a directory or file, and a disk
 /// snapshot `vm.NAME`)?
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 60
-        && !name.starts_with(['.', '-'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    // A snapshot name's rules, at most 60 bytes: a checkpoint's disk snapshot is `vm.NAME`.
+    name.len() <= 60 && crate::image::snapshot::plain_name(name, b"")
 }
 
 #[cfg(test)]
