@@ -12,8 +12,8 @@ use strata::image::snapshot;
 use strata::server::volume::{self, DirtyRange, RollbackOptions, Volume};
 use strata::size::format_size;
 
-use crate::cli_ctl::timestamp;
-use crate::cli_image::print_json;
+use super::ctl::timestamp;
+use super::image::print_json;
 
 type CmdResult = strata::Result<ExitCode>;
 
