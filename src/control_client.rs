@@ -74,7 +74,7 @@ impl ControlTarget {
     }
 
     /// Sends one request; returns the answer's body when the status is a success, and
-    /// the server's message as the error otherwise (404 as [`ErrorKind::NotFound`], 409
+    /// the server's message as the error otherwise (403 as [`ErrorKind::PermissionDenied`], 404 as [`ErrorKind::NotFound`], 409
     /// as [`ErrorKind::Busy`], other 4xx as [`ErrorKind::InvalidInput`]).
     pub async fn call(
         &self,
@@ -129,6 +129,7 @@ impl ControlTarget {
             .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
             .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_owned());
         let kind = match status.as_u16() {
+            403 => ErrorKind::PermissionDenied,
             404 => ErrorKind::NotFound,
             409 => ErrorKind::Busy,
             400..=499 => ErrorKind::InvalidInput,

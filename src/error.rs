@@ -2,7 +2,7 @@
 //!
 //! Callers match on [`ErrorKind`]; the rest (operation, offset, path, cause) is context for
 //! humans and logs. The NBD wire code for an error is derived from its kind in exactly one
-//! place, [`crate::proto::errno_for`].
+//! place, `proto::errno_for`; its HTTP status for the control API in one place too.
 
 use std::fmt;
 use std::io;
@@ -19,8 +19,12 @@ pub enum ErrorKind {
     InvalidInput,
     /// A write would go past the end of the device, or the host is out of space (`ENOSPC`).
     NoSpace,
-    /// The target refuses modification (`EPERM`).
+    /// The target refuses modification: a read-only export, volume or file system
+    /// (`EPERM`).
     ReadOnly,
+    /// The operating system refused access to a file or device (`EACCES`, `EPERM`)
+    /// (`EPERM`).
+    PermissionDenied,
     /// The operation, or one of its flags, is not available here (`ENOTSUP`).
     NotSupported,
     /// Memory could not be obtained (`ENOMEM`).
@@ -49,6 +53,7 @@ impl ErrorKind {
             ErrorKind::InvalidInput => "invalid argument",
             ErrorKind::NoSpace => "no space left",
             ErrorKind::ReadOnly => "read-only",
+            ErrorKind::PermissionDenied => "permission denied",
             ErrorKind::NotSupported => "not supported",
             ErrorKind::NoMemory => "out of memory",
             ErrorKind::Overflow => "value too large",
@@ -182,14 +187,17 @@ impl From<io::Error> for Error {
     fn from(err: io::Error) -> Self {
         let kind = match err.raw_os_error() {
             Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => ErrorKind::NoSpace,
-            Some(libc::EROFS | libc::EPERM | libc::EACCES) => ErrorKind::ReadOnly,
+            Some(libc::EROFS) => ErrorKind::ReadOnly,
+            Some(libc::EPERM | libc::EACCES) => ErrorKind::PermissionDenied,
+            Some(libc::ENOENT) => ErrorKind::NotFound,
             Some(libc::EOPNOTSUPP | libc::ENOSYS) => ErrorKind::NotSupported,
             Some(libc::ENOMEM) => ErrorKind::NoMemory,
             Some(libc::EINVAL) => ErrorKind::InvalidInput,
             Some(libc::EOVERFLOW) => ErrorKind::Overflow,
             _ => match err.kind() {
                 io::ErrorKind::InvalidInput => ErrorKind::InvalidInput,
-                io::ErrorKind::PermissionDenied => ErrorKind::ReadOnly,
+                io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
+                io::ErrorKind::NotFound => ErrorKind::NotFound,
                 io::ErrorKind::Unsupported => ErrorKind::NotSupported,
                 io::ErrorKind::OutOfMemory => ErrorKind::NoMemory,
                 _ => ErrorKind::Io,
@@ -211,6 +219,14 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Io);
         let e: Error = io::Error::from_raw_os_error(libc::EROFS).into();
         assert_eq!(e.kind(), ErrorKind::ReadOnly);
+        let e: Error = io::Error::from_raw_os_error(libc::EACCES).into();
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+        let e: Error = io::Error::from_raw_os_error(libc::EPERM).into();
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+        let e: Error = io::Error::from_raw_os_error(libc::ENOENT).into();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        let e: Error = io::Error::from(io::ErrorKind::NotFound).into();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
     }
 
     #[test]

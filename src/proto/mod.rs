@@ -97,7 +97,7 @@ pub fn errno_for(kind: ErrorKind) -> u32 {
     match kind {
         ErrorKind::InvalidInput | ErrorKind::NotFound | ErrorKind::AlreadyExists => errno::EINVAL,
         ErrorKind::NoSpace => errno::ENOSPC,
-        ErrorKind::ReadOnly => errno::EPERM,
+        ErrorKind::ReadOnly | ErrorKind::PermissionDenied => errno::EPERM,
         ErrorKind::NotSupported => errno::ENOTSUP,
         ErrorKind::NoMemory => errno::ENOMEM,
         ErrorKind::Overflow => errno::EOVERFLOW,

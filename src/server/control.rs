@@ -361,6 +361,7 @@ fn router(state: Arc<ControlState>) -> Router {
 pub fn status_for(kind: ErrorKind) -> StatusCode {
     match kind {
         ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
         ErrorKind::AlreadyExists | ErrorKind::Busy | ErrorKind::ReadOnly => StatusCode::CONFLICT,
         ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
         ErrorKind::NotSupported => StatusCode::NOT_IMPLEMENTED,
@@ -1080,6 +1081,10 @@ mod tests {
     #[test]
     fn every_kind_has_a_status() {
         assert_eq!(status_for(ErrorKind::NotFound), StatusCode::NOT_FOUND);
+        assert_eq!(
+            status_for(ErrorKind::PermissionDenied),
+            StatusCode::FORBIDDEN
+        );
         assert_eq!(status_for(ErrorKind::AlreadyExists), StatusCode::CONFLICT);
         assert_eq!(status_for(ErrorKind::Busy), StatusCode::CONFLICT);
         assert_eq!(status_for(ErrorKind::ReadOnly), StatusCode::CONFLICT);
