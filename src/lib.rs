@@ -55,6 +55,7 @@
 //!   Virtualization.framework driver.
 //! - [`control_client`]: the control API's HTTP client.
 //! - [`error`]: the crate's one error type.
+//! - [`failpoint`]: named crash points for the crash tests (the `failpoints` feature).
 //! - [`size`]: parsing of human-friendly sizes.
 
 pub mod access;
@@ -63,6 +64,7 @@ pub mod config;
 pub mod control_client;
 pub mod daemon;
 pub mod error;
+pub mod failpoint;
 pub mod image;
 pub mod mapping;
 pub mod proto;

@@ -312,7 +312,7 @@ fn remove_file(path: &Path) -> Result<()> {
     }
 }
 
-/// The steps of snapshot operations at which [`failpoint`] can stop the process, in
+/// The steps of snapshot operations at which [`crate::failpoint::hit`] can stop the process, in
 /// the order each operation reaches them.
 pub const FAILPOINTS: &[&str] = &[
     "snapshot-prepared",
@@ -326,18 +326,6 @@ pub const FAILPOINTS: &[&str] = &[
     "rollback-renamed",
     "rollback-discarding",
 ];
-
-/// Stops the process at a named step of a snapshot operation, when the environment
-/// variable `STRATA_FAILPOINT` names it: the crash tests kill the server at each step
-/// this way and check what a restart finds.
-pub fn failpoint(step: &str) {
-    static CHOSEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let chosen = CHOSEN.get_or_init(|| std::env::var("STRATA_FAILPOINT").ok());
-    if chosen.as_deref() == Some(step) {
-        eprintln!("strata: stopping at failpoint {step}");
-        std::process::abort();
-    }
-}
 
 /// An empty overlay of the live image at `live`, created under a temporary name with
 /// its backing set to `backing` (the file it will refer to once renamed to `live`).
@@ -442,7 +430,7 @@ pub fn prepare(live: &Path, name: &str, chain: &Chain) -> Result<Prepared> {
         storage,
         scan,
     };
-    failpoint("snapshot-prepared");
+    crate::failpoint::hit("snapshot-prepared");
     // Commit now, so that the commit left for after the switch is small.
     let linked = chain
         .flush()
@@ -455,7 +443,7 @@ pub fn prepare(live: &Path, name: &str, chain: &Chain) -> Result<Prepared> {
         prepared.abandon();
         return Err(e);
     }
-    failpoint("snapshot-linked");
+    crate::failpoint::hit("snapshot-linked");
     Ok(prepared)
 }
 
@@ -479,7 +467,7 @@ pub fn switch(prepared: Prepared, chain: &Arc<Chain>) -> Result<Chain> {
         prepared.abandon();
         return Err(err);
     }
-    failpoint("snapshot-renamed");
+    crate::failpoint::hit("snapshot-renamed");
     if let Err(e) = chain.storage().share_lock() {
         warn!("cannot share the lock of {}: {e}", prepared.snap.display());
     }
@@ -533,7 +521,7 @@ pub fn begin_delete(live: &Path, snap: &Snapshot) -> Result<()> {
         name: snap.name.clone(),
     });
     m.store(live)?;
-    failpoint("delete-begun");
+    crate::failpoint::hit("delete-begun");
     Ok(())
 }
 
@@ -551,11 +539,11 @@ pub fn merge_into_snapshot(chain: &Chain, snap: &Snapshot) -> Result<u64> {
     let mut target = Chain::over(storage, &above.path, scan, Arc::clone(lower), true)?;
     let copied = target.absorb(u16::try_from(snap.layer).expect("layer index fits"))?;
     target.flush()?;
-    failpoint("delete-merged");
+    crate::failpoint::hit("delete-merged");
     let mut header = target.header().clone();
     header.backing = bypass(chain, snap)?;
     target.rewrite_header(header)?;
-    failpoint("delete-rebased");
+    crate::failpoint::hit("delete-rebased");
     super::forget_shared(&above.path);
     Ok(copied)
 }
@@ -565,7 +553,7 @@ pub fn merge_into_snapshot(chain: &Chain, snap: &Snapshot) -> Result<u64> {
 /// header past the snapshot. Run while no request is in progress; the chain must be
 /// reopened afterwards.
 pub fn bypass_below_live(chain: &Chain, snap: &Snapshot) -> Result<()> {
-    failpoint("delete-merged");
+    crate::failpoint::hit("delete-merged");
     let mut header = chain.header().clone();
     header.backing = bypass(chain, snap)?;
     store_header(
@@ -575,7 +563,7 @@ pub fn bypass_below_live(chain: &Chain, snap: &Snapshot) -> Result<()> {
         chain.header_slot(),
         header,
     )?;
-    failpoint("delete-rebased");
+    crate::failpoint::hit("delete-rebased");
     Ok(())
 }
 
@@ -589,7 +577,7 @@ pub fn reopen(chain: &Chain) -> Result<Chain> {
 pub fn finish_delete(live: &Path, name: &str) -> Result<()> {
     let dir = parent_dir(live);
     remove_file(&file_of(live, name))?;
-    failpoint("delete-removed");
+    crate::failpoint::hit("delete-removed");
     sync_dir(dir)?;
     let mut m = Manifest::load(live);
     m.snapshots.remove(name);
@@ -655,7 +643,7 @@ pub fn prepare_rollback(
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    failpoint("rollback-prepared");
+    crate::failpoint::hit("rollback-prepared");
     Ok(Rollback {
         live: live.to_path_buf(),
         tmp,
@@ -672,7 +660,7 @@ pub fn switch_rollback(rollback: &Rollback) -> Result<Chain> {
     std::fs::rename(&rollback.tmp, &rollback.live)
         .map_err(|e| Error::from(e).with_op("rollback").with_path(&rollback.live))?;
     sync_dir(parent_dir(&rollback.live))?;
-    failpoint("rollback-renamed");
+    crate::failpoint::hit("rollback-renamed");
     let scan = rollback.scan.clone();
     Chain::over(
         Arc::clone(&rollback.storage),
@@ -703,7 +691,7 @@ fn finish_discard(live: &Path, discard: &[String]) -> Result<()> {
     let dir = parent_dir(live);
     for name in discard {
         remove_file(&file_of(live, name))?;
-        failpoint("rollback-discarding");
+        crate::failpoint::hit("rollback-discarding");
     }
     sync_dir(dir)?;
     let mut m = Manifest::load(live);

@@ -40,7 +40,7 @@ use crate::error::{Error, ErrorKind, Result};
 pub const SOCKET: &str = "launcher.sock";
 
 /// The steps of a suspend at which `STRATA_FAILPOINT` can stop the launcher (see
-/// [`crate::image::snapshot::failpoint`]), for the crash tests: after the disk snapshot,
+/// [`crate::failpoint::hit`]), for the crash tests: after the disk snapshot,
 /// and after the state file is in place but before the checkpoint is recorded.
 pub const FAILPOINTS: &[&str] = &["vm-suspend-snapshotted", "vm-suspend-saved"];
 
@@ -891,11 +891,11 @@ async fn suspend(
         }
     };
     let snapped = start.elapsed();
-    crate::image::snapshot::failpoint(FAILPOINTS[0]);
+    crate::failpoint::hit(FAILPOINTS[0]);
     let saved = async {
         driver.save_state(&partial).await?;
         commit_file(&partial, &path)?;
-        crate::image::snapshot::failpoint(FAILPOINTS[1]);
+        crate::failpoint::hit(FAILPOINTS[1]);
         let state_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         bundle.add_checkpoint(Checkpoint {
             name: name.clone(),
