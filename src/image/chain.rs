@@ -726,7 +726,9 @@ impl Chain {
             let st = self.state.read().map_err(|_| lock_err())?;
             self.plan(&st.map, offset, buf.len() as u64)
         };
-        self.read_pieces(&pieces, offset, as_uninit(buf))
+        // SAFETY: read_pieces only stores bytes read from storage or zeroes through the
+        // view, so `buf` stays initialised.
+        self.read_pieces(&pieces, offset, unsafe { as_uninit(buf) })
     }
 
     /// Reads `len` bytes at `offset` into a new buffer (not cleared first).

@@ -89,9 +89,14 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
 /// Views initialised bytes as possibly uninitialised ones, for code that only writes
 /// initialised values through the view.
-pub(crate) fn as_uninit(buf: &mut [u8]) -> &mut [MaybeUninit<u8>] {
-    // SAFETY: `MaybeUninit<u8>` has the layout of `u8`; the callers write only initialised
-    // values, so `buf` stays initialised.
+///
+/// # Safety
+/// The caller must write only initialised values through the returned view (never
+/// `MaybeUninit::uninit()`): `buf` is still a `&mut [u8]` afterwards, which must hold
+/// initialised bytes.
+pub(crate) unsafe fn as_uninit(buf: &mut [u8]) -> &mut [MaybeUninit<u8>] {
+    // SAFETY: `MaybeUninit<u8>` has the layout of `u8`; the caller keeps every byte
+    // initialised, as its contract says.
     unsafe { &mut *(std::ptr::from_mut::<[u8]>(buf) as *mut [MaybeUninit<u8>]) }
 }
 
