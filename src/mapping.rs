@@ -16,7 +16,9 @@
 //! - Bytes of a mapping are only ever read by the kernel (the socket write), never by
 //!   user-space code of the server: if another process truncates the file, that write
 //!   fails with `EFAULT` and the connection ends, where a user-space access would have
-//!   killed the process with `SIGBUS`.
+//!   killed the process with `SIGBUS`. Backends hand such bytes out only from
+//!   `Backend::read_for_kernel` and `Backend::read_sparse_for_kernel`, which plaintext
+//!   sessions call; TLS sessions, which encrypt in user space, read copies.
 //!
 //! Contents may change under a returned buffer if a later write lands on the same pages
 //! before the reply is sent; that write was issued while the read was in flight, and NBD

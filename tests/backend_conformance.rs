@@ -642,23 +642,38 @@ async fn assert_depths<B: Backend>(
     assert_eq!(extents, expected, "allocation_depth at {offset}+{len}");
 }
 
-/// Reads sparsely and checks that the chunks cover `len` and match a plain read.
+/// Reads sparsely, with and without zero-copy for the kernel, and checks that the chunks
+/// cover `len` and match a plain read; so does a zero-copy plain read.
 async fn check_sparse<B: Backend>(b: &B, offset: u64, len: usize) {
-    let chunks = b
-        .read_sparse(offset, len)
-        .await
-        .unwrap_or_else(|e| panic!("read_sparse at {offset}+{len}: {e}"));
-    let covered: u64 = chunks.iter().map(ReadChunk::len).sum();
-    assert_eq!(covered, len as u64, "read_sparse chunks {chunks:?}");
-    let mut joined = Vec::with_capacity(len);
-    for c in &chunks {
-        match c {
-            ReadChunk::Data(d) => joined.extend_from_slice(d),
-            ReadChunk::Zero(n) => joined.resize(joined.len() + *n as usize, 0),
-        }
-    }
     let plain = read(b, offset, len as u64).await;
-    assert_same(&joined, &plain, offset, "read_sparse vs read");
+    for for_kernel in [false, true] {
+        let what = if for_kernel {
+            "read_sparse_for_kernel"
+        } else {
+            "read_sparse"
+        };
+        let chunks = if for_kernel {
+            b.read_sparse_for_kernel(offset, len).await
+        } else {
+            b.read_sparse(offset, len).await
+        }
+        .unwrap_or_else(|e| panic!("{what} at {offset}+{len}: {e}"));
+        let covered: u64 = chunks.iter().map(ReadChunk::len).sum();
+        assert_eq!(covered, len as u64, "{what} chunks {chunks:?}");
+        let mut joined = Vec::with_capacity(len);
+        for c in &chunks {
+            match c {
+                ReadChunk::Data(d) => joined.extend_from_slice(d),
+                ReadChunk::Zero(n) => joined.resize(joined.len() + *n as usize, 0),
+            }
+        }
+        assert_same(&joined, &plain, offset, &format!("{what} vs read"));
+    }
+    let mapped = b
+        .read_for_kernel(offset, len)
+        .await
+        .unwrap_or_else(|e| panic!("read_for_kernel at {offset}+{len}: {e}"));
+    assert_same(&mapped, &plain, offset, "read_for_kernel vs read");
 }
 
 /// Write ranges that start and end off alignment and straddle chunk boundaries.

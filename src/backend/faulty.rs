@@ -366,6 +366,16 @@ impl<B: Backend> Backend for Faulty<B> {
         self.inner.read_sparse(offset, len).await
     }
 
+    async fn read_for_kernel(&self, offset: u64, len: usize) -> Result<Bytes> {
+        self.check(FaultOp::Read, Some((offset, len as u64)))?;
+        self.inner.read_for_kernel(offset, len).await
+    }
+
+    async fn read_sparse_for_kernel(&self, offset: u64, len: usize) -> Result<Vec<ReadChunk>> {
+        self.check(FaultOp::Read, Some((offset, len as u64)))?;
+        self.inner.read_sparse_for_kernel(offset, len).await
+    }
+
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         self.check(FaultOp::Write, Some((offset, data.len() as u64)))?;
         self.inner.write(offset, data, fua).await

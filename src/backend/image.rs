@@ -25,11 +25,8 @@ pub struct ImageBackend {
 
 impl ImageBackend {
     /// Serves `chain`.
-    pub fn new(mut chain: Chain) -> ImageBackend {
+    pub fn new(chain: Chain) -> ImageBackend {
         let inline = chain.in_memory();
-        // Replies are written to sockets by the kernel: reads of files in memory can
-        // point into their mappings instead of copying.
-        chain.set_zero_copy(inline);
         let snapshots = snapshot::in_chain(&chain)
             .into_iter()
             .map(|s| (s.name, s.layer))
@@ -93,6 +90,11 @@ impl Backend for ImageBackend {
 
     async fn read_sparse(&self, offset: u64, len: usize) -> Result<Vec<ReadChunk>> {
         self.run(move |c| c.read_sparse(offset, len)).await
+    }
+
+    async fn read_sparse_for_kernel(&self, offset: u64, len: usize) -> Result<Vec<ReadChunk>> {
+        self.run(move |c| c.read_sparse_for_kernel(offset, len))
+            .await
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {

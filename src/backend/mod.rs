@@ -235,6 +235,30 @@ pub trait Backend: Send + Sync + 'static {
         async move { Ok(vec![ReadChunk::Data(self.read(offset, len).await?)]) }
     }
 
+    /// Like [`Backend::read`], for a caller that hands the bytes only to the kernel (a
+    /// plaintext reply written to a socket): they may point into a mapping of a file in
+    /// memory instead of being copied ([`crate::mapping`]). User-space code must never
+    /// read them: if another process truncates the file, the kernel's access fails with
+    /// `EFAULT` where a user-space one kills the process with `SIGBUS`. The default is
+    /// [`Backend::read`].
+    fn read_for_kernel(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> impl Future<Output = Result<Bytes>> + Send {
+        self.read(offset, len)
+    }
+
+    /// [`Backend::read_sparse`] with the contract of [`Backend::read_for_kernel`]. The
+    /// default is [`Backend::read_sparse`].
+    fn read_sparse_for_kernel(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> impl Future<Output = Result<Vec<ReadChunk>>> + Send {
+        self.read_sparse(offset, len)
+    }
+
     /// Writes `data` at `offset`; with `fua` the data is durable on return.
     fn write(&self, offset: u64, data: Bytes, fua: bool)
     -> impl Future<Output = Result<()>> + Send;
@@ -345,6 +369,12 @@ pub trait DynBackend: Send + Sync + 'static {
     fn block_size(&self) -> BlockSize;
     fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes>>;
     fn read_sparse(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Vec<ReadChunk>>>;
+    fn read_for_kernel(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes>>;
+    fn read_sparse_for_kernel(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> BoxFuture<'_, Result<Vec<ReadChunk>>>;
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<()>>;
     fn flush(&self) -> BoxFuture<'_, Result<()>>;
     fn trim(&self, offset: u64, len: u64, fua: bool) -> BoxFuture<'_, Result<()>>;
@@ -376,6 +406,16 @@ impl<B: Backend> DynBackend for B {
     }
     fn read_sparse(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Vec<ReadChunk>>> {
         Box::pin(Backend::read_sparse(self, offset, len))
+    }
+    fn read_for_kernel(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes>> {
+        Box::pin(Backend::read_for_kernel(self, offset, len))
+    }
+    fn read_sparse_for_kernel(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> BoxFuture<'_, Result<Vec<ReadChunk>>> {
+        Box::pin(Backend::read_sparse_for_kernel(self, offset, len))
     }
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<()>> {
         Box::pin(Backend::write(self, offset, data, fua))
@@ -433,6 +473,20 @@ impl Backend for SharedBackend {
         len: usize,
     ) -> impl Future<Output = Result<Vec<ReadChunk>>> + Send {
         (**self).read_sparse(offset, len)
+    }
+    fn read_for_kernel(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> impl Future<Output = Result<Bytes>> + Send {
+        (**self).read_for_kernel(offset, len)
+    }
+    fn read_sparse_for_kernel(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> impl Future<Output = Result<Vec<ReadChunk>>> + Send {
+        (**self).read_sparse_for_kernel(offset, len)
     }
     fn write(
         &self,

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 
-use super::{Backend, Capabilities, Extent, ZeroFlags};
+use super::{Backend, Capabilities, Extent, ReadChunk, ZeroFlags};
 use crate::error::{Error, ErrorKind, Result};
 use crate::mapping::MappedReads;
 use crate::sys::{
@@ -413,9 +413,6 @@ impl Backend for RawBackend {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        if let Some(data) = self.mapped.as_ref().and_then(|m| m.get(offset, len)) {
-            return Ok(data);
-        }
         if let Some(result) = self.read_nowait(offset, len) {
             return result.map_err(|e| self.io_error(e, "read", Some((offset, len as u64))));
         }
@@ -423,6 +420,22 @@ impl Backend for RawBackend {
             pread_exact(file, offset, len).map(Bytes::from)
         })
         .await
+    }
+
+    async fn read_for_kernel(&self, offset: u64, len: usize) -> Result<Bytes> {
+        if len > 0
+            && let Some(data) = self.mapped.as_ref().and_then(|m| m.get(offset, len))
+        {
+            self.debug_check_range(offset, len as u64);
+            return Ok(data);
+        }
+        self.read(offset, len).await
+    }
+
+    async fn read_sparse_for_kernel(&self, offset: u64, len: usize) -> Result<Vec<ReadChunk>> {
+        Ok(vec![ReadChunk::Data(
+            self.read_for_kernel(offset, len).await?,
+        )])
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {

@@ -55,6 +55,14 @@ impl<B: Backend> Backend for ReadOnly<B> {
         self.inner.read_sparse(offset, len).await
     }
 
+    async fn read_for_kernel(&self, offset: u64, len: usize) -> Result<Bytes> {
+        self.inner.read_for_kernel(offset, len).await
+    }
+
+    async fn read_sparse_for_kernel(&self, offset: u64, len: usize) -> Result<Vec<ReadChunk>> {
+        self.inner.read_sparse_for_kernel(offset, len).await
+    }
+
     async fn write(&self, _offset: u64, _data: Bytes, _fua: bool) -> Result<()> {
         Err(refused("write"))
     }

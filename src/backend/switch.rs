@@ -113,6 +113,18 @@ impl<B: Backend> Backend for Switchable<B> {
         self.current.read().await.read_sparse(offset, len).await
     }
 
+    async fn read_for_kernel(&self, offset: u64, len: usize) -> Result<Bytes> {
+        self.current.read().await.read_for_kernel(offset, len).await
+    }
+
+    async fn read_sparse_for_kernel(&self, offset: u64, len: usize) -> Result<Vec<ReadChunk>> {
+        self.current
+            .read()
+            .await
+            .read_sparse_for_kernel(offset, len)
+            .await
+    }
+
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         self.current.read().await.write(offset, data, fua).await
     }

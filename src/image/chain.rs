@@ -317,8 +317,6 @@ pub struct Chain {
     alloc: Mutex<()>,
     commit: Mutex<()>,
     gate: RwLock<()>,
-    /// Zero-copy reads: data read straight from mappings of in-memory files.
-    zero_copy: bool,
     pins: Mutex<Pins>,
     /// Work that must be durable before this chain may acknowledge a flush: after a
     /// snapshot, the commit of the layer frozen below it and the rename that made this
@@ -406,7 +404,6 @@ impl Chain {
             alloc: Mutex::new(()),
             commit: Mutex::new(()),
             gate: RwLock::new(()),
-            zero_copy: false,
             pins: Mutex::new(Pins::default()),
             settle: Mutex::new(None),
             lower: None,
@@ -563,13 +560,6 @@ impl Chain {
             }
         }
         Ok(copied)
-    }
-
-    /// Lets [`Chain::read_sparse`] return data that points into mappings of the layers'
-    /// files (only those in memory) instead of copies. Such bytes must only ever be read
-    /// by the kernel, as when writing them to a socket: see [`crate::mapping`].
-    pub fn set_zero_copy(&mut self, on: bool) {
-        self.zero_copy = on;
     }
 
     /// Size of the virtual disk.
@@ -755,9 +745,6 @@ impl Chain {
             let st = self.state.read().map_err(|_| lock_err())?;
             self.plan(&st.map, offset, len as u64)
         };
-        if self.zero_copy {
-            return self.read_mapped(&pieces, offset);
-        }
         let mut out = Vec::with_capacity(pieces.len());
         let mut pos = offset;
         let mut i = 0;
@@ -783,8 +770,24 @@ impl Chain {
         Ok(out)
     }
 
-    /// [`Chain::read_sparse`] for zero-copy chains: one chunk per piece, pointing into
-    /// the layer's mapping when it can, copied otherwise. Caller holds the gate.
+    /// Like [`Chain::read_sparse`], but on a chain whose layers are all in memory the
+    /// data points into the layers' mappings instead of being copied, one chunk per
+    /// piece. Such bytes must only ever be read by the kernel, as when writing them to a
+    /// socket: see [`crate::mapping`].
+    pub fn read_sparse_for_kernel(&self, offset: u64, len: usize) -> Result<Vec<ReadChunk>> {
+        if !self.in_memory() {
+            return self.read_sparse(offset, len);
+        }
+        let _io = self.gate.read().map_err(|_| lock_err())?;
+        let pieces = {
+            let st = self.state.read().map_err(|_| lock_err())?;
+            self.plan(&st.map, offset, len as u64)
+        };
+        self.read_mapped(&pieces, offset)
+    }
+
+    /// The chunks of [`Chain::read_sparse_for_kernel`]: each piece points into its
+    /// layer's mapping when it can, and is copied otherwise. Caller holds the gate.
     fn read_mapped(&self, pieces: &[Piece], offset: u64) -> Result<Vec<ReadChunk>> {
         // Taken under the gate: a flush that frees clusters swaps generations under the
         // gate held exclusively, so this pin covers every cluster these pieces name.

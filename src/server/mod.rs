@@ -447,6 +447,7 @@ async fn handle_connection(stream: Stream, addr: ClientAddr, shared: &Shared) {
         reader,
         writer,
         leftover,
+        client.tls,
         &export,
         &negotiated,
         shared.config.session,

@@ -216,6 +216,9 @@ struct Context {
     mode: ReplyMode,
     contexts: Vec<MetaContext>,
     sparse_reads: bool,
+    /// Replies reach the socket straight from the kernel (no TLS): reads may return bytes
+    /// mapped from files ([`Backend::read_for_kernel`]).
+    kernel_writes: bool,
     wrote: AtomicBool,
     stats: Arc<ExportStats>,
 }
@@ -351,7 +354,7 @@ impl Context {
         let len = h.length as usize;
         let mut out = ReplyBuf::new();
         if self.mode == ReplyMode::Simple {
-            return match self.backend.read(h.offset, len).await {
+            return match self.read_data(h.offset, len).await {
                 Ok(data) => {
                     reply::encode_simple(&mut out.head, h.cookie, 0);
                     out.data(data);
@@ -366,13 +369,14 @@ impl Context {
             return out.finish();
         }
         let df = h.flags & cmd_flags::DF != 0;
-        let chunks = if self.sparse_reads && !df {
-            self.backend.read_sparse(h.offset, len).await
-        } else {
-            self.backend
-                .read(h.offset, len)
+        let chunks = if !self.sparse_reads || df {
+            self.read_data(h.offset, len)
                 .await
                 .map(|d| vec![ReadChunk::Data(d)])
+        } else if self.kernel_writes {
+            self.backend.read_sparse_for_kernel(h.offset, len).await
+        } else {
+            self.backend.read_sparse(h.offset, len).await
         };
         let chunks = match chunks {
             Ok(c) => c,
@@ -403,6 +407,15 @@ impl Context {
             pos += n;
         }
         out.finish()
+    }
+
+    /// The data of a read as one buffer, zero-copy when only the kernel reads it.
+    async fn read_data(&self, offset: u64, len: usize) -> crate::Result<Bytes> {
+        if self.kernel_writes {
+            self.backend.read_for_kernel(offset, len).await
+        } else {
+            self.backend.read(offset, len).await
+        }
     }
 
     async fn block_status(&self, h: &RequestHeader) -> Vec<Bytes> {
@@ -570,12 +583,15 @@ pub fn normalize_extents<E: StatusExtent>(
 /// fails, the export is closed, the client stays idle past the idle timeout, or the
 /// server shuts down. `leftover` holds bytes read past the end of the handshake; requests
 /// are charged to a budget of `config.max_in_flight` bytes leased from `global`, when
-/// there is a server-wide budget.
+/// there is a server-wide budget. `tls` says that `writer` encrypts in user space, so
+/// replies must not carry bytes only the kernel may read
+/// ([`crate::backend::Backend::read_for_kernel`]).
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     reader: ReadHalf,
     writer: WriteHalf,
     leftover: BytesMut,
+    tls: bool,
     export: &Export,
     negotiated: &Negotiated,
     config: SessionConfig,
@@ -601,6 +617,7 @@ pub async fn run(
     };
     let ctx = Arc::new(Context {
         sparse_reads: backend.capabilities().block_status,
+        kernel_writes: !tls,
         backend,
         mode,
         contexts: negotiated.contexts.clone(),
