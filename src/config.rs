@@ -35,6 +35,7 @@ use toml::Spanned;
 
 use crate::access::{Access, NetworkRule};
 use crate::image::{Format, FormatChoice};
+use crate::names;
 use crate::server::ListenAddr;
 
 /// Where `strata serve` listens when neither the file nor the flags say.
@@ -45,8 +46,6 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: u64 = 10;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// The most connections that may be configured.
 pub const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
-/// The longest export name NBD allows.
-const MAX_NAME_LEN: usize = 4096;
 
 // ---------------------------------------------------------------------------------------
 // Errors
@@ -1463,11 +1462,11 @@ fn exports(
         let name = e.name.get_ref();
         if name.is_empty() {
             problems.add(source.at_of(&e.name), format!("{field}.name"), "is empty");
-        } else if name.len() > MAX_NAME_LEN {
+        } else if let Err(why) = names::EXPORT.check(name) {
             problems.add(
                 source.at_of(&e.name),
                 format!("{field}.name"),
-                format!("is {} bytes long; NBD allows {MAX_NAME_LEN}", name.len()),
+                why.to_string(),
             );
         } else if let Some(first) = names.get(name) {
             problems.add(
@@ -1936,6 +1935,11 @@ image = "memory:1G"
         fails(
             "[[exports]]\nname = \"\"\nimage = \"memory:1G\"\n",
             "/etc/strata/strata.toml:2:8: exports[0].name: is empty",
+        );
+        fails(
+            "[[exports]]\nname = \"a/b\"\nimage = \"memory:1G\"\n",
+            "/etc/strata/strata.toml:2:8: exports[0].name: invalid export name \"a/b\": use 1 \
+             to 64 ASCII letters, digits, '.', '_', '-' and '@', not starting with '.' or '-'",
         );
         let text = format!("{EXPORT}\n[[exports]]\nname = \"vm1\"\nimage = \"memory:1M\"\n");
         fails(

@@ -55,6 +55,7 @@
 //!   Virtualization.framework driver.
 //! - [`control_client`]: the control API's HTTP client.
 //! - [`error`]: the crate's one error type.
+//! - [`names`]: the rules for export, snapshot, VM and checkpoint names.
 //! - [`size`]: parsing of human-friendly sizes.
 
 pub mod access;
@@ -65,6 +66,7 @@ pub mod daemon;
 pub mod error;
 pub mod image;
 pub mod mapping;
+pub mod names;
 pub mod proto;
 pub mod server;
 pub mod size;

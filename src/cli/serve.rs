@@ -9,6 +9,7 @@ use strata::access::{Access, NetworkRule};
 use strata::config::{self, Config, ExportDef, LogFormat, Overrides, SystemFiles, TlsMode};
 use strata::daemon::{self, Options, activation};
 use strata::image::FormatChoice;
+use strata::names;
 use strata::server::ListenAddr;
 use tracing::error;
 
@@ -195,7 +196,8 @@ fn default_export_name(image: &str) -> String {
 }
 
 /// The exports `serve` was asked for on the command line, as (name, image) pairs, in
-/// order.
+/// order. Every name must be a valid export name ([`names::EXPORT`]), as in the
+/// configuration file and the control API.
 fn export_list(args: &ServeArgs) -> Result<Vec<(String, String)>, String> {
     if args.name.is_some() && args.images.len() + args.export.len() != 1 {
         return Err(
@@ -204,16 +206,33 @@ fn export_list(args: &ServeArgs) -> Result<Vec<(String, String)>, String> {
     }
     let mut list: Vec<(String, String)> = Vec::new();
     for image in &args.images {
-        let name = args
-            .name
-            .clone()
-            .unwrap_or_else(|| default_export_name(image));
+        let name = match &args.name {
+            Some(name) => {
+                names::EXPORT
+                    .check(name)
+                    .map_err(|e| format!("--name: {e}"))?;
+                name.clone()
+            }
+            None => {
+                let name = default_export_name(image);
+                names::EXPORT.check(&name).map_err(|e| {
+                    format!(
+                        "{image}: the file's name cannot be the export's name ({e}); \
+                         name it with --name NAME or --export NAME=IMAGE"
+                    )
+                })?;
+                name
+            }
+        };
         list.push((name, image.clone()));
     }
     for spec in &args.export {
         let Some((name, image)) = spec.split_once('=') else {
             return Err(format!("--export {spec:?}: expected NAME=IMAGE"));
         };
+        names::EXPORT
+            .check(name)
+            .map_err(|e| format!("--export {spec:?}: {e}"))?;
         list.push((name.to_owned(), image.to_owned()));
     }
     Ok(list)

@@ -34,10 +34,11 @@ use tracing::{debug, info, warn};
 
 use super::export::{Export, Source, StatsSnapshot, open_export};
 use super::listener::{Accepted, ListenAddr, Listener, Stream};
-use super::volume::{RollbackOptions, valid_name};
+use super::volume::RollbackOptions;
 use super::{ConnectionGauge, Exports, ShutdownHandle, Volume};
 use crate::access::Access;
 use crate::error::{Error, ErrorKind, Result};
+use crate::names;
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -711,19 +712,6 @@ struct AddExport {
     description: String,
 }
 
-fn check_name(what: &str, name: &str) -> Result<()> {
-    if valid_name(name) {
-        return Ok(());
-    }
-    Err(Error::msg(
-        ErrorKind::InvalidInput,
-        format!(
-            "invalid {what} name {name:?}: use 1 to 64 ASCII letters, digits, '.', '_', '-' \
-             and '@', not starting with '.' or '-'"
-        ),
-    ))
-}
-
 /// Runs blocking work (opening files, reading metadata) off the network threads.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T> + Send + 'static,
@@ -737,7 +725,7 @@ async fn add_export(
     State(state): Api,
     JsonBody(req): JsonBody<AddExport>,
 ) -> ApiResult<(StatusCode, axum::Json<ExportView>)> {
-    check_name("export", &req.name)?;
+    names::EXPORT.check(&req.name)?;
     if state.exports.get(&req.name).is_some() {
         return Err(Error::msg(
             ErrorKind::AlreadyExists,
@@ -879,7 +867,7 @@ async fn take_snapshot(
     PathArgs(name): PathArgs<String>,
     JsonBody(req): JsonBody<TakeSnapshot>,
 ) -> ApiResult<(StatusCode, axum::Json<super::volume::Taken>)> {
-    check_name("snapshot", &req.name)?;
+    names::SNAPSHOT.check(&req.name)?;
     let volume = volume_of(&*find(&state, &name)?)?;
     let taken = volume.snapshot(&req.name).await?;
     info!(
@@ -900,7 +888,7 @@ async fn delete_snapshot(
     State(state): Api,
     PathArgs((name, snap)): PathArgs<(String, String)>,
 ) -> ApiResult<axum::Json<Deleted>> {
-    check_name("snapshot", &snap)?;
+    names::SNAPSHOT.check(&snap)?;
     let volume = volume_of(&*find(&state, &name)?)?;
     let copied = volume.delete_snapshot(&snap).await?;
     info!(
@@ -933,7 +921,7 @@ async fn rollback(
     PathArgs(name): PathArgs<String>,
     JsonBody(req): JsonBody<Rollback>,
 ) -> ApiResult<axum::Json<RolledBack>> {
-    check_name("snapshot", &req.snapshot)?;
+    names::SNAPSHOT.check(&req.snapshot)?;
     let export = find(&state, &name)?;
     let volume = volume_of(&export)?;
     let connected = usize::try_from(export.stats().connections()).unwrap_or(usize::MAX);
@@ -965,9 +953,9 @@ async fn export_snapshot(
     PathArgs((name, snap)): PathArgs<(String, String)>,
     JsonBody(req): JsonBody<ExportSnapshot>,
 ) -> ApiResult<(StatusCode, axum::Json<ExportView>)> {
-    check_name("snapshot", &snap)?;
+    names::SNAPSHOT.check(&snap)?;
     let export_name = req.name.unwrap_or_else(|| format!("{name}@{snap}"));
-    check_name("export", &export_name)?;
+    names::EXPORT.check(&export_name)?;
     let live = find(&state, &name)?;
     let volume = volume_of(&live)?;
     if state.exports.get(&export_name).is_some() {
@@ -1028,7 +1016,7 @@ async fn dirty(
     PathArgs(name): PathArgs<String>,
     QueryArgs(query): QueryArgs<DirtyQuery>,
 ) -> ApiResult<axum::Json<Dirty>> {
-    check_name("snapshot", &query.since)?;
+    names::SNAPSHOT.check(&query.since)?;
     let volume = volume_of(&*find(&state, &name)?)?;
     let ranges = volume.dirty(&query.since).await?;
     let path = volume.path().to_path_buf();

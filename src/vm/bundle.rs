@@ -30,8 +30,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::spec::{VmSpec, valid_name};
+use super::spec::VmSpec;
 use crate::error::{Error, ErrorKind, Result};
+use crate::names::VM;
 
 /// The spec's file name.
 pub const CONFIG: &str = "config.json";
@@ -162,20 +163,6 @@ pub struct Bundle {
     name: String,
 }
 
-fn check_name(name: &str) -> Result<()> {
-    if valid_name(name) {
-        Ok(())
-    } else {
-        Err(Error::msg(
-            ErrorKind::InvalidInput,
-            format!(
-                "{name:?} is not a valid VM name: 1 to 60 letters, digits, '.', '_' and '-', \
-                 not starting with '.' or '-'"
-            ),
-        ))
-    }
-}
-
 impl Bundle {
     /// Creates the bundle `root/name` for `spec`; `fill` adds further files (platform
     /// identity, a disk overlay) to the directory before it gets its name, so a
@@ -186,7 +173,7 @@ impl Bundle {
         spec: &VmSpec,
         fill: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<Bundle> {
-        check_name(name)?;
+        VM.check(name)?;
         spec.validate()?;
         std::fs::create_dir_all(root)
             .map_err(|e| io_error(e, "cannot create the bundle directory", root))?;
@@ -234,7 +221,7 @@ impl Bundle {
 
     /// Opens the existing bundle `root/name`.
     pub fn open(root: &Path, name: &str) -> Result<Bundle> {
-        check_name(name)?;
+        VM.check(name)?;
         let dir = root.join(name);
         if !dir.join(CONFIG).is_file() {
             let why = if dir.exists() {
