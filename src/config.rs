@@ -25,7 +25,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -34,16 +34,20 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::access::{Access, NetworkRule};
+use crate::backend::BlockSize;
 use crate::image::{Format, FormatChoice};
 use crate::names;
-use crate::server::ListenAddr;
+use crate::proto::consts::DEFAULT_PORT;
+use crate::server::{DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, ListenAddr, ServerConfig};
 
-/// Where `strata serve` listens when neither the file nor the flags say.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
-/// Seconds a client may take over its handshake, unless configured.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: u64 = 10;
-/// Connections served at once, unless configured.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Where `strata serve` listens when neither the file nor the flags say: this host only,
+/// on NBD's port.
+pub const DEFAULT_LISTEN: ListenAddr = ListenAddr::Tcp(SocketAddr::V4(SocketAddrV4::new(
+    Ipv4Addr::LOCALHOST,
+    DEFAULT_PORT,
+)));
+/// The log filter unless configured.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// The most connections that may be configured.
 pub const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
 
@@ -262,18 +266,16 @@ pub struct Limits {
     pub max_in_flight_total: Option<u64>,
 }
 
-/// Bytes in flight per connection unless configured.
-pub const DEFAULT_MAX_IN_FLIGHT: u64 = 64 << 20;
-/// Bytes in flight for the whole server unless configured.
-pub const DEFAULT_MAX_IN_FLIGHT_TOTAL: u64 = 1 << 30;
-
+/// The server's own defaults: a limit the configuration does not set is the one the
+/// server applies unconfigured.
 impl Default for Limits {
     fn default() -> Self {
+        let server = ServerConfig::default();
         Limits {
-            max_connections_per_client: 0,
-            idle_timeout: None,
-            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
-            max_in_flight_total: Some(DEFAULT_MAX_IN_FLIGHT_TOTAL),
+            max_connections_per_client: server.max_connections_per_client,
+            idle_timeout: server.session.idle_timeout,
+            max_in_flight: server.session.max_in_flight,
+            max_in_flight_total: server.max_in_flight_total,
         }
     }
 }
@@ -815,7 +817,7 @@ fn server_settings(
     );
     let timeout = match handshake_timeout.value {
         None => DEFAULT_HANDSHAKE_TIMEOUT,
-        Some(s) if s >= 1 => s.unsigned_abs(),
+        Some(s) if s >= 1 => Duration::from_secs(s.unsigned_abs()),
         Some(_) => {
             problems.add(
                 handshake_timeout.at.clone(),
@@ -914,7 +916,7 @@ fn server_settings(
     }
     Some(ServerSettings {
         listen,
-        handshake_timeout: Duration::from_secs(timeout),
+        handshake_timeout: timeout,
         max_connections: max,
         tls,
         control,
@@ -985,6 +987,9 @@ fn limits(
         let value = setting.value.as_deref().map(crate::size::parse_size);
         (setting, value)
     };
+    // A budget must hold the largest request, or that request could never run.
+    let largest_request = u64::from(BlockSize::MAX_PAYLOAD);
+    let largest_request_text = format!("{}M", largest_request >> 20);
     let (setting, value) = size(
         flags.max_in_flight,
         "--max-in-flight",
@@ -993,13 +998,13 @@ fn limits(
     );
     match value {
         None => {}
-        Some(Ok(n)) if n >= u64::from(crate::backend::BlockSize::MAX_PAYLOAD) => {
+        Some(Ok(n)) if n >= largest_request => {
             out.max_in_flight = n;
         }
         Some(Ok(_)) => problems.add(
             setting.at,
             setting.name,
-            "must be at least 32M, the largest request",
+            format!("must be at least {largest_request_text}, the largest request"),
         ),
         Some(Err(e)) => problems.add(setting.at, setting.name, e.to_string()),
     }
@@ -1013,13 +1018,13 @@ fn limits(
         None => {}
         Some(Ok(0)) => out.max_in_flight_total = None,
         // Below max_in_flight, it caps each connection too.
-        Some(Ok(n)) if n >= u64::from(crate::backend::BlockSize::MAX_PAYLOAD) => {
+        Some(Ok(n)) if n >= largest_request => {
             out.max_in_flight_total = Some(n);
         }
         Some(Ok(_)) => problems.add(
             setting.at,
             setting.name,
-            "must be 0 (no limit) or at least 32M, the largest request",
+            format!("must be 0 (no limit) or at least {largest_request_text}, the largest request"),
         ),
         Some(Err(e)) => problems.add(setting.at, setting.name, e.to_string()),
     }
@@ -1036,7 +1041,7 @@ fn listen_addrs(
         return flags.listen.clone();
     }
     let (Some(list), Some(source)) = (&raw.listen, source) else {
-        return vec![DEFAULT_LISTEN.parse().expect("the default address parses")];
+        return vec![DEFAULT_LISTEN];
     };
     if list.get_ref().is_empty() {
         problems.add(
@@ -1312,7 +1317,10 @@ fn log_settings(
         source,
         |f| f,
     );
-    let text = level.value.clone().unwrap_or_else(|| "info".to_owned());
+    let text = level
+        .value
+        .clone()
+        .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned());
     if let Err(why) = check_log_filter(&text) {
         problems.add(level.at.clone(), level.name.clone(), why);
     }
@@ -1668,7 +1676,7 @@ mod tests {
     #[test]
     fn an_empty_file_means_the_defaults() {
         let c = parse_ok("");
-        assert_eq!(c.server.listen, vec![DEFAULT_LISTEN.parse().unwrap()]);
+        assert_eq!(c.server.listen, vec!["127.0.0.1:10809".parse().unwrap()]);
         assert_eq!(c.server.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.server.max_connections, DEFAULT_MAX_CONNECTIONS);
         assert_eq!(c.server.tls.mode, TlsMode::Off);

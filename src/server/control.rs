@@ -32,7 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
-use super::export::{Export, Source, StatsSnapshot, open_export};
+use super::export::{CLOSE_WAIT, Export, Source, StatsSnapshot, open_export};
 use super::listener::{Accepted, ListenAddr, Listener, Stream};
 use super::volume::RollbackOptions;
 use super::{ConnectionGauge, Exports, ShutdownHandle, Volume};
@@ -42,9 +42,6 @@ use crate::names;
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;
-
-/// How long a removal waits for the sessions it closed to finish their requests.
-const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// How long shutdown waits for control requests in progress.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
