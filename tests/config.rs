@@ -1,7 +1,7 @@
 //! `strata serve --config`: every kind of configuration error as the command prints it
 //! (file, line, column, field), `--check-config`, how flags and the file combine, and
 //! the shipped example. The validation rules themselves are unit-tested in
-//! `src/config.rs`; these tests check what an operator sees.
+//! `src/config/`; these tests check what an operator sees.
 
 mod common;
 mod support;
