@@ -146,6 +146,21 @@ fn bad_values_are_refused_naming_the_field() {
 }
 
 #[test]
+fn log_filters_are_read_as_the_logger_reads_them() {
+    let s = setup(&format!(
+        "[log]\nlevel = \"info,strata::server[session{{peer}}]=trace\"\n{DISK}"
+    ));
+    let (code, _, stderr) = s.check(&[]);
+    assert_eq!(code, Some(0), "a filter with a span and a field: {stderr}");
+    refused(
+        "[log]\nlevel = \"info,strata[session=trace\"\n",
+        "2:9: log.level: \"strata[session=trace\" is not a valid directive (invalid filter \
+         directive): write LEVEL, TARGET=LEVEL or TARGET[SPAN{FIELD}]=LEVEL, such as \
+         \"strata::server=debug\"",
+    );
+}
+
+#[test]
 fn missing_files_are_refused_where_they_are_named() {
     let s = setup("[[exports]]\nname = \"vm\"\nimage = \"/nonexistent/vm.strata\"\n");
     let (code, _, stderr) = s.check(&[]);

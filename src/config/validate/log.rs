@@ -1,4 +1,9 @@
-//! `[log]`, `-v` and `--log-format`.
+//! `[log]`, `-v` and `--log-format`. The filter is checked here, at start-up and at
+//! every reload, because the logger itself only warns about a directive it cannot read
+//! and then drops it.
+
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::filter::Directive;
 
 use crate::config::error::Problems;
 use crate::config::file::{RawLog, Source};
@@ -29,47 +34,54 @@ pub(super) fn log_settings(
         source,
         |f| f,
     );
-    let text = level
-        .value
-        .clone()
-        .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned());
-    if let Err(why) = check_log_filter(&text) {
-        problems.add(level.at.clone(), level.name.clone(), why);
-    }
+    let text = level.value.as_deref().unwrap_or(DEFAULT_LOG_LEVEL);
+    let filter = match log_filter(text) {
+        Ok(filter) => filter,
+        Err(why) => {
+            problems.add(level.at.clone(), level.name.clone(), why);
+            text.to_owned()
+        }
+    };
     LogSettings {
-        level: text,
+        level: filter,
         format: format.value.unwrap_or_default(),
     }
 }
 
-const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-
-/// Accepts what `RUST_LOG` takes in practice: a level, or comma-separated directives
-/// `LEVEL` or `TARGET=LEVEL`. A bare word that is not a level would be taken by the
-/// logging library as a target to enable, which silences everything else: a typo such
-/// as `verbose` must be an error instead.
-fn check_log_filter(text: &str) -> Result<(), String> {
-    let bad = |d: &str| {
-        format!(
-            "{d:?} is not a level: use off, error, warn, info, debug or trace, or \
-             directives such as \"info,strata::server=debug\""
-        )
-    };
-    if text.trim().is_empty() {
+/// Checks a filter as `RUST_LOG` takes it and returns it as the logger must receive it.
+///
+/// Each directive (`info`, `strata::server=debug`, `strata[conn{peer}]=trace`) is
+/// parsed by the logging library's own parser, so whatever it accepts is accepted here
+/// and its error says what it refuses. Two things are added to it. Spaces around
+/// directives are dropped, as people write `info, hyper=off`, which the library would
+/// misread. And a bare word must be a level: the library takes any other word as a
+/// target to enable, which silences everything else, so a typo such as `verbose` is an
+/// error instead.
+fn log_filter(text: &str) -> Result<String, String> {
+    let directives: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
         return Err("is empty".to_owned());
     }
-    for directive in text.split(',') {
-        let directive = directive.trim();
-        let level = match directive.split_once('=') {
-            Some((target, level)) if !target.is_empty() => level,
-            Some(_) => return Err(bad(directive)),
-            None => directive,
-        };
-        if !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level)) {
-            return Err(bad(directive));
+    for directive in &directives {
+        let bare_word = !directive.contains(['=', '[']);
+        if bare_word && directive.parse::<LevelFilter>().is_err() {
+            return Err(format!(
+                "{directive:?} is not a level: use off, error, warn, info, debug or trace, or \
+                 directives such as \"info,strata::server=debug\""
+            ));
+        }
+        if let Err(e) = directive.parse::<Directive>() {
+            return Err(format!(
+                "{directive:?} is not a valid directive ({e}): write LEVEL, TARGET=LEVEL or \
+                 TARGET[SPAN{{FIELD}}]=LEVEL, such as \"strata::server=debug\""
+            ));
         }
     }
-    Ok(())
+    Ok(directives.join(","))
 }
 
 #[cfg(test)]
@@ -84,8 +96,41 @@ mod tests {
             "/etc/strata/strata.toml:2:9: log.level: \"verbose\" is not a level: use off, error, \
              warn, info, debug or trace, or directives such as \"info,strata::server=debug\"",
         );
-        assert!(check_log_filter("warn,strata=trace, hyper=off").is_ok());
-        assert!(check_log_filter("=debug").is_err());
-        assert!(check_log_filter("strata=loud").is_err());
+        assert!(log_filter("warn,strata=trace, hyper=off").is_ok());
+        assert!(log_filter("=debug").is_err());
+        assert!(log_filter("strata=loud").is_err());
+    }
+
+    #[test]
+    fn filters_are_read_as_the_logger_reads_them() {
+        // Spans and fields, which the logger understands, are accepted.
+        for good in [
+            "strata[conn]=debug",
+            "info,strata::server[session{peer}]=trace",
+            "[handshake]=debug",
+            "WARN",
+        ] {
+            assert_eq!(log_filter(good).as_deref(), Ok(good), "{good}");
+        }
+        // The logger gets the directives without the spaces it would misread.
+        assert_eq!(
+            log_filter(" warn,strata=trace, hyper=off ").as_deref(),
+            Ok("warn,strata=trace,hyper=off")
+        );
+        let c = parse_ok("[log]\nlevel = \"info, strata[conn]=debug\"\n");
+        assert_eq!(c.server.log.level, "info,strata[conn]=debug");
+        // What the logger cannot read is refused, with its reason.
+        fails(
+            "[log]\nlevel = \"info,strata[conn=debug\"\n",
+            "/etc/strata/strata.toml:2:9: log.level: \"strata[conn=debug\" is not a valid \
+             directive (invalid filter directive): write LEVEL, TARGET=LEVEL or \
+             TARGET[SPAN{FIELD}]=LEVEL, such as \"strata::server=debug\"",
+        );
+        let e = log_filter("strata=loud").unwrap_err();
+        assert!(
+            e.starts_with("\"strata=loud\" is not a valid directive (error parsing level filter"),
+            "{e}"
+        );
+        assert_eq!(log_filter(" , ").unwrap_err(), "is empty");
     }
 }
