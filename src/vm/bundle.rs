@@ -25,7 +25,6 @@
 
 use std::fs::File;
 use std::io::Write as _;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -367,10 +366,8 @@ impl Bundle {
             .write(true)
             .open(&path)
             .map_err(|e| io_error(e, "cannot open", &path))?;
-        // SAFETY: flock only reads its scalar arguments; the descriptor is open.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if let Err(e) = crate::sys::try_lock(&file, true) {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
                 return Err(Error::msg(
                     ErrorKind::Busy,
                     format!(
