@@ -130,6 +130,11 @@ fn bad_values_are_refused_naming_the_field() {
         "5:8: exports[1].name: \"disk\" is the name of exports[0] already",
     );
     refused(
+        "[[exports]]\nname = \"vm 1\"\nimage = \"memory:1M\"\n",
+        "2:8: exports[0].name: invalid export name \"vm 1\": use 1 to 64 ASCII letters, \
+         digits, '.', '_', '-' and '@', not starting with '.' or '-'",
+    );
+    refused(
         "handshake_timeout = 0\n",
         "1:21: handshake_timeout: must be at least 1 second",
     );
