@@ -56,6 +56,7 @@
 //! - [`control_client`]: the control API's HTTP client.
 //! - [`error`]: the crate's one error type.
 //! - [`failpoint`]: named crash points for the crash tests (the `failpoints` feature).
+//! - [`names`]: the rules for export, snapshot, VM and checkpoint names.
 //! - [`size`]: parsing of human-friendly sizes.
 
 pub mod access;
@@ -67,6 +68,7 @@ pub mod error;
 pub mod failpoint;
 pub mod image;
 pub mod mapping;
+pub mod names;
 pub mod proto;
 pub mod server;
 pub mod size;

@@ -1,4 +1,13 @@
 //! Human-friendly sizes: `512`, `64K`, `1G`, `2TiB`.
+//!
+//! Written here rather than taken from a size-parsing crate, because the rules are the
+//! project's own and small: every suffix is a power of 1024 whether it is written `G`,
+//! `GB` or `GiB` (as disk tools mean them, where the crates read `G`/`GB` as powers of
+//! 1000 or need configuring), only whole numbers are taken, so a size is always exact
+//! (no `1.5G` rounded through a float), a size past `u64` is refused rather than
+//! wrapped, and the messages are the ones the configuration and the command line
+//! report and their tests pin (`invalid size "lots": expected a number with an optional
+//! K/M/G/T suffix`).
 
 use crate::error::{Error, ErrorKind, Result};
 

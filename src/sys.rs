@@ -98,6 +98,19 @@ pub(crate) fn retry_eintr<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result
     }
 }
 
+/// Takes `flock`'s advisory lock on `file` without waiting, exclusive or shared. Fails
+/// with [`io::ErrorKind::WouldBlock`] while another open file holds a lock that
+/// conflicts. The lock goes with the file's last descriptor.
+pub(crate) fn try_lock(file: &File, exclusive: bool) -> io::Result<()> {
+    use rustix::fs::FlockOperation;
+    let operation = if exclusive {
+        FlockOperation::NonBlockingLockExclusive
+    } else {
+        FlockOperation::NonBlockingLockShared
+    };
+    retry_eintr(|| rustix::fs::flock(file, operation).map_err(io::Error::from))
+}
+
 #[cfg(not(target_os = "linux"))]
 pub(crate) fn fallocate(
     _file: &File,

@@ -56,6 +56,41 @@ fn bad_arguments_give_clear_errors() {
 }
 
 #[test]
+fn export_names_follow_one_rule() {
+    let usage_error = |args: &[&str], expect: &str| {
+        let out = strata().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(expect),
+            "{args:?}: expected {expect:?} in {stderr}"
+        );
+    };
+    usage_error(
+        &["serve", "--name", "bad/name", "memory:1M"],
+        "--name: invalid export name \"bad/name\": use 1 to 64 ASCII letters",
+    );
+    usage_error(
+        &["serve", "--export", "a b=memory:1M"],
+        "--export \"a b=memory:1M\": invalid export name \"a b\"",
+    );
+    // A file whose name is no export name must be named on the command line.
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("my disk.img");
+    std::fs::write(&image, [0; 512]).unwrap();
+    usage_error(
+        &["serve", image.to_str().unwrap()],
+        "invalid export name \"my disk\"",
+    );
+    usage_error(&["serve", image.to_str().unwrap()], "--name NAME");
+    // Named, a directory is refused for what it is.
+    fails_with(
+        &["serve", "--name", "d", dir.path().to_str().unwrap()],
+        &format!("{}: Is a directory", dir.path().display()),
+    );
+}
+
+#[test]
 fn sigterm_flushes_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.img");

@@ -1,7 +1,7 @@
 //! `strata serve --config`: every kind of configuration error as the command prints it
 //! (file, line, column, field), `--check-config`, how flags and the file combine, and
 //! the shipped example. The validation rules themselves are unit-tested in
-//! `src/config.rs`; these tests check what an operator sees.
+//! `src/config/`; these tests check what an operator sees.
 
 mod common;
 mod support;
@@ -130,6 +130,11 @@ fn bad_values_are_refused_naming_the_field() {
         "5:8: exports[1].name: \"disk\" is the name of exports[0] already",
     );
     refused(
+        "[[exports]]\nname = \"vm 1\"\nimage = \"memory:1M\"\n",
+        "2:8: exports[0].name: invalid export name \"vm 1\": use 1 to 64 ASCII letters, \
+         digits, '.', '_', '-' and '@', not starting with '.' or '-'",
+    );
+    refused(
         "handshake_timeout = 0\n",
         "1:21: handshake_timeout: must be at least 1 second",
     );
@@ -142,6 +147,21 @@ fn bad_values_are_refused_naming_the_field() {
         "[log]\nlevel = \"chatty\"\n",
         "2:9: log.level: \"chatty\" is not a level: use off, error, warn, info, debug or trace, \
          or directives such as \"info,strata::server=debug\"",
+    );
+}
+
+#[test]
+fn log_filters_are_read_as_the_logger_reads_them() {
+    let s = setup(&format!(
+        "[log]\nlevel = \"info,strata::server[session{{peer}}]=trace\"\n{DISK}"
+    ));
+    let (code, _, stderr) = s.check(&[]);
+    assert_eq!(code, Some(0), "a filter with a span and a field: {stderr}");
+    refused(
+        "[log]\nlevel = \"info,strata[session=trace\"\n",
+        "2:9: log.level: \"strata[session=trace\" is not a valid directive (invalid filter \
+         directive): write LEVEL, TARGET=LEVEL or TARGET[SPAN{FIELD}]=LEVEL, such as \
+         \"strata::server=debug\"",
     );
 }
 

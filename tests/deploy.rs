@@ -1,6 +1,7 @@
 //! `strata serve` deployed as a service: a configuration with several exports served to
 //! real clients, reloads on SIGHUP (good and bad), socket activation over TCP and Unix
-//! sockets, the pid file, exit statuses, JSON logs, and exports that require TLS.
+//! sockets, readiness notifications, the pid file, exit statuses, JSON logs, and exports
+//! that require TLS.
 //!
 //! Every server listens on loopback or on Unix sockets in a temporary directory, every
 //! wait is bounded, and nothing asserts how long anything took.
@@ -559,6 +560,79 @@ fn a_passed_descriptor_that_is_not_a_listening_socket_stops_the_server() {
         log.contains("socket activation: descriptor 3: is not a socket"),
         "{log}"
     );
+}
+
+#[test]
+fn malformed_activation_variables_stop_the_server() {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = activated(
+        vec![tcp.into()],
+        Some("nbd:one-too-many"),
+        &["serve".as_ref(), "memory:1M".as_ref()],
+    );
+    let (status, log) = server.wait_exit();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("socket activation") && log.contains("LISTEN_FDNAMES"),
+        "{log}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Readiness notifications
+// ---------------------------------------------------------------------------------------
+
+/// The next notification the server sent to `manager`, one `KEY=VALUE` per line.
+fn notification(manager: &std::os::unix::net::UnixDatagram) -> Vec<String> {
+    let mut buf = [0u8; 1024];
+    let len = manager
+        .recv(&mut buf)
+        .expect("a notification within the wait");
+    let text = std::str::from_utf8(&buf[..len]).unwrap();
+    text.lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn the_service_manager_hears_ready_reloading_and_stopping() {
+    let site = Site::new();
+    let file = site
+        .config("listen = [\"127.0.0.1:0\"]\n[[exports]]\nname = \"a\"\nimage = \"memory:1M\"\n");
+    let socket = site.path("notify");
+    let manager = std::os::unix::net::UnixDatagram::bind(&socket).unwrap();
+    manager.set_read_timeout(Some(WAIT)).unwrap();
+    let mut cmd = strata();
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&file)
+        .env("NOTIFY_SOCKET", &socket);
+    let mut server = Daemon::spawn(cmd);
+    assert_eq!(
+        notification(&manager),
+        ["READY=1", "STATUS=serving 1 export"]
+    );
+    server.tcp_addr();
+
+    server.signal(libc::SIGHUP);
+    let reloading = notification(&manager);
+    assert_eq!(reloading[0], "RELOADING=1", "{reloading:?}");
+    assert!(
+        reloading.iter().any(|l| l
+            .strip_prefix("MONOTONIC_USEC=")
+            .is_some_and(|t| t.parse::<u64>().is_ok())),
+        "systemd needs the time of a reload: {reloading:?}"
+    );
+    assert_eq!(
+        notification(&manager),
+        ["READY=1", "STATUS=serving 1 export"]
+    );
+
+    server.signal(libc::SIGTERM);
+    assert_eq!(
+        notification(&manager),
+        ["STOPPING=1", "STATUS=shutting down"]
+    );
+    let (status, _) = server.wait_exit();
+    assert_eq!(status.code(), Some(0));
 }
 
 // ---------------------------------------------------------------------------------------

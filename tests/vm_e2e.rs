@@ -1067,7 +1067,7 @@ fn bad_input_gets_clear_messages() {
         vm_cmd(&root)
             .args(["create", "bad/name", "--disk"])
             .arg(&image),
-        "not a valid VM name",
+        "invalid VM name",
     );
     fails_with(
         vm_cmd(&root)

@@ -6,10 +6,12 @@ use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 use strata::access::{Access, NetworkRule};
-use strata::config::{self, Config, ExportDef, LogFormat, Overrides, SystemFiles, TlsMode};
+use strata::config::{self, Config, ExportDef, Limits, LogFormat, Overrides, SystemFiles, TlsMode};
 use strata::daemon::{self, Options, activation};
 use strata::image::FormatChoice;
-use strata::server::ListenAddr;
+use strata::names;
+use strata::server::{self, ListenAddr};
+use strata::size::format_size;
 use tracing::error;
 
 /// `serve --tls`.
@@ -52,9 +54,10 @@ pub struct ServeArgs {
     #[arg(long, value_enum, value_name = "FORMAT")]
     log_format: Option<LogFormatArg>,
 
-    /// Address to listen on: HOST:PORT, [V6]:PORT or unix:PATH. Repeat for several
-    /// [default: 127.0.0.1:10809].
-    #[arg(short, long = "listen", value_name = "ADDR")]
+    #[arg(short, long = "listen", value_name = "ADDR", help = with_default(
+        "Address to listen on: HOST:PORT, [V6]:PORT or unix:PATH. Repeat for several",
+        config::DEFAULT_LISTEN,
+    ))]
     listen: Vec<ListenAddr>,
 
     /// Export name for a single image (default: the image's file stem, or `memory`).
@@ -65,8 +68,10 @@ pub struct ServeArgs {
     #[arg(short, long = "export", value_name = "NAME=IMAGE")]
     export: Vec<String>,
 
-    /// Image format [default: auto].
-    #[arg(short, long, value_enum)]
+    #[arg(short, long, value_enum, help = with_default(
+        "Image format",
+        FormatChoice::default().to_possible_value().expect("a plain value").get_name(),
+    ))]
     format: Option<FormatChoice>,
 
     /// Human-readable description sent to clients that ask.
@@ -77,31 +82,42 @@ pub struct ServeArgs {
     #[arg(short, long)]
     read_only: bool,
 
-    /// Seconds a client may take to finish the handshake [default: 10].
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", help = with_default(
+        "Seconds a client may take to finish the handshake",
+        server::DEFAULT_HANDSHAKE_TIMEOUT.as_secs(),
+    ))]
     handshake_timeout: Option<u64>,
 
-    /// Connections served at once [default: 1024].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help = with_default(
+        "Connections served at once",
+        server::DEFAULT_MAX_CONNECTIONS,
+    ))]
     max_connections: Option<usize>,
 
-    /// Connections served at once from one client IP address (0: no limit) [default: 0].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help = with_default(
+        "Connections served at once from one client IP address (0: no limit)",
+        Limits::default().max_connections_per_client,
+    ))]
     max_connections_per_client: Option<usize>,
 
-    /// Seconds a client may send no request (with none running) before it is
-    /// disconnected; also a client that reads none of its replies (0: never)
-    /// [default: 0].
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", help = with_default(
+        "Seconds a client may send no request (with none running) before it is \
+         disconnected; also a client that reads none of its replies (0: never)",
+        Limits::default().idle_timeout.map_or(0, |t| t.as_secs()),
+    ))]
     idle_timeout: Option<u64>,
 
-    /// Request and reply bytes one connection may have in flight [default: 64M].
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg, help = with_default(
+        "Request and reply bytes one connection may have in flight",
+        format_size(Limits::default().max_in_flight),
+    ))]
     max_in_flight: Option<u64>,
 
-    /// Request and reply bytes all connections together may have in flight (0: no
-    /// server-wide limit) [default: 1G].
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg, help = with_default(
+        "Request and reply bytes all connections together may have in flight (0: no \
+         server-wide limit)",
+        format_size(Limits::default().max_in_flight_total.unwrap_or(0)),
+    ))]
     max_in_flight_total: Option<u64>,
 
     /// Serve Prometheus metrics (GET /metrics) on HOST:PORT or unix:PATH.
@@ -159,6 +175,12 @@ pub struct ServeArgs {
     images: Vec<String>,
 }
 
+/// A flag's help followed by its default, `... [default: 1024]`, so that the text shows
+/// the value the server applies rather than a copy of it.
+fn with_default(help: &str, default: impl std::fmt::Display) -> String {
+    format!("{help} [default: {default}]")
+}
+
 fn parse_size_arg(text: &str) -> Result<u64, String> {
     strata::size::parse_size(text).map_err(|e| e.to_string())
 }
@@ -195,7 +217,8 @@ fn default_export_name(image: &str) -> String {
 }
 
 /// The exports `serve` was asked for on the command line, as (name, image) pairs, in
-/// order.
+/// order. Every name must be a valid export name ([`names::EXPORT`]), as in the
+/// configuration file and the control API.
 fn export_list(args: &ServeArgs) -> Result<Vec<(String, String)>, String> {
     if args.name.is_some() && args.images.len() + args.export.len() != 1 {
         return Err(
@@ -204,16 +227,33 @@ fn export_list(args: &ServeArgs) -> Result<Vec<(String, String)>, String> {
     }
     let mut list: Vec<(String, String)> = Vec::new();
     for image in &args.images {
-        let name = args
-            .name
-            .clone()
-            .unwrap_or_else(|| default_export_name(image));
+        let name = match &args.name {
+            Some(name) => {
+                names::EXPORT
+                    .check(name)
+                    .map_err(|e| format!("--name: {e}"))?;
+                name.clone()
+            }
+            None => {
+                let name = default_export_name(image);
+                names::EXPORT.check(&name).map_err(|e| {
+                    format!(
+                        "{image}: the file's name cannot be the export's name ({e}); \
+                         name it with --name NAME or --export NAME=IMAGE"
+                    )
+                })?;
+                name
+            }
+        };
         list.push((name, image.clone()));
     }
     for spec in &args.export {
         let Some((name, image)) = spec.split_once('=') else {
             return Err(format!("--export {spec:?}: expected NAME=IMAGE"));
         };
+        names::EXPORT
+            .check(name)
+            .map_err(|e| format!("--export {spec:?}: {e}"))?;
         list.push((name.to_owned(), image.to_owned()));
     }
     Ok(list)
@@ -354,5 +394,63 @@ pub fn run(args: &ServeArgs, verbose: u8) -> ExitCode {
             }
             ExitCode::from(exit::FAILURE)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    /// The help of flag `--long`.
+    fn help_of(long: &str) -> String {
+        let command = Serve::command();
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .unwrap_or_else(|| panic!("no --{long}"));
+        arg.get_help().expect("help").to_string()
+    }
+
+    #[test]
+    fn the_help_shows_the_defaults_in_force() {
+        let cases = [
+            ("listen", config::DEFAULT_LISTEN.to_string()),
+            (
+                "handshake-timeout",
+                server::DEFAULT_HANDSHAKE_TIMEOUT.as_secs().to_string(),
+            ),
+            (
+                "max-connections",
+                server::DEFAULT_MAX_CONNECTIONS.to_string(),
+            ),
+            ("format", "auto".to_owned()),
+            ("max-connections-per-client", "0".to_owned()),
+            ("idle-timeout", "0".to_owned()),
+            (
+                "max-in-flight",
+                format_size(server::session::DEFAULT_MAX_IN_FLIGHT),
+            ),
+            (
+                "max-in-flight-total",
+                format_size(server::DEFAULT_MAX_IN_FLIGHT_TOTAL),
+            ),
+        ];
+        for (long, default) in cases {
+            let help = help_of(long);
+            assert!(
+                help.ends_with(&format!(" [default: {default}]")),
+                "--{long}: {help}"
+            );
+        }
+        assert!(help_of("listen").ends_with("[default: 127.0.0.1:10809]"));
+        assert!(help_of("max-in-flight").ends_with("[default: 64 MiB]"));
     }
 }

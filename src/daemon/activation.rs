@@ -1,72 +1,16 @@
 //! Socket activation: listening sockets a service manager (systemd) bound and passed
 //! down, as its `sd_listen_fds` protocol describes.
 //!
-//! The manager sets `LISTEN_PID` to the pid of the process meant to take the sockets,
-//! `LISTEN_FDS` to their number, and optionally `LISTEN_FDNAMES` to their names, colon
-//! separated; the sockets are descriptors 3, 4, ... in order. The variables are removed
-//! once read, so that no child process takes the sockets for its own, and the
-//! descriptors are marked close-on-exec.
+//! The `sd-notify` crate reads the protocol's variables (`LISTEN_PID`, `LISTEN_FDS`,
+//! `LISTEN_FDNAMES`), ignores sockets meant for another process, marks the descriptors
+//! close-on-exec and removes the variables, so that no child process takes the sockets
+//! for its own. What is checked here is what the server needs of each descriptor: a
+//! listening stream socket, TCP or Unix.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::server::Listener;
-
-/// The first descriptor passed.
-pub const FIRST_FD: RawFd = 3;
-
-/// What the environment says about passed sockets.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenEnv {
-    /// How many descriptors, from [`FIRST_FD`] on.
-    pub count: usize,
-    /// Their names, one per descriptor (empty when `LISTEN_FDNAMES` is absent).
-    pub names: Vec<String>,
-}
-
-/// Reads the protocol's variables (`LISTEN_PID`, `LISTEN_FDS`, `LISTEN_FDNAMES`) for the
-/// process `own_pid`. `None` when no sockets were passed, or when they were meant for
-/// another process (a parent that did not clear the variables).
-pub fn parse_listen_env(
-    pid: Option<&str>,
-    fds: Option<&str>,
-    names: Option<&str>,
-    own_pid: u32,
-) -> Result<Option<ListenEnv>> {
-    let (Some(pid), Some(fds)) = (pid, fds) else {
-        return Ok(None);
-    };
-    let bad = |what: String| Error::msg(ErrorKind::InvalidInput, what);
-    let pid: u32 = pid
-        .trim()
-        .parse()
-        .map_err(|_| bad(format!("LISTEN_PID={pid:?} is not a process id")))?;
-    if pid != own_pid {
-        return Ok(None);
-    }
-    let count: usize = fds
-        .trim()
-        .parse()
-        .map_err(|_| bad(format!("LISTEN_FDS={fds:?} is not a number")))?;
-    // Far more than any unit passes; a larger number is a mistake, not sockets.
-    if count > 1024 {
-        return Err(bad(format!("LISTEN_FDS={count} is too many descriptors")));
-    }
-    let names: Vec<String> = match names {
-        None => Vec::new(),
-        Some(text) => {
-            let names: Vec<String> = text.split(':').map(str::to_owned).collect();
-            if names.len() != count {
-                return Err(bad(format!(
-                    "LISTEN_FDNAMES names {} sockets but LISTEN_FDS passes {count}",
-                    names.len()
-                )));
-            }
-            names
-        }
-    };
-    Ok(Some(ListenEnv { count, names }))
-}
 
 /// A passed descriptor, checked to be a listening stream socket.
 #[derive(Debug)]
@@ -88,7 +32,7 @@ enum Family {
 }
 
 /// Takes the sockets passed to this process, if any: reads and removes the variables,
-/// checks each descriptor and marks it close-on-exec.
+/// and checks each descriptor.
 ///
 /// # Safety
 ///
@@ -96,41 +40,28 @@ enum Family {
 /// it removes environment variables, which other threads may be reading. It must be
 /// called at most once, since it takes ownership of the descriptors.
 pub unsafe fn take() -> Result<Vec<Inherited>> {
-    let var = |name| std::env::var(name).ok();
-    let (pid, fds, names) = (var("LISTEN_PID"), var("LISTEN_FDS"), var("LISTEN_FDNAMES"));
-    for name in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
-        // SAFETY: the caller guarantees that no other thread exists.
-        unsafe { std::env::remove_var(name) };
-    }
-    let Some(env) = parse_listen_env(
-        pid.as_deref(),
-        fds.as_deref(),
-        names.as_deref(),
-        std::process::id(),
-    )?
-    else {
-        return Ok(Vec::new());
-    };
-    let mut out = Vec::with_capacity(env.count);
-    for i in 0..env.count {
-        let number = FIRST_FD + RawFd::try_from(i).expect("at most 1024 descriptors");
+    // SAFETY: the caller guarantees that no other thread exists.
+    let passed = unsafe { sd_notify::listen_fds_with_names_and_unset_env() }
+        .map_err(|e| Error::from(e).with_message("socket activation"))?;
+    let mut out = Vec::with_capacity(passed.len());
+    for (number, name) in passed {
         let family = check_socket(number)?;
-        // SAFETY: the protocol hands descriptors FIRST_FD.. to this process, which is
-        // their only user; check_socket showed this one is open, and each number is
+        // SAFETY: the protocol hands descriptors 3.. to this process, which is their only
+        // user; check_socket showed this one is an open socket, and each number is
         // taken once, here.
         let fd = unsafe { OwnedFd::from_raw_fd(number) };
         out.push(Inherited {
             fd,
             number,
-            name: env.names.get(i).cloned().filter(|n| !n.is_empty()),
+            // The protocol's stand-in when the manager named no socket.
+            name: Some(name).filter(|n| !n.is_empty() && n != "unknown"),
             family,
         });
     }
     Ok(out)
 }
 
-/// Sets close-on-exec on `fd` and checks that it is a listening stream socket, TCP
-/// (IPv4 or IPv6) or Unix.
+/// Checks that `fd` is a listening stream socket, TCP (IPv4 or IPv6) or Unix.
 fn check_socket(fd: RawFd) -> Result<Family> {
     let fail = |what: &str| {
         Error::from(std::io::Error::last_os_error())
@@ -142,16 +73,6 @@ fn check_socket(fd: RawFd) -> Result<Family> {
             format!("socket activation: descriptor {fd} {what}"),
         )
     };
-    // SAFETY: fcntl on a descriptor number only reads and sets its flags; a closed
-    // number fails with EBADF.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-    if flags < 0 {
-        return Err(fail("not open"));
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
-        return Err(fail("cannot set close-on-exec"));
-    }
     let int_opt = |name: libc::c_int| -> Result<libc::c_int> {
         let mut value: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -218,54 +139,6 @@ impl Inherited {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_the_variables_for_this_process_only() {
-        assert_eq!(parse_listen_env(None, None, None, 7).unwrap(), None);
-        assert_eq!(parse_listen_env(Some("7"), None, None, 7).unwrap(), None);
-        assert_eq!(
-            parse_listen_env(Some("8"), Some("2"), None, 7).unwrap(),
-            None,
-            "meant for another process"
-        );
-        assert_eq!(
-            parse_listen_env(Some("7"), Some("2"), None, 7).unwrap(),
-            Some(ListenEnv {
-                count: 2,
-                names: vec![]
-            })
-        );
-        assert_eq!(
-            parse_listen_env(Some("7"), Some("2"), Some("nbd:nbd-unix"), 7).unwrap(),
-            Some(ListenEnv {
-                count: 2,
-                names: vec!["nbd".into(), "nbd-unix".into()]
-            })
-        );
-        assert_eq!(
-            parse_listen_env(Some("7"), Some("0"), None, 7).unwrap(),
-            Some(ListenEnv {
-                count: 0,
-                names: vec![]
-            })
-        );
-    }
-
-    #[test]
-    fn refuses_malformed_variables() {
-        for (pid, fds, names) in [
-            ("x", "1", None),
-            ("7", "one", None),
-            ("7", "-1", None),
-            ("7", "5000", None),
-            ("7", "2", Some("only-one")),
-        ] {
-            assert!(
-                parse_listen_env(Some(pid), Some(fds), names, 7).is_err(),
-                "{pid} {fds} {names:?}"
-            );
-        }
-    }
 
     #[test]
     fn checks_descriptors() {

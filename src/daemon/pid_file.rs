@@ -9,10 +9,10 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::sys;
 
 /// A locked pid file, removed on drop.
 #[derive(Debug)]
@@ -46,10 +46,8 @@ impl PidFile {
             )
             .with_path(path));
         }
-        // SAFETY: flock only reads its scalar arguments on a descriptor `file` keeps open.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+        if let Err(e) = sys::try_lock(&file, true) {
+            if e.kind() != std::io::ErrorKind::WouldBlock {
                 return Err(context(e));
             }
             let mut text = String::new();

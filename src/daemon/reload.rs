@@ -30,11 +30,8 @@ use tracing::{error, info, warn};
 
 use crate::config::ExportDef;
 use crate::error::{ErrorKind, Result};
-use crate::server::export::{Source, open_export};
+use crate::server::export::{CLOSE_WAIT, Source, open_export};
 use crate::server::{Export, Exports};
-
-/// How long a closed export's clients get to finish the requests they sent.
-const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// How long reopening a file waits for the old export's last references to go.
 const REOPEN_WAIT: Duration = Duration::from_secs(5);

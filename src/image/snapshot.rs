@@ -49,43 +49,13 @@ use super::format::{Backing, BackingKind, Header};
 use super::layer;
 use super::storage::{FileStorage, Storage};
 use crate::error::{Error, ErrorKind, Result};
+use crate::names::SNAPSHOT;
 
 /// Separates the live image's file name from the snapshot's name: `disk.strata@monday`.
 pub const SEP: char = '@';
 /// Overlays being prepared are hidden files with this suffix, which [`recover`] removes.
 const TMP_SUFFIX: &str = ".new";
 const MANIFEST_SUFFIX: &str = ".snapshots.json";
-
-/// Is `name` 1 to 64 ASCII letters, digits, `.`, `_`, `-` and the bytes in `extra`, not
-/// starting with `.` or `-`? Such a name is never a path and never an option.
-pub fn plain_name(name: &str, extra: &[u8]) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with(['.', '-'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b) || extra.contains(&b))
-}
-
-/// Is `name` acceptable as a snapshot name ([`plain_name`])? It cannot reach another
-/// directory, and the file it names always starts with the live image's name.
-pub fn valid_name(name: &str) -> bool {
-    plain_name(name, b"")
-}
-
-fn check_name(name: &str) -> Result<()> {
-    if valid_name(name) {
-        Ok(())
-    } else {
-        Err(Error::msg(
-            ErrorKind::InvalidInput,
-            format!(
-                "invalid snapshot name {name:?}: use 1 to 64 letters, digits, '.', '_' or \
-                 '-', not starting with '.' or '-'"
-            ),
-        ))
-    }
-}
 
 /// The directory of the image at `path` (`.` for a bare file name).
 fn parent_dir(path: &Path) -> &Path {
@@ -122,7 +92,7 @@ pub fn owner_of(path: &Path) -> Option<(PathBuf, String)> {
     let name = file_name(path);
     let (live, snap) = name.rsplit_once(SEP)?;
     let live = path.with_file_name(live);
-    (valid_name(snap) && live.is_file()).then(|| (live, snap.to_owned()))
+    (SNAPSHOT.accepts(snap) && live.is_file()).then(|| (live, snap.to_owned()))
 }
 
 /// A snapshot found in a chain.
@@ -158,7 +128,7 @@ pub fn in_chain(chain: &Chain) -> Vec<Snapshot> {
     let mut out = Vec::new();
     for (i, layer) in layers[..layers.len() - 1].iter().enumerate() {
         let file = file_name(&layer.path);
-        let Some(name) = file.strip_prefix(&prefix).filter(|n| valid_name(n)) else {
+        let Some(name) = file.strip_prefix(&prefix).filter(|n| SNAPSHOT.accepts(n)) else {
             continue;
         };
         if std::fs::canonicalize(parent_dir(&layer.path)).ok().as_ref() != Some(&dir) {
@@ -200,7 +170,7 @@ fn now() -> u64 {
 
 /// Finds snapshot `name` in `chain`.
 pub fn find(chain: &Chain, name: &str) -> Result<Snapshot> {
-    check_name(name)?;
+    SNAPSHOT.check(name)?;
     in_chain(chain)
         .into_iter()
         .find(|s| s.name == name)
@@ -405,7 +375,7 @@ impl Prepared {
 /// will refer to that name). A crash from here until the switch leaves two names on
 /// the live file, which [`recover`] undoes.
 pub fn prepare(live: &Path, name: &str, chain: &Chain) -> Result<Prepared> {
-    check_name(name)?;
+    SNAPSHOT.check(name)?;
     if !chain.writable() {
         return Err(Error::msg(
             ErrorKind::ReadOnly,
@@ -808,19 +778,6 @@ pub fn recover(live: &Path) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_cannot_leave_the_directory() {
-        for bad in [
-            "", ".", "..", "../x", "a/b", ".hidden", "-x", "a b", "x\0", "a@b",
-        ] {
-            assert!(!valid_name(bad), "{bad:?}");
-        }
-        assert!(!valid_name(&"a".repeat(65)));
-        for good in ["monday", "2026-12-01T10.00", "a_b", "A9"] {
-            assert!(valid_name(good), "{good:?}");
-        }
-    }
 
     #[test]
     fn snapshot_files_sit_next_to_the_image() {

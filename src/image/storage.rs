@@ -198,9 +198,13 @@ impl FileStorage {
         } else {
             Lock::Shared
         };
-        let locked = if lock { flock(&file, mode) } else { Ok(()) };
+        let locked = if lock {
+            sys::try_lock(&file, mode == Lock::Exclusive)
+        } else {
+            Ok(())
+        };
         locked.map_err(|e| {
-            let busy = e.raw_os_error() == Some(libc::EWOULDBLOCK);
+            let busy = e.kind() == io::ErrorKind::WouldBlock;
             let err = Error::from(e).with_op("lock").with_path(path);
             if busy {
                 Error::msg(
@@ -246,24 +250,9 @@ impl FileStorage {
     }
 }
 
-fn flock(file: &File, lock: Lock) -> io::Result<()> {
-    let op = match lock {
-        Lock::Shared => libc::LOCK_SH,
-        Lock::Exclusive => libc::LOCK_EX,
-    } | libc::LOCK_NB;
-    sys::retry_eintr(|| {
-        // SAFETY: flock only reads its scalar arguments on a descriptor `file` keeps open.
-        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    })
-}
-
 impl Storage for FileStorage {
     fn share_lock(&self) -> io::Result<()> {
-        flock(&self.file, Lock::Shared)
+        sys::try_lock(&self.file, false)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -11,6 +11,9 @@ pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// Oldstyle `cliserv_magic`, recognised only to refuse it.
 pub const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
 
+/// The TCP port assigned to NBD, where servers listen and clients connect by default.
+pub const DEFAULT_PORT: u16 = 10809;
+
 /// Compact (28-byte) request header.
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Extended (32-byte) request header.

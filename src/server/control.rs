@@ -32,18 +32,16 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
-use super::export::{Export, Source, StatsSnapshot, open_export};
+use super::export::{CLOSE_WAIT, Export, Source, StatsSnapshot, open_export};
 use super::listener::{Accepted, ListenAddr, Listener, Stream};
-use super::volume::{RollbackOptions, valid_name};
+use super::volume::RollbackOptions;
 use super::{ConnectionGauge, Exports, ShutdownHandle, Volume};
 use crate::access::Access;
 use crate::error::{Error, ErrorKind, Result};
+use crate::names;
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;
-
-/// How long a removal waits for the sessions it closed to finish their requests.
-const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// How long shutdown waits for control requests in progress.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
@@ -712,19 +710,6 @@ struct AddExport {
     description: String,
 }
 
-fn check_name(what: &str, name: &str) -> Result<()> {
-    if valid_name(name) {
-        return Ok(());
-    }
-    Err(Error::msg(
-        ErrorKind::InvalidInput,
-        format!(
-            "invalid {what} name {name:?}: use 1 to 64 ASCII letters, digits, '.', '_', '-' \
-             and '@', not starting with '.' or '-'"
-        ),
-    ))
-}
-
 /// Runs blocking work (opening files, reading metadata) off the network threads.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T> + Send + 'static,
@@ -738,7 +723,7 @@ async fn add_export(
     State(state): Api,
     JsonBody(req): JsonBody<AddExport>,
 ) -> ApiResult<(StatusCode, axum::Json<ExportView>)> {
-    check_name("export", &req.name)?;
+    names::EXPORT.check(&req.name)?;
     if state.exports.get(&req.name).is_some() {
         return Err(Error::msg(
             ErrorKind::AlreadyExists,
@@ -880,7 +865,7 @@ async fn take_snapshot(
     PathArgs(name): PathArgs<String>,
     JsonBody(req): JsonBody<TakeSnapshot>,
 ) -> ApiResult<(StatusCode, axum::Json<super::volume::Taken>)> {
-    check_name("snapshot", &req.name)?;
+    names::SNAPSHOT.check(&req.name)?;
     let volume = volume_of(&*find(&state, &name)?)?;
     let taken = volume.snapshot(&req.name).await?;
     info!(
@@ -901,7 +886,7 @@ async fn delete_snapshot(
     State(state): Api,
     PathArgs((name, snap)): PathArgs<(String, String)>,
 ) -> ApiResult<axum::Json<Deleted>> {
-    check_name("snapshot", &snap)?;
+    names::SNAPSHOT.check(&snap)?;
     let volume = volume_of(&*find(&state, &name)?)?;
     let copied = volume.delete_snapshot(&snap).await?;
     info!(
@@ -934,7 +919,7 @@ async fn rollback(
     PathArgs(name): PathArgs<String>,
     JsonBody(req): JsonBody<Rollback>,
 ) -> ApiResult<axum::Json<RolledBack>> {
-    check_name("snapshot", &req.snapshot)?;
+    names::SNAPSHOT.check(&req.snapshot)?;
     let export = find(&state, &name)?;
     let volume = volume_of(&export)?;
     let connected = usize::try_from(export.stats().connections()).unwrap_or(usize::MAX);
@@ -966,9 +951,9 @@ async fn export_snapshot(
     PathArgs((name, snap)): PathArgs<(String, String)>,
     JsonBody(req): JsonBody<ExportSnapshot>,
 ) -> ApiResult<(StatusCode, axum::Json<ExportView>)> {
-    check_name("snapshot", &snap)?;
+    names::SNAPSHOT.check(&snap)?;
     let export_name = req.name.unwrap_or_else(|| format!("{name}@{snap}"));
-    check_name("export", &export_name)?;
+    names::EXPORT.check(&export_name)?;
     let live = find(&state, &name)?;
     let volume = volume_of(&live)?;
     if state.exports.get(&export_name).is_some() {
@@ -1029,7 +1014,7 @@ async fn dirty(
     PathArgs(name): PathArgs<String>,
     QueryArgs(query): QueryArgs<DirtyQuery>,
 ) -> ApiResult<axum::Json<Dirty>> {
-    check_name("snapshot", &query.since)?;
+    names::SNAPSHOT.check(&query.since)?;
     let volume = volume_of(&*find(&state, &name)?)?;
     let ranges = volume.dirty(&query.since).await?;
     let path = volume.path().to_path_buf();

@@ -19,6 +19,10 @@ use crate::proto::{BlockSizes, Command, ExportCatalog, ExportInfo, ExportSummary
 use crate::server::Volume;
 use crate::server::metrics::{self, Histogram};
 
+/// How long the clients of an export that was removed or replaced (through the control
+/// API or a reload) get to finish the requests they sent, before it is flushed anyway.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
 /// One named disk.
 pub struct Export {
     name: String,

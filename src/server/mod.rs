@@ -76,8 +76,8 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            handshake_timeout: Duration::from_secs(10),
-            max_connections: 1024,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_client: 0,
             max_in_flight_total: Some(DEFAULT_MAX_IN_FLIGHT_TOTAL),
             shutdown_grace: Duration::from_secs(30),
@@ -87,6 +87,12 @@ impl Default for ServerConfig {
         }
     }
 }
+
+/// How long a client may take over its handshake unless configured.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections served at once unless configured.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 /// The default server-wide in-flight budget: 1 GiB, sixteen connections' worth of the
 /// default per-connection budget, and far more than a fast disk needs to stay busy.

@@ -56,6 +56,10 @@ const MIN_CHARGE: u64 = 64 * 1024;
 /// Replies gathered into one vectored write at most.
 const MAX_BATCH: usize = 64;
 
+/// Bytes of request and reply payload one connection may have in flight unless
+/// configured: two of the largest requests, and room for many small ones.
+pub const DEFAULT_MAX_IN_FLIGHT: u64 = 64 << 20;
+
 /// Tunables of the transmission phase.
 #[derive(Debug, Clone, Copy)]
 pub struct SessionConfig {
@@ -74,7 +78,7 @@ pub struct SessionConfig {
 impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
-            max_in_flight: 64 * 1024 * 1024,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             final_replies_timeout: Duration::from_secs(10),
             idle_timeout: None,
         }

@@ -418,9 +418,3 @@ pub fn dirty_ranges(chain: &Chain, layer: usize) -> Result<Vec<DirtyRange>> {
     }
     Ok(out)
 }
-
-/// Is `name` acceptable as an export name: a plain name where `@` may appear too
-/// (snapshot exports are `EXPORT@SNAPSHOT`)? See [`snapshot::plain_name`].
-pub fn valid_name(name: &str) -> bool {
-    snapshot::plain_name(name, b"@")
-}

@@ -25,13 +25,13 @@
 
 use std::fs::File;
 use std::io::Write as _;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::spec::{VmSpec, valid_name};
+use super::spec::VmSpec;
 use crate::error::{Error, ErrorKind, Result};
+use crate::names::VM;
 
 /// The spec's file name.
 pub const CONFIG: &str = "config.json";
@@ -162,20 +162,6 @@ pub struct Bundle {
     name: String,
 }
 
-fn check_name(name: &str) -> Result<()> {
-    if valid_name(name) {
-        Ok(())
-    } else {
-        Err(Error::msg(
-            ErrorKind::InvalidInput,
-            format!(
-                "{name:?} is not a valid VM name: 1 to 60 letters, digits, '.', '_' and '-', \
-                 not starting with '.' or '-'"
-            ),
-        ))
-    }
-}
-
 impl Bundle {
     /// Creates the bundle `root/name` for `spec`; `fill` adds further files (platform
     /// identity, a disk overlay) to the directory before it gets its name, so a
@@ -186,7 +172,7 @@ impl Bundle {
         spec: &VmSpec,
         fill: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<Bundle> {
-        check_name(name)?;
+        VM.check(name)?;
         spec.validate()?;
         std::fs::create_dir_all(root)
             .map_err(|e| io_error(e, "cannot create the bundle directory", root))?;
@@ -234,7 +220,7 @@ impl Bundle {
 
     /// Opens the existing bundle `root/name`.
     pub fn open(root: &Path, name: &str) -> Result<Bundle> {
-        check_name(name)?;
+        VM.check(name)?;
         let dir = root.join(name);
         if !dir.join(CONFIG).is_file() {
             let why = if dir.exists() {
@@ -380,10 +366,8 @@ impl Bundle {
             .write(true)
             .open(&path)
             .map_err(|e| io_error(e, "cannot open", &path))?;
-        // SAFETY: flock only reads its scalar arguments; the descriptor is open.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if let Err(e) = crate::sys::try_lock(&file, true) {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
                 return Err(Error::msg(
                     ErrorKind::Busy,
                     format!(

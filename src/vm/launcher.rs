@@ -860,12 +860,7 @@ async fn suspend(
         Some(n) => n,
         None => bundle.next_checkpoint_name()?,
     };
-    if !super::spec::valid_name(&name) {
-        return Err(Error::msg(
-            ErrorKind::InvalidInput,
-            format!("{name:?} is not a valid checkpoint name"),
-        ));
-    }
+    crate::names::CHECKPOINT.check(&name)?;
     if bundle.checkpoints()?.iter().any(|c| c.name == name) {
         return Err(Error::msg(
             ErrorKind::AlreadyExists,

@@ -296,14 +296,6 @@ impl VmSpec {
     }
 }
 
-/// Is `name` acceptable for a VM or a checkpoint: 1 to 60 ASCII letters, digits, `.`,
-/// `_` and `-`, not starting with `.` or `-` (it names a directory or file, and a disk
-/// snapshot `vm.NAME`)?
-pub fn valid_name(name: &str) -> bool {
-    // A snapshot name's rules, at most 60 bytes: a checkpoint's disk snapshot is `vm.NAME`.
-    name.len() <= 60 && crate::image::snapshot::plain_name(name, b"")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,13 +368,5 @@ mod tests {
             &|s| s.macos = Some(MacosSection::default()),
             "no macos section",
         );
-    }
-
-    #[test]
-    fn names() {
-        assert!(valid_name("vm1") && valid_name("web_2.test-a"));
-        for bad in ["", ".x", "-x", "a/b", "a b", &"x".repeat(61)] {
-            assert!(!valid_name(bad), "{bad}");
-        }
     }
 }
