@@ -595,25 +595,47 @@ fn notification(manager: &std::os::unix::net::UnixDatagram) -> Vec<String> {
 #[test]
 fn the_service_manager_hears_ready_reloading_and_stopping() {
     let site = Site::new();
-    let file = site
-        .config("listen = [\"127.0.0.1:0\"]\n[[exports]]\nname = \"a\"\nimage = \"memory:1M\"\n");
     let socket = site.path("notify");
     let manager = std::os::unix::net::UnixDatagram::bind(&socket).unwrap();
+    service_manager_hears(&site, &manager, socket.as_os_str());
+}
+
+/// The same through an abstract socket (`NOTIFY_SOCKET=@name`), as some service
+/// managers give.
+#[test]
+fn the_service_manager_hears_through_an_abstract_socket() {
+    use std::os::linux::net::SocketAddrExt;
+    let site = Site::new();
+    let name = format!("strata-test-notify-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
+    let manager = std::os::unix::net::UnixDatagram::bind_addr(&addr).unwrap();
+    service_manager_hears(&site, &manager, format!("@{name}").as_ref());
+}
+
+/// Runs a server whose `NOTIFY_SOCKET` is `socket`, where `manager` listens: it hears
+/// READY, RELOADING (with the time) and READY around a SIGHUP, and STOPPING.
+fn service_manager_hears(
+    site: &Site,
+    manager: &std::os::unix::net::UnixDatagram,
+    socket: &std::ffi::OsStr,
+) {
+    let file = site
+        .config("listen = [\"127.0.0.1:0\"]\n[[exports]]\nname = \"a\"\nimage = \"memory:1M\"\n");
     manager.set_read_timeout(Some(WAIT)).unwrap();
     let mut cmd = strata();
     cmd.arg("serve")
         .arg("--config")
         .arg(&file)
-        .env("NOTIFY_SOCKET", &socket);
+        .env("NOTIFY_SOCKET", socket);
     let mut server = Daemon::spawn(cmd);
     assert_eq!(
-        notification(&manager),
+        notification(manager),
         ["READY=1", "STATUS=serving 1 export"]
     );
     server.tcp_addr();
 
     server.signal(libc::SIGHUP);
-    let reloading = notification(&manager);
+    let reloading = notification(manager);
     assert_eq!(reloading[0], "RELOADING=1", "{reloading:?}");
     assert!(
         reloading.iter().any(|l| l
@@ -622,13 +644,13 @@ fn the_service_manager_hears_ready_reloading_and_stopping() {
         "systemd needs the time of a reload: {reloading:?}"
     );
     assert_eq!(
-        notification(&manager),
+        notification(manager),
         ["READY=1", "STATUS=serving 1 export"]
     );
 
     server.signal(libc::SIGTERM);
     assert_eq!(
-        notification(&manager),
+        notification(manager),
         ["STOPPING=1", "STATUS=shutting down"]
     );
     let (status, _) = server.wait_exit();

@@ -5,9 +5,9 @@
 //! reload, and `STOPPING=1` when it begins to shut down, so `systemctl start` returns
 //! only once clients can connect and `systemctl reload` only once the reload is done.
 //!
-//! `NOTIFY_SOCKET` must be a path, as current systemd versions give; an abstract socket
-//! name (`@...`), which some old versions used, is reported at start-up and otherwise
-//! ignored.
+//! `NOTIFY_SOCKET` is normally a path, which the crate handles; an abstract socket name
+//! (`@...`), which some service managers give, is sent to here on Linux, in the same
+//! message format.
 
 use sd_notify::NotifyState;
 use tracing::{debug, warn};
@@ -16,6 +16,8 @@ use tracing::{debug, warn};
 #[derive(Debug, Default)]
 pub struct Notifier {
     enabled: bool,
+    /// The name of an abstract socket (`NOTIFY_SOCKET=@name`), without the `@`.
+    abstract_name: Option<Vec<u8>>,
 }
 
 impl Notifier {
@@ -24,14 +26,21 @@ impl Notifier {
         let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
             return Notifier::default();
         };
-        if socket.as_encoded_bytes().starts_with(b"@") {
+        let abstract_name = socket
+            .as_encoded_bytes()
+            .strip_prefix(b"@")
+            .map(<[u8]>::to_vec);
+        if abstract_name.is_some() && !cfg!(target_os = "linux") {
             warn!(
-                "NOTIFY_SOCKET={}: abstract sockets are not supported, the service \
+                "NOTIFY_SOCKET={}: abstract sockets exist only on Linux, the service \
                  manager will not hear when the server is ready",
                 socket.to_string_lossy()
             );
         }
-        Notifier { enabled: true }
+        Notifier {
+            enabled: true,
+            abstract_name,
+        }
     }
 
     /// True when a service manager listens.
@@ -45,7 +54,11 @@ impl Notifier {
         if !self.enabled {
             return;
         }
-        if let Err(e) = sd_notify::notify(states) {
+        let sent = match &self.abstract_name {
+            Some(name) => send_abstract(name, states),
+            None => sd_notify::notify(states),
+        };
+        if let Err(e) = sent {
             debug!("cannot notify the service manager ({states:?}): {e}");
         }
     }
@@ -71,4 +84,21 @@ impl Notifier {
     pub fn stopping(&self) {
         self.notify(&[NotifyState::Stopping, NotifyState::Status("shutting down")]);
     }
+}
+
+/// Sends `states` to the abstract socket `name`, one `KEY=VALUE` line each, as
+/// `sd_notify::notify` does to a path.
+#[cfg(target_os = "linux")]
+fn send_abstract(name: &[u8], states: &[NotifyState<'_>]) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let message: String = states.iter().map(|s| format!("{s}\n")).collect();
+    let addr = SocketAddr::from_abstract_name(name)?;
+    UnixDatagram::unbound()?.send_to_addr(message.as_bytes(), &addr)?;
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send_abstract(_name: &[u8], _states: &[NotifyState<'_>]) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
 }
