@@ -265,7 +265,7 @@ pub fn run_with_window(args: VmArgs) -> ! {
 }
 
 /// The message printer given to the launcher.
-fn reporter() -> launcher::Report {
+fn reporter() -> strata::vm::Report {
     Arc::new(|line: &str| eprintln!("strata vm: {line}"))
 }
 
@@ -501,7 +501,7 @@ fn platform_files(_dir: &Path, _spec: &VmSpec) -> strata::Result<()> {
 #[cfg(target_os = "macos")]
 async fn install(root: &Path, name: &str, ipsw: &Path) -> strata::Result<ExitCode> {
     let bundle = Bundle::open(root, name)?;
-    let progress: Arc<dyn Fn(f64) + Send + Sync> = Arc::new(|fraction| {
+    let progress: strata::vm::Progress = Arc::new(|fraction| {
         eprint!("\r{}", progress_bar(fraction, 40));
         if fraction >= 1.0 {
             eprintln!();

@@ -32,7 +32,7 @@ use super::qemu::{self, QemuDriver, QemuPaths};
 use super::serve::{self, LocalServer};
 use super::spec::{Disk, Platform, VmSpec};
 use super::url::NbdUrl;
-use super::{Boot, Driver, VmEvent};
+use super::{Boot, Driver, Report, VmEvent};
 use crate::control_client::ControlTarget;
 use crate::error::{Error, ErrorKind, Result};
 
@@ -43,9 +43,6 @@ pub const SOCKET: &str = "launcher.sock";
 /// [`crate::failpoint::hit`]), for the crash tests: after the disk snapshot,
 /// and after the state file is in place but before the checkpoint is recorded.
 pub const FAILPOINTS: &[&str] = &["vm-suspend-snapshotted", "vm-suspend-saved"];
-
-/// Where the launcher's messages go (the command line prints them).
-pub type Report = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// How long a guest may take to shut down after `stop` (without `--force`) before it
 /// is stopped outright.
@@ -553,7 +550,7 @@ pub async fn install(
     bundle: &Bundle,
     ipsw: &Path,
     report: Report,
-    progress: Arc<dyn Fn(f64) + Send + Sync>,
+    progress: super::Progress,
 ) -> Result<()> {
     let mut spec = bundle.spec()?;
     if spec.platform != Platform::Macos {

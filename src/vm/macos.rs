@@ -48,10 +48,9 @@ use objc2_virtualization::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::bundle::{self, Bundle};
-use super::launcher::Report;
 use super::spec::{Network, SyncMode, VmSpec};
 use super::url::NbdUrl;
-use super::{Boot, Driver, VmEvent};
+use super::{Boot, Driver, Progress, Report, VmEvent};
 use crate::error::{Error, ErrorKind, Result};
 
 /// The hardware model, from the restore image (`dataRepresentation`).
@@ -652,7 +651,7 @@ pub async fn install(
     url: &NbdUrl,
     ipsw: &Path,
     report: &Report,
-    progress: Arc<dyn Fn(f64) + Send + Sync>,
+    progress: Progress,
 ) -> Result<()> {
     check_host()?;
     let ipsw = std::path::absolute(ipsw).map_err(|e| Error::from(e).with_path(ipsw))?;
@@ -725,7 +724,7 @@ async fn install_staged(
     image: &VZMacOSRestoreImage,
     staging: &Path,
     report: &Report,
-    progress: Arc<dyn Fn(f64) + Send + Sync>,
+    progress: Progress,
 ) -> Result<()> {
     // SAFETY: value objects with no thread requirements.
     let (hardware, min_cpus, min_memory) = unsafe {
