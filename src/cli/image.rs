@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
-use serde::Serialize;
 use strata::image::{self, tools};
 use strata::size::{format_size, parse_size};
+
+use super::output::print_json;
 
 fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
@@ -122,13 +123,6 @@ pub struct ConvertArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
-}
-
-pub(crate) fn print_json<T: Serialize>(value: &T) {
-    match serde_json::to_string_pretty(value) {
-        Ok(s) => println!("{s}"),
-        Err(e) => eprintln!("strata: cannot encode JSON: {e}"),
-    }
 }
 
 /// A progress bar on standard error, drawn only when it is a terminal.

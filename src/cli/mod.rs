@@ -10,6 +10,7 @@ use tracing::error;
 
 mod ctl;
 mod image;
+mod output;
 mod serve;
 mod snapshot;
 mod vm;

@@ -15,7 +15,7 @@ use strata::vm::spec::{Accel, Network, SyncMode};
 use strata::vm::{Disk, NbdUrl, Platform, VmSpec};
 use strata::{Error, ErrorKind};
 
-use super::ctl::{Table, timestamp};
+use super::output::{Table, timestamp};
 
 /// `strata vm`
 #[derive(Args, Debug)]
