@@ -11,6 +11,7 @@ use tracing::error;
 mod ctl;
 mod image;
 mod output;
+mod progress;
 mod serve;
 mod snapshot;
 mod vm;

@@ -501,13 +501,14 @@ fn platform_files(_dir: &Path, _spec: &VmSpec) -> strata::Result<()> {
 #[cfg(target_os = "macos")]
 async fn install(root: &Path, name: &str, ipsw: &Path) -> strata::Result<ExitCode> {
     let bundle = Bundle::open(root, name)?;
-    let progress: strata::vm::Progress = Arc::new(|fraction| {
-        eprint!("\r{}", progress_bar(fraction, 40));
-        if fraction >= 1.0 {
-            eprintln!();
-        }
-    });
-    launcher::install(&bundle, ipsw, reporter(), progress).await?;
+    let bar = super::progress::Bar::fraction();
+    let progress: strata::vm::Progress = {
+        let bar = bar.clone();
+        Arc::new(move |fraction| bar.set_fraction(fraction))
+    };
+    let installed = launcher::install(&bundle, ipsw, reporter(), progress).await;
+    bar.finish();
+    installed?;
     println!("macOS is installed in VM {name}; `strata vm run {name}` boots it");
     Ok(ExitCode::SUCCESS)
 }
@@ -523,25 +524,6 @@ async fn install(root: &Path, name: &str, _ipsw: &Path) -> strata::Result<ExitCo
             std::env::consts::OS
         ),
     ))
-}
-
-/// `[#########...........]  42%` (the install progress bar; macOS hosts only)
-#[cfg_attr(not(target_os = "macos"), allow(dead_code))]
-fn progress_bar(fraction: f64, width: usize) -> String {
-    let fraction = if fraction.is_finite() {
-        fraction.clamp(0.0, 1.0)
-    } else {
-        0.0
-    };
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let done = (fraction * width as f64).round() as usize;
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let percent = (fraction * 100.0).floor() as u32;
-    format!(
-        "[{}{}] {percent:3}%",
-        "#".repeat(done),
-        ".".repeat(width - done)
-    )
 }
 
 fn describe_disk(spec: &VmSpec) -> String {
@@ -624,18 +606,4 @@ fn checkpoints(root: &Path, name: &str) -> strata::Result<ExitCode> {
         .render()
     );
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn progress_bars() {
-        assert_eq!(progress_bar(0.0, 10), "[..........]   0%");
-        assert_eq!(progress_bar(0.42, 10), "[####......]  42%");
-        assert_eq!(progress_bar(1.0, 10), "[##########] 100%");
-        assert_eq!(progress_bar(7.0, 4), "[####] 100%");
-        assert_eq!(progress_bar(f64::NAN, 4), "[....]   0%");
-    }
 }
