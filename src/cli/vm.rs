@@ -281,14 +281,13 @@ pub async fn run(args: VmArgs) -> strata::Result<ExitCode> {
             serve,
             discard,
         } => {
-            let bundle = Bundle::open(&root, &name)?;
             let options = RunOptions {
                 headless: headless.then_some(true),
                 serve,
                 discard,
                 resume: None,
             };
-            finish(launcher::run(&bundle, options, reporter()).await?)
+            run_vm(&root, &name, options).await
         }
         VmCommand::Resume {
             name,
@@ -296,7 +295,6 @@ pub async fn run(args: VmArgs) -> strata::Result<ExitCode> {
             destroy_newer,
             headless,
         } => {
-            let bundle = Bundle::open(&root, &name)?;
             let options = RunOptions {
                 headless: headless.then_some(true),
                 resume: Some(ResumeOptions {
@@ -305,7 +303,7 @@ pub async fn run(args: VmArgs) -> strata::Result<ExitCode> {
                 }),
                 ..RunOptions::default()
             };
-            finish(launcher::run(&bundle, options, reporter()).await?)
+            run_vm(&root, &name, options).await
         }
         VmCommand::Stop { name, force } => {
             let bundle = Bundle::open(&root, &name)?;
@@ -356,8 +354,10 @@ pub async fn run(args: VmArgs) -> strata::Result<ExitCode> {
     }
 }
 
-fn finish(outcome: Outcome) -> strata::Result<ExitCode> {
-    match outcome {
+/// `run` and `resume`: runs the VM until it stops, and says how it ended.
+async fn run_vm(root: &Path, name: &str, options: RunOptions) -> strata::Result<ExitCode> {
+    let bundle = Bundle::open(root, name)?;
+    match launcher::run(&bundle, options, reporter()).await? {
         Outcome::Stopped(reason) => eprintln!("strata vm: done ({reason})"),
         Outcome::Suspended(c) => {
             eprintln!("strata vm: suspended to checkpoint {c}; `strata vm resume` goes on");
@@ -418,9 +418,7 @@ fn create(root: &Path, args: CreateArgs) -> strata::Result<ExitCode> {
                 return Err(Error::msg(ErrorKind::NotFound, "no such image").with_path(path));
             }
             if args.overlay {
-                Disk::Image {
-                    path: PathBuf::from(bundle::OVERLAY),
-                }
+                bundle::overlay_disk()
             } else {
                 Disk::Image { path: path.clone() }
             }
@@ -463,13 +461,7 @@ fn create(root: &Path, args: CreateArgs) -> strata::Result<ExitCode> {
     let overlay_of = image.filter(|_| args.overlay);
     let bundle = Bundle::create(root, &args.name, &spec, |dir| {
         if let Some(base) = &overlay_of {
-            strata::image::create(
-                &dir.join(bundle::OVERLAY),
-                &strata::image::CreateOptions {
-                    backing: Some(base.clone()),
-                    ..Default::default()
-                },
-            )?;
+            bundle::create_overlay(dir, base)?;
         }
         platform_files(dir, &spec)
     })?;

@@ -110,13 +110,7 @@ pub(super) async fn open_disk(
         if !base.exists() {
             return Err(Error::msg(ErrorKind::NotFound, "no such image").with_path(&base));
         }
-        crate::image::create(
-            &overlay,
-            &crate::image::CreateOptions {
-                backing: Some(base.clone()),
-                ..Default::default()
-            },
-        )?;
+        bundle::create_overlay(bundle.dir(), &base)?;
         report(&format!(
             "serving a new overlay of {} ({})",
             base.display(),
@@ -131,9 +125,7 @@ pub(super) async fn open_disk(
         };
         if !options.discard {
             // From now on the overlay is this VM's disk.
-            spec.disk = Disk::Image {
-                path: PathBuf::from(bundle::OVERLAY),
-            };
+            spec.disk = bundle::overlay_disk();
         }
         return Ok(DiskAccess {
             url: local.url.clone(),

@@ -2,7 +2,6 @@
 //! checkpoint), `launcher.sock` listening, then the main loop of the VM's events, the
 //! requests and the signals until the VM stops, and the clean-up.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,7 @@ use super::{Outcome, RunOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::vm::bundle::{self, Bundle};
 use crate::vm::probe;
-use crate::vm::spec::{Disk, VmSpec};
+use crate::vm::spec::VmSpec;
 use crate::vm::{Boot, Driver, Report, VmEvent};
 
 /// How long a guest may take to shut down after `stop` (without `--force`) before it
@@ -47,12 +46,9 @@ pub async fn run(bundle: &Bundle, options: RunOptions, report: Report) -> Result
     if result.is_err() && options.serve.is_some() && !options.discard {
         // A VM that never ran on its new overlay does not keep it: the spec names it
         // only once the VM has started.
-        let kept = bundle.spec().is_ok_and(|s| {
-            s.disk
-                == Disk::Image {
-                    path: PathBuf::from(bundle::OVERLAY),
-                }
-        });
+        let kept = bundle
+            .spec()
+            .is_ok_and(|s| s.disk == bundle::overlay_disk());
         if !kept {
             remove_overlay(&bundle.path(bundle::OVERLAY));
         }
