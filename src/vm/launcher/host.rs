@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::Result;
 use crate::vm::bundle::Bundle;
 use crate::vm::qemu::{self, QemuDriver, QemuPaths};
 use crate::vm::spec::{Platform, VmSpec};
@@ -59,20 +59,13 @@ pub(super) fn driver_name(platform: Platform) -> &'static str {
     }
 }
 
-/// Fails with [`ErrorKind::NotSupported`] when this host cannot run `spec`.
+/// Fails with [`NotSupported`](crate::ErrorKind::NotSupported) when this host cannot run `spec`.
 pub fn check_host(spec: &VmSpec) -> Result<()> {
     match spec.platform {
         Platform::Linux => {
             let binary = qemu_binary(spec);
             if binary.components().count() == 1 && find_on_path(&binary).is_none() {
-                return Err(Error::msg(
-                    ErrorKind::NotSupported,
-                    format!(
-                        "{} is not installed: Linux VMs run under QEMU (Debian: apt-get \
-                         install qemu-system-x86; or set linux.qemu in config.json)",
-                        binary.display()
-                    ),
-                ));
+                return Err(qemu::not_installed(&binary));
             }
             Ok(())
         }
@@ -87,6 +80,7 @@ fn check_macos_host() -> Result<()> {
 
 #[cfg(not(target_os = "macos"))]
 fn check_macos_host() -> Result<()> {
+    use crate::error::{Error, ErrorKind};
     Err(Error::msg(
         ErrorKind::NotSupported,
         format!(
@@ -151,6 +145,7 @@ pub(super) async fn start_driver(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
     use crate::vm::spec::Disk;
 
     #[test]
