@@ -244,13 +244,10 @@ pub fn wants_window(args: &VmArgs) -> bool {
 #[cfg(target_os = "macos")]
 pub fn run_with_window(args: VmArgs) -> ! {
     strata::vm::macos::run_app(move || {
-        let runtime = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
+        let runtime = match super::runtime() {
             Ok(rt) => rt,
             Err(e) => {
-                eprintln!("strata: cannot start the runtime: {e}");
+                eprintln!("strata: {e}");
                 return 1;
             }
         };
