@@ -1,14 +1,15 @@
 //! The image subcommands of the command line: argument definitions and printing. The
 //! work itself is in [`strata::image::tools`].
 
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
-use serde::Serialize;
 use strata::image::{self, tools};
 use strata::size::{format_size, parse_size};
+
+use super::output::print_json;
+use super::progress::Bar;
 
 fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
@@ -122,53 +123,6 @@ pub struct ConvertArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
-}
-
-pub(crate) fn print_json<T: Serialize>(value: &T) {
-    match serde_json::to_string_pretty(value) {
-        Ok(s) => println!("{s}"),
-        Err(e) => eprintln!("strata: cannot encode JSON: {e}"),
-    }
-}
-
-/// A progress bar on standard error, drawn only when it is a terminal.
-struct Bar {
-    label: &'static str,
-    enabled: bool,
-}
-
-impl Bar {
-    fn new(label: &'static str) -> Bar {
-        Bar {
-            label,
-            enabled: std::io::stderr().is_terminal(),
-        }
-    }
-
-    fn update(&self, done: u64, total: u64) {
-        if !self.enabled {
-            return;
-        }
-        let pct = (done * 100).checked_div(total).unwrap_or(100).min(100);
-        let filled = (pct / 4) as usize;
-        let mut err = std::io::stderr().lock();
-        let _ = write!(
-            err,
-            "\r{} [{}{}] {pct:3}% {} / {}",
-            self.label,
-            "#".repeat(filled),
-            " ".repeat(25 - filled),
-            format_size(done),
-            format_size(total)
-        );
-        let _ = err.flush();
-    }
-
-    fn finish(&self) {
-        if self.enabled {
-            eprintln!();
-        }
-    }
 }
 
 type CmdResult = strata::Result<ExitCode>;
@@ -355,7 +309,7 @@ fn print_copy(json: bool, what: &str, r: &tools::CopyReport) {
 
 /// `strata commit`
 pub fn commit(a: CommitArgs) -> CmdResult {
-    let bar = Bar::new("commit");
+    let bar = Bar::bytes("commit", a.json);
     let r = tools::commit(&a.image, &|d, t| bar.update(d, t))?;
     bar.finish();
     print_copy(a.json, "committed", &r);
@@ -364,7 +318,7 @@ pub fn commit(a: CommitArgs) -> CmdResult {
 
 /// `strata rebase`
 pub fn rebase(a: RebaseArgs) -> CmdResult {
-    let bar = Bar::new("rebase");
+    let bar = Bar::bytes("rebase", a.json);
     let r = tools::rebase(&a.image, a.backing.as_deref(), a.unsafe_, &|d, t| {
         bar.update(d, t);
     })?;
@@ -379,7 +333,7 @@ pub fn convert(a: ConvertArgs) -> CmdResult {
         OutFormat::Strata => tools::OutputFormat::Strata,
         OutFormat::Raw => tools::OutputFormat::Raw,
     };
-    let bar = Bar::new("convert");
+    let bar = Bar::bytes("convert", a.json);
     let r = tools::convert(
         &a.source,
         &a.destination,

@@ -10,6 +10,8 @@ use tracing::error;
 
 mod ctl;
 mod image;
+mod output;
+mod progress;
 mod serve;
 mod snapshot;
 mod vm;

@@ -12,8 +12,7 @@ use strata::image::snapshot;
 use strata::server::volume::{self, DirtyRange, RollbackOptions, Volume};
 use strata::size::format_size;
 
-use super::ctl::timestamp;
-use super::image::print_json;
+use super::output::{print_json, timestamp};
 
 type CmdResult = strata::Result<ExitCode>;
 

@@ -15,7 +15,7 @@ use strata::vm::spec::{Accel, Network, SyncMode};
 use strata::vm::{Disk, NbdUrl, Platform, VmSpec};
 use strata::{Error, ErrorKind};
 
-use super::ctl::{Table, timestamp};
+use super::output::{Table, timestamp};
 
 /// `strata vm`
 #[derive(Args, Debug)]
@@ -244,13 +244,10 @@ pub fn wants_window(args: &VmArgs) -> bool {
 #[cfg(target_os = "macos")]
 pub fn run_with_window(args: VmArgs) -> ! {
     strata::vm::macos::run_app(move || {
-        let runtime = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
+        let runtime = match super::runtime() {
             Ok(rt) => rt,
             Err(e) => {
-                eprintln!("strata: cannot start the runtime: {e}");
+                eprintln!("strata: {e}");
                 return 1;
             }
         };
@@ -265,7 +262,7 @@ pub fn run_with_window(args: VmArgs) -> ! {
 }
 
 /// The message printer given to the launcher.
-fn reporter() -> launcher::Report {
+fn reporter() -> strata::vm::Report {
     Arc::new(|line: &str| eprintln!("strata vm: {line}"))
 }
 
@@ -281,14 +278,13 @@ pub async fn run(args: VmArgs) -> strata::Result<ExitCode> {
             serve,
             discard,
         } => {
-            let bundle = Bundle::open(&root, &name)?;
             let options = RunOptions {
                 headless: headless.then_some(true),
                 serve,
                 discard,
                 resume: None,
             };
-            finish(launcher::run(&bundle, options, reporter()).await?)
+            run_vm(&root, &name, options).await
         }
         VmCommand::Resume {
             name,
@@ -296,7 +292,6 @@ pub async fn run(args: VmArgs) -> strata::Result<ExitCode> {
             destroy_newer,
             headless,
         } => {
-            let bundle = Bundle::open(&root, &name)?;
             let options = RunOptions {
                 headless: headless.then_some(true),
                 resume: Some(ResumeOptions {
@@ -305,7 +300,7 @@ pub async fn run(args: VmArgs) -> strata::Result<ExitCode> {
                 }),
                 ..RunOptions::default()
             };
-            finish(launcher::run(&bundle, options, reporter()).await?)
+            run_vm(&root, &name, options).await
         }
         VmCommand::Stop { name, force } => {
             let bundle = Bundle::open(&root, &name)?;
@@ -356,8 +351,10 @@ pub async fn run(args: VmArgs) -> strata::Result<ExitCode> {
     }
 }
 
-fn finish(outcome: Outcome) -> strata::Result<ExitCode> {
-    match outcome {
+/// `run` and `resume`: runs the VM until it stops, and says how it ended.
+async fn run_vm(root: &Path, name: &str, options: RunOptions) -> strata::Result<ExitCode> {
+    let bundle = Bundle::open(root, name)?;
+    match launcher::run(&bundle, options, reporter()).await? {
         Outcome::Stopped(reason) => eprintln!("strata vm: done ({reason})"),
         Outcome::Suspended(c) => {
             eprintln!("strata vm: suspended to checkpoint {c}; `strata vm resume` goes on");
@@ -418,9 +415,7 @@ fn create(root: &Path, args: CreateArgs) -> strata::Result<ExitCode> {
                 return Err(Error::msg(ErrorKind::NotFound, "no such image").with_path(path));
             }
             if args.overlay {
-                Disk::Image {
-                    path: PathBuf::from(bundle::OVERLAY),
-                }
+                bundle::overlay_disk()
             } else {
                 Disk::Image { path: path.clone() }
             }
@@ -463,13 +458,7 @@ fn create(root: &Path, args: CreateArgs) -> strata::Result<ExitCode> {
     let overlay_of = image.filter(|_| args.overlay);
     let bundle = Bundle::create(root, &args.name, &spec, |dir| {
         if let Some(base) = &overlay_of {
-            strata::image::create(
-                &dir.join(bundle::OVERLAY),
-                &strata::image::CreateOptions {
-                    backing: Some(base.clone()),
-                    ..Default::default()
-                },
-            )?;
+            bundle::create_overlay(dir, base)?;
         }
         platform_files(dir, &spec)
     })?;
@@ -501,13 +490,14 @@ fn platform_files(_dir: &Path, _spec: &VmSpec) -> strata::Result<()> {
 #[cfg(target_os = "macos")]
 async fn install(root: &Path, name: &str, ipsw: &Path) -> strata::Result<ExitCode> {
     let bundle = Bundle::open(root, name)?;
-    let progress: Arc<dyn Fn(f64) + Send + Sync> = Arc::new(|fraction| {
-        eprint!("\r{}", progress_bar(fraction, 40));
-        if fraction >= 1.0 {
-            eprintln!();
-        }
-    });
-    launcher::install(&bundle, ipsw, reporter(), progress).await?;
+    let bar = super::progress::Bar::fraction();
+    let progress: strata::vm::Progress = {
+        let bar = bar.clone();
+        Arc::new(move |fraction| bar.set_fraction(fraction))
+    };
+    let installed = launcher::install(&bundle, ipsw, reporter(), progress).await;
+    bar.finish();
+    installed?;
     println!("macOS is installed in VM {name}; `strata vm run {name}` boots it");
     Ok(ExitCode::SUCCESS)
 }
@@ -523,25 +513,6 @@ async fn install(root: &Path, name: &str, _ipsw: &Path) -> strata::Result<ExitCo
             std::env::consts::OS
         ),
     ))
-}
-
-/// `[#########...........]  42%` (the install progress bar; macOS hosts only)
-#[cfg_attr(not(target_os = "macos"), allow(dead_code))]
-fn progress_bar(fraction: f64, width: usize) -> String {
-    let fraction = if fraction.is_finite() {
-        fraction.clamp(0.0, 1.0)
-    } else {
-        0.0
-    };
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let done = (fraction * width as f64).round() as usize;
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let percent = (fraction * 100.0).floor() as u32;
-    format!(
-        "[{}{}] {percent:3}%",
-        "#".repeat(done),
-        ".".repeat(width - done)
-    )
 }
 
 fn describe_disk(spec: &VmSpec) -> String {
@@ -624,18 +595,4 @@ fn checkpoints(root: &Path, name: &str) -> strata::Result<ExitCode> {
         .render()
     );
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn progress_bars() {
-        assert_eq!(progress_bar(0.0, 10), "[..........]   0%");
-        assert_eq!(progress_bar(0.42, 10), "[####......]  42%");
-        assert_eq!(progress_bar(1.0, 10), "[##########] 100%");
-        assert_eq!(progress_bar(7.0, 4), "[####] 100%");
-        assert_eq!(progress_bar(f64::NAN, 4), "[....]   0%");
-    }
 }

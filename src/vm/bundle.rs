@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::spec::VmSpec;
+use super::spec::{Disk, VmSpec};
 use crate::error::{Error, ErrorKind, Result};
 use crate::names::VM;
 
@@ -43,6 +43,27 @@ pub const STATE_DIR: &str = "checkpoints";
 pub const OVERLAY: &str = "disk.strata";
 /// The directory of the macOS platform's identity files.
 pub const MACOS_DIR: &str = "macos";
+
+/// The disk of a VM that runs on its own overlay ([`OVERLAY`] in its bundle).
+pub fn overlay_disk() -> Disk {
+    Disk::Image {
+        path: PathBuf::from(OVERLAY),
+    }
+}
+
+/// Creates the overlay [`OVERLAY`] in the bundle directory `dir`, its backing file
+/// `base`, and returns its path.
+pub fn create_overlay(dir: &Path, base: &Path) -> Result<PathBuf> {
+    let overlay = dir.join(OVERLAY);
+    crate::image::create(
+        &overlay,
+        &crate::image::CreateOptions {
+            backing: Some(base.to_path_buf()),
+            ..Default::default()
+        },
+    )?;
+    Ok(overlay)
+}
 
 /// The default directory of bundles: `$XDG_DATA_HOME/strata/vms`, or
 /// `~/.local/share/strata/vms`.

@@ -43,12 +43,20 @@ pub mod spec;
 pub mod url;
 
 use std::path::Path;
+use std::sync::Arc;
 
 pub use bundle::{Bundle, Checkpoint};
 pub use spec::{Disk, Platform, VmSpec};
 pub use url::NbdUrl;
 
 use crate::error::Result;
+
+/// Where the launcher's and the drivers' messages for the user go (the command line
+/// prints them).
+pub type Report = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Where a long task's progress goes, as the fraction done (0.0 to 1.0).
+pub type Progress = Arc<dyn Fn(f64) + Send + Sync>;
 
 /// Something that happened to a running VM, for the user.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -60,6 +60,18 @@ pub fn default_binary() -> &'static str {
     }
 }
 
+/// The error for a QEMU `binary` that is not there, with where to get it.
+pub fn not_installed(binary: &Path) -> Error {
+    Error::msg(
+        ErrorKind::NotSupported,
+        format!(
+            "{} is not installed: Linux VMs run under QEMU (Debian: apt-get install \
+             qemu-system-x86; or set linux.qemu in config.json)",
+            binary.display()
+        ),
+    )
+}
+
 /// Whether KVM can be used here.
 pub fn kvm_available() -> bool {
     std::fs::OpenOptions::new()
@@ -247,16 +259,14 @@ impl QemuDriver {
             });
         }
         let mut child = command.spawn().map_err(|e| {
-            let why = if e.kind() == std::io::ErrorKind::NotFound {
-                format!(
-                    "{} is not installed (Debian: apt-get install qemu-system-x86; or set \
-                     linux.qemu in config.json)",
-                    binary.display()
-                )
+            if e.kind() == std::io::ErrorKind::NotFound {
+                not_installed(binary)
             } else {
-                format!("cannot start {}: {e}", binary.display())
-            };
-            Error::msg(ErrorKind::NotSupported, why)
+                Error::msg(
+                    ErrorKind::NotSupported,
+                    format!("cannot start {}: {e}", binary.display()),
+                )
+            }
         })?;
         let (tx, stderr) = mpsc::unbounded_channel();
         if let Some(err) = child.stderr.take() {
@@ -518,17 +528,9 @@ impl Driver for QemuDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::spec::{Disk, Platform};
 
     fn spec() -> VmSpec {
-        let mut s = VmSpec::new(
-            Platform::Linux,
-            Disk::Url {
-                url: NbdUrl::parse("nbd://nas/vm1").unwrap(),
-                control: None,
-                token_file: None,
-            },
-        );
+        let mut s = crate::vm::spec::tests::linux();
         s.cpus = 1;
         s.memory = 256 << 20;
         s

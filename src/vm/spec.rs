@@ -297,10 +297,11 @@ impl VmSpec {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn linux() -> VmSpec {
+    /// A Linux VM on the export `vm1` of `nbd://nas`, with the defaults.
+    pub(crate) fn linux() -> VmSpec {
         VmSpec::new(
             Platform::Linux,
             Disk::Url {

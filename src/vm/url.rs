@@ -8,6 +8,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+
 use crate::error::{Error, ErrorKind, Result};
 
 /// The port NBD servers listen on unless told otherwise.
@@ -52,52 +54,53 @@ fn bad(url: &str, why: impl fmt::Display) -> Error {
     )
 }
 
-/// Decodes `%XX` escapes; refuses bad escapes, raw spaces and control characters.
-fn percent_decode(url: &str, what: &str, s: &str) -> Result<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok())
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| bad(url, format!("bad %-escape in the {what}")))?;
-                out.push(hex);
-                i += 3;
-            }
-            b if b <= b' ' || b == 0x7f => {
-                return Err(bad(
-                    url,
-                    format!("the {what} holds a space or control character; %-encode it"),
-                ));
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).map_err(|_| bad(url, format!("the {what} is not UTF-8")))
-}
+/// What stays as it is in a path segment or a query value: letters, digits, RFC 3986's
+/// unreserved marks and sub-delimiters (but `&` and `=`, which split the query), `:`
+/// and `@`. Everything else, and every byte outside ASCII, is %-encoded.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'!')
+    .remove(b'$')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')')
+    .remove(b'*')
+    .remove(b'+')
+    .remove(b',')
+    .remove(b';')
+    .remove(b':')
+    .remove(b'@');
 
-/// %-encodes what may not appear as is in a path segment or query value.
-fn percent_encode(s: &str, keep_slash: bool) -> String {
-    use fmt::Write as _;
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        let plain = b.is_ascii_alphanumeric()
-            || b"-._~!$'()*+,;:@".contains(&b)
-            || (keep_slash && b == b'/');
-        if plain {
-            out.push(char::from(b));
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
+/// [`SEGMENT`] and `/`: an export name or a file path, whose slashes stay readable.
+const PATH: &AsciiSet = &SEGMENT.remove(b'/');
+
+/// Decodes `%XX` escapes; refuses bad escapes, raw spaces and control characters, and
+/// what does not decode to UTF-8.
+fn percent_decode(url: &str, what: &str, s: &str) -> Result<String> {
+    if s.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(bad(
+            url,
+            format!("the {what} holds a space or control character; %-encode it"),
+        ));
     }
-    out
+    // The decoder passes a `%` without two hex digits through as it is; here it is an
+    // error.
+    let escapes_whole = s.split('%').skip(1).all(|after| {
+        after
+            .as_bytes()
+            .get(..2)
+            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !escapes_whole {
+        return Err(bad(url, format!("bad %-escape in the {what}")));
+    }
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|_| bad(url, format!("the {what} is not UTF-8")))
 }
 
 impl NbdUrl {
@@ -279,7 +282,7 @@ fn split_host_port(url: &str, authority: &str) -> Result<(String, u16)> {
 impl fmt::Display for NbdUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = if self.tls { "s" } else { "" };
-        let export = percent_encode(&self.export, true);
+        let export = utf8_percent_encode(&self.export, PATH);
         let mut query = Vec::new();
         match &self.endpoint {
             Endpoint::Tcp { host, port } => {
@@ -294,18 +297,18 @@ impl fmt::Display for NbdUrl {
                 write!(f, "nbd{s}+unix:///{export}")?;
                 query.push(format!(
                     "socket={}",
-                    percent_encode(&path.to_string_lossy(), true)
+                    utf8_percent_encode(&path.to_string_lossy(), PATH)
                 ));
             }
         }
         if let Some(dir) = &self.tls_certificates {
             query.push(format!(
                 "tls-certificates={}",
-                percent_encode(&dir.to_string_lossy(), true)
+                utf8_percent_encode(&dir.to_string_lossy(), PATH)
             ));
         }
         if let Some(h) = &self.tls_hostname {
-            query.push(format!("tls-hostname={}", percent_encode(h, false)));
+            query.push(format!("tls-hostname={}", utf8_percent_encode(h, SEGMENT)));
         }
         if !query.is_empty() {
             write!(f, "?{}", query.join("&"))?;
