@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use strata::config::LogFormat;
+use strata::config::{self, LogFormat};
 use tracing::error;
 
 mod ctl;
@@ -92,7 +92,10 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => return serve::run(&args, cli.verbose),
         command => command,
     };
-    init_logging(verbosity(cli.verbose).unwrap_or("info"), LogFormat::Text);
+    init_logging(
+        verbosity(cli.verbose).unwrap_or(config::DEFAULT_LOG_LEVEL),
+        LogFormat::Text,
+    );
     // A macOS VM with a window needs AppKit's event loop on this thread.
     #[cfg(target_os = "macos")]
     if let Command::Vm(args) = &command

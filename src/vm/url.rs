@@ -11,12 +11,7 @@ use std::path::PathBuf;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use crate::error::{Error, ErrorKind, Result};
-
-/// The port NBD servers listen on unless told otherwise.
-pub const DEFAULT_PORT: u16 = 10809;
-
-/// Longest export name the protocol allows.
-const MAX_EXPORT_NAME: usize = 4096;
+use crate::proto::consts::{DEFAULT_PORT, MAX_STRING as MAX_EXPORT_NAME};
 
 /// Where the server is.
 #[derive(Debug, Clone, PartialEq, Eq)]
