@@ -1,0 +1,122 @@
+//! The `strata serve` command line: argument errors, logging and exit status, block
+//! devices. Listeners, export naming and signals are also covered with the real clients
+//! in `interop_server.rs`.
+
+use std::net::TcpListener;
+use std::process::Command;
+
+use crate::common::control::Running;
+use crate::support::wire::Conn;
+
+fn strata() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_strata"))
+}
+
+/// A `strata serve` child listening on a port the kernel chose (`--listen 127.0.0.1:0`),
+/// so no other socket on the machine can take the port between choosing and binding it.
+fn serve(args: &[&std::ffi::OsStr]) -> Running {
+    Running::serve_plain(args)
+}
+
+fn conn(server: &Running) -> Conn {
+    Conn::connect(server.nbd)
+}
+
+fn fails_with(args: &[&str], expect: &str) {
+    let out = strata().args(args).output().unwrap();
+    assert!(!out.status.success(), "{args:?} should fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(expect),
+        "{args:?}: expected {expect:?} in {stderr}"
+    );
+}
+
+#[test]
+fn bad_arguments_give_clear_errors() {
+    fails_with(&["serve"], "IMAGE");
+    fails_with(&["serve", "/nonexistent/disk.img"], "/nonexistent/disk.img");
+    fails_with(&["serve", "memory:lots"], "invalid size");
+    fails_with(
+        &["serve", "--listen", "nowhere", "memory:1M"],
+        "invalid listen address",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    fails_with(
+        &["serve", dir.path().to_str().unwrap()],
+        dir.path().to_str().unwrap(),
+    );
+    // A port already taken is reported, not ignored.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    fails_with(&["serve", "--listen", &addr, "memory:1M"], "cannot listen");
+}
+
+#[test]
+fn sigterm_flushes_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let server = serve(&[img.as_os_str()]);
+    let mut c = conn(&server);
+    c.handshake("d", false, false);
+    assert_eq!(
+        c.command(0, crate::support::wire::CMD_WRITE, 512, 5, b"hello"),
+        0
+    );
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(server.child.id() as i32, libc::SIGTERM);
+    }
+    let (status, log) = server.wait_exit();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        log.contains("listening on 127.0.0.1:"),
+        "listening address is logged: {log}"
+    );
+    assert!(log.contains("shutdown complete"), "{log}");
+    assert_eq!(&std::fs::read(&img).unwrap()[512..517], b"hello");
+}
+
+/// Serves the scratch block device named by `STRATA_TEST_BLOCK_DEVICE` (the test script
+/// makes a loop device when it can): the size comes from the device, and data written
+/// through NBD lands on it.
+#[test]
+fn serves_a_block_device() {
+    let Ok(dev) = std::env::var("STRATA_TEST_BLOCK_DEVICE") else {
+        eprintln!("skipped: STRATA_TEST_BLOCK_DEVICE is not set");
+        return;
+    };
+    let size = {
+        use std::io::Seek;
+        let mut f = std::fs::File::open(&dev).unwrap();
+        f.seek(std::io::SeekFrom::End(0)).unwrap()
+    };
+    let server = serve(&[std::ffi::OsStr::new(&dev)]);
+    let mut c = conn(&server);
+    let (export_size, _) = c.handshake("", true, false);
+    assert_eq!(export_size, size);
+    let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(
+        c.command(
+            crate::support::wire::FLAG_FUA,
+            crate::support::wire::CMD_WRITE,
+            4096,
+            65536,
+            &data
+        ),
+        0
+    );
+    let mut on_device = vec![0u8; 65536];
+    {
+        use std::os::unix::fs::FileExt;
+        std::fs::File::open(&dev)
+            .unwrap()
+            .read_exact_at(&mut on_device, 4096)
+            .unwrap();
+    }
+    assert_eq!(on_device, data);
+}
