@@ -1007,27 +1007,27 @@ conformance!(shared_overlay, Some(overlay(SIZE, 2).shared()));
 // Files in memory take the zero-copy read paths (replies point into mappings).
 conformance!(
     raw_file_in_memory,
-    crate::common::memory_dir().map(|d| raw_in(Some(d), SIZE, false))
+    crate::support::memory_dir().map(|d| raw_in(Some(d), SIZE, false))
 );
 conformance!(
     shared_raw_file_in_memory,
-    crate::common::memory_dir().map(|d| raw_in(Some(d), SIZE, false).shared())
+    crate::support::memory_dir().map(|d| raw_in(Some(d), SIZE, false).shared())
 );
 conformance!(
     image_64k_in_memory,
-    crate::common::memory_dir().map(|d| image_in(Some(d), SIZE, KIB64))
+    crate::support::memory_dir().map(|d| image_in(Some(d), SIZE, KIB64))
 );
 conformance!(
     image_4k_in_memory,
-    crate::common::memory_dir().map(|d| image_in(Some(d), SIZE, KIB4))
+    crate::support::memory_dir().map(|d| image_in(Some(d), SIZE, KIB4))
 );
 conformance!(
     overlay_depth_2_in_memory,
-    crate::common::memory_dir().map(|d| overlay_in(Some(d), SIZE, KIB64, 2))
+    crate::support::memory_dir().map(|d| overlay_in(Some(d), SIZE, KIB64, 2))
 );
 conformance!(
     overlay_4k_depth_10_in_memory,
-    crate::common::memory_dir().map(|d| overlay_in(Some(d), SIZE, KIB4, 10))
+    crate::support::memory_dir().map(|d| overlay_in(Some(d), SIZE, KIB4, 10))
 );
 conformance!(opened_overlay_path, Some(opened_overlay(SIZE, 10)));
 conformance!(block_device_raw, {
@@ -1621,7 +1621,7 @@ fn model<B: Backend>(
 }
 
 proptest! {
-    #![proptest_config(crate::common::proptest_cases(48))]
+    #![proptest_config(crate::support::proptest_cases(48))]
 
     #[test]
     fn model_memory(ops in prop::collection::vec(op(), 1..40)) {

@@ -3,14 +3,11 @@
 //! in `interop_server.rs`.
 
 use std::net::TcpListener;
-use std::process::Command;
 
-use crate::common::control::Running;
-use crate::support::wire::Conn;
-
-fn strata() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_strata"))
-}
+use crate::support::client::{Client, SIMPLE, STRUCTURED};
+use crate::support::control::Running;
+use crate::support::spec::{CMD_WRITE, FLAG_FUA};
+use crate::support::{run, strata};
 
 /// A `strata serve` child listening on a port the kernel chose (`--listen 127.0.0.1:0`),
 /// so no other socket on the machine can take the port between choosing and binding it.
@@ -18,14 +15,14 @@ fn serve(args: &[&std::ffi::OsStr]) -> Running {
     Running::serve_plain(args)
 }
 
-fn conn(server: &Running) -> Conn {
-    Conn::connect(server.nbd)
+fn conn(server: &Running) -> Client {
+    Client::tcp(server.nbd).unwrap()
 }
 
 fn fails_with(args: &[&str], expect: &str) {
-    let out = strata().args(args).output().unwrap();
-    assert!(!out.status.success(), "{args:?} should fail");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let out = run(strata().args(args));
+    assert!(!out.success(), "{args:?} should fail");
+    let stderr = &out.stderr;
     assert!(
         stderr.contains(expect),
         "{args:?}: expected {expect:?} in {stderr}"
@@ -62,15 +59,9 @@ fn sigterm_flushes_and_exits_cleanly() {
         .unwrap();
     let server = serve(&[img.as_os_str()]);
     let mut c = conn(&server);
-    c.handshake("d", false, false);
-    assert_eq!(
-        c.command(0, crate::support::wire::CMD_WRITE, 512, 5, b"hello"),
-        0
-    );
-    // SAFETY: plain kill(2) on our own child's pid.
-    unsafe {
-        libc::kill(server.child.id() as i32, libc::SIGTERM);
-    }
+    c.handshake("d", SIMPLE).unwrap();
+    assert_eq!(c.command(0, CMD_WRITE, 512, 5, b"hello").unwrap(), 0);
+    server.signal(libc::SIGTERM);
     let (status, log) = server.wait_exit();
     assert!(status.success(), "exit status {status}");
     assert!(
@@ -97,17 +88,11 @@ fn serves_a_block_device() {
     };
     let server = serve(&[std::ffi::OsStr::new(&dev)]);
     let mut c = conn(&server);
-    let (export_size, _) = c.handshake("", true, false);
+    let (export_size, _) = c.handshake("", STRUCTURED).unwrap();
     assert_eq!(export_size, size);
     let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
     assert_eq!(
-        c.command(
-            crate::support::wire::FLAG_FUA,
-            crate::support::wire::CMD_WRITE,
-            4096,
-            65536,
-            &data
-        ),
+        c.command(FLAG_FUA, CMD_WRITE, 4096, 65536, &data).unwrap(),
         0
     );
     let mut on_device = vec![0u8; 65536];

@@ -6,7 +6,9 @@
 //!
 //! Input layouts are those documented at the top of each `fuzz/fuzz_targets/*.rs`.
 
-use crate::codec_support::*;
+use crate::support::codec::*;
+use crate::support::spec::*;
+use crate::support::wire::*;
 use bytes::BytesMut;
 use strata::proto::consts::{cmd_flags as cf, errno, state, transmission_flags as tf};
 use strata::proto::reply::{self, ChunkTarget, Descriptor, ReplyMode};
@@ -426,9 +428,9 @@ fn reply_seeds() -> Vec<(&'static str, Vec<u8>)> {
 
 #[test]
 fn fuzz_seed_corpus_is_current() {
-    crate::common::check_fuzz_seeds("handshake", &handshake_seeds());
-    crate::common::check_fuzz_seeds("request", &request_seeds());
-    crate::common::check_fuzz_seeds("reply", &reply_seeds());
+    crate::support::check_fuzz_seeds("handshake", &handshake_seeds());
+    crate::support::check_fuzz_seeds("request", &request_seeds());
+    crate::support::check_fuzz_seeds("reply", &reply_seeds());
 }
 
 #[test]

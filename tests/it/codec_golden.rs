@@ -2,7 +2,9 @@
 //! written out by hand from the NBD specification's field layout (doc/proto.md of
 //! NetworkBlockDevice/nbd, including the extended-headers extension).
 
-use crate::codec_support::*;
+use crate::support::codec::*;
+use crate::support::spec::*;
+use crate::support::wire::*;
 use bytes::BytesMut;
 use strata::proto::consts::{self, cmd, cmd_flags, errno, reply_flags, reply_type, state};
 use strata::proto::reply::{self, ChunkTarget, Descriptor, ReplyHeader, ReplyMode};

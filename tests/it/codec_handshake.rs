@@ -2,7 +2,9 @@
 //! clients use, every refusal the specification asks for, TLS policies, metadata
 //! contexts, size limits, and robustness to how the input is split.
 
-use crate::codec_support::*;
+use crate::support::codec::*;
+use crate::support::spec::*;
+use crate::support::wire::*;
 use proptest::prelude::*;
 use strata::proto::consts::transmission_flags as tf;
 use strata::proto::{HandshakeConfig, MetaContext, Negotiated, ProtocolError, TlsPolicy};
@@ -1012,7 +1014,7 @@ fn run_pieces(tls: TlsPolicy, bytes: &[u8], cuts: &[usize]) -> (Vec<u8>, Outcome
 }
 
 proptest! {
-    #![proptest_config(crate::common::proptest_cases(256))]
+    #![proptest_config(crate::support::proptest_cases(256))]
 
     /// However the input is split, the machine sends the same bytes and ends the same way.
     #[test]

@@ -66,7 +66,7 @@ fn mode_for(call: &Encode, extended: bool) -> (ReplyMode, bool) {
 }
 
 proptest! {
-    #![proptest_config(crate::common::proptest_cases(512))]
+    #![proptest_config(crate::support::proptest_cases(512))]
 
     #[test]
     fn compact_request_roundtrip(h in compact_header(), trailing in prop::collection::vec(any::<u8>(), 0..8)) {
@@ -303,7 +303,7 @@ fn header_len(mode: ReplyMode, simple: bool) -> usize {
 }
 
 proptest! {
-    #![proptest_config(crate::common::proptest_cases(512))]
+    #![proptest_config(crate::support::proptest_cases(512))]
 
     #[test]
     fn reply_encoders_decode(call in encode_call(), extended in any::<bool>(), cookie in any::<u64>(), offset in any::<u64>()) {

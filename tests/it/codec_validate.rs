@@ -1,6 +1,6 @@
 //! `validate()`: the one place a request is checked against what was negotiated.
 
-use crate::codec_support::EVERY_OPTIONAL_FLAG;
+use crate::support::codec::EVERY_OPTIONAL_FLAG;
 use proptest::prelude::*;
 use strata::proto::consts::{cmd_flags as cf, errno, transmission_flags as tf};
 use strata::proto::{Command, Limits, RequestHeader, validate};
@@ -277,7 +277,7 @@ fn any_limits() -> impl Strategy<Value = Limits> {
 }
 
 proptest! {
-    #![proptest_config(crate::common::proptest_cases(2048))]
+    #![proptest_config(crate::support::proptest_cases(2048))]
 
     /// Whatever the request, an accepted one is within the export, uses only documented
     /// flags, respects the payload limit and never modifies a read-only export.

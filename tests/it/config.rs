@@ -6,7 +6,8 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use crate::common::daemon::{Daemon, run_strata};
+use crate::support::client::{Client, SIMPLE};
+use crate::support::daemon::{Daemon, run_strata};
 use strata::config::{self, FileKind, Files, LogFormat, Overrides, TlsMode};
 
 /// A configuration file in a temporary directory, with a raw image `disk.raw` beside it.
@@ -237,8 +238,8 @@ fn flags_win_over_the_file_or_are_refused_when_they_contradict_it() {
     let s = setup(&format!("listen = [\"unix:nbd.sock\"]\n{DISK}"));
     let mut server = Daemon::serve_config(&s.file, &["--listen", "127.0.0.1:0"]);
     let addr = server.tcp_addr();
-    let mut c = crate::support::wire::Conn::connect(addr);
-    c.handshake("disk", false, false);
+    let mut c = Client::tcp(addr).unwrap();
+    c.handshake("disk", SIMPLE).unwrap();
     assert!(
         !s.dir.path().join("nbd.sock").exists(),
         "the file's address was replaced by the flag's"

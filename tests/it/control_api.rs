@@ -5,22 +5,22 @@
 //!
 //! Here: what the API itself promises around snapshots (which exports have them, name
 //! checks, unknown exports). Snapshots themselves, through the API and `strata ctl`, are
-//! tested in tests/snapshot_online.rs.
+//! tested in snapshot_online.rs.
 
 use std::ffi::OsStr;
-use std::io::{ErrorKind as IoErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use crate::common::control::{Response, Running, TOKEN, WAIT, http};
-use crate::support::wire::{self, Conn};
 use serde_json::{Value, json};
 
-fn strata() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_strata"))
-}
+use crate::support::client::{Client, STRUCTURED, Stream};
+use crate::support::control::{Response, Running, TOKEN, http};
+use crate::support::daemon::WAIT;
+use crate::support::spec::*;
+use crate::support::wire::info_data;
+use crate::support::{run_ok, strata};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -34,7 +34,7 @@ fn raw_image(dir: &Path, name: &str, size: u64) -> PathBuf {
 
 fn strata_image(dir: &Path, name: &str, size: &str) -> PathBuf {
     let path = dir.join(name);
-    crate::common::run_ok(strata().args(["create", "--size", size]).arg(&path));
+    run_ok(strata().args(["create", "--size", size]).arg(&path));
     path
 }
 
@@ -42,25 +42,6 @@ fn export_arg(name: &str, image: &Path) -> std::ffi::OsString {
     let mut arg = std::ffi::OsString::from(format!("{name}="));
     arg.push(image);
     arg
-}
-
-/// An NBD connection to `export` of the server, handshake done.
-fn conn(server: &Running, export: &str) -> Conn {
-    let mut c = Conn::connect(server.nbd);
-    c.handshake(export, true, false);
-    c
-}
-
-/// Asserts the server ended the connection: end of stream or a reset, not a timeout.
-#[track_caller]
-fn assert_closed_by_server(c: &mut Conn) {
-    c.s.set_read_timeout(Some(WAIT)).unwrap();
-    let mut b = [0u8; 1];
-    match c.s.read(&mut b) {
-        Ok(0) => {}
-        Err(e) if e.kind() == IoErrorKind::ConnectionReset => {}
-        other => panic!("the connection is still open: {other:?}"),
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -103,15 +84,15 @@ fn exports_are_listed_with_counters_that_follow_nbd_io() {
         }
     }
 
-    let mut c = conn(&server, "disk");
-    let data = crate::common::pattern(7, 4096);
-    assert_eq!(c.command(0, wire::CMD_WRITE, 8192, 4096, &data), 0);
-    assert_eq!(c.read(0, 8192, 4096).unwrap(), data);
-    assert_eq!(c.read(0, 0, 512).unwrap(), vec![0; 512]);
-    assert_eq!(c.command(0, wire::CMD_FLUSH, 0, 0, &[]), 0);
-    assert_eq!(c.command(0, wire::CMD_TRIM, 0, 4096, &[]), 0);
+    let mut c = server.connect("disk");
+    let data = crate::support::pattern(7, 4096);
+    assert_eq!(c.command(0, CMD_WRITE, 8192, 4096, &data).unwrap(), 0);
+    assert_eq!(c.read(0, 8192, 4096).unwrap().unwrap(), data);
+    assert_eq!(c.read(0, 0, 512).unwrap().unwrap(), vec![0; 512]);
+    assert_eq!(c.command(0, CMD_FLUSH, 0, 0, &[]).unwrap(), 0);
+    assert_eq!(c.command(0, CMD_TRIM, 0, 4096, &[]).unwrap(), 0);
     // Refused at validation: counted as an error, not as a read.
-    assert_eq!(c.read(0, 1 << 20, 512), Err(wire::EINVAL));
+    assert_eq!(c.read(0, 1 << 20, 512).unwrap(), Err(EINVAL));
 
     let disk = server.export("disk");
     let stats = &disk["stats"];
@@ -127,14 +108,14 @@ fn exports_are_listed_with_counters_that_follow_nbd_io() {
     let server_view = server.get("/v1/server").json();
     assert_eq!(server_view["connections"], 1, "{server_view}");
 
-    let mut zero = Conn::connect(server.nbd);
-    zero.handshake("mem", true, false);
-    assert_eq!(zero.command(0, wire::CMD_WRITE_ZEROES, 0, 65536, &[]), 0);
-    let bs = zero.block_status(0, 0, 65536);
+    let mut zero = Client::tcp(server.nbd).unwrap();
+    zero.handshake("mem", STRUCTURED).unwrap();
+    assert_eq!(zero.command(0, CMD_WRITE_ZEROES, 0, 65536, &[]).unwrap(), 0);
+    let bs = zero.block_status(0, 0, 65536).unwrap();
     assert!(!bs.is_empty());
     drop(zero);
 
-    c.request(0, wire::CMD_DISC, 1, 0, 0, &[]);
+    c.disconnect().unwrap();
     drop(c);
     let disk = server.wait_connections("disk", 0);
     assert_eq!(disk["stats"]["total_connections"], 1);
@@ -165,7 +146,7 @@ fn server_reports_version_addresses_and_connections() {
     assert_eq!(v["connections"], 0);
     assert_eq!(v["max_connections"], 1024);
     assert_eq!(v["exports"], 1);
-    let _c = conn(&server, "memory");
+    let _c = server.connect("memory");
     assert_eq!(server.get("/v1/server").json()["connections"], 1);
 }
 
@@ -213,20 +194,17 @@ fn exports_added_at_run_time_serve_clients() {
     assert_eq!(server.get("/v1/exports/vm").status, 200);
 
     // The new exports serve NBD clients at once.
-    let data = crate::common::pattern(3, 65536);
+    let data = crate::support::pattern(3, 65536);
     for name in ["scratch", "vm"] {
-        let mut c = conn(&server, name);
-        assert_eq!(c.command(0, wire::CMD_WRITE, 65536, 65536, &data), 0);
-        assert_eq!(c.read(0, 65536, 65536).unwrap(), data, "{name}");
+        let mut c = server.connect(name);
+        assert_eq!(c.command(0, CMD_WRITE, 65536, 65536, &data).unwrap(), 0);
+        assert_eq!(c.read(0, 65536, 65536).unwrap().unwrap(), data, "{name}");
     }
-    let mut c = Conn::connect(server.nbd);
-    let (size, flags) = c.handshake("ro", true, false);
+    let mut c = Client::tcp(server.nbd).unwrap();
+    let (size, flags) = c.handshake("ro", STRUCTURED).unwrap();
     assert_eq!(size, 3 << 20);
     assert_ne!(flags & 2, 0, "READ_ONLY flag");
-    assert_eq!(
-        c.command(0, wire::CMD_WRITE, 0, 512, &[1; 512]),
-        wire::EPERM
-    );
+    assert_eq!(c.command(0, CMD_WRITE, 0, 512, &[1; 512]).unwrap(), EPERM);
     drop(c);
     let scratch = server.wait_connections("scratch", 0);
     assert_eq!(scratch["stats"]["writes"], 1);
@@ -256,7 +234,7 @@ fn exports_added_at_run_time_serve_clients() {
 
 #[test]
 fn exports_added_at_run_time_work_with_qemu_io() {
-    if !crate::common::require_tool("qemu-io") {
+    if !crate::support::require_tool("qemu-io") {
         return;
     }
     let server = Running::serve(&[OsStr::new("memory:1M")]);
@@ -268,12 +246,12 @@ fn exports_added_at_run_time_work_with_qemu_io() {
     );
     assert_eq!(r.status, 201, "{r:?}");
     let uri = format!("nbd://{}/q", server.nbd);
-    crate::common::qemu_io_ok(
+    crate::support::qemu_io_ok(
         &uri,
         false,
         &["write -P 0x5c 1M 256k", "flush", "read -P 0x5c 1M 256k"],
     );
-    crate::common::qemu_io_ok(&uri, true, &["read -P 0x5c 1M 256k", "read -P 0 0 1M"]);
+    crate::support::qemu_io_ok(&uri, true, &["read -P 0x5c 1M 256k", "read -P 0 0 1M"]);
     let q = server.wait_connections("q", 0);
     let stats = &q["stats"];
     assert_eq!(stats["total_connections"], 2, "{q}");
@@ -298,13 +276,13 @@ fn removing_an_export_waits_for_its_clients_unless_forced() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json(), json!({"removed": "idle", "disconnected": 0}));
     assert_eq!(server.get("/v1/exports/idle").status, 404);
-    let mut c = Conn::connect(server.nbd);
-    c.greet(3);
-    let replies = c.opt(wire::OPT_GO, &Conn::info_payload("idle", &[]));
-    assert_eq!(replies.last().unwrap().ty, wire::REP_ERR_UNKNOWN);
+    let mut c = Client::tcp(server.nbd).unwrap();
+    c.greet(C_FIXED_NO_ZEROES).unwrap();
+    let replies = c.opt(OPT_GO, &info_data("idle", &[])).unwrap();
+    assert_eq!(replies.last().unwrap().ty, REP_ERR_UNKNOWN);
 
-    let mut c = conn(&server, "busy");
-    assert_eq!(c.command(0, wire::CMD_WRITE, 0, 512, &[9; 512]), 0);
+    let mut c = server.connect("busy");
+    assert_eq!(c.command(0, CMD_WRITE, 0, 512, &[9; 512]).unwrap(), 0);
     let r = server.call("DELETE", "/v1/exports/busy", None);
     assert_eq!(r.status, 409, "{r:?}");
     assert!(r.error().contains("1 client(s) connected"), "{r:?}");
@@ -312,12 +290,12 @@ fn removing_an_export_waits_for_its_clients_unless_forced() {
     assert_eq!(r.status, 409, "{r:?}");
     // Still served, and the client is still connected.
     assert_eq!(server.export("busy")["stats"]["connections"], 1);
-    assert_eq!(c.read(0, 0, 512).unwrap(), vec![9; 512]);
+    assert_eq!(c.read(0, 0, 512).unwrap().unwrap(), vec![9; 512]);
 
     let r = server.call("DELETE", "/v1/exports/busy?force=true", None);
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json(), json!({"removed": "busy", "disconnected": 1}));
-    assert_closed_by_server(&mut c);
+    assert!(c.stream.hangs_up(WAIT), "the connection is still open");
     assert_eq!(server.get("/v1/exports/busy").status, 404);
     let r = server.call("DELETE", "/v1/exports/busy?force=true", None);
     assert_eq!(r.status, 404, "{r:?}");
@@ -333,22 +311,15 @@ fn ctl_prints_text_and_json() {
     let raw = raw_image(dir.path(), "r.img", 1 << 20);
     let server = Running::serve(&[OsStr::new("--export"), export_arg("r", &raw).as_os_str()]);
 
-    let out = server.ctl(&["server"]).assert_success();
-    assert!(
-        out.stdout.contains(env!("CARGO_PKG_VERSION")),
-        "{}",
-        out.report()
-    );
-    assert!(
-        out.stdout.contains(&server.nbd.to_string()),
-        "{}",
-        out.report()
-    );
+    server
+        .ctl(&["server"])
+        .assert_success()
+        .assert_stdout(&[env!("CARGO_PKG_VERSION"), &server.nbd.to_string()]);
 
-    let out = server
+    server
         .ctl(&["add", "extra", "memory:2M", "--description", "added by ctl"])
-        .assert_success();
-    assert!(out.stdout.contains("memory"), "{}", out.report());
+        .assert_success()
+        .assert_stdout(&["memory"]);
     let out = server.ctl(&["exports"]).assert_success();
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{}", out.report());
@@ -370,14 +341,15 @@ fn ctl_prints_text_and_json() {
     }
 
     let out = server.ctl(&["--json", "exports"]).assert_success();
-    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    let v = out.json();
     assert_eq!(v, server.get("/v1/exports").json());
     let out = server.ctl(&["export", "r", "--json"]).assert_success();
-    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    let v = out.json();
     assert_eq!(v["kind"], "raw");
-    let out = server.ctl(&["export", "r"]).assert_success();
-    assert!(out.stdout.contains("read-write"), "{}", out.report());
-    assert!(out.stdout.contains("1 MiB"), "{}", out.report());
+    server
+        .ctl(&["export", "r"])
+        .assert_success()
+        .assert_stdout(&["read-write", "1 MiB"]);
 
     // A relative image path is the caller's.
     let mut cmd = strata();
@@ -392,51 +364,39 @@ fn ctl_prints_text_and_json() {
             "raw",
         ])
         .env("STRATA_CONTROL", &server.socket);
-    crate::common::run_ok(&mut cmd);
+    run_ok(&mut cmd);
     let rel = server.export("rel");
     assert_eq!(rel["image"], raw.to_str().unwrap());
     assert_eq!(rel["read_only"], true);
 
-    let out = server.ctl(&["remove", "extra"]).assert_success();
-    assert!(
-        out.stdout.contains("removed export extra"),
-        "{}",
-        out.report()
-    );
-    let out = server.ctl(&["export", "extra"]);
-    assert_eq!(out.code(), Some(1), "{}", out.report());
-    assert!(
-        out.stderr.contains("no export named \"extra\""),
-        "{}",
-        out.report()
-    );
-    let out = server.ctl(&["snapshots", "r"]);
-    assert_eq!(out.code(), Some(1), "{}", out.report());
-    assert!(
-        out.stderr.contains("snapshots need a Strata image"),
-        "{}",
-        out.report()
-    );
-    let out = server.ctl(&["add", "r", "memory:1M"]);
-    assert_eq!(out.code(), Some(1), "{}", out.report());
-    assert!(out.stderr.contains("exists already"), "{}", out.report());
+    server
+        .ctl(&["remove", "extra"])
+        .assert_success()
+        .assert_stdout(&["removed export extra"]);
+    server
+        .ctl(&["export", "extra"])
+        .assert_code(1)
+        .assert_stderr(&["no export named \"extra\""]);
+    server
+        .ctl(&["snapshots", "r"])
+        .assert_code(1)
+        .assert_stderr(&["snapshots need a Strata image"]);
+    server
+        .ctl(&["add", "r", "memory:1M"])
+        .assert_code(1)
+        .assert_stderr(&["exists already"]);
 
     let missing = dir.path().join("nobody.sock");
     let mut cmd = strata();
     cmd.args(["ctl", "--socket"]).arg(&missing).arg("server");
-    let out = crate::common::run(&mut cmd);
-    assert_ne!(out.code(), Some(0), "{}", out.report());
-    assert!(
-        out.stderr.contains(missing.to_str().unwrap()),
-        "{}",
-        out.report()
-    );
-    assert!(out.stderr.contains("cannot reach"), "{}", out.report());
+    crate::support::run(&mut cmd)
+        .assert_failure()
+        .assert_stderr(&[missing.to_str().unwrap(), "cannot reach"]);
     let mut cmd = strata();
     cmd.args(["ctl", "server"]).env_remove("STRATA_CONTROL");
-    let out = crate::common::run(&mut cmd);
-    assert_ne!(out.code(), Some(0), "{}", out.report());
-    assert!(out.stderr.contains("--socket"), "{}", out.report());
+    crate::support::run(&mut cmd)
+        .assert_failure()
+        .assert_stderr(&["--socket"]);
 }
 
 #[test]
@@ -447,12 +407,10 @@ fn ctl_over_tcp_sends_the_token() {
     cmd.args(["ctl", "--url", &url, "--token-file"])
         .arg(server.token_file.as_ref().unwrap())
         .arg("exports");
-    let out = crate::common::run_ok(&mut cmd);
-    assert!(out.stdout.contains("memory"), "{}", out.report());
-    let out = crate::common::run(strata().args(["ctl", "--url", &url, "exports"]));
-    assert_eq!(out.code(), Some(1), "{}", out.report());
-    assert!(out.stderr.contains("401"), "{}", out.report());
-    assert!(out.stderr.contains("Bearer"), "{}", out.report());
+    run_ok(&mut cmd).assert_stdout(&["memory"]);
+    crate::support::run(strata().args(["ctl", "--url", &url, "exports"]))
+        .assert_code(1)
+        .assert_stderr(&["401", "Bearer"]);
 }
 
 #[test]
@@ -539,24 +497,20 @@ fn malformed_requests_get_json_errors() {
 #[test]
 fn tcp_control_needs_a_token() {
     // Refused at start: no token file, an empty one.
-    let out = crate::common::run(strata().args([
+    crate::support::run(strata().args([
         "serve",
         "--listen",
         "127.0.0.1:0",
         "--control-listen",
         "127.0.0.1:0",
         "memory:1M",
-    ]));
-    assert_ne!(out.code(), Some(0), "{}", out.report());
-    assert!(
-        out.stderr.contains("--control-token-file"),
-        "{}",
-        out.report()
-    );
+    ]))
+    .assert_failure()
+    .assert_stderr(&["--control-token-file"]);
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty");
     std::fs::write(&empty, "\n").unwrap();
-    let out = crate::common::run(
+    crate::support::run(
         strata()
             .args([
                 "serve",
@@ -568,9 +522,9 @@ fn tcp_control_needs_a_token() {
             ])
             .arg(&empty)
             .arg("memory:1M"),
-    );
-    assert_ne!(out.code(), Some(0), "{}", out.report());
-    assert!(out.stderr.contains("token is empty"), "{}", out.report());
+    )
+    .assert_failure()
+    .assert_stderr(&["token is empty"]);
 
     let server = Running::serve_with_tcp(&[OsStr::new("memory:1M")]);
     let bearer = format!("Bearer {TOKEN}");
@@ -804,14 +758,14 @@ fn control_socket_path_must_be_free() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("not-a-socket");
     std::fs::write(&file, "data").unwrap();
-    let out = crate::common::run(
+    crate::support::run(
         strata()
             .args(["serve", "--listen", "127.0.0.1:0", "--control"])
             .arg(&file)
             .arg("memory:1M"),
-    );
-    assert_ne!(out.code(), Some(0), "{}", out.report());
-    assert!(out.stderr.contains("not a socket"), "{}", out.report());
+    )
+    .assert_failure()
+    .assert_stderr(&["not a socket"]);
     assert_eq!(
         std::fs::read(&file).unwrap(),
         b"data",
@@ -820,14 +774,14 @@ fn control_socket_path_must_be_free() {
 
     // A live control socket is not taken over.
     let server = Running::serve(&[OsStr::new("memory:1M")]);
-    let out = crate::common::run(
+    crate::support::run(
         strata()
             .args(["serve", "--listen", "127.0.0.1:0", "--control"])
             .arg(&server.socket)
             .arg("memory:1M"),
-    );
-    assert_ne!(out.code(), Some(0), "{}", out.report());
-    assert!(out.stderr.contains("another server"), "{}", out.report());
+    )
+    .assert_failure()
+    .assert_stderr(&["another server"]);
     assert_eq!(server.get("/v1/server").status, 200);
 }
 
@@ -839,7 +793,7 @@ fn idle_control_connections_are_capped_and_timed_out() {
     let server = Running::serve_with_tcp(&[OsStr::new("memory:1M")]);
     let tcp = server.tcp.unwrap();
     // Connections that never send a request, as anyone may open without the token.
-    let mut idle: Vec<TcpStream> = (0..CONTROL_CONNECTIONS)
+    let idle: Vec<TcpStream> = (0..CONTROL_CONNECTIONS)
         .map(|_| TcpStream::connect(tcp).unwrap())
         .collect();
     // One more is closed unanswered, even with a valid request.
@@ -849,22 +803,18 @@ fn idle_control_connections_are_capped_and_timed_out() {
         "GET /v1/server HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
     );
     let _ = extra.write_all(request.as_bytes());
-    let mut b = [0u8; 1];
-    match extra.read(&mut b) {
-        Ok(0) => {}
-        Err(e) if e.kind() == IoErrorKind::ConnectionReset => {}
-        other => panic!("a connection past the cap was served: {other:?}"),
-    }
+    assert!(
+        Stream::from(extra).hangs_up(WAIT),
+        "a connection past the cap was served"
+    );
     // The socket is a separate listener: it still answers.
     assert_eq!(server.get("/v1/server").status, 200);
     // Idle connections are closed by the server after the header timeout.
-    for s in &mut idle {
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        match s.read(&mut b) {
-            Ok(0) => {}
-            Err(e) if e.kind() == IoErrorKind::ConnectionReset => {}
-            other => panic!("an idle connection stayed open: {other:?}"),
-        }
+    for s in idle {
+        assert!(
+            Stream::from(s).hangs_up(WAIT),
+            "an idle connection stayed open"
+        );
     }
     // Then there is room again.
     let r = server.tcp(

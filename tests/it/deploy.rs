@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::common::daemon::{Daemon, WAIT, strata};
-use crate::common::{Endpoint, pattern};
+use crate::support::client::{Client, EXTENDED, SIMPLE, STRUCTURED, Stream};
+use crate::support::daemon::{Daemon, WAIT};
 use crate::support::spec::*;
-use crate::support::wire::Conn;
+use crate::support::wire::info_data;
+use crate::support::{Endpoint, pattern, strata};
 
 /// A temporary directory for a server: its configuration file and images.
 struct Site {
@@ -54,9 +55,10 @@ impl Site {
 }
 
 /// The names `NBD_OPT_LIST` returns.
-fn list(c: &mut Conn) -> Vec<String> {
-    c.greet(3);
-    let replies = c.opt(OPT_LIST, &[]);
+fn list(addr: SocketAddr) -> Vec<String> {
+    let mut c = Client::tcp(addr).unwrap();
+    c.greet(C_FIXED_NO_ZEROES).unwrap();
+    let replies = c.opt(OPT_LIST, &[]).unwrap();
     let (ack, servers) = replies.split_last().unwrap();
     assert_eq!(ack.ty, REP_ACK);
     servers
@@ -72,9 +74,9 @@ fn list(c: &mut Conn) -> Vec<String> {
 /// `NBD_OPT_GO` for `name` must fail as for an unknown export.
 #[track_caller]
 fn assert_unknown(addr: SocketAddr, name: &str) {
-    let mut c = Conn::connect(addr);
-    c.greet(3);
-    let replies = c.opt(OPT_GO, &Conn::info_payload(name, &[]));
+    let mut c = Client::tcp(addr).unwrap();
+    c.greet(C_FIXED_NO_ZEROES).unwrap();
+    let replies = c.opt(OPT_GO, &info_data(name, &[])).unwrap();
     assert_eq!(
         replies.last().unwrap().ty,
         REP_ERR_UNKNOWN,
@@ -82,16 +84,17 @@ fn assert_unknown(addr: SocketAddr, name: &str) {
     );
 }
 
-fn write_ok(c: &mut Conn, offset: u64, data: &[u8]) {
+fn write_ok(c: &mut Client, offset: u64, data: &[u8]) {
     assert_eq!(
-        c.command(0, CMD_WRITE, offset, data.len() as u64, data),
+        c.command(0, CMD_WRITE, offset, data.len() as u64, data)
+            .unwrap(),
         0,
         "write at {offset}"
     );
 }
 
 /// A client of the `nbd` crate over a Unix socket: `NBD_OPT_EXPORT_NAME`, simple replies.
-fn unix_client(path: &Path, name: &str) -> nbd::client::NbdClient<crate::common::Stream> {
+fn unix_client(path: &Path, name: &str) -> nbd::client::NbdClient<Stream> {
     let mut s = Endpoint::Unix(path.to_path_buf()).connect().unwrap();
     let export = nbd::client::handshake(&mut s, name.as_bytes()).unwrap();
     nbd::client::NbdClient::new(s, &export)
@@ -135,20 +138,22 @@ allow = ["unix"]
     let addr = server.tcp_addr();
     server.wait_for("listening on unix:");
 
-    let mut c = Conn::connect(addr);
     assert_eq!(
-        list(&mut c),
+        list(addr),
         ["golden", "scratch", "vm1"],
         "`local` is for Unix-socket clients only"
     );
 
     // The first export of the file is the default one.
-    let mut c = Conn::connect(addr);
-    let (size, _) = c.handshake("", false, false);
+    let mut c = Client::tcp(addr).unwrap();
+    let (size, _) = c.handshake("", SIMPLE).unwrap();
     assert_eq!(size, 1 << 20);
     let data = pattern(1, 8192);
     write_ok(&mut c, 4096, &data);
-    assert!(c.read(0, 4096, 8192).unwrap() == data, "read back differs");
+    assert!(
+        c.read(0, 4096, 8192).unwrap().unwrap() == data,
+        "read back differs"
+    );
     drop(c);
     let on_disk = std::fs::read(site.path("vm1.raw")).unwrap();
     assert_eq!(
@@ -157,14 +162,14 @@ allow = ["unix"]
         "written to the file"
     );
 
-    let mut c = Conn::connect(addr);
-    let (_, flags) = c.handshake("golden", true, false);
+    let mut c = Client::tcp(addr).unwrap();
+    let (_, flags) = c.handshake("golden", STRUCTURED).unwrap();
     assert_ne!(flags & 2, 0, "READ_ONLY flag");
-    assert_eq!(c.command(0, CMD_WRITE, 0, 4, b"nope"), EPERM);
-    assert_eq!(c.read(0, 0, 4).unwrap(), [0x5a; 4]);
+    assert_eq!(c.command(0, CMD_WRITE, 0, 4, b"nope").unwrap(), EPERM);
+    assert_eq!(c.read(0, 0, 4).unwrap().unwrap(), [0x5a; 4]);
 
-    let mut c = Conn::connect(addr);
-    let (size, _) = c.handshake("scratch", true, true);
+    let mut c = Client::tcp(addr).unwrap();
+    let (size, _) = c.handshake("scratch", EXTENDED).unwrap();
     assert_eq!(size, 4 << 20);
 
     assert_unknown(addr, "local");
@@ -185,7 +190,7 @@ allow = ["unix"]
 
 /// Writes and reads back on `c` until told to stop (or 100000 rounds), counting rounds.
 fn keep_busy(
-    mut c: Conn,
+    mut c: Client,
     stop: Arc<AtomicBool>,
     rounds: Arc<AtomicU64>,
 ) -> std::thread::JoinHandle<()> {
@@ -198,7 +203,7 @@ fn keep_busy(
             let data = pattern(i, 4096);
             write_ok(&mut c, offset, &data);
             assert!(
-                c.read(0, offset, 4096).unwrap() == data,
+                c.read(0, offset, 4096).unwrap().unwrap() == data,
                 "round {i}: read back differs"
             );
             rounds.fetch_add(1, Ordering::Relaxed);
@@ -243,16 +248,16 @@ image = "memory:1M"
     let mut server = Daemon::serve_config(&file, &[]);
     let addr = server.tcp_addr();
 
-    let mut keep = Conn::connect(addr);
-    keep.handshake("keep", true, false);
+    let mut keep = Client::tcp(addr).unwrap();
+    keep.handshake("keep", STRUCTURED).unwrap();
     let kept = pattern(99, 4096);
     // Past the range the busy client below writes.
     write_ok(&mut keep, (1 << 20) - 4096, &kept);
-    let mut change = Conn::connect(addr);
-    change.handshake("change", false, false);
-    assert_eq!(change.read(0, 0, 4).unwrap(), [0x11; 4]);
-    let mut remove = Conn::connect(addr);
-    remove.handshake("remove", false, false);
+    let mut change = Client::tcp(addr).unwrap();
+    change.handshake("change", SIMPLE).unwrap();
+    assert_eq!(change.read(0, 0, 4).unwrap().unwrap(), [0x11; 4]);
+    let mut remove = Client::tcp(addr).unwrap();
+    remove.handshake("remove", SIMPLE).unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
     let rounds = Arc::new(AtomicU64::new(0));
@@ -286,30 +291,29 @@ image = "memory:2M"
     busy.join().expect("the busy client's I/O all succeeded");
 
     assert!(
-        change.closed_by_server(),
+        change.stream.hangs_up(WAIT),
         "the changed export's client is disconnected"
     );
     assert!(
-        remove.closed_by_server(),
+        remove.stream.hangs_up(WAIT),
         "the removed export's client is disconnected"
     );
 
-    let mut c = Conn::connect(addr);
-    assert_eq!(list(&mut c), ["added", "change", "keep"]);
-    let mut c = Conn::connect(addr);
-    c.handshake("change", false, false);
+    assert_eq!(list(addr), ["added", "change", "keep"]);
+    let mut c = Client::tcp(addr).unwrap();
+    c.handshake("change", SIMPLE).unwrap();
     assert_eq!(
-        c.read(0, 0, 4).unwrap(),
+        c.read(0, 0, 4).unwrap().unwrap(),
         [0x22; 4],
         "the new image is served"
     );
-    let mut c = Conn::connect(addr);
-    assert_eq!(c.handshake("added", false, false).0, 2 << 20);
+    let mut c = Client::tcp(addr).unwrap();
+    assert_eq!(c.handshake("added", SIMPLE).unwrap().0, 2 << 20);
     assert_unknown(addr, "remove");
-    let mut c = Conn::connect(addr);
-    c.handshake("keep", false, false);
+    let mut c = Client::tcp(addr).unwrap();
+    c.handshake("keep", SIMPLE).unwrap();
     assert!(
-        c.read(0, (1 << 20) - 4096, 4096).unwrap() == kept,
+        c.read(0, (1 << 20) - 4096, 4096).unwrap().unwrap() == kept,
         "the kept memory disk still holds what was written before the reload"
     );
     let log = server.log();
@@ -327,8 +331,8 @@ fn a_reload_with_an_invalid_file_keeps_the_running_configuration() {
         .config("listen = [\"127.0.0.1:0\"]\n[[exports]]\nname = \"a\"\nimage = \"memory:1M\"\n");
     let mut server = Daemon::serve_config(&file, &[]);
     let addr = server.tcp_addr();
-    let mut a = Conn::connect(addr);
-    a.handshake("a", false, false);
+    let mut a = Client::tcp(addr).unwrap();
+    a.handshake("a", SIMPLE).unwrap();
     write_ok(&mut a, 0, b"before");
 
     site.config(
@@ -354,10 +358,9 @@ fn a_reload_with_an_invalid_file_keeps_the_running_configuration() {
     );
 
     // Nothing changed: the client goes on, and new clients see the same exports.
-    assert_eq!(a.read(0, 0, 6).unwrap(), b"before");
+    assert_eq!(a.read(0, 0, 6).unwrap().unwrap(), b"before");
     write_ok(&mut a, 6, b"after");
-    let mut c = Conn::connect(addr);
-    assert_eq!(list(&mut c), ["a"]);
+    assert_eq!(list(addr), ["a"]);
 
     // Malformed TOML too, and then a good file is applied.
     site.config("[[exports]\n");
@@ -369,9 +372,8 @@ fn a_reload_with_an_invalid_file_keeps_the_running_configuration() {
     );
     server.signal(libc::SIGHUP);
     server.wait_for("reload complete");
-    let mut c = Conn::connect(addr);
-    assert_eq!(list(&mut c), ["a", "b"]);
-    assert_eq!(a.read(0, 0, 11).unwrap(), b"beforeafter");
+    assert_eq!(list(addr), ["a", "b"]);
+    assert_eq!(a.read(0, 0, 11).unwrap().unwrap(), b"beforeafter");
 }
 
 #[test]
@@ -393,8 +395,7 @@ fn server_settings_changed_by_a_reload_wait_for_a_restart() {
         !site.path("more.sock").exists(),
         "listeners are not changed by a reload"
     );
-    let mut c = Conn::connect(addr);
-    assert_eq!(list(&mut c), ["a"]);
+    assert_eq!(list(addr), ["a"]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -491,8 +492,8 @@ fn socket_activation_serves_the_passed_tcp_and_unix_sockets() {
         "{line}"
     );
 
-    let mut c = Conn::connect(addr);
-    c.handshake("disk", false, false);
+    let mut c = Client::tcp(addr).unwrap();
+    c.handshake("disk", SIMPLE).unwrap();
     write_ok(&mut c, 0, b"via tcp");
     let mut u = unix_client(&unix_path, "disk");
     let mut back = [0u8; 7];
@@ -523,8 +524,8 @@ fn socket_activation_without_a_configuration_file() {
         &["serve".as_ref(), "memory:1M".as_ref()],
     );
     server.wait_for("socket activation: fd 3");
-    let mut c = Conn::connect(addr);
-    assert_eq!(c.handshake("memory", false, false).0, 1 << 20);
+    let mut c = Client::tcp(addr).unwrap();
+    assert_eq!(c.handshake("memory", SIMPLE).unwrap().0, 1 << 20);
     let log = server.log();
     assert!(!log.contains("listening on 127.0.0.1:10809"), "{log}");
 }
@@ -537,8 +538,8 @@ fn sockets_meant_for_another_process_are_ignored() {
         .env("LISTEN_FDS", "1");
     let mut server = Daemon::spawn(cmd);
     let addr = server.tcp_addr();
-    let mut c = Conn::connect(addr);
-    c.handshake("memory", false, false);
+    let mut c = Client::tcp(addr).unwrap();
+    c.handshake("memory", SIMPLE).unwrap();
     assert!(!server.log().contains("socket activation"));
 }
 
@@ -696,8 +697,8 @@ fn json_logs_are_one_object_per_line() {
         "memory:1M",
     ]);
     let addr = server.tcp_addr();
-    let mut c = Conn::connect(addr);
-    c.handshake("memory", false, false);
+    let mut c = Client::tcp(addr).unwrap();
+    c.handshake("memory", SIMPLE).unwrap();
     drop(c);
     let (status, log) = server.stop_with(libc::SIGTERM);
     assert!(status.success());
@@ -828,19 +829,18 @@ require_tls = true
     );
     let mut server = Daemon::serve_config(&file, &[]);
     let addr = server.tcp_addr();
-    let mut c = Conn::connect(addr);
-    assert_eq!(list(&mut c), ["open"], "plaintext clients do not see it");
+    assert_eq!(list(addr), ["open"], "plaintext clients do not see it");
     assert_unknown(addr, "secret");
-    let mut c = Conn::connect(addr);
-    c.handshake("open", false, false);
+    let mut c = Client::tcp(addr).unwrap();
+    c.handshake("open", SIMPLE).unwrap();
 
-    if !crate::common::require_tool("nbdinfo") {
+    if !crate::support::require_tool("nbdinfo") {
         return;
     }
     let dir = site.path("client");
     let tls_uri = format!("nbds://{addr}/secret?tls-certificates={}", dir.display());
-    let out = crate::common::nbdinfo(&["--size", &tls_uri]).assert_success();
+    let out = crate::support::nbdinfo(&["--size", &tls_uri]).assert_success();
     assert_eq!(out.stdout.trim(), (2u64 << 20).to_string());
-    let out = crate::common::nbdinfo(&["--size", &format!("nbd://{addr}/secret")]);
+    let out = crate::support::nbdinfo(&["--size", &format!("nbd://{addr}/secret")]);
     assert!(!out.success(), "plaintext is refused\n{}", out.report());
 }

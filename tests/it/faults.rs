@@ -3,13 +3,13 @@
 //! rule; the raw wire client and qemu-io both see them; and nothing acknowledged is lost
 //! around them, also across a server killed and restarted on a Strata image.
 
-use std::process::Command;
 use std::sync::Arc;
 
-use crate::common::*;
-use crate::support::raw::{EIO, ENOTSUP, EOVERFLOW, ESHUTDOWN, Mode, Raw};
+use crate::support::client::{Client, EXTENDED, Reply, SIMPLE, STRUCTURED};
+use crate::support::in_process::{TestServer, memory_backend};
 use crate::support::spec::*;
-use crate::support::wire::{self, Chunk, Reply, TestServer, error_of};
+use crate::support::wire::Chunk;
+use crate::support::*;
 use strata::backend::{Faulty, SharedBackend, parse_fault_rule};
 use strata::server::ServerConfig;
 
@@ -25,15 +25,15 @@ const RULES: &[&str] = &[
 
 fn faulty_memory() -> SharedBackend {
     let rules = RULES.iter().map(|r| parse_fault_rule(r).unwrap()).collect();
-    Arc::new(Faulty::new(wire::memory(16 * MIB), rules))
+    Arc::new(Faulty::new(memory_backend(16 * MIB), rules))
 }
 
 /// The one reply chunk of a request, in structured mode.
-fn only_chunk(c: &mut wire::Conn) -> Chunk {
-    match c.reply() {
-        Reply::Chunk(chunk) => {
-            assert!(chunk.flags & 1 != 0, "one chunk expected");
-            chunk
+fn only_chunk(reply: Reply) -> Chunk {
+    match reply {
+        Reply::Structured { mut chunks, .. } => {
+            assert_eq!(chunks.len(), 1, "one chunk expected");
+            chunks.pop().unwrap()
         }
         Reply::Simple { errno, .. } => panic!("simple reply (errno {errno}) in structured mode"),
     }
@@ -41,37 +41,37 @@ fn only_chunk(c: &mut wire::Conn) -> Chunk {
 
 /// Sends a request and returns its errno and message.
 fn failure(
-    c: &mut wire::Conn,
+    c: &mut Client,
     flags: u16,
     cmd: u16,
     offset: u64,
     len: u64,
     payload: &[u8],
 ) -> (u32, String) {
-    c.request(flags, cmd, 7, offset, len, payload);
-    let chunk = only_chunk(c);
+    let chunk = only_chunk(c.call(flags, cmd, offset, len, payload).unwrap());
     assert!(
         chunk.ty & 0x8000 != 0,
         "expected an error chunk, got type {}",
         chunk.ty
     );
-    error_of(&chunk)
+    chunk.error().unwrap()
 }
 
 #[test]
 fn each_fault_reaches_the_wire_client_as_its_errno_and_message() {
     let server = TestServer::start(faulty_memory(), ServerConfig::default());
     let mut c = server.connect();
-    c.handshake("disk", true, false);
+    c.handshake("disk", STRUCTURED).unwrap();
     let a = pattern(1, 64 * 1024);
     let b = pattern(2, 64 * 1024);
-    assert_eq!(c.command(0, CMD_WRITE, 0, a.len() as u64, &a), 0);
+    assert_eq!(c.command(0, CMD_WRITE, 0, a.len() as u64, &a).unwrap(), 0);
     assert_eq!(
-        c.command(0, CMD_WRITE, 2 * MIB + 8192, b.len() as u64, &b),
+        c.command(0, CMD_WRITE, 2 * MIB + 8192, b.len() as u64, &b)
+            .unwrap(),
         0
     );
     assert_eq!(
-        c.command(0, CMD_FLUSH, 0, 0, &[]),
+        c.command(0, CMD_FLUSH, 0, 0, &[]).unwrap(),
         0,
         "the first flush passes"
     );
@@ -101,7 +101,7 @@ fn each_fault_reaches_the_wire_client_as_its_errno_and_message() {
             vec![],
             EOVERFLOW,
         ),
-        ("cache", 0, 5, 5 * MIB, 4096, vec![], ESHUTDOWN),
+        ("cache", 0, CMD_CACHE, 5 * MIB, 4096, vec![], ESHUTDOWN),
     ];
     for (op, flags, cmd, offset, len, payload, errno) in cases {
         let (got, message) = failure(&mut c, flags, cmd, offset, len, &payload);
@@ -112,35 +112,39 @@ fn each_fault_reaches_the_wire_client_as_its_errno_and_message() {
         );
     }
     // The rules select only what they say: neighbours, the second flush, other ops.
-    assert_eq!(c.command(0, CMD_WRITE, MIB - 4096, 4096, &[3; 4096]), 0);
     assert_eq!(
-        c.command(0, CMD_WRITE, MIB + 64 * 1024, 4096, &[4; 4096]),
+        c.command(0, CMD_WRITE, MIB - 4096, 4096, &[3; 4096])
+            .unwrap(),
         0
     );
     assert_eq!(
-        c.command(0, CMD_FLUSH, 0, 0, &[]),
+        c.command(0, CMD_WRITE, MIB + 64 * 1024, 4096, &[4; 4096])
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        c.command(0, CMD_FLUSH, 0, 0, &[]).unwrap(),
         0,
         "count=1: only one flush fails"
     );
-    assert_eq!(c.command(0, CMD_TRIM, 5 * MIB, 4096, &[]), 0);
+    assert_eq!(c.command(0, CMD_TRIM, 5 * MIB, 4096, &[]).unwrap(), 0);
     // Acknowledged data is all there; the failed write changed nothing.
-    assert_eq!(c.read(0, 0, a.len()).unwrap(), a);
-    assert_eq!(c.read(0, 2 * MIB + 8192, b.len()).unwrap(), b);
-    assert_eq!(c.read(0, MIB + 4096, 4096).unwrap(), vec![0; 4096]);
-    assert_eq!(c.read(0, MIB - 4096, 4096).unwrap(), vec![3; 4096]);
+    assert_eq!(c.read(0, 0, a.len()).unwrap().unwrap(), a);
+    assert_eq!(c.read(0, 2 * MIB + 8192, b.len()).unwrap().unwrap(), b);
+    assert_eq!(c.read(0, MIB + 4096, 4096).unwrap().unwrap(), vec![0; 4096]);
+    assert_eq!(c.read(0, MIB - 4096, 4096).unwrap().unwrap(), vec![3; 4096]);
 
     // Simple replies carry the errno alone.
     let mut s = server.connect();
-    s.handshake("disk", false, false);
-    assert_eq!(s.command(0, CMD_WRITE, MIB, 512, &[1; 512]), EIO);
-    assert_eq!(s.read(0, 2 * MIB, 512), Err(ENOSPC));
-    assert_eq!(s.read(0, 0, a.len()).unwrap(), a);
+    s.handshake("disk", SIMPLE).unwrap();
+    assert_eq!(s.command(0, CMD_WRITE, MIB, 512, &[1; 512]).unwrap(), EIO);
+    assert_eq!(s.read(0, 2 * MIB, 512).unwrap(), Err(ENOSPC));
+    assert_eq!(s.read(0, 0, a.len()).unwrap().unwrap(), a);
     // Extended headers too.
     let mut e = server.connect();
-    e.handshake("disk", false, true);
-    e.request(0, CMD_WRITE, 9, MIB, 512, &[1; 512]);
-    match e.reply() {
-        Reply::Chunk(chunk) => assert_eq!(error_of(&chunk).0, EIO),
+    e.handshake("disk", EXTENDED).unwrap();
+    match e.call(0, CMD_WRITE, MIB, 512, &[1; 512]).unwrap() {
+        reply @ Reply::Structured { .. } => assert_eq!(only_chunk(reply).error().unwrap().0, EIO),
         Reply::Simple { .. } => panic!("simple reply with extended headers"),
     }
 }
@@ -199,12 +203,7 @@ fn acknowledged_writes_survive_faults_and_a_kill() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.strata");
-    run_ok(Command::new(env!("CARGO_BIN_EXE_strata")).args([
-        "create",
-        "-s",
-        "8M",
-        image.to_str().unwrap(),
-    ]));
+    run_ok(strata().args(["create", "-s", "8M", image.to_str().unwrap()]));
     let mut server = file(&image)
         .listen(Transport::Unix)
         .args([
@@ -214,15 +213,8 @@ fn acknowledged_writes_survive_faults_and_a_kill() {
             "flush:EIO:after=3,count=2",
         ])
         .start();
-    let mut c = Raw::new(server.endpoint().connect().unwrap());
-    c.handshake(
-        "",
-        Mode {
-            structured: true,
-            extended: false,
-        },
-    )
-    .unwrap();
+    let mut c = Client::connect(server.endpoint()).unwrap();
+    c.handshake_bare("", STRUCTURED).unwrap();
     let block = 64 * 1024usize;
     let blocks = 8 * MIB as usize / block;
     // The content each block is known to have durably, and what was acknowledged since.
@@ -266,12 +258,12 @@ fn acknowledged_writes_survive_faults_and_a_kill() {
     );
     server.stop_with(libc::SIGKILL);
     let server = file(&image).listen(Transport::Unix).start();
-    let mut c = Raw::new(server.endpoint().connect().unwrap());
-    c.handshake("", Mode::default()).unwrap();
+    let mut c = Client::connect(server.endpoint()).unwrap();
+    c.handshake_bare("", SIMPLE).unwrap();
     let mut checked = 0;
     for (i, d) in durable.iter().enumerate() {
         let Some(seed) = d else { continue };
-        let got = c.read((i * block) as u64, block).unwrap().unwrap();
+        let got = c.read(0, (i * block) as u64, block).unwrap().unwrap();
         // A later acknowledged write may have reached the disk too.
         let later = acked[i].is_some_and(|a| got == pattern(a, block));
         assert!(

@@ -12,9 +12,10 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use crate::common::*;
-use crate::support::raw::*;
+use crate::support::client::{Client, EXTENDED, Mode, SIMPLE, STRUCTURED};
 use crate::support::spec::*;
+use crate::support::wire::{info_data, opt, opt_announcing, request};
+use crate::support::*;
 
 const DISK: u64 = 64 * MIB;
 /// Where the well-behaved client keeps its data; attacks write only below it.
@@ -24,8 +25,8 @@ const GOOD_AREA: u64 = 32 * MIB;
 /// handshake deadline (2 s here).
 const CLOSE_WAIT: Duration = Duration::from_secs(20);
 
-fn raw(server: &Server) -> Raw<Stream> {
-    Raw::new(server.endpoint().connect().expect("connect"))
+fn raw(server: &Server) -> Client {
+    Client::connect(server.endpoint()).expect("connect")
 }
 
 /// The server's resident memory, in KiB.
@@ -52,21 +53,15 @@ fn alive(server: &Server) -> bool {
 /// A client that behaves: it writes a pattern of its own, flushes, and reads it back,
 /// once per attack.
 struct Good {
-    conn: Raw<Stream>,
+    conn: Client,
     round: u64,
 }
 
 impl Good {
     fn new(server: &Server) -> Good {
         let mut conn = raw(server);
-        conn.handshake(
-            "",
-            Mode {
-                structured: true,
-                extended: false,
-            },
-        )
-        .expect("well-behaved handshake");
+        conn.handshake_bare("", STRUCTURED)
+            .expect("well-behaved handshake");
         Good { conn, round: 0 }
     }
 
@@ -77,13 +72,11 @@ impl Good {
         let offset = GOOD_AREA + (self.round % 64) * 64 * KIB;
         let data = pattern(self.round, 64 * KIB as usize);
         let io = (|| -> io::Result<Vec<u8>> {
+            self.conn.write(FLAG_FUA, offset, &data)?.map_err(refusal)?;
+            self.conn.flush()?.map_err(refusal)?;
             self.conn
-                .write(FLAG_FUA, offset, &data)?
-                .map_err(io::Error::other_pair)?;
-            self.conn.flush()?.map_err(io::Error::other_pair)?;
-            self.conn
-                .read(offset, data.len())?
-                .map_err(io::Error::other_pair)
+                .read(0, offset, data.len())?
+                .map_err(|errno| refusal((errno, String::new())))
         })();
         match io {
             Ok(back) => assert!(back == data, "well-behaved read differs after {after}"),
@@ -95,51 +88,46 @@ impl Good {
         // A fresh connection works too: the accept loop is alive.
         let mut fresh = raw(server);
         fresh
-            .handshake("", Mode::default())
+            .handshake_bare("", SIMPLE)
             .unwrap_or_else(|e| panic!("new connection refused after {after}: {e}"));
         fresh.disconnect().unwrap();
     }
 }
 
-trait OtherPair {
-    fn other_pair(e: (u32, String)) -> io::Error;
-}
-
-impl OtherPair for io::Error {
-    fn other_pair((errno, msg): (u32, String)) -> io::Error {
-        io::Error::other(format!("errno {errno}: {msg}"))
-    }
+/// A request the server refused, as an error.
+fn refusal((errno, msg): (u32, String)) -> io::Error {
+    io::Error::other(format!("errno {errno}: {msg}"))
 }
 
 /// One attack: a name, and what the hostile client does. Returning an error is fine
 /// (the server may close early); panicking is not.
 type Attack = (&'static str, fn(&Server) -> io::Result<()>);
 
-fn open(server: &Server) -> io::Result<Raw<Stream>> {
-    Ok(Raw::new(server.endpoint().connect()?))
+fn open(server: &Server) -> io::Result<Client> {
+    Client::connect(server.endpoint())
 }
 
-fn after_go(server: &Server, mode: Mode) -> io::Result<Raw<Stream>> {
+fn after_go(server: &Server, mode: Mode) -> io::Result<Client> {
     let mut c = open(server)?;
-    c.handshake("", mode)?;
+    c.handshake_bare("", mode)?;
     Ok(c)
 }
 
 #[track_caller]
-fn expect_closed(c: &mut Raw<Stream>, what: &str) -> io::Result<()> {
+fn expect_closed(c: &mut Client, what: &str) -> io::Result<()> {
     assert!(
-        c.closed_by_server(CLOSE_WAIT),
+        c.stream.closed_by_server(CLOSE_WAIT),
         "server kept the connection after {what}"
     );
     Ok(())
 }
 
 /// Expects an error reply with `errno`, then checks the connection still serves.
-fn expect_errno(c: &mut Raw<Stream>, errno: u32, what: &str) -> io::Result<()> {
+fn expect_errno(c: &mut Client, errno: u32, what: &str) -> io::Result<()> {
     let r = c.reply(0)?;
     assert_eq!(r.error().map(|e| e.0), Some(errno), "{what}: {r:?}");
     assert!(
-        c.read(0, 512)?.is_ok(),
+        c.read(0, 0, 512)?.is_ok(),
         "{what}: the connection no longer serves"
     );
     Ok(())
@@ -148,15 +136,6 @@ fn expect_errno(c: &mut Raw<Stream>, errno: u32, what: &str) -> io::Result<()> {
 fn garbage(n: usize, seed: u64) -> Vec<u8> {
     pattern(seed, n)
 }
-
-const STRUCTURED: Mode = Mode {
-    structured: true,
-    extended: false,
-};
-const EXTENDED: Mode = Mode {
-    structured: true,
-    extended: true,
-};
 
 fn attacks() -> Vec<Attack> {
     vec![
@@ -177,25 +156,25 @@ fn attacks() -> Vec<Attack> {
         }),
         ("close in the middle of an option header", |s| {
             let mut c = open(s)?;
-            c.start()?;
-            c.send(&option_bytes(OPT_GO, 10, &[])[..9])
+            c.greet(C_FIXED_NO_ZEROES)?;
+            c.send(&opt_announcing(OPT_GO, 10, &[])[..9])
         }),
         ("close in the middle of an option's data", |s| {
             let mut c = open(s)?;
-            c.start()?;
-            let data = go_data("", &[]);
-            c.send(&option_bytes(OPT_GO, data.len() as u32, &data[..3]))
+            c.greet(C_FIXED_NO_ZEROES)?;
+            let data = info_data("", &[]);
+            c.send(&opt_announcing(OPT_GO, data.len() as u32, &data[..3]))
         }),
         ("close right after GO", |s| {
             after_go(s, STRUCTURED).map(drop)
         }),
         ("close in the middle of a request header", |s| {
             let mut c = after_go(s, STRUCTURED)?;
-            c.send(&request_bytes(false, 0, CMD_READ, 1, 0, 512)[..13])
+            c.send(&request(false, 0, CMD_READ, 1, 0, 512)[..13])
         }),
         ("close in the middle of a write payload", |s| {
             let mut c = after_go(s, STRUCTURED)?;
-            let mut m = request_bytes(false, 0, CMD_WRITE, 1, 0, 1 << 20);
+            let mut m = request(false, 0, CMD_WRITE, 1, 0, 1 << 20);
             m.extend_from_slice(&[0xaa; 1000]);
             c.send(&m)
         }),
@@ -207,7 +186,7 @@ fn attacks() -> Vec<Attack> {
             Ok(())
         }),
         ("close with pending writes, never reading a reply", |s| {
-            let mut c = after_go(s, Mode::default())?;
+            let mut c = after_go(s, SIMPLE)?;
             let data = vec![0x5a; 256 * KIB as usize];
             for i in 0..32 {
                 c.request(0, CMD_WRITE, i * 256 * KIB, data.len() as u64, &data)?;
@@ -240,8 +219,8 @@ fn attacks() -> Vec<Attack> {
         }),
         ("wrong option magic", |s| {
             let mut c = open(s)?;
-            c.start()?;
-            let mut m = option_bytes(OPT_LIST, 0, &[]);
+            c.greet(C_FIXED_NO_ZEROES)?;
+            let mut m = opt(OPT_LIST, &[]);
             m[0] ^= 0xff;
             c.send(&m)?;
             expect_closed(&mut c, "wrong option magic")
@@ -252,8 +231,8 @@ fn attacks() -> Vec<Attack> {
             expect_closed(&mut c, "garbage requests")
         }),
         ("wrong request magic", |s| {
-            let mut c = after_go(s, Mode::default())?;
-            let mut m = request_bytes(false, 0, CMD_READ, 1, 0, 512);
+            let mut c = after_go(s, SIMPLE)?;
+            let mut m = request(false, 0, CMD_READ, 1, 0, 512);
             m[3] ^= 1;
             c.send(&m)?;
             expect_closed(&mut c, "wrong request magic")
@@ -267,75 +246,75 @@ fn attacks() -> Vec<Attack> {
         // --- lies about lengths ---
         ("option length shorter than its name", |s| {
             let mut c = open(s)?;
-            c.start()?;
-            let mut data = go_data("an-export-name", &[]);
+            c.greet(C_FIXED_NO_ZEROES)?;
+            let mut data = info_data("an-export-name", &[]);
             data.truncate(6);
-            let ty = c.opt(OPT_GO, &data)?;
+            let ty = c.opt_result(OPT_GO, &data)?;
             assert_eq!(ty, REP_ERR_INVALID);
-            c.go("").map(drop)
+            c.go("", &[]).map(drop)
         }),
         ("option claims 1000 info requests", |s| {
             let mut c = open(s)?;
-            c.start()?;
-            let mut data = go_data("", &[]);
+            c.greet(C_FIXED_NO_ZEROES)?;
+            let mut data = info_data("", &[]);
             let n = data.len();
             data[n - 2..].copy_from_slice(&1000u16.to_be_bytes());
-            let ty = c.opt(OPT_INFO, &data)?;
+            let ty = c.opt_result(OPT_INFO, &data)?;
             assert_eq!(ty, REP_ERR_INVALID);
-            c.go("").map(drop)
+            c.go("", &[]).map(drop)
         }),
         ("name length of 4 GiB in an option", |s| {
             let mut c = open(s)?;
-            c.start()?;
+            c.greet(C_FIXED_NO_ZEROES)?;
             let mut data = u32::MAX.to_be_bytes().to_vec();
             data.extend_from_slice(&[0, 0]);
-            let ty = c.opt(OPT_GO, &data)?;
+            let ty = c.opt_result(OPT_GO, &data)?;
             assert_eq!(ty, REP_ERR_INVALID);
             Ok(())
         }),
         ("meta context query count lies", |s| {
             let mut c = open(s)?;
-            c.start()?;
-            assert_eq!(c.opt(OPT_STRUCTURED_REPLY, &[])?, REP_ACK);
+            c.greet(C_FIXED_NO_ZEROES)?;
+            assert_eq!(c.opt_result(OPT_STRUCTURED_REPLY, &[])?, REP_ACK);
             let mut data = 0u32.to_be_bytes().to_vec();
             data.extend_from_slice(&500u32.to_be_bytes());
             data.extend_from_slice(&15u32.to_be_bytes());
             data.extend_from_slice(b"base:alloc");
-            let ty = c.opt(OPT_SET_META_CONTEXT, &data)?;
+            let ty = c.opt_result(OPT_SET_META_CONTEXT, &data)?;
             assert_eq!(ty, REP_ERR_INVALID);
-            c.go("").map(drop)
+            c.go("", &[]).map(drop)
         }),
         ("option announced as 4 GiB, then a hang-up", |s| {
             let mut c = open(s)?;
-            c.start()?;
-            let mut m = option_bytes(0x4242, u32::MAX, &[]);
+            c.greet(C_FIXED_NO_ZEROES)?;
+            let mut m = opt_announcing(0x4242, u32::MAX, &[]);
             m.extend_from_slice(&garbage(100_000, 4));
             c.send(&m)
         }),
         ("oversize option (1 MiB), then a normal GO", |s| {
             let mut c = open(s)?;
-            c.start()?;
-            let ty = c.opt(OPT_INFO, &vec![0u8; MIB as usize])?;
+            c.greet(C_FIXED_NO_ZEROES)?;
+            let ty = c.opt_result(OPT_INFO, &vec![0u8; MIB as usize])?;
             assert_eq!(ty, REP_ERR_TOO_BIG);
-            c.go("").map(drop)
+            c.go("", &[]).map(drop)
         }),
         ("oversize EXPORT_NAME", |s| {
             let mut c = open(s)?;
-            c.start()?;
-            c.send(&option_bytes(OPT_EXPORT_NAME, 70_000, &[b'a'; 70_000]))?;
+            c.greet(C_FIXED_NO_ZEROES)?;
+            c.send(&opt(OPT_EXPORT_NAME, &[b'a'; 70_000]))?;
             expect_closed(&mut c, "oversize EXPORT_NAME")
         }),
         ("EXPORT_NAME of an export that does not exist", |s| {
             let mut c = open(s)?;
-            c.start()?;
-            c.send(&option_bytes(OPT_EXPORT_NAME, 7, b"missing"))?;
+            c.greet(C_FIXED_NO_ZEROES)?;
+            c.send(&opt(OPT_EXPORT_NAME, b"missing"))?;
             expect_closed(&mut c, "unknown EXPORT_NAME")
         }),
         (
             "write payload shorter than announced, then silence and a hang-up",
             |s| {
                 let mut c = after_go(s, STRUCTURED)?;
-                let mut m = request_bytes(false, 0, CMD_WRITE, 1, 0, 4096);
+                let mut m = request(false, 0, CMD_WRITE, 1, 0, 4096);
                 m.extend_from_slice(&[1; 100]);
                 c.send(&m)?;
                 std::thread::sleep(Duration::from_millis(200));
@@ -344,7 +323,7 @@ fn attacks() -> Vec<Attack> {
         ),
         ("write payload longer than announced", |s| {
             let mut c = after_go(s, STRUCTURED)?;
-            let mut m = request_bytes(false, 0, CMD_WRITE, 1, 0, 512);
+            let mut m = request(false, 0, CMD_WRITE, 1, 0, 512);
             m.extend_from_slice(&[7; 512 + 64]);
             c.send(&m)?;
             let r = c.reply(0)?;
@@ -355,7 +334,10 @@ fn attacks() -> Vec<Attack> {
             let mut c = after_go(s, STRUCTURED)?;
             c.request(0, CMD_FLUSH, 1 << 40, 4096, &[])?;
             c.reply(0)?;
-            assert!(c.read(0, 512)?.is_ok(), "the connection no longer serves");
+            assert!(
+                c.read(0, 0, 512)?.is_ok(),
+                "the connection no longer serves"
+            );
             Ok(())
         }),
         // --- oversize requests ---
@@ -372,7 +354,7 @@ fn attacks() -> Vec<Attack> {
             c.request(0, CMD_WRITE, 0, len, &vec![0x33; len as usize])?;
             let r = c.reply(0)?;
             assert!(r.error().is_some(), "{r:?}");
-            assert!(c.read(0, 512)?.is_ok(), "the stream kept its framing");
+            assert!(c.read(0, 0, 512)?.is_ok(), "the stream kept its framing");
             Ok(())
         }),
         ("extended write announcing 5 GiB", |s| {
@@ -412,74 +394,76 @@ fn attacks() -> Vec<Attack> {
             expect_errno(&mut c, EINVAL, "block status without context")
         }),
         ("DF on a simple-reply connection", |s| {
-            let mut c = after_go(s, Mode::default())?;
+            let mut c = after_go(s, SIMPLE)?;
             c.request(FLAG_DF, CMD_READ, 0, 512, &[])?;
             expect_errno(&mut c, EINVAL, "DF without structured replies")
         }),
         ("10,000 bad requests, replies never read", |s| {
-            let mut c = after_go(s, Mode::default())?;
+            let mut c = after_go(s, SIMPLE)?;
             let mut m = Vec::new();
             for i in 0..10_000u64 {
-                m.extend_from_slice(&request_bytes(false, 0, 99, i, 0, 0));
+                m.extend_from_slice(&request(false, 0, 99, i, 0, 0));
             }
             c.send(&m)
         }),
         ("many unknown options in a row", |s| {
             let mut c = open(s)?;
-            c.start()?;
+            c.greet(C_FIXED_NO_ZEROES)?;
             for i in 0..200u32 {
-                assert_eq!(c.opt(0x1000 + i, &[1, 2, 3])?, REP_ERR_UNSUP);
+                assert_eq!(c.opt_result(0x1000 + i, &[1, 2, 3])?, REP_ERR_UNSUP);
             }
-            c.go("").map(drop)
+            c.go("", &[]).map(drop)
         }),
         // --- structured and extended confusion ---
         ("compact requests after extended headers", |s| {
             let mut c = after_go(s, EXTENDED)?;
             // Two, so that the server has a whole extended header's worth to judge.
-            let mut m = request_bytes(false, 0, CMD_READ, 1, 0, 512);
-            m.extend_from_slice(&request_bytes(false, 0, CMD_READ, 2, 0, 512));
+            let mut m = request(false, 0, CMD_READ, 1, 0, 512);
+            m.extend_from_slice(&request(false, 0, CMD_READ, 2, 0, 512));
             c.send(&m)?;
             expect_closed(&mut c, "a compact request under extended headers")
         }),
         ("extended requests without extended headers", |s| {
             let mut c = after_go(s, STRUCTURED)?;
-            c.send(&request_bytes(true, 0, CMD_READ, 1, 0, 512))?;
+            c.send(&request(true, 0, CMD_READ, 1, 0, 512))?;
             expect_closed(&mut c, "an extended request without extended headers")
         }),
         ("STRUCTURED_REPLY with data", |s| {
             let mut c = open(s)?;
-            c.start()?;
-            assert_eq!(c.opt(OPT_STRUCTURED_REPLY, &[1, 2, 3, 4])?, REP_ERR_INVALID);
-            c.go("").map(drop)
+            c.greet(C_FIXED_NO_ZEROES)?;
+            assert_eq!(
+                c.opt_result(OPT_STRUCTURED_REPLY, &[1, 2, 3, 4])?,
+                REP_ERR_INVALID
+            );
+            c.go("", &[]).map(drop)
         }),
         (
             "EXTENDED_HEADERS twice and STRUCTURED_REPLY after it",
             |s| {
                 let mut c = open(s)?;
-                c.start()?;
-                assert_eq!(c.opt(OPT_EXTENDED_HEADERS, &[])?, REP_ACK);
-                let _ = c.opt(OPT_EXTENDED_HEADERS, &[])?;
-                let _ = c.opt(OPT_STRUCTURED_REPLY, &[])?;
-                c.go("")?;
+                c.greet(C_FIXED_NO_ZEROES)?;
+                assert_eq!(c.opt_result(OPT_EXTENDED_HEADERS, &[])?, REP_ACK);
+                let _ = c.opt_result(OPT_EXTENDED_HEADERS, &[])?;
+                let _ = c.opt_result(OPT_STRUCTURED_REPLY, &[])?;
+                c.go("", &[])?;
                 c.mode = EXTENDED;
-                assert!(c.read(0, 512)?.is_ok());
+                assert!(c.read(0, 0, 512)?.is_ok());
                 Ok(())
             },
         ),
         ("STARTTLS without TLS, then bytes behind it", |s| {
             let mut c = open(s)?;
-            c.start()?;
-            let mut m = option_bytes(OPT_STARTTLS, 0, &[]);
-            m.extend_from_slice(&option_bytes(OPT_LIST, 0, &[]));
+            c.greet(C_FIXED_NO_ZEROES)?;
+            let mut m = opt(OPT_STARTTLS, &[]);
+            m.extend_from_slice(&opt(OPT_LIST, &[]));
             c.send(&m)?;
-            let (_, ty, _) = c.opt_reply()?;
-            assert_eq!(ty, REP_ERR_UNSUP);
+            assert_eq!(c.opt_reply()?.ty, REP_ERR_UNSUP);
             Ok(())
         }),
         ("requests before the handshake ends", |s| {
             let mut c = open(s)?;
-            c.start()?;
-            c.send(&request_bytes(false, 0, CMD_READ, 1, 0, 512))?;
+            c.greet(C_FIXED_NO_ZEROES)?;
+            c.send(&request(false, 0, CMD_READ, 1, 0, 512))?;
             expect_closed(&mut c, "a request in place of an option")
         }),
     ]
@@ -513,8 +497,8 @@ fn hostile_clients_leave_the_server_serving() {
     let mut c = raw(&server);
     c.greeting().unwrap();
     let mut bytes = 3u32.to_be_bytes().to_vec();
-    let data = go_data("", &[]);
-    bytes.extend_from_slice(&option_bytes(OPT_GO, data.len() as u32, &data));
+    let data = info_data("", &[]);
+    bytes.extend_from_slice(&opt(OPT_GO, &data));
     let started = Instant::now();
     let mut cut_off = false;
     for b in &bytes {
@@ -524,7 +508,7 @@ fn hostile_clients_leave_the_server_serving() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let cut_off = cut_off || c.closed_by_server(CLOSE_WAIT);
+    let cut_off = cut_off || c.stream.closed_by_server(CLOSE_WAIT);
     assert!(cut_off, "a dribbled handshake was let through");
     assert!(
         server.log().contains("handshake not finished within"),
@@ -612,7 +596,7 @@ fn ten_thousand_idle_connections() {
         // greeting (and are dropped at the handshake deadline, 10 s by default, unless
         // the test is faster).
         if i % 2 == 0 {
-            c.handshake("", STRUCTURED)
+            c.handshake_bare("", STRUCTURED)
                 .unwrap_or_else(|e| panic!("idle connection {i}: {e}"));
         } else {
             c.greeting().expect("greeting");

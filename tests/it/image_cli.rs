@@ -19,7 +19,7 @@ use std::process::Command;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
-use crate::common::*;
+use crate::support::*;
 use serde_json::Value;
 use strata::image::{self, ZeroMode};
 
@@ -46,8 +46,7 @@ fn run_child(cmd: &mut Command, timeout: Duration) -> CmdOutput {
 
 /// `strata ARGS...` run in `dir`.
 fn strata_in(dir: &Path, args: &[&str]) -> CmdOutput {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
-    cmd.current_dir(dir).args(args).env("RUST_LOG", "error");
+    let mut cmd = strata_at(dir, args);
     run_child(&mut cmd, CMD_TIMEOUT)
 }
 
@@ -59,21 +58,7 @@ fn strata_ok(dir: &Path, args: &[&str]) -> CmdOutput {
 /// Runs `strata ARGS...` expecting exit status 1 and `needles` in its standard error.
 #[track_caller]
 fn strata_fails(dir: &Path, args: &[&str], needles: &[&str]) -> CmdOutput {
-    let out = strata_in(dir, args).assert_code(1);
-    for n in needles {
-        assert!(
-            out.stderr.contains(n),
-            "expected {n:?} in the error message\n{}",
-            out.report()
-        );
-    }
-    out
-}
-
-#[track_caller]
-fn json(out: &CmdOutput) -> Value {
-    serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|e| panic!("output is not JSON: {e}\n{}", out.report()))
+    strata_in(dir, args).assert_code(1).assert_stderr(needles)
 }
 
 #[track_caller]
@@ -150,12 +135,12 @@ fn disk_usage(path: &Path) -> u64 {
 }
 
 fn info_json(dir: &Path, image: &Path) -> Value {
-    json(&strata_ok(dir, &["info", "--json", p(image)]))
+    strata_ok(dir, &["info", "--json", p(image)]).json()
 }
 
 /// `strata map --json` as (offset, length, state, depth) rows.
 fn map_rows(dir: &Path, image: &Path) -> Vec<(u64, u64, String, u64)> {
-    let v = json(&strata_ok(dir, &["map", "--json", p(image)]));
+    let v = strata_ok(dir, &["map", "--json", p(image)]).json();
     v.as_array()
         .unwrap_or_else(|| panic!("map --json is not an array: {v:#}"))
         .iter()
@@ -179,7 +164,7 @@ fn assert_clean(dir: &Path, image: &Path) {
         "check of a clean image\n{}",
         out.report()
     );
-    let v = json(&strata_ok(dir, &["check", "--json", p(image)]));
+    let v = strata_ok(dir, &["check", "--json", p(image)]).json();
     assert_eq!(v["problems"], Value::Array(vec![]), "{v:#}");
     assert_eq!(v["backing_problems"], Value::Array(vec![]), "{v:#}");
 }
@@ -205,7 +190,7 @@ fn create_sizes_and_cluster_sizes() {
         if let Some(c) = cluster {
             args.extend(["--cluster-size", c]);
         }
-        let created = json(&strata_ok(d, &args));
+        let created = strata_ok(d, &args).json();
         assert_eq!(num(&created, "virtual_size"), bytes, "{created:#}");
         assert_eq!(num(&created, "cluster_size"), cs, "{created:#}");
         assert_eq!(created["backing"], Value::Null);
@@ -225,12 +210,8 @@ fn create_sizes_and_cluster_sizes() {
     }
     // Text output.
     let img = d.join("text.strata");
-    let out = strata_ok(d, &["create", p(&img), "-s", "20M"]);
-    assert!(
-        out.stdout.contains("20 MiB virtual") && out.stdout.contains("64 KiB clusters"),
-        "{}",
-        out.report()
-    );
+    strata_ok(d, &["create", p(&img), "-s", "20M"])
+        .assert_stdout(&["20 MiB virtual", "64 KiB clusters"]);
     // Two images never share an identity.
     let a = info_json(d, &d.join("img0.strata"));
     let b = info_json(d, &d.join("img1.strata"));
@@ -291,7 +272,7 @@ fn create_overlay_takes_the_backing_size_and_cluster_size() {
     // A raw base of a size that is not a multiple of any cluster size.
     let base_len = 3 * MIB + 4 * KIB + 7;
     raw_file(&d.join("bases/base.raw"), 2, base_len as usize);
-    let ov = json(&strata_ok(
+    let ov = strata_ok(
         d,
         &[
             "create",
@@ -300,7 +281,8 @@ fn create_overlay_takes_the_backing_size_and_cluster_size() {
             "vms/ov.strata",
             "--json",
         ],
-    ));
+    )
+    .json();
     assert_eq!(num(&ov, "virtual_size"), base_len, "{ov:#}");
     assert_eq!(num(&ov, "cluster_size"), 64 * KIB, "{ov:#}");
     // Stored relative to the overlay's directory, given relative to the current one.
@@ -311,7 +293,7 @@ fn create_overlay_takes_the_backing_size_and_cluster_size() {
     assert_eq!(info["backing"]["format"], "raw");
     assert_eq!(num(&info["backing"], "size"), base_len);
     // A larger overlay is allowed, a smaller one is not.
-    let big = json(&strata_ok(
+    let big = strata_ok(
         d,
         &[
             "create",
@@ -322,7 +304,8 @@ fn create_overlay_takes_the_backing_size_and_cluster_size() {
             "8M",
             "--json",
         ],
-    ));
+    )
+    .json();
     assert_eq!(num(&big, "virtual_size"), 8 * MIB);
     strata_fails(
         d,
@@ -340,10 +323,11 @@ fn create_overlay_takes_the_backing_size_and_cluster_size() {
 
     // A Strata base passes on its cluster size; a different one is refused.
     strata_ok(d, &["create", "bases/s.strata", "-s", "5M", "-c", "16K"]);
-    let ov2 = json(&strata_ok(
+    let ov2 = strata_ok(
         d,
         &["create", "-b", "bases/s.strata", "vms/ov2.strata", "--json"],
-    ));
+    )
+    .json();
     assert_eq!(num(&ov2, "cluster_size"), 16 * KIB);
     assert_eq!(num(&ov2, "virtual_size"), 5 * MIB);
     strata_fails(
@@ -360,10 +344,7 @@ fn create_overlay_takes_the_backing_size_and_cluster_size() {
     );
     // An absolute backing path is stored as it is.
     let abs = d.join("bases/base.raw");
-    let ov4 = json(&strata_ok(
-        d,
-        &["create", "-b", p(&abs), "vms/ov4.strata", "--json"],
-    ));
+    let ov4 = strata_ok(d, &["create", "-b", p(&abs), "vms/ov4.strata", "--json"]).json();
     assert_eq!(ov4["backing"], p(&abs));
     // A missing backing file is named.
     strata_fails(
@@ -448,8 +429,7 @@ fn info_describes_the_chain() {
     // Files that are not Strata images.
     let raw = d.join("plain.img");
     fs::write(&raw, vec![1u8; 5000]).unwrap();
-    let out = strata_ok(d, &["info", p(&raw)]);
-    assert!(out.stdout.contains("raw, 5000 bytes"), "{}", out.report());
+    strata_ok(d, &["info", p(&raw)]).assert_stdout(&["raw, 5000 bytes"]);
     let v = info_json(d, &raw);
     assert_eq!(v["format"], "raw");
     assert_eq!(num(&v, "file_length"), 5000);
@@ -479,7 +459,7 @@ fn map_shows_state_and_owner() {
     ];
     assert_eq!(map_rows(d, &top), want);
     // Files named per row.
-    let v = json(&strata_ok(d, &["map", "--json", p(&top)]));
+    let v = strata_ok(d, &["map", "--json", p(&top)]).json();
     let files: Vec<String> = v
         .as_array()
         .unwrap()
@@ -557,14 +537,12 @@ fn check_finds_and_repairs_a_damaged_map_page() {
     }
     fs::write(&bad, &bytes).unwrap();
 
-    let out = strata_in(d, &["check", p(&bad)]).assert_code(2);
-    assert!(
-        out.stdout.contains("map page 0") && out.stdout.contains("checksum mismatch"),
-        "{}",
-        out.report()
-    );
-    assert!(out.stdout.contains("CORRUPT"), "{}", out.report());
-    let v = json(&strata_in(d, &["check", "--json", p(&bad)]).assert_code(2));
+    strata_in(d, &["check", p(&bad)])
+        .assert_code(2)
+        .assert_stdout(&["map page 0", "checksum mismatch", "CORRUPT"]);
+    let v = strata_in(d, &["check", "--json", p(&bad)])
+        .assert_code(2)
+        .json();
     let problems = v["problems"].as_array().expect("problems");
     assert_eq!(problems.len(), 1, "{v:#}");
     assert!(
@@ -585,9 +563,7 @@ fn check_finds_and_repairs_a_damaged_map_page() {
         &["corrupt image", "map page 0", p(&bad)],
     );
 
-    let out = strata_ok(d, &["check", "--repair", p(&bad)]);
-    assert!(out.stdout.contains("repaired:"), "{}", out.report());
-    assert!(out.stdout.contains("no errors"), "{}", out.report());
+    strata_ok(d, &["check", "--repair", p(&bad)]).assert_stdout(&["repaired:", "no errors"]);
     assert_clean(d, &bad);
     // What page 0 mapped is gone (reads as zeroes); page 1's data survived.
     let after = read_image(&bad);
@@ -624,7 +600,9 @@ fn check_finds_a_truncated_image() {
         "{}",
         out.report()
     );
-    let v = json(&strata_in(d, &["check", "--json", p(&img)]).assert_code(2));
+    let v = strata_in(d, &["check", "--json", p(&img)])
+        .assert_code(2)
+        .json();
     assert_eq!(v["problems"].as_array().unwrap().len(), 20, "{v:#}");
     strata_fails(
         d,
@@ -685,7 +663,7 @@ fn commit_into(base_kind: &str) {
     assert_same_bytes("overlay before commit", &read_image(&ov), &expected);
 
     let out = strata_ok(d, &["commit", "--json", p(&ov)]);
-    let v = json(&out);
+    let v = out.json();
     assert!(num(&v, "copied") >= 2 * CS + 3000 + 70_000, "{v:#}");
     assert_eq!(num(&v, "zeroed"), 3 * CS, "{v:#}");
 
@@ -756,10 +734,7 @@ fn rebase_onto_another_base_keeps_the_contents() {
         ],
     );
     let before = num(&info_json(d, &ov), "allocated");
-    let v = json(&strata_ok(
-        d,
-        &["rebase", "--json", "-b", "base2.strata", p(&ov)],
-    ));
+    let v = strata_ok(d, &["rebase", "--json", "-b", "base2.strata", p(&ov)]).json();
     // Exactly the two clusters that would read differently are copied up.
     assert_eq!(num(&v, "copied"), 2 * CS, "{v:#}");
     let info = info_json(d, &ov);
@@ -798,7 +773,7 @@ fn rebase_without_backing_flattens() {
     let d = dir.path();
     let ov = d.join("ov.strata");
     let contents = overlay_on_raw(d);
-    let v = json(&strata_ok(d, &["rebase", "--json", "--no-backing", p(&ov)]));
+    let v = strata_ok(d, &["rebase", "--json", "--no-backing", p(&ov)]).json();
     assert!(num(&v, "copied") > 0, "{v:#}");
     let info = info_json(d, &ov);
     assert_eq!(info["backing"], Value::Null, "{info:#}");
@@ -819,7 +794,7 @@ fn unsafe_rebase_only_rewrites_the_reference() {
     fs::create_dir(d.join("moved")).unwrap();
     fs::rename(d.join("base1.raw"), d.join("moved/base1.raw")).unwrap();
     strata_fails(d, &["info", p(&ov)], &["base1.raw", "cannot be opened"]);
-    let v = json(&strata_ok(
+    let v = strata_ok(
         d,
         &[
             "rebase",
@@ -829,7 +804,8 @@ fn unsafe_rebase_only_rewrites_the_reference() {
             "moved/base1.raw",
             p(&ov),
         ],
-    ));
+    )
+    .json();
     assert_eq!(num(&v, "copied"), 0, "{v:#}");
     let info = info_json(d, &ov);
     assert_eq!(info["backing"]["reference"], "moved/base1.raw");
@@ -882,10 +858,7 @@ fn convert_round_trip_is_identical_and_sparse() {
             (len - 4096, &[0xee; 4096]),
         ],
     );
-    let v = json(&strata_ok(
-        d,
-        &["convert", "--json", "src.raw", "mid.strata"],
-    ));
+    let v = strata_ok(d, &["convert", "--json", "src.raw", "mid.strata"]).json();
     assert!(
         num(&v, "copied") >= (a.len() + b.len() + c.len()) as u64,
         "{v:#}"
@@ -960,16 +933,11 @@ fn serve_refuses(d: &Path, images: &[&str], needles: &[&str]) {
     let sock = format!("unix:{}", p(&d.join("refused.sock")));
     let mut args = vec!["serve", "-l", &sock];
     args.extend(images);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
+    let mut cmd = strata();
     cmd.current_dir(d).args(&args);
-    let out = run_child(&mut cmd, Duration::from_secs(20)).assert_code(1);
-    for n in needles {
-        assert!(
-            out.stderr.contains(n),
-            "expected {n:?} in the error message\n{}",
-            out.report()
-        );
-    }
+    run_child(&mut cmd, Duration::from_secs(20))
+        .assert_code(1)
+        .assert_stderr(needles);
 }
 
 #[test]
@@ -1018,12 +986,9 @@ fn missing_or_changed_backing_is_refused() {
     fs::rename(d.join("base.raw"), d.join("away.raw")).unwrap();
     serve_refuses(d, &["ov.strata"], &["base.raw", "cannot be opened"]);
     strata_fails(d, &["info", "ov.strata"], &["base.raw"]);
-    let out = strata_in(d, &["check", "ov.strata"]).assert_code(2);
-    assert!(
-        out.stdout.contains("backing") && out.stdout.contains("base.raw"),
-        "{}",
-        out.report()
-    );
+    strata_in(d, &["check", "ov.strata"])
+        .assert_code(2)
+        .assert_stdout(&["backing", "base.raw"]);
     fs::rename(d.join("away.raw"), d.join("base.raw")).unwrap();
     assert_clean(d, &d.join("ov.strata"));
 

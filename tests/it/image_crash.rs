@@ -14,14 +14,14 @@
 //! Environment: `STRATA_CRASH_ITERATIONS` (per image kind, default 100) and
 //! `STRATA_CRASH_SEED` (to replay a run's choice of requests; the kill moments differ).
 
-use std::io::{self, Read, Write};
 use std::path::Path;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::common::*;
+use crate::support::client::{Client, SIMPLE};
 use crate::support::spec::*;
+use crate::support::*;
 
 const DISK: u64 = 4 * MIB;
 /// Largest request the reading client sends.
@@ -74,126 +74,6 @@ fn value(id: u32, pos: u64) -> u8 {
 
 fn fill(id: u32, offset: u64, len: usize) -> Vec<u8> {
     (0..len as u64).map(|i| value(id, offset + i)).collect()
-}
-
-// ---------------------------------------------------------------------------------------
-// A client that survives its server dying
-// ---------------------------------------------------------------------------------------
-
-struct Client {
-    s: Stream,
-    size: u64,
-    flags: u16,
-}
-
-fn u16_of(b: &[u8]) -> u16 {
-    u16::from_be_bytes(b.try_into().unwrap())
-}
-fn u32_of(b: &[u8]) -> u32 {
-    u32::from_be_bytes(b.try_into().unwrap())
-}
-fn u64_of(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b.try_into().unwrap())
-}
-
-fn protocol_error(msg: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg)
-}
-
-impl Client {
-    /// Fixed-newstyle handshake with `NBD_OPT_GO`, no structured replies.
-    fn connect(ep: &Endpoint, name: &str) -> io::Result<Client> {
-        let mut s = ep.connect()?;
-        let mut greeting = [0u8; 18];
-        s.read_exact(&mut greeting)?;
-        if u64_of(&greeting[..8]) != NBDMAGIC || u64_of(&greeting[8..16]) != IHAVEOPT {
-            return Err(protocol_error(format!("bad greeting {greeting:02x?}")));
-        }
-        s.write_all(&3u32.to_be_bytes())?; // FIXED_NEWSTYLE | NO_ZEROES
-        let mut go = Vec::new();
-        go.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        go.extend_from_slice(&OPT_GO.to_be_bytes());
-        go.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
-        go.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        go.extend_from_slice(name.as_bytes());
-        go.extend_from_slice(&0u16.to_be_bytes());
-        s.write_all(&go)?;
-        let (mut size, mut flags) = (None, 0);
-        loop {
-            let mut head = [0u8; 20];
-            s.read_exact(&mut head)?;
-            let ty = u32_of(&head[12..16]);
-            let mut data = vec![0u8; u32_of(&head[16..20]) as usize];
-            s.read_exact(&mut data)?;
-            match ty {
-                REP_ACK => break,
-                REP_INFO if data.len() >= 12 && u16_of(&data[..2]) == INFO_EXPORT => {
-                    size = Some(u64_of(&data[2..10]));
-                    flags = u16_of(&data[10..12]);
-                }
-                REP_INFO => {}
-                other => {
-                    return Err(protocol_error(format!(
-                        "GO refused: {other:#x} {}",
-                        String::from_utf8_lossy(&data)
-                    )));
-                }
-            }
-        }
-        let size = size.ok_or_else(|| protocol_error("no INFO_EXPORT".into()))?;
-        Ok(Client { s, size, flags })
-    }
-
-    fn send(
-        &mut self,
-        cmd: u16,
-        flags: u16,
-        cookie: u64,
-        offset: u64,
-        len: u32,
-        payload: &[u8],
-    ) -> io::Result<()> {
-        let mut m = Vec::with_capacity(28 + payload.len());
-        m.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        m.extend_from_slice(&flags.to_be_bytes());
-        m.extend_from_slice(&cmd.to_be_bytes());
-        m.extend_from_slice(&cookie.to_be_bytes());
-        m.extend_from_slice(&offset.to_be_bytes());
-        m.extend_from_slice(&len.to_be_bytes());
-        m.extend_from_slice(payload);
-        self.s.write_all(&m)
-    }
-
-    /// One simple reply: (cookie, errno).
-    fn reply(&mut self) -> io::Result<(u64, u32)> {
-        let mut r = [0u8; 16];
-        self.s.read_exact(&mut r)?;
-        if u32_of(&r[..4]) != 0x6744_6698 {
-            return Err(protocol_error(format!("bad reply magic in {r:02x?}")));
-        }
-        Ok((u64_of(&r[8..16]), u32_of(&r[4..8])))
-    }
-
-    /// Reads the whole disk.
-    fn read_all(&mut self) -> io::Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(self.size as usize);
-        let mut pos = 0;
-        while pos < self.size {
-            let n = READ_CHUNK.min((self.size - pos) as usize);
-            self.send(CMD_READ, 0, pos, pos, n as u32, &[])?;
-            let (cookie, errno) = self.reply()?;
-            if cookie != pos || errno != 0 {
-                return Err(protocol_error(format!(
-                    "read at {pos}: cookie {cookie}, errno {errno}"
-                )));
-            }
-            let at = out.len();
-            out.resize(at + n, 0);
-            self.s.read_exact(&mut out[at..])?;
-            pos += n as u64;
-        }
-        Ok(out)
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -404,7 +284,9 @@ fn workload(ep: Endpoint, name: String, disk: Vec<u8>, seed: u64, cluster: u64) 
     let mut rng = Rng::new(seed);
     let mut model = Model::new(disk);
     let mut requests = 0;
-    let mut client = match Client::connect(&ep, &name) {
+    let connected =
+        Client::connect(&ep).and_then(|mut c| c.handshake_bare(&name, SIMPLE).map(|_| c));
+    let mut client = match connected {
         Ok(c) => c,
         Err(e) => {
             return Outcome {
@@ -435,53 +317,44 @@ fn workload(ep: Endpoint, name: String, disk: Vec<u8>, seed: u64, cluster: u64) 
         let size = rng.range(1, 8);
         let flush_at = rng.chance(35).then(|| rng.range(0, size));
         for i in 0..size {
-            let cookie = requests + 1;
-            if flush_at == Some(i) {
+            let (sent, id, covered) = if flush_at == Some(i) {
                 let covered = model.flush_sent();
-                send_result = client.send(CMD_FLUSH, 0, cookie, 0, 0, &[]);
-                batch.push((cookie, 0, covered));
-                requests += 1;
-                if send_result.is_err() {
+                (client.request(0, CMD_FLUSH, 0, 0, &[]), 0, covered)
+            } else {
+                let (offset, len) = pick_range(&mut rng, cluster);
+                if ranges.iter().any(|&r| overlaps(r, (offset, len))) {
+                    continue;
+                }
+                ranges.push((offset, len));
+                let fua = rng.chance(15);
+                let kind = match rng.range(0, 10) {
+                    0 => Kind::Trim,
+                    1 => Kind::Zero,
+                    2 => Kind::ZeroNoHole,
+                    _ => Kind::Write,
+                };
+                let id = model.sent(kind, offset, len, fua);
+                let flags = if fua { FLAG_FUA } else { 0 };
+                let sent = match kind {
+                    Kind::Write => {
+                        let data = fill(id, offset, len as usize);
+                        client.request(flags, CMD_WRITE, offset, len, &data)
+                    }
+                    Kind::Trim => client.request(flags, CMD_TRIM, offset, len, &[]),
+                    Kind::Zero => client.request(flags, CMD_WRITE_ZEROES, offset, len, &[]),
+                    Kind::ZeroNoHole => {
+                        client.request(flags | FLAG_NO_HOLE, CMD_WRITE_ZEROES, offset, len, &[])
+                    }
+                };
+                (sent, id, Vec::new())
+            };
+            requests += 1;
+            match sent {
+                Ok(cookie) => batch.push((cookie, id, covered)),
+                Err(e) => {
+                    send_result = Err(e);
                     break;
                 }
-                continue;
-            }
-            let (offset, len) = pick_range(&mut rng, cluster);
-            if ranges.iter().any(|&r| overlaps(r, (offset, len))) {
-                continue;
-            }
-            ranges.push((offset, len));
-            let fua = rng.chance(15);
-            let kind = match rng.range(0, 10) {
-                0 => Kind::Trim,
-                1 => Kind::Zero,
-                2 => Kind::ZeroNoHole,
-                _ => Kind::Write,
-            };
-            let id = model.sent(kind, offset, len, fua);
-            let fua_flag = if fua { FLAG_FUA } else { 0 };
-            send_result = match kind {
-                Kind::Write => {
-                    let data = fill(id, offset, len as usize);
-                    client.send(CMD_WRITE, fua_flag, cookie, offset, len as u32, &data)
-                }
-                Kind::Trim => client.send(CMD_TRIM, fua_flag, cookie, offset, len as u32, &[]),
-                Kind::Zero => {
-                    client.send(CMD_WRITE_ZEROES, fua_flag, cookie, offset, len as u32, &[])
-                }
-                Kind::ZeroNoHole => client.send(
-                    CMD_WRITE_ZEROES,
-                    fua_flag | 2, // NO_HOLE
-                    cookie,
-                    offset,
-                    len as u32,
-                    &[],
-                ),
-            };
-            batch.push((cookie, id, Vec::new()));
-            requests += 1;
-            if send_result.is_err() {
-                break;
             }
         }
         if let Err(e) = send_result {
@@ -489,8 +362,8 @@ fn workload(ep: Endpoint, name: String, disk: Vec<u8>, seed: u64, cluster: u64) 
         }
         let mut failed = None;
         for _ in 0..batch.len() {
-            let (cookie, errno) = match client.reply() {
-                Ok(r) => r,
+            let (cookie, errno) = match client.reply(0) {
+                Ok(r) => (r.cookie(), r.error().map_or(0, |e| e.0)),
                 Err(e) => {
                     failed = Some(format!("reply: {e}"));
                     break;
@@ -541,7 +414,7 @@ fn workload(ep: Endpoint, name: String, disk: Vec<u8>, seed: u64, cluster: u64) 
 // ---------------------------------------------------------------------------------------
 
 fn strata(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
+    let mut c = crate::support::strata();
     c.args(args).env("RUST_LOG", "error");
     c
 }
@@ -568,10 +441,19 @@ fn start(image: &Path) -> Server {
 }
 
 fn read_disk(server: &Server) -> Vec<u8> {
-    let mut c = Client::connect(server.endpoint(), server.export_name())
+    let mut c = Client::connect(server.endpoint())
+        .and_then(|mut c| c.handshake_bare(server.export_name(), SIMPLE).map(|_| c))
         .unwrap_or_else(|e| panic!("connect after restart: {e}\n{}", server.log()));
-    c.read_all()
-        .unwrap_or_else(|e| panic!("read after restart: {e}\n{}", server.log()))
+    let mut out = Vec::with_capacity(c.size as usize);
+    while (out.len() as u64) < c.size {
+        let pos = out.len() as u64;
+        let n = READ_CHUNK.min((c.size - pos) as usize);
+        match c.read(0, pos, n) {
+            Ok(Ok(data)) => out.extend(data),
+            other => panic!("read at {pos} after restart: {other:?}\n{}", server.log()),
+        }
+    }
+    out
 }
 
 /// Runs the crash loop on `image` (already created) whose contents start as `initial`.
@@ -616,7 +498,7 @@ fn crash_loop(label: &str, image: &Path, initial: &[u8], cluster: u64) {
             "iteration {i} (seed {iter_seed}): strata check after the crash\n{}",
             check.report()
         );
-        let report: serde_json::Value = serde_json::from_str(&check.stdout).unwrap();
+        let report = check.json();
         leaks += u64::from(report["leaked_bytes"].as_u64().unwrap_or(0) > 0);
         torn += report["torn_slots"].as_u64().unwrap_or(0);
 

@@ -1809,7 +1809,7 @@ mod codecs {
     }
 
     proptest! {
-        #![proptest_config(crate::common::proptest_cases(256))]
+        #![proptest_config(crate::support::proptest_cases(256))]
 
         #[test]
         fn headers_round_trip(h in header()) {
@@ -2099,7 +2099,7 @@ fn image_meta_fuzz_seeds_are_current() {
         );
         assert!(scan.unwrap().problems.is_empty(), "{name}");
     }
-    crate::common::check_fuzz_seeds("image_meta", &seeds);
+    crate::support::check_fuzz_seeds("image_meta", &seeds);
 }
 
 #[test]
@@ -2135,7 +2135,7 @@ fn zeroing_part_of_a_cluster_that_reads_as_zeroes_allocates_nothing() {
 /// reused once they are gone.
 #[test]
 fn zero_copy_reads_keep_freed_space_from_reuse_until_dropped() {
-    let Some(shm) = crate::common::memory_dir() else {
+    let Some(shm) = crate::support::memory_dir() else {
         return;
     };
     let dir = tempfile::tempdir_in(shm).unwrap();

@@ -5,7 +5,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::common::*;
+use serde_json::Value;
+
+use crate::support::*;
 
 const FIO_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -30,21 +32,19 @@ fn fio(server: &Server, args: &[&str]) -> Command {
 
 /// Bytes fio reports for `dir` ("read" or "write"), summed over all jobs.
 fn io_bytes(out: &CmdOutput, dir: &str) -> u64 {
-    let json = &out.stdout;
-    let mut total = 0;
-    let mut found = false;
-    let needle = format!("\"{dir}\" : {{");
-    let mut rest = json.as_str();
-    while let Some(at) = rest.find(&needle) {
-        rest = &rest[at + needle.len()..];
-        let n: u64 = json_scalar(rest, "io_bytes")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {dir}.io_bytes in fio output\n{}", out.report()));
-        total += n;
-        found = true;
-    }
-    assert!(found, "no {dir} section in fio output\n{}", out.report());
-    total
+    // The nbd engine says `fio: connected to NBD server` before the report.
+    let at = out.stdout.find("\n{").map_or(0, |at| at + 1);
+    let report: Value = serde_json::from_str(&out.stdout[at..])
+        .unwrap_or_else(|e| panic!("no JSON report from fio ({e})\n{}", out.report()));
+    let jobs = report["jobs"].as_array().filter(|jobs| !jobs.is_empty());
+    jobs.unwrap_or_else(|| panic!("no jobs in fio output\n{}", out.report()))
+        .iter()
+        .map(|job| {
+            job[dir]["io_bytes"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no {dir}.io_bytes in fio output\n{}", out.report()))
+        })
+        .sum()
 }
 
 fn fio_randwrite_verify(t: Transport) {

@@ -10,23 +10,15 @@ use std::path::Path;
 use std::process::Command;
 use std::thread;
 
-use crate::common::*;
+use crate::support::client::{Client, SIMPLE};
 use crate::support::spec::*;
-use crate::support::wire::Conn;
-use serde_json::Value;
+use crate::support::*;
 
 const CS: u64 = 64 * KIB;
 
 #[track_caller]
-fn json(out: &CmdOutput) -> Value {
-    serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|e| panic!("output is not JSON: {e}\n{}", out.report()))
-}
-
-#[track_caller]
 fn assert_clean(dir: &Path, image: &str) {
-    let out = strata_at_ok(dir, &["check", image]);
-    assert!(out.stdout.contains("no errors"), "{}", out.report());
+    strata_at_ok(dir, &["check", image]).assert_stdout(&["no errors"]);
 }
 
 /// The contents of a Strata image (with its chain), through `strata convert -O raw`.
@@ -107,7 +99,7 @@ fn qemu_img_convert_through_strata_images(t: Transport) {
         &expected,
     );
     // The zero runs of the source were not stored as data.
-    let info = json(&strata_at_ok(d, &["info", "--json", "disk.strata"]));
+    let info = strata_at_ok(d, &["info", "--json", "disk.strata"]).json();
     assert!(
         info["allocated"].as_u64().unwrap() < len as u64,
         "every cluster allocated: {info:#}"
@@ -239,7 +231,7 @@ fn qemu_io_on_an_overlay(t: Transport) {
         base,
         "the base changed"
     );
-    let rows = json(&strata_at_ok(d, &["map", "--json", "ov.strata"]));
+    let rows = strata_at_ok(d, &["map", "--json", "ov.strata"]).json();
     let owned: Vec<(u64, u64, &str)> = rows
         .as_array()
         .unwrap()
@@ -421,7 +413,7 @@ fn maps_of_a_three_layer_chain(t: Transport) {
     );
 
     // And strata map agrees, the server still running.
-    let rows = json(&strata_at_ok(d, &["map", "--json", "top.strata"]));
+    let rows = strata_at_ok(d, &["map", "--json", "top.strata"]).json();
     let mut depths = Vec::new();
     for r in rows.as_array().unwrap() {
         let n = r["length"].as_u64().unwrap() / CS;
@@ -478,16 +470,22 @@ fn golden_client(i: usize, server_ep: Endpoint, uri: String, name: String, golde
         let Endpoint::Tcp(addr) = server_ep else {
             panic!("the raw client needs TCP")
         };
-        let mut c = Conn::connect(addr);
-        c.handshake(&name, false, false);
+        let mut c = Client::tcp(addr).unwrap();
+        c.handshake(&name, SIMPLE).unwrap();
         for (off, data) in &writes {
-            let errno = c.command(0, CMD_WRITE, *off, data.len() as u64, data);
+            let errno = c
+                .command(0, CMD_WRITE, *off, data.len() as u64, data)
+                .unwrap();
             assert_eq!(errno, 0, "{name}: write at {off}");
         }
-        assert_eq!(c.command(0, CMD_FLUSH, 0, 0, &[]), 0, "{name}: flush");
+        assert_eq!(
+            c.command(0, CMD_FLUSH, 0, 0, &[]).unwrap(),
+            0,
+            "{name}: flush"
+        );
         let mut got = Vec::new();
         for off in (0..GOLDEN).step_by(MIB as usize) {
-            got.extend(c.read(0, off, MIB as usize).expect("read"));
+            got.extend(c.read(0, off, MIB as usize).unwrap().expect("read"));
         }
         assert_same_bytes(&format!("{name} read back"), &got, &expected);
     } else {
@@ -610,17 +608,14 @@ fn golden_image(kind: &str) {
         contents(d, golden)
     };
     assert_same_bytes("golden image after commit", &merged, &expected[0]);
-    let info = json(&strata_at_ok(d, &["info", "--json", "vm0.strata"]));
+    let info = strata_at_ok(d, &["info", "--json", "vm0.strata"]).json();
     assert_eq!(info["allocated"], 0, "{info:#}");
     assert_same_bytes("vm0 after commit", &contents(d, "vm0.strata"), &expected[0]);
     if kind == "raw" {
         // The other overlays were made on the old contents and now refuse to open.
-        let out = run(&mut strata_at(d, &["info", "vm1.strata"])).assert_code(1);
-        assert!(
-            out.stderr.contains("backing file has changed") && out.stderr.contains("golden.raw"),
-            "{}",
-            out.report()
-        );
+        run(&mut strata_at(d, &["info", "vm1.strata"]))
+            .assert_code(1)
+            .assert_stderr(&["backing file has changed", "golden.raw"]);
     }
 }
 
@@ -723,8 +718,8 @@ fn concurrent_clients(cluster: &str, stripe: u64) {
                     .filter(|s| s % CLIENTS == k)
                     .collect();
                 let stripes = |s: u64| (s * stripe) as usize..((s + 1) * stripe).min(SIZE) as usize;
-                let mut c = Conn::connect(addr);
-                c.handshake(&name, false, false);
+                let mut c = Client::tcp(addr).unwrap();
+                c.handshake(&name, SIMPLE).unwrap();
                 let mut x = 0x1234_5678 ^ ((k + 1) * 0x9E37_79B9);
                 let mut next = |n: u64| {
                     x ^= x << 13;
@@ -744,7 +739,7 @@ fn concurrent_clients(cluster: &str, stripe: u64) {
                             2 => (CMD_TRIM, Vec::new()),
                             _ => (CMD_WRITE, pattern(1000 * k + 100 * round + i, len as usize)),
                         };
-                        let errno = c.command(0, cmd, off, len, &payload);
+                        let errno = c.command(0, cmd, off, len, &payload).unwrap();
                         assert_eq!(errno, 0, "client {k}: command {cmd} at {off}+{len}");
                         let range = off as usize..(off + len) as usize;
                         if cmd == CMD_WRITE {
@@ -754,7 +749,7 @@ fn concurrent_clients(cluster: &str, stripe: u64) {
                         }
                     }
                     meet.wait();
-                    let got = c.read(0, 0, SIZE as usize).expect("read");
+                    let got = c.read(0, 0, SIZE as usize).unwrap().expect("read");
                     for &s in &mine {
                         let r = stripes(s);
                         assert_same_bytes(
@@ -773,15 +768,19 @@ fn concurrent_clients(cluster: &str, stripe: u64) {
                         } else {
                             CMD_WRITE_ZEROES
                         };
-                        assert_eq!(c.command(0, cmd, 0, SIZE, &[]), 0, "clearing the disk");
+                        assert_eq!(
+                            c.command(0, cmd, 0, SIZE, &[]).unwrap(),
+                            0,
+                            "clearing the disk"
+                        );
                         if round % 3 != 2 {
-                            assert_eq!(c.command(0, CMD_FLUSH, 0, 0, &[]), 0);
+                            assert_eq!(c.command(0, CMD_FLUSH, 0, 0, &[]).unwrap(), 0);
                         }
                     }
                     disk.fill(0);
                     meet.wait();
                 }
-                assert_eq!(c.command(0, CMD_FLUSH, 0, 0, &[]), 0);
+                assert_eq!(c.command(0, CMD_FLUSH, 0, 0, &[]).unwrap(), 0);
                 (mine, disk)
             })
         })
@@ -822,12 +821,12 @@ fn concurrent_clients_share_large_clusters() {
 // ---------------------------------------------------------------------------------------
 
 /// A connection over TCP to the server's export.
-fn conn(server: &Server) -> Conn {
+fn conn(server: &Server) -> Client {
     let Endpoint::Tcp(addr) = server.endpoint() else {
         panic!("TCP expected")
     };
-    let mut c = Conn::connect(*addr);
-    c.handshake(server.export_name(), false, false);
+    let mut c = Client::tcp(*addr).unwrap();
+    c.handshake(server.export_name(), SIMPLE).unwrap();
     c
 }
 
@@ -845,8 +844,12 @@ fn writes_beyond_the_file_size_limit_fail_with_enospc() {
     put(&mut expected, 0, &first);
     let mut server = file(&img).start();
     let mut c = conn(&server);
-    assert_eq!(c.command(0, CMD_WRITE, 0, first.len() as u64, &first), 0);
-    assert_eq!(c.command(0, CMD_FLUSH, 0, 0, &[]), 0);
+    assert_eq!(
+        c.command(0, CMD_WRITE, 0, first.len() as u64, &first)
+            .unwrap(),
+        0
+    );
+    assert_eq!(c.command(0, CMD_FLUSH, 0, 0, &[]).unwrap(), 0);
     drop(c);
     server.stop_cleanly_with(libc::SIGTERM);
 
@@ -856,47 +859,50 @@ fn writes_beyond_the_file_size_limit_fail_with_enospc() {
     let mut c = conn(&server);
     let new = pattern(61, CS as usize);
     assert_eq!(
-        c.command(0, CMD_WRITE, 10 * MIB, CS, &new),
+        c.command(0, CMD_WRITE, 10 * MIB, CS, &new).unwrap(),
         ENOSPC,
         "a write needing a new cluster\n{}",
         server.log()
     );
     // Clusters the image holds are still written in place, on the same connection.
     let small = pattern(62, 1000);
-    assert_eq!(c.command(0, CMD_WRITE, 100, 1000, &small), 0);
+    assert_eq!(c.command(0, CMD_WRITE, 100, 1000, &small).unwrap(), 0);
     put(&mut expected, 100, &small);
-    assert_eq!(c.command(0, CMD_FLUSH, 0, 0, &[]), 0);
+    assert_eq!(c.command(0, CMD_FLUSH, 0, 0, &[]).unwrap(), 0);
     assert_same_bytes(
         "after ENOSPC",
-        &c.read(0, 0, 4 * CS as usize).unwrap(),
+        &c.read(0, 0, 4 * CS as usize).unwrap().unwrap(),
         &expected[..4 * CS as usize],
     );
     // Space given back by a trim is reused once the trim is durable.
-    assert_eq!(c.command(0, CMD_TRIM, 2 * CS, CS, &[]), 0);
-    assert_eq!(c.command(0, CMD_FLUSH, 0, 0, &[]), 0);
+    assert_eq!(c.command(0, CMD_TRIM, 2 * CS, CS, &[]).unwrap(), 0);
+    assert_eq!(c.command(0, CMD_FLUSH, 0, 0, &[]).unwrap(), 0);
     put(&mut expected, 2 * CS, &vec![0; CS as usize]);
     assert_eq!(
-        c.command(0, CMD_WRITE, 10 * MIB, CS, &new),
+        c.command(0, CMD_WRITE, 10 * MIB, CS, &new).unwrap(),
         0,
         "{}",
         server.log()
     );
     put(&mut expected, 10 * MIB, &new);
-    assert_eq!(c.command(0, CMD_FLUSH, 0, 0, &[]), 0);
+    assert_eq!(c.command(0, CMD_FLUSH, 0, 0, &[]).unwrap(), 0);
     // Two clusters do not fit in the one freed.
     let two = pattern(63, 2 * CS as usize);
-    assert_eq!(c.command(0, CMD_WRITE, 20 * MIB, 2 * CS, &two), ENOSPC);
-    assert_eq!(c.command(0, CMD_FLUSH, 0, 0, &[]), 0);
+    assert_eq!(
+        c.command(0, CMD_WRITE, 20 * MIB, 2 * CS, &two).unwrap(),
+        ENOSPC
+    );
+    assert_eq!(c.command(0, CMD_FLUSH, 0, 0, &[]).unwrap(), 0);
     // The server still serves this connection and new ones.
     assert_same_bytes(
         "written cluster",
-        &c.read(0, 10 * MIB, CS as usize).unwrap(),
+        &c.read(0, 10 * MIB, CS as usize).unwrap().unwrap(),
         &new,
     );
     let mut c2 = conn(&server);
     assert_same_bytes(
         "new connection",
-        &c2.read(0, 0, 4 * CS as usize).unwrap(),
+        &c2.read(0, 0, 4 * CS as usize).unwrap().unwrap(),
         &expected[..4 * CS as usize],
     );
     drop((c, c2));
@@ -921,29 +927,34 @@ fn writes_beyond_the_file_size_limit_fail_with_enospc() {
     let mut c = conn(&server);
     let far = 40 * MIB;
     assert_eq!(
-        c.command(0, CMD_WRITE, far, CS, &new),
+        c.command(0, CMD_WRITE, far, CS, &new).unwrap(),
         0,
         "{}",
         server.log()
     );
     assert_eq!(
-        c.command(0, CMD_FLUSH, 0, 0, &[]),
+        c.command(0, CMD_FLUSH, 0, 0, &[]).unwrap(),
         ENOSPC,
         "{}",
         server.log()
     );
     assert_eq!(
-        c.command(0, CMD_FLUSH, 0, 0, &[]),
+        c.command(0, CMD_FLUSH, 0, 0, &[]).unwrap(),
         ENOSPC,
         "{}",
         server.log()
     );
     // Taking the write back makes the map fit again.
-    assert_eq!(c.command(0, CMD_TRIM, far, CS, &[]), 0);
-    assert_eq!(c.command(0, CMD_FLUSH, 0, 0, &[]), 0, "{}", server.log());
+    assert_eq!(c.command(0, CMD_TRIM, far, CS, &[]).unwrap(), 0);
+    assert_eq!(
+        c.command(0, CMD_FLUSH, 0, 0, &[]).unwrap(),
+        0,
+        "{}",
+        server.log()
+    );
     assert_same_bytes(
         "flushed data",
-        &c.read(0, 0, 4 * CS as usize).unwrap(),
+        &c.read(0, 0, 4 * CS as usize).unwrap().unwrap(),
         &expected[..4 * CS as usize],
     );
     drop(c);

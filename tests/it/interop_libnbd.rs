@@ -5,7 +5,7 @@
 use std::fs;
 use std::process::Command;
 
-use crate::common::*;
+use crate::support::*;
 
 /// `nbdinfo --can X` / `--is X`: exit 0 means true, 2 means false, anything else is an
 /// error. Returns the answer.

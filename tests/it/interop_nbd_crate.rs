@@ -4,8 +4,10 @@
 
 use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
 
-use crate::common::*;
 use nbd::client::{NbdClient, NbdExt, handshake};
+
+use crate::support::client::Stream;
+use crate::support::*;
 
 fn connect(server: &Server, name: &str) -> (Stream, nbd::client::Export) {
     let mut s = server

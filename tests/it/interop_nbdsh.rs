@@ -6,7 +6,7 @@
 //! Each test runs a Python snippet with a fresh handle `h`; the snippet connects to
 //! `os.environ["URI"]` itself so that it can request meta contexts first.
 
-use crate::common::*;
+use crate::support::*;
 
 /// Python helpers shared by the snippets.
 const PY_HELPERS: &str = r#"
@@ -92,6 +92,14 @@ fn nbdsh_run_uri(server: &Server, uri: &str, script: &str) -> CmdOutput {
     )
 }
 
+/// Runs `script` on a fresh memory disk of `size` bytes reached over `t`, when nbdsh is
+/// installed.
+fn script_on_memory(t: Transport, size: u64, script: &str) {
+    if require_tool("nbdsh") {
+        nbdsh_run(&memory(size).listen(t).start(), script);
+    }
+}
+
 fn negotiation(t: Transport) {
     if !require_tool("nbdsh") {
         return;
@@ -161,14 +169,7 @@ assert h.pread(512, 0) == b"\x01" * 512
     );
 }
 
-fn block_status_base_allocation(t: Transport) {
-    if !require_tool("nbdsh") {
-        return;
-    }
-    let server = memory(16 * MIB).listen(t).start();
-    nbdsh_run(
-        &server,
-        r#"
+const BLOCK_STATUS_BASE_ALLOCATION: &str = r#"
 h.add_meta_context("base:allocation")
 h.connect_uri(os.environ["URI"])
 size = h.get_size()
@@ -194,18 +195,13 @@ assert h.pread(MiB, 0) == bytes(MiB)
 assert h.pread(MiB, MiB) == pat(1, MiB)
 assert h.pread(2 * MiB, 8 * MiB) == pat(2, 2 * MiB)
 assert h.pread(3 * MiB, MiB - 4096) == bytes(4096) + pat(1, MiB) + bytes(2 * MiB - 4096)
-"#,
-    );
+"#;
+
+fn block_status_base_allocation(t: Transport) {
+    script_on_memory(t, 16 * MIB, BLOCK_STATUS_BASE_ALLOCATION);
 }
 
-fn write_zeroes_flags(t: Transport) {
-    if !require_tool("nbdsh") {
-        return;
-    }
-    let server = memory(16 * MIB).listen(t).start();
-    nbdsh_run(
-        &server,
-        r#"
+const WRITE_ZEROES_FLAGS: &str = r#"
 h.add_meta_context("base:allocation")
 h.connect_uri(os.environ["URI"])
 assert h.can_zero(), "WRITE_ZEROES not advertised"
@@ -248,18 +244,13 @@ elif STRICT:
 h.pwrite(pat(20, MiB), 4 * MiB)
 h.zero(64 * KiB, 4 * MiB, nbd.CMD_FLAG_FUA | nbd.CMD_FLAG_NO_HOLE)
 assert h.pread(128 * KiB, 4 * MiB) == bytes(64 * KiB) + pat(20, MiB)[64 * KiB:128 * KiB]
-"#,
-    );
+"#;
+
+fn write_zeroes_flags(t: Transport) {
+    script_on_memory(t, 16 * MIB, WRITE_ZEROES_FLAGS);
 }
 
-fn trim_fua_flush_cache(t: Transport) {
-    if !require_tool("nbdsh") {
-        return;
-    }
-    let server = memory(16 * MIB).listen(t).start();
-    nbdsh_run(
-        &server,
-        r#"
+const TRIM_FUA_FLUSH_CACHE: &str = r#"
 h.connect_uri(os.environ["URI"])
 assert h.can_trim() and h.can_fua() and h.can_flush(), "trim/fua/flush not all advertised"
 data = pat(30, MiB)
@@ -285,18 +276,13 @@ if h.can_cache():
 elif STRICT:
     raise AssertionError("CACHE not advertised")
 assert h.pread(64 * KiB, 6 * MiB) == pat(32, 64 * KiB)
-"#,
-    );
+"#;
+
+fn trim_fua_flush_cache(t: Transport) {
+    script_on_memory(t, 16 * MIB, TRIM_FUA_FLUSH_CACHE);
 }
 
-fn pipelining(t: Transport) {
-    if !require_tool("nbdsh") {
-        return;
-    }
-    let server = memory(64 * MIB).listen(t).start();
-    nbdsh_run(
-        &server,
-        r#"
+const PIPELINING: &str = r#"
 h.connect_uri(os.environ["URI"])
 N = 64
 CH = 64 * KiB
@@ -341,18 +327,13 @@ cookies = [h.aio_pread(rb[k], 40 * MiB + k * 4 * MiB) for k in range(3)]
 wait_all(cookies)
 for k in range(3):
     assert bytes(rb[k].to_bytearray()) == big[k], "big read %d wrong" % k
-"#,
-    );
+"#;
+
+fn pipelining(t: Transport) {
+    script_on_memory(t, 64 * MIB, PIPELINING);
 }
 
-fn two_connections(t: Transport) {
-    if !require_tool("nbdsh") {
-        return;
-    }
-    let server = memory(8 * MIB).listen(t).start();
-    nbdsh_run(
-        &server,
-        r#"
+const TWO_CONNECTIONS: &str = r#"
 h.connect_uri(os.environ["URI"])
 h2 = nbd.NBD()
 h2.connect_uri(os.environ["URI"])
@@ -370,8 +351,10 @@ h.flush()
 assert h2.pread(MiB, MiB) == bytes(MiB)
 h2.shutdown()
 h.shutdown()
-"#,
-    );
+"#;
+
+fn two_connections(t: Transport) {
+    script_on_memory(t, 8 * MIB, TWO_CONNECTIONS);
 }
 
 fn read_only_rejects_writes(t: Transport) {
@@ -408,14 +391,7 @@ h.flush() if h.can_flush() else None
     );
 }
 
-fn out_of_range_requests_fail(t: Transport) {
-    if !require_tool("nbdsh") {
-        return;
-    }
-    let server = memory(MIB).listen(t).start();
-    nbdsh_run(
-        &server,
-        r#"
+const OUT_OF_RANGE_REQUESTS_FAIL: &str = r#"
 h.connect_uri(os.environ["URI"])
 h.set_strict_mode(0)
 size = h.get_size()
@@ -427,8 +403,10 @@ assert e.errnum in (errno.ENOSPC, errno.EINVAL), "write past end gave %s" % e
 assert h.pread(4096, size - 4096) == bytes(4096)
 h.pwrite(b"\x02" * 4096, size - 4096)
 assert h.pread(4096, size - 4096) == b"\x02" * 4096
-"#,
-    );
+"#;
+
+fn out_of_range_requests_fail(t: Transport) {
+    script_on_memory(t, MIB, OUT_OF_RANGE_REQUESTS_FAIL);
 }
 
 over_transports!(

@@ -3,12 +3,12 @@
 
 use std::fs;
 
-use crate::common::*;
+use crate::support::*;
 
 fn virtual_size(uri: &str) -> u64 {
     let out = run_ok(qemu_img().args(["info", "--output=json", "-f", "raw", uri]));
-    json_scalar(&out.stdout, "virtual-size")
-        .and_then(|v| v.parse().ok())
+    out.json()["virtual-size"]
+        .as_u64()
         .unwrap_or_else(|| panic!("no virtual-size in qemu-img info\n{}", out.report()))
 }
 

@@ -5,7 +5,7 @@
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::Instant;
 
-use crate::common::*;
+use crate::support::*;
 use nbd::client::{NbdClient, handshake};
 
 fn write_then_read_elsewhere(writer: &Endpoint, reader: &Endpoint, name: &str, seed: u64) {
@@ -38,19 +38,17 @@ fn default_export_names() {
         return;
     }
     let server = memory(MIB).start();
-    let out = nbdinfo(&["--list", &server.default_uri()]).assert_success();
-    assert!(out.stdout.contains("export=\"memory\""), "{}", out.report());
+    nbdinfo(&["--list", &server.default_uri()])
+        .assert_success()
+        .assert_stdout(&["export=\"memory\""]);
 
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("guest-disk.raw");
     std::fs::write(&disk, vec![0u8; 2 * MIB as usize]).unwrap();
     let server = file(&disk).start();
-    let out = nbdinfo(&["--list", &server.default_uri()]).assert_success();
-    assert!(
-        out.stdout.contains("export=\"guest-disk\""),
-        "{}",
-        out.report()
-    );
+    nbdinfo(&["--list", &server.default_uri()])
+        .assert_success()
+        .assert_stdout(&["export=\"guest-disk\""]);
     for uri in [server.endpoint().uri("guest-disk"), server.default_uri()] {
         let out = nbdinfo(&["--size", &uri]).assert_success();
         assert_eq!(out.stdout.trim(), (2 * MIB).to_string(), "{}", out.report());

@@ -2,7 +2,7 @@
 //! --map` and by `qemu-img map` (through `x-dirty-bitmap`), checked against the ranges
 //! written and against `strata diff`; a snapshot's point-in-time contents served
 //! read-only and checked with `qemu-img compare` and `nbdcopy`. Snapshots here are taken
-//! with `strata snapshot` between two runs of the server; tests/control_api.rs takes
+//! with `strata snapshot` between two runs of the server; control_api.rs takes
 //! them through a running server. Uses only options qemu 7.2 has (`scripts/test.sh`
 //! runs this file with qemu-img 7.2 as well).
 
@@ -11,8 +11,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use crate::common::*;
-use serde_json::Value;
+use crate::support::*;
 
 const CS: u64 = 64 * KIB;
 const SIZE: u64 = 16 * MIB;
@@ -94,7 +93,7 @@ fn qemu_dirty(server: &Server, export: &str, name: &str) -> Vec<(u64, u64)> {
 
 fn strata_dirty(dir: &Path, image: &str, name: &str) -> Vec<(u64, u64)> {
     let out = strata_at_ok(dir, &["diff", "--json", image, "--since", name]);
-    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    let v = out.json();
     assert_eq!(v["cluster_size"].as_u64(), Some(CS));
     let ranges: Vec<(u64, u64)> = v["ranges"]
         .as_array()
@@ -125,7 +124,7 @@ fn strata_dirty(dir: &Path, image: &str, name: &str) -> Vec<(u64, u64)> {
 fn contexts(uri: &str) -> Vec<String> {
     let out = nbdinfo(&["--json", uri]);
     assert!(out.success(), "{}", out.report());
-    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    let v = out.json();
     v["exports"][0]["contexts"]
         .as_array()
         .unwrap()

@@ -9,14 +9,15 @@
 
 use std::ffi::OsString;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::*;
+use crate::support::client::Client;
 use crate::support::spec::*;
-use crate::support::wire::Conn;
+use crate::support::wire::{OptReply, info_data, meta_data, opt};
+use crate::support::*;
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
@@ -229,20 +230,20 @@ fn qemu_img_info_tls(server: &Server, name: &str, pki: &Pki, creds: Creds) -> Cm
 }
 
 fn size_in_qemu_json(out: &CmdOutput) -> Option<u64> {
-    json_scalar(&out.stdout, "virtual-size").and_then(|s| s.parse().ok())
+    out.json()["virtual-size"].as_u64()
 }
 
 /// A raw connection that has read the greeting and sent fixed newstyle.
-fn greeted(server: &Server) -> Conn {
-    let mut c = Conn::connect(tcp_addr(server));
-    c.greet(1);
+fn greeted(server: &Server) -> Client {
+    let mut c = Client::tcp(tcp_addr(server)).unwrap();
+    c.greet(C_FIXED).unwrap();
     c
 }
 
 /// Reads until the server closes the connection; returns what it sent first.
-fn read_to_close(c: &mut Conn) -> Vec<u8> {
+fn read_to_close(c: &mut Client) -> Vec<u8> {
     let mut rest = Vec::new();
-    match c.s.read_to_end(&mut rest) {
+    match c.stream.read_to_end(&mut rest) {
         Ok(_) => rest,
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => rest,
         Err(e) => panic!("expected the server to close the connection: {e}"),
@@ -251,13 +252,8 @@ fn read_to_close(c: &mut Conn) -> Vec<u8> {
 
 /// The bytes of an option reply, built from the specification's layout.
 fn reply_bytes(option: u32, ty: u32, data: &[u8]) -> Vec<u8> {
-    let mut b = Vec::new();
-    b.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
-    b.extend_from_slice(&option.to_be_bytes());
-    b.extend_from_slice(&ty.to_be_bytes());
-    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    b.extend_from_slice(data);
-    b
+    let data = data.to_vec();
+    OptReply { option, ty, data }.to_wire()
 }
 
 #[track_caller]
@@ -269,7 +265,7 @@ fn assert_log_contains(server: &Server, what: &str) {
 /// `strata serve` with `args` must fail at start-up with a message containing `what`.
 #[track_caller]
 fn assert_serve_fails(args: &[OsString], what: &str) {
-    let out = run(Command::new(env!("CARGO_BIN_EXE_strata"))
+    let out = run(strata()
         .arg("serve")
         .args(["--listen", "127.0.0.1:0"])
         .args(args)
@@ -295,13 +291,9 @@ fn optional_tls_serves_tls_and_plaintext_clients() {
     let pki = Pki::new();
     let server = memory(4 * MIB).args(pki.server_args()).start();
 
-    let out = nbdinfo(&[&nbds_uri(&server, "memory", &pki, Creds::Anonymous)]).assert_success();
-    assert!(out.stdout.contains("with TLS"), "{}", out.report());
-    assert!(
-        out.stdout.contains(&format!("export-size: {}", 4 * MIB)),
-        "{}",
-        out.report()
-    );
+    nbdinfo(&[&nbds_uri(&server, "memory", &pki, Creds::Anonymous)])
+        .assert_success()
+        .assert_stdout(&["with TLS", &format!("export-size: {}", 4 * MIB)]);
     let out = nbdinfo(&[&server.uri()]).assert_success();
     assert!(!out.stdout.contains("with TLS"), "{}", out.report());
 
@@ -333,33 +325,36 @@ fn require_tls_tells_plaintext_clients_nothing() {
         (OPT_LIST, vec![]),
         (
             OPT_INFO,
-            Conn::info_payload("memory", &[INFO_NAME, INFO_DESCRIPTION]),
+            info_data("memory", &[INFO_NAME, INFO_DESCRIPTION]),
         ),
-        (OPT_GO, Conn::info_payload("", &[])),
+        (OPT_GO, info_data("", &[])),
         (OPT_STRUCTURED_REPLY, vec![]),
-        (OPT_LIST_META_CONTEXT, Conn::meta_payload("memory", &[])),
+        (OPT_LIST_META_CONTEXT, meta_data("memory", &[])),
         (0x4242, vec![]),
     ] {
-        c.send_opt(option, &data);
+        c.send(&opt(option, &data)).unwrap();
         let want = refusal(option);
-        let got = c.bytes(want.len());
+        let got = c.read_exact(want.len()).unwrap();
         assert_eq!(got, want, "reply to option {option:#x}");
     }
     // Nothing was queued behind those refusals: the next reply is ABORT's.
-    c.send_opt(OPT_ABORT, &[]);
-    assert_eq!(c.bytes(20), reply_bytes(OPT_ABORT, REP_ACK, &[]));
+    c.send(&opt(OPT_ABORT, &[])).unwrap();
+    assert_eq!(
+        c.read_exact(20).unwrap(),
+        reply_bytes(OPT_ABORT, REP_ACK, &[])
+    );
     assert!(read_to_close(&mut c).is_empty());
 
     let mut c = greeted(&server);
-    c.send_opt(OPT_EXPORT_NAME, b"memory");
+    c.send(&opt(OPT_EXPORT_NAME, b"memory")).unwrap();
     assert!(
         read_to_close(&mut c).is_empty(),
         "EXPORT_NAME must end the session"
     );
 
-    let mut c = Conn::connect(tcp_addr(&server));
-    c.greet(0);
-    c.send_opt(OPT_EXPORT_NAME, b"memory");
+    let mut c = Client::tcp(tcp_addr(&server)).unwrap();
+    c.greet(0).unwrap();
+    c.send(&opt(OPT_EXPORT_NAME, b"memory")).unwrap();
     assert!(
         read_to_close(&mut c).is_empty(),
         "no fixed newstyle, no TLS"
@@ -376,13 +371,8 @@ fn starttls_with_bytes_behind_it_ends_the_session() {
     let pki = Pki::new();
     let server = memory(MIB).args(pki.server_args()).start();
     let mut c = greeted(&server);
-    let mut m = Vec::new();
-    for option in [OPT_STARTTLS, OPT_LIST] {
-        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        m.extend_from_slice(&option.to_be_bytes());
-        m.extend_from_slice(&0u32.to_be_bytes());
-    }
-    c.s.write_all(&m).unwrap();
+    c.send(&[opt(OPT_STARTTLS, &[]), opt(OPT_LIST, &[])].concat())
+        .unwrap();
     let sent = read_to_close(&mut c);
     // Whether the server saw the LIST at once (and closes without a reply) or only once
     // it expected a TLS ClientHello (which the LIST is not), no LIST reply ever comes.
@@ -419,8 +409,9 @@ fn require_tls_with_real_clients() {
         out.report()
     );
 
-    let out = nbdinfo(&["--list", &nbds_uri(&server, "", &pki, Creds::Anonymous)]).assert_success();
-    assert!(out.stdout.contains("export=\"memory\""), "{}", out.report());
+    nbdinfo(&["--list", &nbds_uri(&server, "", &pki, Creds::Anonymous)])
+        .assert_success()
+        .assert_stdout(&["export=\"memory\""]);
 
     // nbdcopy in, nbdcopy out.
     let scratch = server.scratch();
@@ -487,9 +478,9 @@ fn tls_off_refuses_starttls() {
     }
     let server = memory(MIB).start();
     let mut c = greeted(&server);
-    let r = c.opt(OPT_STARTTLS, &[]);
+    let r = c.opt(OPT_STARTTLS, &[]).unwrap();
     assert_eq!((r.len(), r[0].ty), (1, REP_ERR_UNSUP));
-    c.go("memory", &[]);
+    c.go("memory", &[]).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -549,19 +540,19 @@ fn access_by_network() {
     assert!(!out.success(), "{}", out.report());
 
     let mut c = greeted(&server);
-    let r = c.opt(OPT_LIST, &[]);
+    let r = c.opt(OPT_LIST, &[]).unwrap();
     assert_eq!((r.len(), r[0].ty), (1, REP_ACK), "an empty listing");
     for name in ["memory", ""] {
-        let r = c.opt(OPT_GO, &Conn::info_payload(name, &[]));
+        let r = c.opt(OPT_GO, &info_data(name, &[])).unwrap();
         assert_eq!((r.len(), r[0].ty), (1, REP_ERR_UNKNOWN), "GO {name:?}");
-        let r = c.opt(OPT_INFO, &Conn::info_payload(name, &[]));
+        let r = c.opt(OPT_INFO, &info_data(name, &[])).unwrap();
         assert_eq!((r.len(), r[0].ty), (1, REP_ERR_UNKNOWN), "INFO {name:?}");
     }
     // Refused exactly as a name that does not exist.
-    let unknown = c.opt(OPT_GO, &Conn::info_payload("no-such-disk", &[]));
+    let unknown = c.opt(OPT_GO, &info_data("no-such-disk", &[])).unwrap();
     assert_eq!(unknown[0].ty, REP_ERR_UNKNOWN);
     let mut c = greeted(&server);
-    c.send_opt(OPT_EXPORT_NAME, b"memory");
+    c.send(&opt(OPT_EXPORT_NAME, b"memory")).unwrap();
     assert!(read_to_close(&mut c).is_empty());
 }
 

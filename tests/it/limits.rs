@@ -12,15 +12,12 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::common::control::http;
-use crate::common::*;
-use crate::support::raw::{Mode, Raw};
+use crate::support::client::{Client, SIMPLE, STRUCTURED};
+use crate::support::control::http;
 use crate::support::spec::*;
+use crate::support::wire::request;
+use crate::support::*;
 
-const STRUCTURED: Mode = Mode {
-    structured: true,
-    extended: false,
-};
 /// Upper bound on waits for the server to act (close a connection, update a gauge).
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -298,16 +295,16 @@ fn metrics_are_prometheus_text_and_follow_real_io() {
         0.0
     );
 
-    let mut c = Raw::new(server.endpoint().connect().unwrap());
+    let mut c = Client::connect(server.endpoint()).unwrap();
     c.handshake("vm\"1", STRUCTURED).unwrap();
     for i in 0..10u64 {
         c.write(0, i * 4096, &[i as u8; 4096]).unwrap().unwrap();
     }
     for i in 0..5u64 {
-        c.read(i * 8192, 8192).unwrap().unwrap();
+        c.read(0, i * 8192, 8192).unwrap().unwrap();
     }
     c.flush().unwrap().unwrap();
-    let refused = c.command(0, 99, 0, 0).unwrap();
+    let refused = c.outcome(0, 99, 0, 0, &[]).unwrap();
     assert!(refused.is_err());
     let past_end = c.write(0, 16 * MIB, &[0; 512]).unwrap();
     assert!(past_end.is_err());
@@ -373,10 +370,10 @@ fn metrics_are_prometheus_text_and_follow_real_io() {
     );
 
     // A failed handshake is counted.
-    let mut bad = Raw::new(server.endpoint().connect().unwrap());
+    let mut bad = Client::connect(server.endpoint()).unwrap();
     bad.greeting().unwrap();
     bad.send(&0xffff_fff0u32.to_be_bytes()).unwrap();
-    assert!(bad.closed_by_server(WAIT));
+    assert!(bad.stream.closed_by_server(WAIT));
     let through_control = scrape_unix(&control, "/v1/metrics");
     assert_eq!(
         value(
@@ -449,9 +446,9 @@ fn socket2_connect(local: SocketAddr, to: SocketAddr) -> io::Result<TcpStream> {
 
 /// A handshake from `source`: Ok if the server served it, Err if it closed the
 /// connection first.
-fn try_client(source: &str, to: SocketAddr) -> io::Result<Raw<TcpStream>> {
-    let mut c = Raw::new(tcp_from(source, to)?);
-    c.handshake("", Mode::default())?;
+fn try_client(source: &str, to: SocketAddr) -> io::Result<Client> {
+    let mut c = Client::new(tcp_from(source, to)?);
+    c.handshake_bare("", SIMPLE)?;
     Ok(c)
 }
 
@@ -526,29 +523,32 @@ fn idle_timeout_ends_idle_and_stalled_clients_only() {
         ])
         .start();
     let connect = || {
-        let mut c = Raw::new(server.endpoint().connect().unwrap());
-        c.handshake("", STRUCTURED).unwrap();
+        let mut c = Client::connect(server.endpoint()).unwrap();
+        c.handshake_bare("", STRUCTURED).unwrap();
         c
     };
     let mut idle = connect();
     // Stalled in the middle of a write's payload: a transmission-phase slowloris.
     let mut stalled = connect();
-    let mut m = crate::support::raw::request_bytes(false, 0, CMD_WRITE, 1, 0, MIB);
+    let mut m = request(false, 0, CMD_WRITE, 1, 0, MIB);
     m.extend_from_slice(&[0; 1000]);
     stalled.send(&m).unwrap();
     // Busy: a request every 100 ms, for 3 s, three times the timeout.
     let mut busy = connect();
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(3) {
-        busy.read(0, 4096).unwrap().unwrap();
+        busy.read(0, 0, 4096).unwrap().unwrap();
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(idle.closed_by_server(WAIT), "an idle client was kept");
     assert!(
-        stalled.closed_by_server(WAIT),
+        idle.stream.closed_by_server(WAIT),
+        "an idle client was kept"
+    );
+    assert!(
+        stalled.stream.closed_by_server(WAIT),
         "a client stalled mid-payload was kept"
     );
-    busy.read(0, 4096)
+    busy.read(0, 0, 4096)
         .expect("a busy client was disconnected")
         .unwrap();
     let m = scrape_unix(&metrics, "/metrics");
@@ -588,8 +588,8 @@ fn the_total_in_flight_budget_bounds_all_connections_together() {
         ])
         .start();
     // Fill the disk, so reads allocate their data.
-    let mut writer = Raw::new(server.endpoint().connect().unwrap());
-    writer.handshake("", Mode::default()).unwrap();
+    let mut writer = Client::connect(server.endpoint()).unwrap();
+    writer.handshake_bare("", SIMPLE).unwrap();
     for i in 0..64u64 {
         writer
             .write(0, i * 4 * MIB, &pattern(i, 4 * MIB as usize))
@@ -600,8 +600,8 @@ fn the_total_in_flight_budget_bounds_all_connections_together() {
     // Four clients each ask for 64 MiB of reads (256 MiB in all) and read nothing.
     let mut hogs = Vec::new();
     for h in 0..4u64 {
-        let mut c = Raw::new(server.endpoint().connect().unwrap());
-        c.handshake("", Mode::default()).unwrap();
+        let mut c = Client::connect(server.endpoint()).unwrap();
+        c.handshake_bare("", SIMPLE).unwrap();
         for i in 0..16u64 {
             c.request(0, CMD_READ, ((h * 16 + i) % 64) * 4 * MIB, 4 * MIB, &[])
                 .unwrap();
@@ -646,7 +646,7 @@ fn the_total_in_flight_budget_bounds_all_connections_together() {
             assert_eq!(r.error(), None, "hog {h} read {i}");
         }
     }
-    writer.read(0, 4096).unwrap().unwrap();
+    writer.read(0, 0, 4096).unwrap().unwrap();
     let deadline = Instant::now() + WAIT;
     drop(hogs);
     loop {

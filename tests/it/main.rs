@@ -1,9 +1,6 @@
 //! Strata's integration tests, in one test binary: each module was once a test target of
 //! its own, and they share the helpers under `support`.
 
-mod codec_support;
-#[macro_use]
-mod common;
 mod support;
 
 mod backend_conformance;

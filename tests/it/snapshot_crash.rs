@@ -6,12 +6,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::ExitStatus;
 
 use bytes::Bytes;
 use strata::backend::Backend;
 use strata::image::{self, snapshot};
 use strata::server::volume::Volume;
+
+use crate::support::{new_image, run, run_ok, runtime, strata, strata_at};
 
 const CLUSTER: u64 = 4096;
 const SIZE: u64 = 64 * CLUSTER;
@@ -24,7 +26,7 @@ struct State {
 }
 
 fn read_state(path: &Path) -> State {
-    crate::common::runtime().block_on(async {
+    runtime().block_on(async {
         let v = Volume::open(path, false).expect("the volume opens");
         let live = v.backend().read(0, SIZE as usize).await.unwrap().to_vec();
         let mut snapshots = BTreeMap::new();
@@ -44,8 +46,8 @@ fn read_state(path: &Path) -> State {
 /// clusters overwritten in later layers, some trimmed), and live writes on top.
 fn setup(dir: &Path) -> PathBuf {
     let path = dir.join("disk.strata");
-    crate::common::new_image(&path, SIZE, CLUSTER);
-    crate::common::runtime().block_on(async {
+    new_image(&path, SIZE, CLUSTER);
+    runtime().block_on(async {
         let v = Volume::open(&path, false).unwrap();
         let b = v.backend();
         for (layer, byte) in [(0u64, 0x11u8), (1, 0x22), (2, 0x33), (3, 0x44)] {
@@ -68,16 +70,10 @@ fn setup(dir: &Path) -> PathBuf {
     path
 }
 
-/// Runs `strata ARGS` in `dir` (with paths relative to it, as users type them).
-fn strata(dir: &Path, args: &[&str], failpoint: &str) -> std::process::ExitStatus {
-    Command::new(env!("CARGO_BIN_EXE_strata"))
-        .current_dir(dir)
-        .args(args)
-        .env("STRATA_FAILPOINT", failpoint)
-        .stderr(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap()
+/// Runs `strata ARGS` in `dir` (with paths relative to it, as users type them), to stop
+/// at `failpoint`.
+fn strata_stopping_at(dir: &Path, args: &[&str], failpoint: &str) -> ExitStatus {
+    run(strata_at(dir, args).env("STRATA_FAILPOINT", failpoint)).status
 }
 
 fn stray_files(path: &Path, state: &State) -> Vec<String> {
@@ -96,17 +92,7 @@ fn stray_files(path: &Path, state: &State) -> Vec<String> {
 }
 
 fn check_clean(path: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(["check", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "strata check {}: {}{}",
-        path.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(strata().args(["check", path.to_str().unwrap()]));
 }
 
 /// Runs `args` on a fresh setup, stopping at `failpoint`, and checks what a reopen finds.
@@ -128,7 +114,7 @@ fn crash_at(failpoint: &str, args: &[&str], after: impl Fn(&State) -> State, don
     let mut cmd_args: Vec<&str> = args[..2].to_vec();
     cmd_args.push("disk.strata");
     cmd_args.extend_from_slice(&args[2..]);
-    let status = strata(dir.path(), &cmd_args, failpoint);
+    let status = strata_stopping_at(dir.path(), &cmd_args, failpoint);
     assert!(
         !status.success(),
         "{failpoint}: the process should have stopped there ({status})"
@@ -156,7 +142,7 @@ fn crash_at(failpoint: &str, args: &[&str], after: impl Fn(&State) -> State, don
     }
     // The volume works on: an operation that did not happen can be done now (one that
     // did is refused or changes nothing), and then the new state is there.
-    let status = strata(dir.path(), &cmd_args, "");
+    let status = strata_stopping_at(dir.path(), &cmd_args, "");
     assert!(
         status.success() || done,
         "{failpoint}: redoing the operation after recovery failed ({status})"
@@ -278,7 +264,7 @@ fn every_failpoint_is_covered() {
 fn writes_just_before_the_switch_are_durable_after_the_next_flush() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.strata");
-    crate::common::new_image(&path, SIZE, CLUSTER);
+    new_image(&path, SIZE, CLUSTER);
     {
         let chain = std::sync::Arc::new(image::open(&path, true).unwrap());
         chain.write(0, &[1; 4096], false).unwrap();

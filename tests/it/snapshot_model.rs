@@ -133,8 +133,8 @@ fn run_case(dir: &Path, ops: &[Op]) -> Result<(), TestCaseError> {
     let path: PathBuf = dir.join("disk.strata");
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
-    crate::common::new_image(&path, SIZE, CLUSTER);
-    let rt = crate::common::runtime();
+    crate::support::new_image(&path, SIZE, CLUSTER);
+    let rt = crate::support::runtime();
     rt.block_on(async {
         let mut volume = Volume::open(&path, false).unwrap();
         let mut model = Model {
@@ -267,7 +267,7 @@ fn run_case(dir: &Path, ops: &[Op]) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(crate::common::proptest_cases(48))]
+    #![proptest_config(crate::support::proptest_cases(48))]
 
     #[test]
     fn volumes_match_the_model(ops in proptest::collection::vec(op(), 1..40)) {
@@ -278,7 +278,7 @@ proptest! {
     /// The same on a filesystem in memory, where reads are zero-copy slices of mappings.
     #[test]
     fn volumes_in_memory_match_the_model(ops in proptest::collection::vec(op(), 1..40)) {
-        let Some(base) = crate::common::memory_dir() else {
+        let Some(base) = crate::support::memory_dir() else {
             return Ok(());
         };
         let dir = tempfile::tempdir_in(base).unwrap();

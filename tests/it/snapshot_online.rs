@@ -12,20 +12,18 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::common::control::{Response, Running};
-use crate::support::spec::*;
-use crate::support::wire::Conn;
 use serde_json::{Value, json};
+
+use crate::support::client::Client;
+use crate::support::control::{Response, Running};
+use crate::support::spec::*;
+use crate::support::{run_ok, strata};
 
 const BLOCK: u64 = 4096;
 
-fn strata() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_strata"))
-}
-
 fn image(dir: &Path, size: &str, cluster: &str) -> std::path::PathBuf {
     let path = dir.join("disk.strata");
-    crate::common::run_ok(
+    run_ok(
         strata()
             .args(["create", "--size", size, "--cluster-size", cluster])
             .arg(&path),
@@ -33,15 +31,10 @@ fn image(dir: &Path, size: &str, cluster: &str) -> std::path::PathBuf {
     path
 }
 
-fn conn(server: &Running, export: &str) -> Conn {
-    let mut c = Conn::connect(server.nbd);
-    c.handshake(export, true, false);
-    c
-}
-
-fn write(c: &mut Conn, offset: u64, data: &[u8]) {
+fn write(c: &mut Client, offset: u64, data: &[u8]) {
     assert_eq!(
-        c.command(FLAG_FUA, CMD_WRITE, offset, data.len() as u64, data),
+        c.command(FLAG_FUA, CMD_WRITE, offset, data.len() as u64, data)
+            .unwrap(),
         0
     );
 }
@@ -77,7 +70,7 @@ fn snapshots_are_taken_listed_served_and_deleted_while_clients_write() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), "8M", "64K");
     let server = Running::serve(&[img.as_os_str()]);
-    let mut c = conn(&server, "disk");
+    let mut c = server.connect("disk");
     write(&mut c, 0, &[0xaa; 65536]);
 
     let taken = snapshot(&server, "disk", "first");
@@ -127,16 +120,16 @@ fn snapshots_are_taken_listed_served_and_deleted_while_clients_write() {
     );
     assert_eq!(served["name"], "disk@first");
     assert_eq!(served["read_only"], true, "{served}");
-    let mut old = conn(&server, "disk@first");
-    assert_eq!(old.read(0, 0, 65536).unwrap(), vec![0xaa; 65536]);
-    assert_eq!(old.read(0, 1 << 20, 4096).unwrap(), vec![0; 4096]);
+    let mut old = server.connect("disk@first");
+    assert_eq!(old.read(0, 0, 65536).unwrap().unwrap(), vec![0xaa; 65536]);
+    assert_eq!(old.read(0, 1 << 20, 4096).unwrap().unwrap(), vec![0; 4096]);
     assert_ne!(
-        old.command(0, CMD_WRITE, 0, 512, &[1; 512]),
+        old.command(0, CMD_WRITE, 0, 512, &[1; 512]).unwrap(),
         0,
         "snapshot writable"
     );
-    let mut live = conn(&server, "disk");
-    assert_eq!(live.read(0, 0, 65536).unwrap(), vec![0xbb; 65536]);
+    let mut live = server.connect("disk");
+    assert_eq!(live.read(0, 0, 65536).unwrap().unwrap(), vec![0xbb; 65536]);
 
     // Dirty ranges since first: cluster 0, the 1 MiB cluster and the 2 MiB cluster.
     let dirty = ok(&server.get("/v1/exports/disk/dirty?since=first"), 200);
@@ -168,8 +161,11 @@ fn snapshots_are_taken_listed_served_and_deleted_while_clients_write() {
     let list = ok(&server.get("/v1/exports/disk/snapshots"), 200)["snapshots"].clone();
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     // Nothing the clients see changed.
-    assert_eq!(live.read(0, 0, 65536).unwrap(), vec![0xbb; 65536]);
-    assert_eq!(live.read(0, 1 << 20, 4096).unwrap(), vec![0xcc; 4096]);
+    assert_eq!(live.read(0, 0, 65536).unwrap().unwrap(), vec![0xbb; 65536]);
+    assert_eq!(
+        live.read(0, 1 << 20, 4096).unwrap().unwrap(),
+        vec![0xcc; 4096]
+    );
     assert!(!dir.path().join("disk.strata@first").exists());
 }
 
@@ -178,7 +174,7 @@ fn rollback_respects_connected_clients_and_newer_snapshots() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), "4M", "64K");
     let server = Running::serve(&[img.as_os_str()]);
-    let mut c = conn(&server, "disk");
+    let mut c = server.connect("disk");
     write(&mut c, 0, &[1; 4096]);
     snapshot(&server, "disk", "one");
     write(&mut c, 0, &[2; 4096]);
@@ -194,15 +190,15 @@ fn rollback_respects_connected_clients_and_newer_snapshots() {
     assert!(r.error().contains("two"), "{}", r.error());
     // Forced, the connected client sees the rolled-back disk.
     ok(&rollback(json!({"snapshot": "two", "force": true})), 200);
-    assert_eq!(c.read(0, 0, 4096).unwrap(), vec![2; 4096]);
+    assert_eq!(c.read(0, 0, 4096).unwrap().unwrap(), vec![2; 4096]);
     drop(c);
     server.wait_connections("disk", 0);
     ok(
         &rollback(json!({"snapshot": "one", "destroy_newer": true})),
         200,
     );
-    let mut c = conn(&server, "disk");
-    assert_eq!(c.read(0, 0, 4096).unwrap(), vec![1; 4096]);
+    let mut c = server.connect("disk");
+    assert_eq!(c.read(0, 0, 4096).unwrap().unwrap(), vec![1; 4096]);
     let list = ok(&server.get("/v1/exports/disk/snapshots"), 200)["snapshots"].clone();
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     assert!(!dir.path().join("disk.strata@two").exists());
@@ -239,14 +235,14 @@ fn ctl_snapshot_commands() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), "4M", "64K");
     let server = Running::serve(&[img.as_os_str()]);
-    let mut c = conn(&server, "disk");
+    let mut c = server.connect("disk");
     let out = server.ctl(&["snapshot", "disk", "mon"]);
     assert!(out.success(), "{}", out.report());
     assert!(out.stdout.contains("mon"), "{}", out.report());
     write(&mut c, 65536, &[7; 100]);
     let out = server.ctl(&["--json", "dirty", "disk", "--since", "mon"]);
     assert!(out.success(), "{}", out.report());
-    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    let v = out.json();
     assert_eq!(v["ranges"][0]["offset"], 65536, "{v}");
     let out = server.ctl(&["snapshots", "disk"]);
     assert!(
@@ -256,8 +252,8 @@ fn ctl_snapshot_commands() {
     );
     let out = server.ctl(&["serve-snapshot", "disk", "mon", "--as", "monday"]);
     assert!(out.success(), "{}", out.report());
-    let mut m = conn(&server, "monday");
-    assert_eq!(m.read(0, 65536, 100).unwrap(), vec![0; 100]);
+    let mut m = server.connect("monday");
+    assert_eq!(m.read(0, 65536, 100).unwrap().unwrap(), vec![0; 100]);
     drop(m);
     let out = server.ctl(&["delete-snapshot", "disk", "mon"]);
     assert!(!out.success(), "deleted while served: {}", out.report());
@@ -306,7 +302,7 @@ struct Window {
 
 #[test]
 fn snapshots_under_a_write_load_hold_exactly_the_writes_before_them() {
-    if !crate::common::require_tool("fio") {
+    if !crate::support::require_tool("fio") {
         return;
     }
     const THREADS: u64 = 4;
@@ -322,7 +318,7 @@ fn snapshots_under_a_write_load_hold_exactly_the_writes_before_them() {
         .map(|k| {
             let (server, stop, start) = (server.clone(), stop.clone(), start.clone());
             thread::spawn(move || {
-                let mut c = conn(&server, "disk");
+                let mut c = server.connect("disk");
                 let mut log = Vec::new();
                 let mut seq = 0u64;
                 let mut x = k * 7919 + 1;
@@ -336,7 +332,9 @@ fn snapshots_under_a_write_load_hold_exactly_the_writes_before_them() {
                     let stamp = (k << 48) | seq;
                     let sent = Instant::now();
                     let flags = if seq % 64 == 0 { FLAG_FUA } else { 0 };
-                    let errno = c.command(flags, CMD_WRITE, block * BLOCK, BLOCK, &stamped(stamp));
+                    let errno = c
+                        .command(flags, CMD_WRITE, block * BLOCK, BLOCK, &stamped(stamp))
+                        .unwrap();
                     assert_eq!(errno, 0);
                     log.push(Sent {
                         block,
@@ -419,11 +417,12 @@ fn snapshots_under_a_write_load_hold_exactly_the_writes_before_them() {
             as isize
     };
     let read_all = |export: &str| -> Vec<u64> {
-        let mut c = conn(&server, export);
+        let mut c = server.connect(export);
         let mut out = Vec::new();
         for chunk in 0..BLOCKS / 256 {
             let data = c
                 .read(0, chunk * 256 * BLOCK, (256 * BLOCK) as usize)
+                .unwrap()
                 .unwrap();
             out.extend(data.chunks(BLOCK as usize).map(stamp_of));
         }
@@ -513,7 +512,7 @@ fn killed_at(failpoint: &str, op: &str, done: bool) {
     // Three snapshots with data of their own, and live data.
     {
         let server = Running::serve(&[img.as_os_str()]);
-        let mut c = conn(&server, "disk");
+        let mut c = server.connect("disk");
         for (i, name) in ["a", "b", "c"].iter().enumerate() {
             write(&mut c, i as u64 * 65536, &[i as u8 + 1; 65536]);
             write(&mut c, 3 * 65536, &[0x10 + i as u8; 4096]);
@@ -523,7 +522,7 @@ fn killed_at(failpoint: &str, op: &str, done: bool) {
     }
     let server = Running::serve_env(&[img.as_os_str()], &[("STRATA_FAILPOINT", failpoint)]);
     // A client is connected when the server dies.
-    let c = conn(&server, "disk");
+    let c = server.connect("disk");
     let (method, path, body) = match op {
         "snapshot" => (
             "POST",
@@ -559,8 +558,8 @@ fn killed_at(failpoint: &str, op: &str, done: bool) {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    let mut c = conn(&server, "disk");
-    let live = c.read(0, 3 * 65536, 4096).unwrap();
+    let mut c = server.connect("disk");
+    let live = c.read(0, 3 * 65536, 4096).unwrap().unwrap();
     let expect_names: &[&str] = match (op, done) {
         ("snapshot", false) | ("delete", false) | ("rollback", false) => &["c", "b", "a"],
         ("snapshot", true) => &["d", "c", "b", "a"],
@@ -584,16 +583,16 @@ fn killed_at(failpoint: &str, op: &str, done: bool) {
             ),
             201,
         );
-        let mut s = conn(&server, &format!("disk@{name}"));
+        let mut s = server.connect(&format!("disk@{name}"));
         assert_eq!(
-            s.read(0, 3 * 65536, 4096).unwrap(),
+            s.read(0, 3 * 65536, 4096).unwrap().unwrap(),
             vec![0x10 + i as u8; 4096],
             "{failpoint}: snapshot {name}"
         );
         for j in 0..3u8 {
             let expect = if usize::from(j) <= i { j + 1 } else { 0 };
             assert_eq!(
-                s.read(0, u64::from(j) * 65536, 512).unwrap(),
+                s.read(0, u64::from(j) * 65536, 512).unwrap().unwrap(),
                 vec![expect; 512],
                 "{failpoint}: snapshot {name} cluster {j}"
             );

@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::common::*;
-use crate::support::raw::{Mode, Raw};
+use crate::support::client::{Client, STRUCTURED};
 use crate::support::spec::*;
+use crate::support::*;
 
 const DISK: u64 = 64 * MIB;
 const REGION: u64 = 16 * MIB;
@@ -66,21 +66,12 @@ impl BlockState {
     }
 }
 
-fn connect(current: &Current, stop: &AtomicBool) -> Option<Raw<Stream>> {
+fn connect(current: &Current, stop: &AtomicBool) -> Option<Client> {
     let give_up = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(ep) = current.lock().unwrap().clone() {
-            if let Ok(s) = ep.connect() {
-                let mut c = Raw::new(s);
-                if c.handshake(
-                    "",
-                    Mode {
-                        structured: true,
-                        extended: false,
-                    },
-                )
-                .is_ok()
-                {
+            if let Ok(mut c) = Client::connect(&ep) {
+                if c.handshake_bare("", STRUCTURED).is_ok() {
                     return Some(c);
                 }
             }
@@ -172,14 +163,14 @@ fn writer(
 
 /// After a restart: every block holds its durable value or one written since; then a
 /// flush makes what is there the new durable value.
-fn check_region(conn: &mut Raw<Stream>, base: u64, state: &mut [BlockState], figures: &Figures) {
+fn check_region(conn: &mut Client, base: u64, state: &mut [BlockState], figures: &Figures) {
     let mut found = Vec::with_capacity(state.len());
     for (b, s) in state.iter().enumerate() {
         if s.durable.is_none() && s.since.is_empty() {
             found.push(None);
             continue;
         }
-        let Ok(Ok(data)) = conn.read(base + (b * BLOCK) as u64, BLOCK) else {
+        let Ok(Ok(data)) = conn.read(0, base + (b * BLOCK) as u64, BLOCK) else {
             // Killed again while checking: the next reconnect checks again.
             return;
         };
@@ -242,12 +233,7 @@ fn soak_with_kills_loses_nothing_acknowledged() {
         .unwrap_or(20);
     let dir = tempfile::tempdir().unwrap();
     let image: PathBuf = dir.path().join("soak.strata");
-    run_ok(Command::new(env!("CARGO_BIN_EXE_strata")).args([
-        "create",
-        "-s",
-        &DISK.to_string(),
-        image.to_str().unwrap(),
-    ]));
+    run_ok(strata().args(["create", "-s", &DISK.to_string(), image.to_str().unwrap()]));
     let start = |image: &Path| file(image).listen(Transport::Unix).start();
     let mut server = start(&image);
     let current: Current = Arc::new(Mutex::new(Some(server.endpoint().clone())));
@@ -326,8 +312,7 @@ fn soak_with_kills_loses_nothing_acknowledged() {
     for log in &logs {
         assert!(!log.contains("panicked"), "the server panicked:\n{log}");
     }
-    let check =
-        run(Command::new(env!("CARGO_BIN_EXE_strata")).args(["check", image.to_str().unwrap()]));
+    let check = run(strata().args(["check", image.to_str().unwrap()]));
     let f = &figures;
     let (fio_ok, fio_killed) = *fio_runs.lock().unwrap();
     eprintln!(

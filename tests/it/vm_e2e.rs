@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{is_ci, run_timeout};
+use crate::support::{is_ci, run_timeout, strata};
 
 const MIB: u64 = 1 << 20;
 /// The guest writes its marker here (sector 2048) and its tick counter at 2 MiB.
@@ -26,10 +26,6 @@ const GOLDEN: &[u8] = b"GOLDEN-IMAGE-0001";
 /// A boot of the test guest to its first output takes a few seconds under TCG;
 /// everything waits at most this long for the guest.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn strata() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_strata"))
-}
 
 // ---------------------------------------------------------------------------------------
 // The guest: a Debian kernel and a busybox initramfs made here
@@ -261,7 +257,7 @@ fn build_guest(dir: &Path) -> Option<Guest> {
         eprintln!("VM boots deferred: scripts/test.sh runs them in its vm-e2e step");
         return None;
     }
-    if !crate::common::require_tool("qemu-system-x86_64") {
+    if !crate::support::require_tool("qemu-system-x86_64") {
         return None;
     }
     let Some((kernel, modules_dir)) = find_kernel() else {
@@ -484,7 +480,7 @@ impl Vm {
         Launcher::spawn(c, self.root.join(log))
     }
 
-    fn ctl(&self, args: &[&str]) -> crate::common::CmdOutput {
+    fn ctl(&self, args: &[&str]) -> crate::support::CmdOutput {
         run_timeout(self.cmd().args(args), Duration::from_secs(120))
     }
 }
@@ -898,7 +894,7 @@ fn serve_discard_and_a_vanishing_server() {
     write_marker(&image, dir.path());
     let nbd = dir.path().join("remote.sock");
     let control = dir.path().join("remote-control.sock");
-    let mut server = Command::new(env!("CARGO_BIN_EXE_strata"));
+    let mut server = strata();
     server
         .arg("serve")
         .arg("--listen")
@@ -985,7 +981,7 @@ fn remote_console(vm: &Vm) -> String {
 /// marker goes in with the NBD crate's client instead.
 fn write_marker(image: &Path, dir: &Path) {
     let sock = dir.join("marker.sock");
-    let mut server = Command::new(env!("CARGO_BIN_EXE_strata"));
+    let mut server = strata();
     server
         .arg("serve")
         .arg("--listen")
@@ -1028,7 +1024,7 @@ fn vm_cmd(root: &Path) -> Command {
     c
 }
 
-fn fails_with(cmd: &mut Command, want: &str) -> crate::common::CmdOutput {
+fn fails_with(cmd: &mut Command, want: &str) -> crate::support::CmdOutput {
     let r = run_timeout(cmd, Duration::from_secs(30));
     assert_eq!(r.code(), Some(1), "{}", r.report());
     assert!(r.stderr.contains(want), "{want:?} missing\n{}", r.report());
@@ -1101,7 +1097,7 @@ fn bad_input_gets_clear_messages() {
 
     // A server that answers but has no such export.
     let sock = dir.path().join("s.sock");
-    let mut server = Command::new(env!("CARGO_BIN_EXE_strata"));
+    let mut server = strata();
     server
         .arg("serve")
         .arg("--listen")

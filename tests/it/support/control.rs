@@ -1,25 +1,21 @@
 //! A `strata serve` child with a control API, and a minimal HTTP/1.1 client for it,
-//! shared by the tests that drive the control API.
-
-#![allow(dead_code)]
+//! shared by the tests that drive the control API. The client is written by hand so that
+//! a test can send exactly the bytes it wants: odd headers, bodies that lie about their
+//! length.
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, ErrorKind as IoErrorKind, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// How long the helpers wait for the server.
-pub const WAIT: Duration = Duration::from_secs(20);
-
-fn strata() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_strata"))
-}
+use super::client::{Client, STRUCTURED};
+use super::daemon::{Daemon, WAIT, address_after};
+use super::{CmdOutput, run, strata};
 
 // ---------------------------------------------------------------------------------------
 // The server under test
@@ -29,77 +25,43 @@ fn strata() -> Command {
 /// with `--control-listen 127.0.0.1:0` and a token. The addresses come from its log; it
 /// is killed when dropped.
 pub struct Running {
-    pub child: Child,
+    daemon: Daemon,
     pub nbd: SocketAddr,
     pub socket: PathBuf,
     pub tcp: Option<SocketAddr>,
     pub token_file: Option<PathBuf>,
-    pub log: Arc<Mutex<String>>,
-    pub reader: Option<std::thread::JoinHandle<()>>,
-    pub dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 pub const TOKEN: &str = "5f0e7c1d-control-token";
 
-enum Line {
-    Nbd(SocketAddr),
-    ControlUnix,
-    ControlTcp(SocketAddr),
-}
-
-fn parse_line(line: &str) -> Option<Line> {
-    let word_after = |marker: &str| -> Option<String> {
-        let rest = &line[line.find(marker)? + marker.len()..];
-        let end = rest
-            .find(|c: char| c.is_whitespace() || c == '\x1b')
-            .unwrap_or(rest.len());
-        Some(rest[..end].to_owned())
-    };
-    if let Some(addr) = word_after("control API on http://") {
-        return addr.parse().ok().map(Line::ControlTcp);
-    }
-    if line.contains("control API on unix:") {
-        return Some(Line::ControlUnix);
-    }
-    word_after("listening on ")?.parse().ok().map(Line::Nbd)
-}
-
 impl Running {
     /// Serves `args` (images, `--export`s) with a control socket.
     pub fn serve(args: &[&OsStr]) -> Running {
-        Self::start(args, false, None)
+        Self::start(args, false, None, &[])
     }
 
     /// Serves `args` with a control socket and these environment variables.
     pub fn serve_env(args: &[&OsStr], env: &[(&str, &str)]) -> Running {
-        Self::start_env(args, false, None, env)
+        Self::start(args, false, None, env)
     }
 
     /// Serves `args` without a control API (`socket` then names nothing).
     pub fn serve_plain(args: &[&OsStr]) -> Running {
-        Self::start_env(args, false, Some(PathBuf::new()), &[])
+        Self::start(args, false, Some(PathBuf::new()), &[])
     }
 
     /// Also with a TCP control listener and a token file.
     pub fn serve_with_tcp(args: &[&OsStr]) -> Running {
-        Self::start(args, true, None)
+        Self::start(args, true, None, &[])
     }
 
     /// With the control socket at `socket`.
     pub fn serve_at(socket: &Path, args: &[&OsStr]) -> Running {
-        Self::start(args, false, Some(socket.to_path_buf()))
+        Self::start(args, false, Some(socket.to_path_buf()), &[])
     }
 
-    pub fn start(args: &[&OsStr], tcp: bool, socket: Option<PathBuf>) -> Running {
-        Self::start_env(args, tcp, socket, &[])
-    }
-
-    fn start_env(
-        args: &[&OsStr],
-        tcp: bool,
-        socket: Option<PathBuf>,
-        env: &[(&str, &str)],
-    ) -> Running {
+    fn start(args: &[&OsStr], tcp: bool, socket: Option<PathBuf>, env: &[(&str, &str)]) -> Running {
         let dir = tempfile::tempdir().unwrap();
         let socket = socket.unwrap_or_else(|| dir.path().join("control.sock"));
         // An empty path: no control API at all.
@@ -116,67 +78,60 @@ impl Running {
                 .arg(&path);
             path
         });
-        cmd.envs(env.iter().copied());
-        let mut child = cmd.args(args).stderr(Stdio::piped()).spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let reader = {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some(event) = parse_line(&line) {
-                        let _ = tx.send(event);
-                    }
-                    let mut log = log.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            })
-        };
-        let (mut nbd, mut unix, mut tcp_addr) = (None, !control, None);
-        let deadline = Instant::now() + WAIT;
-        while nbd.is_none() || !unix || (tcp && tcp_addr.is_none()) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(Line::Nbd(a)) => nbd = Some(a),
-                Ok(Line::ControlUnix) => unix = true,
-                Ok(Line::ControlTcp(a)) => tcp_addr = Some(a),
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "server never said where it listens: {}",
-                        log.lock().unwrap()
-                    );
-                }
-            }
+        cmd.envs(env.iter().copied()).args(args);
+        let mut daemon = Daemon::spawn(cmd);
+        let nbd = daemon.tcp_addr();
+        if control {
+            daemon.wait_for("control API on unix:");
         }
+        let tcp = tcp.then(|| {
+            let line = daemon.wait_for("control API on http://");
+            address_after(&line, "control API on http://")
+                .unwrap_or_else(|| panic!("no address in {line:?}"))
+        });
         Running {
-            child,
-            nbd: nbd.unwrap(),
+            daemon,
+            nbd,
             socket,
-            tcp: tcp_addr,
+            tcp,
             token_file,
-            log,
-            reader: Some(reader),
             dir,
         }
+    }
+
+    /// An NBD connection to `export`, its handshake done with structured replies.
+    pub fn connect(&self, export: &str) -> Client {
+        let mut c = Client::tcp(self.nbd).unwrap();
+        c.handshake(export, STRUCTURED).unwrap();
+        c
     }
 
     pub fn scratch(&self) -> &Path {
         self.dir.path()
     }
 
-    /// A request over the control socket.
+    fn unix(&self) -> io::Result<UnixStream> {
+        let s = UnixStream::connect(&self.socket)?;
+        s.set_read_timeout(Some(WAIT))?;
+        s.set_write_timeout(Some(WAIT))?;
+        Ok(s)
+    }
+
+    /// A JSON request over the control socket.
+    #[track_caller]
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> Response {
+        self.try_call(method, path, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// A JSON request over the control socket, for a server that may die meanwhile:
+    /// an error when it went away without answering.
+    pub fn try_call(&self, method: &str, path: &str, body: Option<Value>) -> io::Result<Response> {
         let body = body.map(|b| b.to_string());
-        let mut headers = vec![];
-        if body.is_some() {
-            headers.push(("Content-Type", "application/json"));
-        }
-        self.raw(method, path, &headers, body.as_deref().map(str::as_bytes))
+        let json = [("Content-Type", "application/json")];
+        let headers: &[(&str, &str)] = if body.is_some() { &json } else { &[] };
+        let request = request_bytes(method, path, headers, body.as_deref().map(str::as_bytes));
+        exchange(self.unix()?, &request)
     }
 
     pub fn get(&self, path: &str) -> Response {
@@ -191,35 +146,7 @@ impl Running {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> Response {
-        let s = UnixStream::connect(&self.socket).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        s.set_write_timeout(Some(WAIT)).unwrap();
-        http(s, method, path, headers, body)
-    }
-
-    /// A JSON request over the control socket, for a server that may die meanwhile:
-    /// an error when it went away without answering.
-    pub fn try_call(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-    ) -> std::io::Result<Response> {
-        let body = body.map(|b| b.to_string());
-        let mut s = UnixStream::connect(&self.socket)?;
-        s.set_read_timeout(Some(WAIT))?;
-        let mut req =
-            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-        if let Some(b) = &body {
-            req.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                b.len()
-            ));
-        }
-        req.push_str("\r\n");
-        req.push_str(body.as_deref().unwrap_or_default());
-        s.write_all(req.as_bytes())?;
-        Ok(parse_response(&read_response(&mut s)?))
+        http(self.unix().unwrap(), method, path, headers, body)
     }
 
     /// A request over the TCP control listener.
@@ -231,10 +158,10 @@ impl Running {
     }
 
     /// `strata ctl --socket SOCKET ARGS...`
-    pub fn ctl(&self, args: &[&str]) -> super::CmdOutput {
+    pub fn ctl(&self, args: &[&str]) -> CmdOutput {
         let mut cmd = strata();
         cmd.arg("ctl").arg("--socket").arg(&self.socket).args(args);
-        super::run(&mut cmd)
+        run(&mut cmd)
     }
 
     pub fn export(&self, name: &str) -> Value {
@@ -260,40 +187,12 @@ impl Running {
     }
 
     pub fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) on our own child, which has not been reaped.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, signal);
-        }
+        self.daemon.signal(signal);
     }
 
     /// Waits (bounded) for the child to exit; returns its status and log.
-    pub fn wait_exit(mut self) -> (std::process::ExitStatus, String) {
-        let deadline = Instant::now() + WAIT;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "server did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        if let Some(reader) = self.reader.take() {
-            reader.join().unwrap();
-        }
-        let log = self.log.lock().unwrap().clone();
-        (status, log)
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- server log ---\n{}\n------------------",
-                self.log.lock().unwrap()
-            );
-        }
+    pub fn wait_exit(self) -> (ExitStatus, String) {
+        self.daemon.wait_exit()
     }
 }
 
@@ -337,14 +236,13 @@ impl Response {
     }
 }
 
-/// Sends one request (with `Connection: close`) and reads the whole response.
-pub fn http(
-    mut s: impl Read + Write,
+/// A request with `Connection: close`, these headers and this body.
+fn request_bytes(
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
-) -> Response {
+) -> Vec<u8> {
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
@@ -355,29 +253,45 @@ pub fn http(
     req.push_str("\r\n");
     let mut bytes = req.into_bytes();
     bytes.extend_from_slice(body.unwrap_or_default());
+    bytes
+}
+
+/// Sends a request and reads the whole response.
+fn exchange(mut s: impl Read + Write, request: &[u8]) -> io::Result<Response> {
     // The server may answer (and stop reading) before a refused body is all sent.
-    let _ = s.write_all(&bytes);
-    let raw = read_response(&mut s)
-        .unwrap_or_else(|e| panic!("reading the response to {method} {path}: {e}"));
-    parse_response(&raw)
+    let _ = s.write_all(request);
+    Ok(parse_response(&read_response(&mut s)?))
+}
+
+/// Sends one request (with `Connection: close`) and reads the whole response.
+#[track_caller]
+pub fn http(
+    s: impl Read + Write,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Response {
+    exchange(s, &request_bytes(method, path, headers, body))
+        .unwrap_or_else(|e| panic!("reading the response to {method} {path}: {e}"))
 }
 
 /// Reads what the server sends until it closes the connection; an error when it sent
 /// nothing (it went away without answering).
-fn read_response(s: &mut impl Read) -> std::io::Result<Vec<u8>> {
+fn read_response(s: &mut impl Read) -> io::Result<Vec<u8>> {
     let mut raw = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
         match s.read(&mut buf) {
             Ok(0) if raw.is_empty() => {
-                return Err(std::io::Error::new(
-                    IoErrorKind::UnexpectedEof,
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
                     "the server closed the connection without answering",
                 ));
             }
             Ok(0) => return Ok(raw),
             Ok(n) => raw.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == IoErrorKind::ConnectionReset && !raw.is_empty() => {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset && !raw.is_empty() => {
                 return Ok(raw);
             }
             Err(e) => return Err(e),

@@ -3,8 +3,6 @@
 //! its exit status. The child is killed when this is dropped, and its log printed if
 //! the test is failing.
 
-#![allow(dead_code)]
-
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,13 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::{run, strata};
+
 /// How long any wait for the server lasts at most.
 pub const WAIT: Duration = Duration::from_secs(20);
-
-/// `strata` itself.
-pub fn strata() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_strata"))
-}
 
 /// A running `strata` process.
 pub struct Daemon {
@@ -119,7 +114,10 @@ impl Daemon {
     pub fn tcp_addr(&mut self) -> SocketAddr {
         let deadline = Instant::now() + WAIT;
         loop {
-            let found = self.lines().iter().find_map(|l| listening_addr(l));
+            let found = self
+                .lines()
+                .iter()
+                .find_map(|l| address_after(l, "listening on "));
             if let Some(addr) = found {
                 return addr;
             }
@@ -183,9 +181,10 @@ impl Drop for Daemon {
     }
 }
 
-/// The TCP address in a `listening on ADDR` line, text or JSON.
-pub fn listening_addr(line: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
+/// The socket address that follows `marker` in a log line, text or JSON: that of a
+/// `listening on ADDR` line with `listening on `.
+pub fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find(marker)? + marker.len()..];
     let end = rest
         .find(|c: char| c.is_whitespace() || c == '\x1b' || c == '"')
         .unwrap_or(rest.len());
@@ -196,6 +195,6 @@ pub fn listening_addr(line: &str) -> Option<SocketAddr> {
 pub fn run_strata(args: &[&std::ffi::OsStr]) -> (ExitStatus, String, String) {
     let mut cmd = strata();
     cmd.args(args);
-    let out = super::run(&mut cmd);
+    let out = run(&mut cmd);
     (out.status, out.stdout, out.stderr)
 }

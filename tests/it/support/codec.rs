@@ -1,10 +1,6 @@
-//! Helpers shared by the `codec_*` integration tests: a tiny export catalog, a client-side
-//! option encoder, an option-reply parser and a driver around `ServerHandshake`.
-//!
-//! Everything here is written from the protocol's field layout, independently of the
-//! encoders under test.
-
-#![allow(dead_code)]
+//! For the codec tests: hex literals, a tiny export catalog, and a driver around the
+//! sans-IO `ServerHandshake` that feeds it bytes and collects what it sends. The messages
+//! themselves are built and parsed by `wire`, from the protocol's field layout.
 
 use bytes::BytesMut;
 use strata::proto::consts::{BASE_ALLOCATION, transmission_flags as tf};
@@ -12,6 +8,8 @@ use strata::proto::{
     BlockSizes, ExportCatalog, ExportInfo, ExportSummary, HandshakeConfig, Progress, ProtocolError,
     ServerHandshake, TlsPolicy,
 };
+
+use super::wire::{OptReply, opt};
 
 /// Parses hex digits, ignoring whitespace and `_`, into bytes.
 pub fn hex(s: &str) -> Vec<u8> {
@@ -117,96 +115,13 @@ pub const EVERY_OPTIONAL_FLAG: u16 = tf::HAS_FLAGS
     | tf::SEND_FAST_ZERO
     | tf::SEND_DF;
 
-// Option codes, reply types and the other protocol numbers are spelled out in
-// tests/support/spec.rs, from the specification rather than from the crate, so the tests
-// also check the crate's constants.
-pub use crate::support::spec::*;
-
-/// Client flags: fixed newstyle.
-pub const C_FIXED: u32 = 1;
-/// Client flags: fixed newstyle and no zeroes.
-pub const C_FIXED_NO_ZEROES: u32 = 3;
-
-/// `IHAVEOPT`, option code, length, data.
-pub fn opt(option: u32, data: &[u8]) -> Vec<u8> {
-    let mut v = b"IHAVEOPT".to_vec();
-    v.extend_from_slice(&option.to_be_bytes());
-    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    v.extend_from_slice(data);
-    v
-}
-
-/// Data of `INFO`/`GO`: name length, name, request count, requests.
-pub fn info_data(name: &str, requests: &[u16]) -> Vec<u8> {
-    let mut v = (name.len() as u32).to_be_bytes().to_vec();
-    v.extend_from_slice(name.as_bytes());
-    v.extend_from_slice(&(requests.len() as u16).to_be_bytes());
-    for r in requests {
-        v.extend_from_slice(&r.to_be_bytes());
-    }
-    v
-}
-
-/// Data of `LIST_META_CONTEXT`/`SET_META_CONTEXT`: export name, query count, queries.
-pub fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
-    let mut v = (name.len() as u32).to_be_bytes().to_vec();
-    v.extend_from_slice(name.as_bytes());
-    v.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-    for q in queries {
-        v.extend_from_slice(&(q.len() as u32).to_be_bytes());
-        v.extend_from_slice(q.as_bytes());
-    }
-    v
-}
-
-/// One fixed-newstyle option reply.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OptReply {
-    pub option: u32,
-    pub ty: u32,
-    pub data: Vec<u8>,
-}
-
-impl OptReply {
-    /// The reply as it appears on the wire.
-    pub fn to_wire(&self) -> Vec<u8> {
-        let mut v = hex("0003e889045565a9");
-        v.extend_from_slice(&self.option.to_be_bytes());
-        v.extend_from_slice(&self.ty.to_be_bytes());
-        v.extend_from_slice(&(self.data.len() as u32).to_be_bytes());
-        v.extend_from_slice(&self.data);
-        v
-    }
-
-    /// For `REP_INFO`: the information type.
-    pub fn info_type(&self) -> Option<u16> {
-        (self.ty == REP_INFO && self.data.len() >= 2)
-            .then(|| u16::from_be_bytes([self.data[0], self.data[1]]))
-    }
-
-    pub fn is_error(&self) -> bool {
-        self.ty & 0x8000_0000 != 0
-    }
-}
-
-/// Splits `bytes` into option replies; returns them and whatever does not start with the
-/// option reply magic (or is incomplete).
+/// Splits `bytes` into option replies; returns them and whatever does not start with a
+/// whole option reply.
 pub fn parse_replies(mut bytes: &[u8]) -> (Vec<OptReply>, Vec<u8>) {
-    let magic = hex("0003e889045565a9");
     let mut out = Vec::new();
-    while bytes.len() >= 20 && bytes[..8] == magic[..] {
-        let option = u32::from_be_bytes(bytes[8..12].try_into().unwrap());
-        let ty = u32::from_be_bytes(bytes[12..16].try_into().unwrap());
-        let len = u32::from_be_bytes(bytes[16..20].try_into().unwrap()) as usize;
-        if bytes.len() < 20 + len {
-            break;
-        }
-        out.push(OptReply {
-            option,
-            ty,
-            data: bytes[20..20 + len].to_vec(),
-        });
-        bytes = &bytes[20 + len..];
+    while let Some((reply, len)) = OptReply::decode(bytes) {
+        out.push(reply);
+        bytes = &bytes[len..];
     }
     (out, bytes.to_vec())
 }
@@ -234,8 +149,6 @@ pub struct Driver {
     /// Complete the TLS upgrade automatically on `StartTls`.
     pub auto_tls: bool,
 }
-
-pub const GREETING_LEN: usize = 18;
 
 impl Driver {
     pub fn new(config: HandshakeConfig) -> Self {
