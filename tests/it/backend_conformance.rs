@@ -31,6 +31,8 @@ use strata::backend::{
 use strata::image::{self, CreateOptions, ZeroMode};
 use tempfile::{NamedTempFile, TempDir};
 
+use crate::support::{ImagesOpen, images_open};
+
 /// Size of the test disks: not a multiple of the memory chunk or of a sector.
 const SIZE: u64 = 4 * 1024 * 1024 + 12345;
 /// The memory backend's chunk size, where interesting boundaries are.
@@ -42,15 +44,16 @@ const READ_STEP: u64 = 1024 * 1024;
 // Fixtures
 
 /// Whatever must outlive a backend under test.
-#[allow(dead_code)]
 enum Guard {
     File(NamedTempFile),
     /// A directory holding an image and its backing files; `top` is the image served.
     Dir {
-        dir: TempDir,
+        _dir: ImageDir,
         top: PathBuf,
     },
-    Device(MutexGuard<'static, ()>),
+    Device {
+        _lock: MutexGuard<'static, ()>,
+    },
 }
 
 /// Which layer of a backing chain provides each byte, as `allocation_depth` reports it.
@@ -221,7 +224,7 @@ fn block_device(read_only: bool) -> Option<Fixture<RawBackend>> {
     let b = RawBackend::open(&path, read_only).expect("open block device");
     let size = b.size();
     assert!(size >= 2 * READ_STEP, "{path} is too small for the suite");
-    let mut f = Fixture::new(b, size, Some(Guard::Device(guard)));
+    let mut f = Fixture::new(b, size, Some(Guard::Device { _lock: guard }));
     f.trim_zeroes = false;
     f.needs_reset = true;
     Some(f)
@@ -231,17 +234,34 @@ fn block_device(read_only: bool) -> Option<Fixture<RawBackend>> {
 const KIB64: u64 = 64 * 1024;
 const KIB4: u64 = 4096;
 
-/// A temporary directory in the system temporary directory or in `dir`.
-fn temp_dir(dir: Option<&str>) -> TempDir {
-    match dir {
+/// A directory for images this process opens; while it lives, no child process is
+/// forked (see `support::images_open`).
+struct ImageDir {
+    tmp: TempDir,
+    _images: ImagesOpen,
+}
+
+impl ImageDir {
+    fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+}
+
+/// A directory for images in the system temporary directory or in `dir`.
+fn temp_dir(dir: Option<&str>) -> ImageDir {
+    let images = images_open();
+    let tmp = match dir {
         Some(dir) => tempfile::tempdir_in(dir),
         None => tempfile::tempdir(),
+    };
+    ImageDir {
+        tmp: tmp.expect("create temporary directory"),
+        _images: images,
     }
-    .expect("create temporary directory")
 }
 
 /// A new, empty standalone Strata image; returns the directory holding it and its path.
-fn new_image(dir: Option<&str>, size: u64, cluster: u64) -> (TempDir, PathBuf) {
+fn new_image(dir: Option<&str>, size: u64, cluster: u64) -> (ImageDir, PathBuf) {
     let tmp = temp_dir(dir);
     let path = tmp.path().join("disk.strata");
     image::create(
@@ -264,7 +284,7 @@ fn image_in(dir: Option<&str>, size: u64, cluster: u64) -> Fixture<ImageBackend>
         b,
         size,
         Some(Guard::Dir {
-            dir: tmp,
+            _dir: tmp,
             top: path,
         }),
     );
@@ -295,7 +315,7 @@ fn opened_image(size: u64) -> Fixture<SharedBackend> {
         b,
         size,
         Some(Guard::Dir {
-            dir: tmp,
+            _dir: tmp,
             top: path,
         }),
     );
@@ -311,7 +331,7 @@ fn opened_image(size: u64) -> Fixture<SharedBackend> {
 /// What building an overlay stack left behind: the files, what the top image reads as,
 /// and who owns each cluster.
 struct Stack {
-    dir: TempDir,
+    dir: ImageDir,
     top: PathBuf,
     contents: Vec<u8>,
     layout: Layout,
@@ -419,7 +439,7 @@ impl<B: Backend> Fixture<B> {
             b,
             size,
             Some(Guard::Dir {
-                dir: stack.dir,
+                _dir: stack.dir,
                 top: stack.top,
             }),
         );

@@ -7,16 +7,13 @@
 //! here; everything else goes through the built binary. Contents are compared with byte
 //! reads through the library and, where a raw file results, with the file itself.
 //!
-//! Images are locked with `flock`, which belongs to the open file: a child forked by
-//! another test thread while this process has an image open keeps that lock until it
-//! execs. [`FORKS`] keeps library access and child processes apart so that no command
-//! ever finds an image locked by a half-started sibling.
+//! While the library has an image open in this process, it holds `images_open()`, so
+//! that no command finds the image locked by a half-started child of another test.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use crate::support::*;
@@ -27,27 +24,10 @@ use strata::image::{self, ZeroMode};
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-/// Held shared while child processes run, exclusively while the test opens images.
-static FORKS: RwLock<()> = RwLock::new(());
-
-fn child_processes() -> RwLockReadGuard<'static, ()> {
-    FORKS.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn image_access() -> RwLockWriteGuard<'static, ()> {
-    FORKS.write().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Runs `cmd` (bounded by `timeout`) while no image is open in this process.
-fn run_child(cmd: &mut Command, timeout: Duration) -> CmdOutput {
-    let _g = child_processes();
-    run_timeout(cmd, timeout)
-}
-
 /// `strata ARGS...` run in `dir`.
 fn strata_in(dir: &Path, args: &[&str]) -> CmdOutput {
     let mut cmd = strata_at(dir, args);
-    run_child(&mut cmd, CMD_TIMEOUT)
+    run_timeout(&mut cmd, CMD_TIMEOUT)
 }
 
 #[track_caller]
@@ -74,7 +54,7 @@ fn p(path: &Path) -> &str {
 
 /// Writes `data` at each offset into the Strata image at `path`, durably.
 fn write_image(path: &Path, writes: &[(u64, &[u8])]) {
-    let _g = image_access();
+    let _images = images_open();
     let chain = image::open(path, true).unwrap_or_else(|e| panic!("open {path:?}: {e}"));
     for &(off, data) in writes {
         chain.write(off, data, false).expect("write");
@@ -84,7 +64,7 @@ fn write_image(path: &Path, writes: &[(u64, &[u8])]) {
 
 /// Zeroes ranges of the Strata image at `path` as `mode` says, durably.
 fn zero_image(path: &Path, mode: ZeroMode, ranges: &[(u64, u64)]) {
-    let _g = image_access();
+    let _images = images_open();
     let chain = image::open(path, true).unwrap_or_else(|e| panic!("open {path:?}: {e}"));
     for &(off, len) in ranges {
         chain.zero(off, len, mode, false).expect("zero");
@@ -94,7 +74,7 @@ fn zero_image(path: &Path, mode: ZeroMode, ranges: &[(u64, u64)]) {
 
 /// Every byte the Strata image at `path` (with its chain) reads.
 fn read_image(path: &Path) -> Vec<u8> {
-    let _g = image_access();
+    let _images = images_open();
     let chain = image::open(path, false).unwrap_or_else(|e| panic!("open {path:?}: {e}"));
     let mut buf = vec![0u8; chain.size() as usize];
     chain.read(0, &mut buf).expect("read");
@@ -935,7 +915,7 @@ fn serve_refuses(d: &Path, images: &[&str], needles: &[&str]) {
     args.extend(images);
     let mut cmd = strata();
     cmd.current_dir(d).args(&args);
-    run_child(&mut cmd, Duration::from_secs(20))
+    run_timeout(&mut cmd, Duration::from_secs(20))
         .assert_code(1)
         .assert_stderr(needles);
 }
@@ -947,7 +927,7 @@ fn serve_refuses_qcow2() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    run_child(
+    run_timeout(
         Command::new("qemu-img")
             .current_dir(d)
             .args(["create", "-q", "-f", "qcow2", "vm.qcow2", "64M"]),
@@ -1061,7 +1041,7 @@ fn an_image_larger_than_one_l1_page() {
     let info = info_json(d, &img);
     assert_eq!(num(&info, "allocated"), 7 * 4096, "{info:#}");
     // Reopened, every piece reads back.
-    let _g = image_access();
+    let _images = images_open();
     let chain = image::open(&img, false).unwrap();
     for (off, want) in [
         (l1_span - 4096, &a),
@@ -1085,10 +1065,7 @@ fn tools_refuse_to_change_a_served_image() {
     strata_ok(d, &["create", "-b", "base.raw", "ov.strata"]);
     strata_ok(d, &["create", "-b", "base.raw", "other.strata"]);
     write_image(&d.join("ov.strata"), &[(0, &[1; 4096])]);
-    let mut server = {
-        let _g = child_processes();
-        file(d.join("ov.strata")).listen(Transport::Unix).start()
-    };
+    let mut server = file(d.join("ov.strata")).listen(Transport::Unix).start();
     let ov = p(&d.join("ov.strata")).to_owned();
     for args in [
         vec!["commit", ov.as_str()],

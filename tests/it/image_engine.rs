@@ -32,6 +32,8 @@ use strata::image::sim::{Rng, SimStorage};
 use strata::image::storage::{Storage, View};
 use strata::image::{self, Chain, CreateOptions, Lower, ZeroMode, layer};
 
+use crate::support::{images_open, spawn};
+
 /// Deterministic, never-zero byte for write `seed` at virtual offset `pos`: every write
 /// leaves its own bytes, so data that lands in the wrong place is recognised.
 fn pat(seed: u64, pos: u64) -> u8 {
@@ -998,6 +1000,7 @@ fn a_chain_100_layers_deep_opens_and_reads_through_every_layer() {
     const LAYERS: u64 = 100;
     const CS: u64 = 4096;
     let size = (LAYERS + 20) * CS + 1234;
+    let _images = images_open();
     let dir = tempfile::tempdir().unwrap();
     let path = |k: u64| dir.path().join(format!("layer{k:03}.strata"));
     // Layer k (1 at the bottom) writes cluster k, and appends to cluster 0 a few bytes of
@@ -1054,6 +1057,7 @@ fn a_16_tib_image_with_writes_far_apart_stays_small() {
     const TIB: u64 = 1 << 40;
     const GIB: u64 = 1 << 30;
     let size = 16 * TIB;
+    let _images = images_open();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("huge.strata");
     create(&path, Some(size), None, None);
@@ -1138,6 +1142,7 @@ fn many_overlays_of_one_base_open_at_once_share_it() {
     const OVERLAYS: u64 = 32;
     const CS: u64 = 65536;
     let size = 40 * CS + 77;
+    let _images = images_open();
     let dir = tempfile::tempdir().unwrap();
     for golden_kind in ["raw", "strata"] {
         let golden = dir.path().join(format!("golden.{golden_kind}"));
@@ -1215,6 +1220,7 @@ fn many_overlays_of_one_base_open_at_once_share_it() {
 
 #[test]
 fn overlays_of_different_templates_share_the_base_under_them() {
+    let _images = images_open();
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name);
     create(&p("golden.strata"), Some(1 << 20), None, None);
@@ -1285,6 +1291,7 @@ fn scan_file(path: &Path) -> layer::Scan {
 #[test]
 fn truncated_images_are_refused() {
     const CS: u64 = 4096;
+    let _images = images_open();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.strata");
     create(&path, Some(4 << 20), Some(CS), None);
@@ -1333,6 +1340,7 @@ fn truncated_images_are_refused() {
 
 #[test]
 fn damaged_headers_are_refused_and_one_torn_copy_is_survived() {
+    let _images = images_open();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.strata");
     create(&path, Some(1 << 20), None, None);
@@ -1408,6 +1416,7 @@ fn damaged_headers_are_refused_and_one_torn_copy_is_survived() {
 #[test]
 fn damaged_map_pages_are_refused_and_one_torn_copy_is_survived() {
     const CS: u64 = 4096;
+    let _images = images_open();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.strata");
     create(&path, Some(4 << 20), Some(CS), None);
@@ -1504,6 +1513,7 @@ fn damaged_map_pages_are_refused_and_one_torn_copy_is_survived() {
 #[test]
 fn a_page_whose_sequence_number_cannot_be_followed_is_not_current() {
     const CS: u64 = 4096;
+    let _images = images_open();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.strata");
     create(&path, Some(1 << 20), Some(CS), None);
@@ -1551,11 +1561,13 @@ fn a_page_whose_sequence_number_cannot_be_followed_is_not_current() {
 /// An image made by another tool: qemu-img's qcow2 when qemu-img is installed.
 fn foreign_image(dir: &Path) -> (PathBuf, &'static str) {
     let path = dir.join("disk.qcow2");
-    let made = std::process::Command::new("qemu-img")
+    let mut qemu_img = std::process::Command::new("qemu-img");
+    qemu_img
         .args(["create", "-q", "-f", "qcow2"])
         .arg(&path)
-        .arg("1M")
-        .status()
+        .arg("1M");
+    let made = spawn(&mut qemu_img)
+        .and_then(|mut c| c.wait())
         .is_ok_and(|s| s.success());
     if !made {
         eprintln!("qemu-img is not installed: using a hand-made qcow2 header");
@@ -1570,6 +1582,7 @@ fn foreign_image(dir: &Path) -> (PathBuf, &'static str) {
 fn foreign_images_are_refused_as_disks_and_as_backing_files() {
     let dir = tempfile::tempdir().unwrap();
     let (path, name) = foreign_image(dir.path());
+    let _images = images_open();
     for read_only in [false, true] {
         refused(
             strata::backend::open(path.to_str().unwrap(), read_only),
@@ -1602,6 +1615,7 @@ fn foreign_images_are_refused_as_disks_and_as_backing_files() {
 #[test]
 fn backing_file_problems_are_refused_naming_the_backing_file() {
     const MIB: u64 = 1 << 20;
+    let _images = images_open();
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name);
     let raw = |name: &str, len: u64| {
@@ -2002,6 +2016,7 @@ mod codecs {
 
     #[test]
     fn create_refuses_sizes_the_map_cannot_address() {
+        let _images = images_open();
         let dir = tempfile::tempdir().unwrap();
         for (size, cluster) in [(1u64 << 62, 4096u64), ((1 << 40) * 511, 4096)] {
             let path = dir.path().join("huge.strata");
@@ -2105,6 +2120,7 @@ fn image_meta_fuzz_seeds_are_current() {
 #[test]
 fn zeroing_part_of_a_cluster_that_reads_as_zeroes_allocates_nothing() {
     const CS: u64 = 64 * 1024;
+    let _images = images_open();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.strata");
     create(&path, Some(16 * CS), Some(CS), None);

@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata::server::ServerConfig;
@@ -584,13 +585,20 @@ fn raw_file_server(dir: &Path, len: u64) -> (TestServer, PathBuf) {
 fn random_requests_never_panic_the_server() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static PANICS: AtomicUsize = AtomicUsize::new(0);
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        PANICS.fetch_add(1, Ordering::SeqCst);
-        previous(info);
-    }));
-
     let srv = TestServer::start(memory(4 * MIB), ServerConfig::default());
+    // Other tests run in this process too: only the panics of this server's threads count.
+    let server_threads = srv.thread_name().to_owned();
+    let previous = Arc::new(std::panic::take_hook());
+    std::panic::set_hook({
+        let previous = Arc::clone(&previous);
+        Box::new(move |info| {
+            if std::thread::current().name() == Some(server_threads.as_str()) {
+                PANICS.fetch_add(1, Ordering::SeqCst);
+            }
+            previous(info);
+        })
+    });
+
     let mut good = srv.connect();
     good.handshake("disk", STRUCTURED).unwrap();
     // A small deterministic generator keeps the test reproducible.
@@ -637,5 +645,7 @@ fn random_requests_never_panic_the_server() {
     }
     assert_eq!(good.command(0, CMD_WRITE, 0, 4, b"live").unwrap(), 0);
     assert_eq!(good.read(0, 0, 4).unwrap().unwrap(), b"live");
+    drop(std::panic::take_hook());
+    std::panic::set_hook(Box::new(move |info| previous(info)));
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "the server panicked");
 }

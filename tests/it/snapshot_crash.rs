@@ -13,7 +13,7 @@ use strata::backend::Backend;
 use strata::image::{self, snapshot};
 use strata::server::volume::Volume;
 
-use crate::support::{new_image, run, run_ok, runtime, strata, strata_at};
+use crate::support::{images_open, new_image, run, run_ok, runtime, strata, strata_at};
 
 const CLUSTER: u64 = 4096;
 const SIZE: u64 = 64 * CLUSTER;
@@ -26,6 +26,7 @@ struct State {
 }
 
 fn read_state(path: &Path) -> State {
+    let _images = images_open();
     runtime().block_on(async {
         let v = Volume::open(path, false).expect("the volume opens");
         let live = v.backend().read(0, SIZE as usize).await.unwrap().to_vec();
@@ -45,6 +46,7 @@ fn read_state(path: &Path) -> State {
 /// An image with snapshots s1, s2, s3, each layer holding writes of its own (some
 /// clusters overwritten in later layers, some trimmed), and live writes on top.
 fn setup(dir: &Path) -> PathBuf {
+    let _images = images_open();
     let path = dir.join("disk.strata");
     new_image(&path, SIZE, CLUSTER);
     runtime().block_on(async {
@@ -97,13 +99,6 @@ fn check_clean(path: &Path) {
 
 /// Runs `args` on a fresh setup, stopping at `failpoint`, and checks what a reopen finds.
 fn crash_at(failpoint: &str, args: &[&str], after: impl Fn(&State) -> State, done: bool) {
-    // A child process started by another test thread holds copies of this process's
-    // descriptors (and so its image locks) until it execs; run one case at a time, so
-    // that a lock is never seen held by such a copy.
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // A reopen must find `after(before)` when `done`, else `before`.
     let dir = tempfile::tempdir().unwrap();
     let path = setup(dir.path());
@@ -262,6 +257,7 @@ fn every_failpoint_is_covered() {
 /// the snapshot call returns: reopening the files afresh finds them.
 #[test]
 fn writes_just_before_the_switch_are_durable_after_the_next_flush() {
+    let _images = images_open();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.strata");
     new_image(&path, SIZE, CLUSTER);

@@ -271,6 +271,7 @@ proptest! {
 
     #[test]
     fn volumes_match_the_model(ops in proptest::collection::vec(op(), 1..40)) {
+        let _images = crate::support::images_open();
         let dir = tempfile::tempdir().unwrap();
         run_case(&dir.path().join("v"), &ops)?;
     }
@@ -281,6 +282,7 @@ proptest! {
         let Some(base) = crate::support::memory_dir() else {
             return Ok(());
         };
+        let _images = crate::support::images_open();
         let dir = tempfile::tempdir_in(base).unwrap();
         run_case(&dir.path().join("v"), &ops)?;
     }

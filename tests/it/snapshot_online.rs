@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use crate::support::client::Client;
 use crate::support::control::{Response, Running};
 use crate::support::spec::*;
-use crate::support::{run_ok, strata};
+use crate::support::{run_ok, spawn, strata};
 
 const BLOCK: u64 = 4096;
 
@@ -348,9 +348,9 @@ fn snapshots_under_a_write_load_hold_exactly_the_writes_before_them() {
         })
         .collect();
     // fio, a real client, writes and verifies another region meanwhile.
-    let fio = Command::new("fio")
-        // fio leaves its verify state files in its working directory.
-        .current_dir(dir.path())
+    let mut fio = Command::new("fio");
+    // fio leaves its verify state files in its working directory.
+    fio.current_dir(dir.path())
         .args([
             "--name=verify",
             "--ioengine=nbd",
@@ -366,9 +366,8 @@ fn snapshots_under_a_write_load_hold_exactly_the_writes_before_them() {
             "--do_verify=1",
         ])
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(std::process::Stdio::piped());
+    let fio = spawn(&mut fio).unwrap();
     start.wait();
     let mut windows = Vec::new();
     for i in 0..4 {

@@ -10,12 +10,11 @@
 //! installs them (qemu-system-x86, linux-image-cloud-amd64, busybox-static). Nothing
 //! leaves the machine: the guest has no network device.
 
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{is_ci, run_timeout, strata};
+use crate::support::{harden, is_ci, run_timeout, spawn, strata};
 
 const MIB: u64 = 1 << 20;
 /// The guest writes its marker here (sector 2048) and its tick counter at 2 MiB.
@@ -316,18 +315,10 @@ impl Launcher {
         let file = std::fs::File::create(&log).unwrap();
         cmd.stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .process_group(0);
-        // SAFETY: the closure runs in the child between fork and exec and only calls
-        // prctl(2), which is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-                Ok(())
-            });
-        }
+            .stderr(file);
+        harden(&mut cmd);
         Launcher {
-            child: cmd.spawn().expect("strata vm starts"),
+            child: spawn(&mut cmd).expect("strata vm starts"),
             log,
         }
     }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{run, strata};
+use super::{run, spawn, strata};
 
 /// How long any wait for the server lasts at most.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -27,9 +27,7 @@ impl Daemon {
     /// Spawns `cmd` with stderr collected and stdin closed.
     pub fn spawn(mut cmd: Command) -> Daemon {
         cmd.stdin(Stdio::null()).stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let mut child = spawn(&mut cmd).unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         let stderr = child.stderr.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
         let reader = {

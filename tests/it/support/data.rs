@@ -54,6 +54,7 @@ pub fn assert_same_bytes(what: &str, a: &[u8], b: &[u8]) {
 
 /// Creates an empty standalone Strata image at `path` (which must not exist).
 pub fn new_image(path: &Path, size: u64, cluster: u64) {
+    let _images = super::images_open();
     strata::image::create(
         path,
         &strata::image::CreateOptions {

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
+use super::spawn;
+
 /// True when running under CI (`CI=true`): missing tools are failures there.
 pub fn is_ci() -> bool {
     std::env::var("CI").map(|v| v == "true").unwrap_or(false)
@@ -67,14 +69,14 @@ pub(super) fn python_with_libnbd_dir() -> Option<PathBuf> {
         }
         candidates.push(PathBuf::from("/usr/bin/python3"));
         candidates.into_iter().find_map(|py| {
-            let ok = Command::new(&py)
-                .args(["-c", "import nbd"])
+            let mut cmd = Command::new(&py);
+            cmd.args(["-c", "import nbd"])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
+                .stderr(Stdio::null());
+            let ok = spawn(&mut cmd)
+                .and_then(|mut c| c.wait())
+                .is_ok_and(|s| s.success());
             if ok {
                 py.parent().map(Path::to_path_buf)
             } else {

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use strata::backend::SharedBackend;
@@ -16,6 +17,7 @@ pub struct TestServer {
     pub addr: SocketAddr,
     handle: ShutdownHandle,
     thread: Option<JoinHandle<strata::Result<()>>>,
+    thread_name: String,
 }
 
 impl TestServer {
@@ -27,14 +29,18 @@ impl TestServer {
     pub fn start_named(name: &str, backend: SharedBackend, config: ServerConfig) -> TestServer {
         let exports = Arc::new(Exports::new());
         exports.insert(Export::new(name, "a test disk", backend));
+        static SERVERS: AtomicUsize = AtomicUsize::new(0);
+        let thread_name = format!("test-server-{}", SERVERS.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(&thread_name)
+            .enable_all()
+            .build()
+            .unwrap();
+        let main = std::thread::Builder::new().name(thread_name.clone());
+        let thread = main.spawn(move || {
+            runtime.block_on(async move {
                 let listener = Listener::bind(&"127.0.0.1:0".parse::<ListenAddr>().unwrap())
                     .await
                     .unwrap();
@@ -50,7 +56,8 @@ impl TestServer {
         TestServer {
             addr,
             handle,
-            thread: Some(thread),
+            thread: Some(thread.unwrap()),
+            thread_name,
         }
     }
 
@@ -58,6 +65,11 @@ impl TestServer {
     pub fn stop(mut self) -> strata::Result<()> {
         self.handle.shutdown();
         self.thread.take().unwrap().join().unwrap()
+    }
+
+    /// The name of every thread of the server: its panics are told from other tests' by it.
+    pub fn thread_name(&self) -> &str {
+        &self.thread_name
     }
 
     /// A new raw connection.

@@ -21,6 +21,7 @@ pub mod control;
 pub mod daemon;
 mod data;
 mod env;
+mod forks;
 pub mod in_process;
 mod maps;
 mod process;
@@ -33,6 +34,7 @@ use std::time::Duration;
 
 pub use data::*;
 pub use env::*;
+pub use forks::*;
 pub use maps::*;
 pub use process::*;
 pub use server::*;

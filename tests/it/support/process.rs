@@ -8,11 +8,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::CMD_TIMEOUT;
+use super::{CMD_TIMEOUT, spawn};
 
 /// Makes a spawned process safe to leave behind: its own process group (so a timeout can
 /// kill everything it started) and SIGKILL if the spawning thread dies.
-pub(super) fn harden(cmd: &mut Command) {
+pub fn harden(cmd: &mut Command) {
     cmd.process_group(0);
     // SAFETY: the closure runs in the child between fork and exec and only calls
     // prctl(2), which is async-signal-safe; it touches no memory of the parent.
@@ -155,9 +155,7 @@ pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> CmdOutput {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start `{command}`: {e}"));
+    let mut child = spawn(cmd).unwrap_or_else(|e| panic!("cannot start `{command}`: {e}"));
     let out_reader = spawn_reader(child.stdout.take().expect("stdout piped"));
     let err_reader = spawn_reader(child.stderr.take().expect("stderr piped"));
     let status = wait_deadline(&mut child, timeout);

@@ -21,7 +21,7 @@ use super::spec::{C_FIXED, OPT_ABORT};
 use super::wire::opt;
 use super::{
     IO_TIMEOUT, SHUTDOWN_TIMEOUT, STARTUP_TIMEOUT, ServerKind, describe, require_tool, server_kind,
-    strata,
+    spawn, strata,
 };
 
 /// How a client reaches the server.
@@ -269,9 +269,8 @@ impl ServerBuilder {
             cmd.stdin(Stdio::null())
                 .stdout(log.try_clone().expect("dup log"))
                 .stderr(log);
-            let child = cmd
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start server `{command}`: {e}"));
+            let child =
+                spawn(&mut cmd).unwrap_or_else(|e| panic!("cannot start server `{command}`: {e}"));
             let mut server = Server {
                 child: Some(child),
                 endpoints,
