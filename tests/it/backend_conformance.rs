@@ -31,7 +31,7 @@ use strata::backend::{
 use strata::image::{self, CreateOptions, ZeroMode};
 use tempfile::{NamedTempFile, TempDir};
 
-use crate::support::{ImagesOpen, images_open};
+use crate::support::{ImagesOpen, images_open, scratch};
 
 /// Size of the test disks: not a multiple of the memory chunk or of a sector.
 const SIZE: u64 = 4 * 1024 * 1024 + 12345;
@@ -1469,8 +1469,7 @@ async fn raw_read_past_end_of_shrunk_file_is_an_error() {
 
 #[test]
 fn raw_open_errors_name_the_path() {
-    let dir = tempfile::tempdir().unwrap();
-    let missing = dir.path().join("no-such-image.raw");
+    let (dir, missing) = scratch("no-such-image.raw");
     let missing = missing.to_str().unwrap();
     let err = RawBackend::open(missing, false).unwrap_err();
     assert!(err.to_string().contains(missing), "{err}");

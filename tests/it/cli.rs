@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use crate::support::client::{Client, SIMPLE, STRUCTURED};
 use crate::support::control::Running;
 use crate::support::spec::{CMD_WRITE, FLAG_FUA};
-use crate::support::{run, strata};
+use crate::support::{run, scratch, strata};
 
 /// A `strata serve` child listening on a port the kernel chose (`--listen 127.0.0.1:0`),
 /// so no other socket on the machine can take the port between choosing and binding it.
@@ -51,8 +51,7 @@ fn bad_arguments_give_clear_errors() {
 
 #[test]
 fn sigterm_flushes_and_exits_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("d.img");
+    let (_dir, img) = scratch("d.img");
     std::fs::File::create(&img)
         .unwrap()
         .set_len(1 << 20)

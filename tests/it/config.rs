@@ -3,11 +3,11 @@
 //! the shipped example. The validation rules themselves are unit-tested in
 //! `src/config.rs`; these tests check what an operator sees.
 
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use crate::support::client::{Client, SIMPLE};
-use crate::support::daemon::{Daemon, run_strata};
+use crate::support::daemon::Daemon;
+use crate::support::{CmdOutput, run, strata};
 use strata::config::{self, FileKind, Files, LogFormat, Overrides, TlsMode};
 
 /// A configuration file in a temporary directory, with a raw image `disk.raw` beside it.
@@ -28,16 +28,11 @@ fn setup(text: &str) -> Setup {
 }
 
 impl Setup {
-    fn check(&self, extra: &[&str]) -> (Option<i32>, String, String) {
-        let mut args: Vec<&OsStr> = vec![
-            OsStr::new("serve"),
-            OsStr::new("--config"),
-            self.file.as_os_str(),
-            OsStr::new("--check-config"),
-        ];
-        args.extend(extra.iter().map(OsStr::new));
-        let (status, stdout, stderr) = run_strata(&args);
-        (status.code(), stdout, stderr)
+    /// `strata serve --config FILE --check-config EXTRA...`
+    fn check(&self, extra: &[&str]) -> CmdOutput {
+        let mut cmd = strata();
+        cmd.args(["serve", "--config"]).arg(&self.file);
+        run(cmd.arg("--check-config").args(extra))
     }
 
     fn path(&self) -> String {
@@ -50,12 +45,18 @@ impl Setup {
 #[track_caller]
 fn refused(text: &str, expected: &str) {
     let s = setup(text);
-    let (code, _, stderr) = s.check(&[]);
+    let out = s.check(&[]);
     let want = format!("strata: {}:{expected}", s.path());
-    assert_eq!(code, Some(78), "exit status for:\n{text}\n{stderr}");
+    assert_eq!(
+        out.code(),
+        Some(78),
+        "exit status for:\n{text}\n{}",
+        out.stderr
+    );
     assert!(
-        stderr.lines().any(|l| l == want),
-        "expected the line\n  {want}\nfor:\n{text}\ngot:\n{stderr}"
+        out.stderr.lines().any(|l| l == want),
+        "expected the line\n  {want}\nfor:\n{text}\ngot:\n{}",
+        out.stderr
     );
 }
 
@@ -146,25 +147,23 @@ fn bad_values_are_refused_naming_the_field() {
 #[test]
 fn missing_files_are_refused_where_they_are_named() {
     let s = setup("[[exports]]\nname = \"vm\"\nimage = \"/nonexistent/vm.strata\"\n");
-    let (code, _, stderr) = s.check(&[]);
-    assert_eq!(code, Some(78), "{stderr}");
-    assert!(
-        stderr.contains(&format!(
-            "{}:3:9: exports[0].image: file /nonexistent/vm.strata does not exist",
-            s.path()
-        )),
-        "{stderr}"
-    );
+    s.check(&[]).assert_code(78).assert_stderr(&[&format!(
+        "{}:3:9: exports[0].image: file /nonexistent/vm.strata does not exist",
+        s.path()
+    )]);
     // Relative paths are looked up beside the file.
     let s = setup("[tls]\ncert = \"cert.pem\"\nkey = \"disk.raw\"\n");
-    let (code, _, stderr) = s.check(&[]);
-    assert_eq!(code, Some(78), "{stderr}");
+    let out = s.check(&[]).assert_code(78);
     let want = format!(
         "strata: {}:2:8: tls.cert: file {}/cert.pem does not exist",
         s.path(),
         s.dir.path().display()
     );
-    assert!(stderr.lines().any(|l| l == want), "want {want}\n{stderr}");
+    assert!(
+        out.stderr.lines().any(|l| l == want),
+        "want {want}\n{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -189,10 +188,9 @@ fn every_problem_is_printed() {
         "max_connections = 0\n[[exports]]\nname = \"a\"\nimage = \"memory:1M\"\nallow = [\"x\"]\n\
          [[exports]]\nname = \"a\"\nimage = \"nothing.raw\"\n",
     );
-    let (code, _, stderr) = s.check(&[]);
-    assert_eq!(code, Some(78));
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 4, "{stderr}");
+    let out = s.check(&[]).assert_code(78);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 4, "{}", out.stderr);
     for (line, field) in lines.iter().zip([
         "max_connections",
         "exports[0].allow[0]",
@@ -208,9 +206,8 @@ fn check_config_accepts_a_valid_file() {
     let s = setup(&format!(
         "{DISK}[[exports]]\nname = \"m\"\nimage = \"memory:1G\"\n"
     ));
-    let (code, stdout, stderr) = s.check(&[]);
-    assert_eq!(code, Some(0), "{stderr}");
-    assert_eq!(stdout, format!("{}: valid (2 exports)\n", s.path()));
+    let out = s.check(&[]).assert_success();
+    assert_eq!(out.stdout, format!("{}: valid (2 exports)\n", s.path()));
 }
 
 #[test]
@@ -223,12 +220,9 @@ fn flags_that_describe_exports_are_refused_with_a_file() {
         &["--allow", "127.0.0.1"],
         &["--description", "d"],
     ] {
-        let (code, _, stderr) = s.check(extra);
-        assert_eq!(code, Some(2), "{extra:?}: {stderr}");
-        assert!(
-            stderr.contains("cannot be combined with --config"),
-            "{extra:?}: {stderr}"
-        );
+        s.check(extra)
+            .assert_code(2)
+            .assert_stderr(&["cannot be combined with --config"]);
     }
 }
 
@@ -249,26 +243,16 @@ fn flags_win_over_the_file_or_are_refused_when_they_contradict_it() {
 
     // --tls off contradicts a certificate in the file.
     let s = setup("[tls]\ncert = \"disk.raw\"\nkey = \"disk.raw\"\n");
-    let (code, _, stderr) = s.check(&["--tls", "off"]);
-    assert_eq!(code, Some(78), "{stderr}");
-    assert!(
-        stderr.contains("--tls: --tls off contradicts tls.cert: drop one of them"),
-        "{stderr}"
-    );
+    s.check(&["--tls", "off"])
+        .assert_code(78)
+        .assert_stderr(&["--tls: --tls off contradicts tls.cert: drop one of them"]);
 }
 
 #[test]
 fn an_unreadable_file_is_a_configuration_error() {
-    let (status, _, stderr) = run_strata(&[
-        OsStr::new("serve"),
-        OsStr::new("--config"),
-        OsStr::new("/nonexistent/strata.toml"),
-    ]);
-    assert_eq!(status.code(), Some(78), "{stderr}");
-    assert!(
-        stderr.contains("cannot read /nonexistent/strata.toml"),
-        "{stderr}"
-    );
+    run(strata().args(["serve", "--config", "/nonexistent/strata.toml"]))
+        .assert_code(78)
+        .assert_stderr(&["cannot read /nonexistent/strata.toml"]);
 }
 
 /// Every file the example names exists, as far as validation is concerned.

@@ -20,7 +20,7 @@ use crate::support::control::{Response, Running, TOKEN, http};
 use crate::support::daemon::WAIT;
 use crate::support::spec::*;
 use crate::support::wire::info_data;
-use crate::support::{run_ok, strata};
+use crate::support::{run_ok, scratch, strata};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -507,8 +507,7 @@ fn tcp_control_needs_a_token() {
     ]))
     .assert_failure()
     .assert_stderr(&["--control-token-file"]);
-    let dir = tempfile::tempdir().unwrap();
-    let empty = dir.path().join("empty");
+    let (_dir, empty) = scratch("empty");
     std::fs::write(&empty, "\n").unwrap();
     crate::support::run(
         strata()
@@ -719,8 +718,7 @@ fn unknown_exports_are_404() {
 
 #[test]
 fn control_socket_is_private_replaces_a_stale_one_and_goes_at_shutdown() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("ctl.sock");
+    let (_dir, socket) = scratch("ctl.sock");
     // A socket file left by a server that died.
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
     assert!(socket.exists());
@@ -755,8 +753,7 @@ fn control_socket_is_private_replaces_a_stale_one_and_goes_at_shutdown() {
 
 #[test]
 fn control_socket_path_must_be_free() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("not-a-socket");
+    let (_dir, file) = scratch("not-a-socket");
     std::fs::write(&file, "data").unwrap();
     crate::support::run(
         strata()

@@ -12,13 +12,12 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use crate::support::client::{Client, EXTENDED, SIMPLE, STRUCTURED, Stream};
 use crate::support::daemon::{Daemon, WAIT};
 use crate::support::spec::*;
 use crate::support::wire::info_data;
-use crate::support::{Endpoint, pattern, strata};
+use crate::support::{Endpoint, pattern, poll, strata};
 
 /// A temporary directory for a server: its configuration file and images.
 struct Site {
@@ -213,14 +212,10 @@ fn keep_busy(
 
 /// Waits (bounded) until `counter` has moved `by` past `from`.
 fn wait_past(counter: &AtomicU64, from: u64, by: u64) {
-    let deadline = Instant::now() + WAIT;
-    while counter.load(Ordering::Relaxed) < from + by {
-        assert!(
-            Instant::now() < deadline,
-            "the busy client stopped making progress"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let moved = poll(WAIT, || {
+        (counter.load(Ordering::Relaxed) >= from + by).then_some(())
+    });
+    assert!(moved.is_some(), "the busy client stopped making progress");
 }
 
 #[test]
@@ -290,14 +285,12 @@ image = "memory:2M"
     stop.store(true, Ordering::Relaxed);
     busy.join().expect("the busy client's I/O all succeeded");
 
-    assert!(
-        change.stream.hangs_up(WAIT),
-        "the changed export's client is disconnected"
-    );
-    assert!(
-        remove.stream.hangs_up(WAIT),
-        "the removed export's client is disconnected"
-    );
+    for (c, export) in [(&mut change, "changed"), (&mut remove, "removed")] {
+        assert!(
+            c.stream.hangs_up(WAIT),
+            "the {export} export's client is disconnected"
+        );
+    }
 
     assert_eq!(list(addr), ["added", "change", "keep"]);
     let mut c = Client::tcp(addr).unwrap();

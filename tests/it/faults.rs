@@ -201,8 +201,7 @@ fn acknowledged_writes_survive_faults_and_a_kill() {
     if !strata_only("--inject-error") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.strata");
+    let (_dir, image) = scratch("disk.strata");
     run_ok(strata().args(["create", "-s", "8M", image.to_str().unwrap()]));
     let mut server = file(&image)
         .listen(Transport::Unix)

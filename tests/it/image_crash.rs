@@ -526,8 +526,7 @@ fn crash_standalone_image() {
     if !strata_only("Strata images") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.strata");
+    let (_dir, image) = scratch("disk.strata");
     run_ok(&mut strata(&[
         "create",
         image.to_str().unwrap(),
@@ -544,8 +543,7 @@ fn crash_overlay_over_raw_base() {
     if !strata_only("Strata images") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base.raw");
+    let (dir, base) = scratch("base.raw");
     let initial = pattern(77, DISK as usize);
     std::fs::write(&base, &initial).unwrap();
     let image = dir.path().join("overlay.strata");

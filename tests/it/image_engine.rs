@@ -32,7 +32,7 @@ use strata::image::sim::{Rng, SimStorage};
 use strata::image::storage::{Storage, View};
 use strata::image::{self, Chain, CreateOptions, Lower, ZeroMode, layer};
 
-use crate::support::{images_open, spawn};
+use crate::support::{images_open, scratch, spawn};
 
 /// Deterministic, never-zero byte for write `seed` at virtual offset `pos`: every write
 /// leaves its own bytes, so data that lands in the wrong place is recognised.
@@ -863,13 +863,25 @@ fn assert_survives(disk: &SimStorage, expected: &[(u64, Vec<u8>)], what: &str) {
     }
 }
 
+/// A fresh 4 MiB image with 4 KiB clusters on a simulated disk, and the image opened.
+fn fresh_sim_image() -> (Arc<SimStorage>, Chain) {
+    let sim = Arc::new(SimStorage::new());
+    image::write_new(sim.as_ref(), &header(4 << 20, 12, 1, None)).unwrap();
+    let chain = open_sim(sim.clone(), None, "fresh");
+    (sim, chain)
+}
+
+/// Asserts that `err` says the disk holding the image is full, naming the image.
+#[track_caller]
+fn assert_no_space(err: &strata::Error) {
+    assert_eq!(err.kind(), ErrorKind::NoSpace, "{err}");
+    assert!(err.to_string().contains(TOP), "{err}");
+}
+
 #[test]
 fn running_out_of_space_fails_writes_cleanly_and_keeps_the_image_sound() {
     const CS: u64 = 4096;
-    let h = header(4 << 20, 12, 1, None);
-    let sim = Arc::new(SimStorage::new());
-    image::write_new(sim.as_ref(), &h).unwrap();
-    let chain = open_sim(sim.clone(), None, "fresh");
+    let (sim, chain) = fresh_sim_image();
     // Ten clusters, flushed: the first map page has its pair now.
     let first = pattern(1, 0, 10 * CS);
     chain.write(0, &first, false).unwrap();
@@ -887,8 +899,7 @@ fn running_out_of_space_fails_writes_cleanly_and_keeps_the_image_sound() {
         let err = chain
             .write(at, &data, false)
             .expect_err("a write needing a new cluster");
-        assert_eq!(err.kind(), ErrorKind::NoSpace, "{err}");
-        assert!(err.to_string().contains(TOP), "{err}");
+        assert_no_space(&err);
         let end = (at + len).min(10 * CS);
         if at < end {
             let got = read_at(&chain, at, end - at);
@@ -927,10 +938,7 @@ fn running_out_of_space_fails_writes_cleanly_and_keeps_the_image_sound() {
 #[test]
 fn running_out_of_space_in_a_flush_keeps_the_last_commit() {
     const CS: u64 = 4096;
-    let h = header(4 << 20, 12, 1, None);
-    let sim = Arc::new(SimStorage::new());
-    image::write_new(sim.as_ref(), &h).unwrap();
-    let chain = open_sim(sim.clone(), None, "fresh");
+    let (sim, chain) = fresh_sim_image();
     let first = pattern(1, 0, 3 * CS);
     chain.write(0, &first, true).unwrap();
 
@@ -940,9 +948,7 @@ fn running_out_of_space_in_a_flush_keeps_the_last_commit() {
     let far = pattern(2, 600 * CS, CS);
     chain.write(600 * CS, &far, false).unwrap();
     for _ in 0..2 {
-        let err = chain.flush().expect_err("a flush needing a new page pair");
-        assert_eq!(err.kind(), ErrorKind::NoSpace, "{err}");
-        assert!(err.to_string().contains(TOP), "{err}");
+        assert_no_space(&chain.flush().expect_err("a flush needing a new page pair"));
         // The engine still reads what was written, and the disk holds the last commit.
         assert!(read_at(&chain, 600 * CS, CS) == far);
         assert_survives(&sim, &[(0, first.clone())], "after a failed flush");
@@ -1058,8 +1064,7 @@ fn a_16_tib_image_with_writes_far_apart_stays_small() {
     const GIB: u64 = 1 << 30;
     let size = 16 * TIB;
     let _images = images_open();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("huge.strata");
+    let (_dir, path) = scratch("huge.strata");
     create(&path, Some(size), None, None);
     let writes = [
         (0, 10),
@@ -1292,8 +1297,7 @@ fn scan_file(path: &Path) -> layer::Scan {
 fn truncated_images_are_refused() {
     const CS: u64 = 4096;
     let _images = images_open();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.strata");
+    let (dir, path) = scratch("disk.strata");
     create(&path, Some(4 << 20), Some(CS), None);
     {
         // Three clusters, then their map page pair, then one more cluster.
@@ -1341,8 +1345,7 @@ fn truncated_images_are_refused() {
 #[test]
 fn damaged_headers_are_refused_and_one_torn_copy_is_survived() {
     let _images = images_open();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.strata");
+    let (dir, path) = scratch("disk.strata");
     create(&path, Some(1 << 20), None, None);
     open_rw(&path).write(0, &pattern(1, 0, 5000), true).unwrap();
     // A second header version (an unknown compatible feature bit: kept, ignored), in
@@ -1417,8 +1420,7 @@ fn damaged_headers_are_refused_and_one_torn_copy_is_survived() {
 fn damaged_map_pages_are_refused_and_one_torn_copy_is_survived() {
     const CS: u64 = 4096;
     let _images = images_open();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.strata");
+    let (dir, path) = scratch("disk.strata");
     create(&path, Some(4 << 20), Some(CS), None);
     {
         // Three commits: map page 0 twice (its second version adds cluster 1), then
@@ -1514,8 +1516,7 @@ fn damaged_map_pages_are_refused_and_one_torn_copy_is_survived() {
 fn a_page_whose_sequence_number_cannot_be_followed_is_not_current() {
     const CS: u64 = 4096;
     let _images = images_open();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.strata");
+    let (_dir, path) = scratch("disk.strata");
     create(&path, Some(1 << 20), Some(CS), None);
     open_rw(&path).write(0, &pattern(1, 0, CS), true).unwrap();
     let scan = scan_file(&path);
@@ -2121,8 +2122,7 @@ fn image_meta_fuzz_seeds_are_current() {
 fn zeroing_part_of_a_cluster_that_reads_as_zeroes_allocates_nothing() {
     const CS: u64 = 64 * 1024;
     let _images = images_open();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.strata");
+    let (_dir, path) = scratch("disk.strata");
     create(&path, Some(16 * CS), Some(CS), None);
     let chain = open_rw(&path);
     chain.zero(CS + 512, 4096, ZeroMode::Trim, false).unwrap();

@@ -11,6 +11,11 @@ use crate::support::*;
 
 const FIO_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// A memory disk of `size` bytes served over `t`, when fio is installed.
+fn fio_server(t: Transport, size: u64) -> Option<Server> {
+    require_tool("fio").then(|| memory(size).listen(t).start())
+}
+
 fn fio(server: &Server, args: &[&str]) -> Command {
     let uri = server.uri();
     let mut c = Command::new("fio");
@@ -48,10 +53,9 @@ fn io_bytes(out: &CmdOutput, dir: &str) -> u64 {
 }
 
 fn fio_randwrite_verify(t: Transport) {
-    if !require_tool("fio") {
+    let Some(server) = fio_server(t, 128 * MIB) else {
         return;
-    }
-    let server = memory(128 * MIB).listen(t).start();
+    };
 
     let out = run_timeout(
         &mut fio(&server, &["--rw=randwrite", "--size=64m", "--do_verify=1"]),
@@ -99,10 +103,9 @@ fn fio_randwrite_verify(t: Transport) {
 }
 
 fn fio_parallel_connections(t: Transport) {
-    if !require_tool("fio") {
+    let Some(server) = fio_server(t, 64 * MIB) else {
         return;
-    }
-    let server = memory(64 * MIB).listen(t).start();
+    };
     let out = run_timeout(
         &mut fio(
             &server,

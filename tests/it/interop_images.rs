@@ -57,32 +57,14 @@ fn qemu_img_convert_through_strata_images(t: Transport) {
     strata_at_ok(d, &["create", "disk.strata", "-s", &len.to_string()]);
     let mut server = file(d.join("disk.strata")).listen(t).start();
     let uri = server.uri();
-    run_ok(
-        qemu_img()
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(&src)
-            .arg(&uri),
-    );
-    run_ok(
-        qemu_img()
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(&src)
-            .arg(&uri),
-    );
+    run_ok(&mut qemu_img_convert_into(&src, &uri));
+    run_ok(&mut qemu_img_compare(&src, &uri));
     let out = d.join("out.raw");
-    run_ok(
-        qemu_img()
-            .args(["convert", "-f", "raw", "-O", "raw"])
-            .arg(&uri)
-            .arg(&out),
-    );
+    run_ok(&mut qemu_img_convert(&uri, &out));
     assert_same_bytes("copied out of the export", &fs::read(&out).unwrap(), &data);
     // compare notices a change.
     qemu_io_ok(&uri, false, &["write -P 0xee 5M 512", "flush"]);
-    let cmp = run(qemu_img()
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(&src)
-        .arg(&uri));
+    let cmp = run(&mut qemu_img_compare(&src, &uri));
     assert_eq!(cmp.code(), Some(1), "{}", cmp.report());
     assert!(
         cmp.stdout.contains(&(5 * MIB).to_string()),
@@ -114,24 +96,9 @@ fn qemu_img_convert_through_strata_images(t: Transport) {
     strata_at_ok(d, &["create", "-b", "src.raw", "ov.strata"]);
     let mut server = file(d.join("ov.strata")).listen(t).start();
     let uri = server.uri();
-    run_ok(
-        qemu_img()
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(&src)
-            .arg(&uri),
-    );
-    run_ok(
-        qemu_img()
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(&other)
-            .arg(&uri),
-    );
-    run_ok(
-        qemu_img()
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(&other)
-            .arg(&uri),
-    );
+    run_ok(&mut qemu_img_compare(&src, &uri));
+    run_ok(&mut qemu_img_convert_into(&other, &uri));
+    run_ok(&mut qemu_img_compare(&other, &uri));
     server.stop_cleanly_with(libc::SIGTERM);
     assert_clean(d, "ov.strata");
     assert_same_bytes(
@@ -567,12 +534,7 @@ fn golden_image(kind: &str) {
         }
         let want = d.join(format!("want{i}.raw"));
         fs::write(&want, &e).unwrap();
-        run_ok(
-            qemu_img()
-                .args(["compare", "-f", "raw", "-F", "raw"])
-                .arg(&want)
-                .arg(server.uri_of(name)),
-        );
+        run_ok(&mut qemu_img_compare(&want, server.uri_of(name)));
         expected.push(e);
     }
     let copy = d.join("copy.raw");

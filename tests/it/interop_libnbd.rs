@@ -117,16 +117,13 @@ fn nbdinfo_map_after_writes(t: Transport) {
     let size = 8 * MIB;
     let server = memory(size).listen(t).start();
     let uri = server.uri();
-    let out = nbdinfo(&["--map", &uri]).assert_success();
-    assert_map(&parse_nbdinfo_map(&out.stdout), size, &[], &out.stdout);
+    assert_nbdinfo_map(&uri, size, &[]);
 
     write_with_qemu_io(&uri, &["write -P 0x31 1M 1M", "write -P 0x32 5M 512k"]);
-    let out = nbdinfo(&["--map", &uri]).assert_success();
-    assert_map(
-        &parse_nbdinfo_map(&out.stdout),
+    assert_nbdinfo_map(
+        &uri,
         size,
         &[(MIB, 2 * MIB), (5 * MIB, 5 * MIB + 512 * KIB)],
-        &out.stdout,
     );
 }
 
@@ -137,8 +134,7 @@ fn nbdinfo_map_read_only_file_export() {
     }
     // A fully written file, exported read-only, is all data (block status works on
     // read-only exports too).
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("full.img");
+    let (_dir, disk) = scratch("full.img");
     fs::write(&disk, pattern(9, 2 * MIB as usize)).unwrap();
     let server = file(&disk).read_only().start();
     let out = nbdinfo(&["--map", &server.uri()]).assert_success();
@@ -191,13 +187,7 @@ fn nbdinfo_map_allocation_depth(t: Transport) {
 
     // Writes leave holes in base:allocation, but holes are the top layer's too.
     write_with_qemu_io(&uri, &["write -P 0x33 1M 1M", "write -P 0x34 7M 64k"]);
-    let out = nbdinfo(&["--map", &uri]).assert_success();
-    assert_map(
-        &parse_nbdinfo_map(&out.stdout),
-        size,
-        &[(MIB, 2 * MIB), (7 * MIB, 7 * MIB + 64 * KIB)],
-        &out.stdout,
-    );
+    assert_nbdinfo_map(&uri, size, &[(MIB, 2 * MIB), (7 * MIB, 7 * MIB + 64 * KIB)]);
     assert_all_local(&uri, size);
 
     // The same through the read-only layer, over a sparse raw file.
@@ -264,8 +254,7 @@ fn nbdcopy_out_of_read_only_export(t: Transport) {
     if !require_tool("nbdcopy") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("ro.img");
+    let (dir, disk) = scratch("ro.img");
     let data = write_mixed_image(&disk, 4, 4 * MIB as usize);
     let server = file(&disk).listen(t).read_only().start();
     let out = dir.path().join("out.raw");

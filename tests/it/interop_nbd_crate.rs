@@ -109,8 +109,7 @@ fn nbd_crate_read_write_seek(t: Transport) {
 
 fn nbd_crate_large_requests(t: Transport) {
     // Requests of several MiB each way, against a file export.
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("big.img");
+    let (_dir, disk) = scratch("big.img");
     std::fs::write(&disk, vec![0u8; 32 * MIB as usize]).unwrap();
     let mut server = file(&disk).listen(t).start();
     let data = pattern(63, 8 * MIB as usize);
@@ -137,8 +136,7 @@ fn nbd_crate_large_requests(t: Transport) {
 }
 
 fn nbd_crate_read_only(t: Transport) {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("ro.img");
+    let (_dir, disk) = scratch("ro.img");
     let data = pattern(64, 1024 * 1024);
     std::fs::write(&disk, &data).unwrap();
     let server = file(&disk).listen(t).read_only().start();
@@ -219,8 +217,7 @@ fn idle_connections_stay_small(t: Transport) {
     if !strata_only("the resident-memory bound") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.raw");
+    let (_dir, path) = scratch("disk.raw");
     std::fs::write(&path, vec![0u8; 64 * MIB as usize]).unwrap();
     let server = file(&path).listen(t).start();
     let pid = server.pid().expect("server running");

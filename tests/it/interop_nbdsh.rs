@@ -361,8 +361,7 @@ fn read_only_rejects_writes(t: Transport) {
     if !require_tool("nbdsh") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("ro.img");
+    let (_dir, disk) = scratch("ro.img");
     let data = pattern(50, 2 * MIB as usize);
     std::fs::write(&disk, &data).unwrap();
     let server = file(&disk).listen(t).read_only().start();

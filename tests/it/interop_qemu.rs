@@ -53,32 +53,14 @@ fn qemu_img_convert_roundtrip(t: Transport) {
     let data = write_mixed_image(&src, 1, len);
     let uri = server.uri();
 
-    run_ok(
-        qemu_img()
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(&src)
-            .arg(&uri),
-    );
-    run_ok(
-        qemu_img()
-            .args(["convert", "-f", "raw", "-O", "raw"])
-            .arg(&uri)
-            .arg(&out),
-    );
+    run_ok(&mut qemu_img_convert_into(&src, &uri));
+    run_ok(&mut qemu_img_convert(&uri, &out));
     assert_same_bytes("copied out of the export", &fs::read(&out).unwrap(), &data);
-    run_ok(
-        qemu_img()
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(&src)
-            .arg(&uri),
-    );
+    run_ok(&mut qemu_img_compare(&src, &uri));
 
     // The comparison must notice a change made through another connection.
     qemu_io_ok(&uri, false, &["write -P 0xee 4096 512"]);
-    let cmp = run(qemu_img()
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(&src)
-        .arg(&uri));
+    let cmp = run(&mut qemu_img_compare(&src, &uri));
     assert_eq!(
         cmp.code(),
         Some(1),
@@ -100,18 +82,8 @@ fn qemu_img_convert_into_file_export_persists() {
     let data = write_mixed_image(&src, 2, len);
     fs::write(&disk, vec![0x77u8; len]).unwrap();
     let mut server = file(&disk).start();
-    run_ok(
-        qemu_img()
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(&src)
-            .arg(server.uri()),
-    );
-    run_ok(
-        qemu_img()
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(&src)
-            .arg(server.uri()),
-    );
+    run_ok(&mut qemu_img_convert_into(&src, server.uri()));
+    run_ok(&mut qemu_img_compare(&src, server.uri()));
     server.stop_cleanly_with(libc::SIGTERM);
     assert_same_bytes(
         "backing file after shutdown",
@@ -131,21 +103,14 @@ fn qemu_img_map_shows_written_ranges(t: Transport) {
     let uri = server.uri();
 
     // Fresh memory disk: one unallocated zero range.
-    let out = run_ok(qemu_img().args(["map", "--output=json", "-f", "raw", &uri]));
-    assert_map(&parse_qemu_map(&out.stdout), size, &[], &out.stdout);
+    assert_qemu_map(&uri, size, &[]);
 
     qemu_io_ok(
         &uri,
         false,
         &["write -P 0x61 1M 1M", "write -P 0x62 6M 2M", "flush"],
     );
-    let out = run_ok(qemu_img().args(["map", "--output=json", "-f", "raw", &uri]));
-    assert_map(
-        &parse_qemu_map(&out.stdout),
-        size,
-        &[(MIB, 2 * MIB), (6 * MIB, 8 * MIB)],
-        &out.stdout,
-    );
+    assert_qemu_map(&uri, size, &[(MIB, 2 * MIB), (6 * MIB, 8 * MIB)]);
 }
 
 /// `qemu-img map` of the `qemu:allocation-depth` context. qemu's client reads another
@@ -156,8 +121,7 @@ fn qemu_img_map_allocation_depth(t: Transport) {
     if !require_tools(&["qemu-img", "qemu-io"]) || !strata_only("offering qemu:allocation-depth") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("layer.img");
+    let (_dir, disk) = scratch("layer.img");
     let size = 16 * MIB;
     let f = fs::File::create(&disk).unwrap();
     f.set_len(size).unwrap();
@@ -165,13 +129,7 @@ fn qemu_img_map_allocation_depth(t: Transport) {
     let server = file(&disk).listen(t).start();
     qemu_io_ok(&server.uri(), false, &["write -P 0x63 2M 1M", "flush"]);
     // The plain map sees a hole before the data...
-    let out = run_ok(qemu_img().args(["map", "--output=json", "-f", "raw", &server.uri()]));
-    assert_map(
-        &parse_qemu_map(&out.stdout),
-        size,
-        &[(2 * MIB, 3 * MIB)],
-        &out.stdout,
-    );
+    assert_qemu_map(&server.uri(), size, &[(2 * MIB, 3 * MIB)]);
     // ...but every byte of a raw file, hole or not, is the top layer's.
     let opts = format!(
         "{},x-dirty-bitmap=qemu:allocation-depth",

@@ -42,8 +42,7 @@ fn default_export_names() {
         .assert_success()
         .assert_stdout(&["export=\"memory\""]);
 
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("guest-disk.raw");
+    let (_dir, disk) = scratch("guest-disk.raw");
     std::fs::write(&disk, vec![0u8; 2 * MIB as usize]).unwrap();
     let server = file(&disk).start();
     nbdinfo(&["--list", &server.default_uri()])
@@ -124,8 +123,7 @@ fn ipv6_loopback() {
 }
 
 fn shutdown_on_signal(signal: libc::c_int) {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("sig.img");
+    let (_dir, disk) = scratch("sig.img");
     std::fs::write(&disk, vec![0u8; 4 * MIB as usize]).unwrap();
     let mut server = file(&disk).start();
     let data = pattern(80 + signal as u64, 256 * KIB as usize);
@@ -177,8 +175,7 @@ fn sigint_shuts_down_cleanly() {
 
 #[test]
 fn unix_socket_and_read_only_together() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("rounix.img");
+    let (_dir, disk) = scratch("rounix.img");
     let data = pattern(90, MIB as usize);
     std::fs::write(&disk, &data).unwrap();
     let server = file(&disk).listen(Transport::Unix).read_only().start();

@@ -17,6 +17,15 @@ const CS: u64 = 64 * KIB;
 const SIZE: u64 = 16 * MIB;
 
 /// The clusters touched by `[start, start + len)`.
+/// Serves the snapshot `name` of `d/disk.strata` read-only, under its name, over `t`.
+fn serve_snapshot(d: &Path, name: &str, t: Transport) -> Server {
+    file(d.join(format!("disk.strata@{name}")))
+        .name(name)
+        .read_only()
+        .listen(t)
+        .start()
+}
+
 fn clusters(start: u64, len: u64) -> std::ops::Range<u64> {
     start / CS..(start + len).div_ceil(CS)
 }
@@ -202,11 +211,7 @@ fn dirty_bitmaps_through_real_clients(t: Transport) {
     server.stop_cleanly_with(libc::SIGTERM);
 
     // The snapshot tue, served read-only on its own: what changed between mon and tue.
-    let mut snap = file(d.join("disk.strata@tue"))
-        .name("tue")
-        .read_only()
-        .listen(t)
-        .start();
+    let mut snap = serve_snapshot(d, "tue", t);
     let between: BTreeSet<u64> = since_mon.difference(&since_tue).copied().collect();
     let ctx = contexts(&snap.uri());
     assert!(ctx.contains(&"qemu:dirty-bitmap:mon".to_owned()), "{ctx:?}");
@@ -234,12 +239,7 @@ fn snapshot_exports_read_by_qemu_img_and_nbdcopy(t: Transport) {
     let data = write_mixed_image(&src, 77, SIZE as usize);
     strata_at_ok(d, &["create", "disk.strata", "-s", &SIZE.to_string()]);
     let mut server = serve(d, t);
-    run_ok(
-        qemu_img()
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(&src)
-            .arg(server.uri()),
-    );
+    run_ok(&mut qemu_img_convert_into(&src, server.uri()));
     server.stop_cleanly_with(libc::SIGTERM);
     strata_at_ok(d, &["snapshot", "create", "disk.strata", "before"]);
     let mut server = serve(d, t);
@@ -249,24 +249,12 @@ fn snapshot_exports_read_by_qemu_img_and_nbdcopy(t: Transport) {
         &["write -P 0x5a 1M 3M", "discard 8M 1M", "flush"],
     );
     // The live disk changed...
-    let cmp = run(qemu_img()
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(&src)
-        .arg(server.uri()));
+    let cmp = run(&mut qemu_img_compare(&src, server.uri()));
     assert_eq!(cmp.code(), Some(1), "{}", cmp.report());
     server.stop_cleanly_with(libc::SIGTERM);
     // ...the snapshot did not.
-    let mut snap = file(d.join("disk.strata@before"))
-        .name("before")
-        .read_only()
-        .listen(t)
-        .start();
-    run_ok(
-        qemu_img()
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(&src)
-            .arg(snap.uri()),
-    );
+    let mut snap = serve_snapshot(d, "before", t);
+    run_ok(&mut qemu_img_compare(&src, snap.uri()));
     let copy = d.join("copy.raw");
     run_ok(Command::new("nbdcopy").arg(snap.uri()).arg(&copy));
     assert_same_bytes("nbdcopy of the snapshot", &fs::read(&copy).unwrap(), &data);

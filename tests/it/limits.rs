@@ -222,6 +222,13 @@ fn check_histograms(samples: &[Sample]) -> Result<(), String> {
     Ok(())
 }
 
+/// Asserts that the sample `name` with `labels` has the value `want`.
+#[track_caller]
+fn assert_value(samples: &[Sample], name: &str, labels: &[(&str, &str)], want: f64) {
+    let got = value(samples, name, labels);
+    assert_eq!(got, want, "{name}{labels:?}");
+}
+
 fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
     samples
         .iter()
@@ -248,6 +255,11 @@ fn scrape_unix(path: &Path, route: &str) -> Vec<Sample> {
     parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
 
+/// `--metrics unix:SOCKET`: the metrics endpoint on a Unix socket.
+fn metrics_args(socket: &Path) -> [String; 2] {
+    ["--metrics".to_owned(), format!("unix:{}", socket.display())]
+}
+
 #[test]
 fn the_metrics_parser_rejects_what_prometheus_would() {
     let ok =
@@ -270,29 +282,22 @@ fn metrics_are_prometheus_text_and_follow_real_io() {
     if !strata_only("the metrics endpoint") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let metrics = dir.path().join("metrics.sock");
+    let (dir, metrics) = scratch("metrics.sock");
     let control = dir.path().join("control.sock");
     let server = memory(16 * MIB)
         .listen(Transport::Unix)
         .name("vm\"1")
-        .args([
-            "--metrics".to_owned(),
-            format!("unix:{}", metrics.display()),
-            "--control".to_owned(),
-            control.display().to_string(),
-        ])
+        .args(metrics_args(&metrics))
+        .args(["--control".as_ref(), control.as_os_str()])
         .start();
     let before = scrape_unix(&metrics, "/metrics");
-    assert_eq!(value(&before, "strata_build_info", &[]), 1.0);
+    assert_value(&before, "strata_build_info", &[], 1.0);
     let export = [("export", "vm\"1")];
-    assert_eq!(
-        value(
-            &before,
-            "strata_export_requests_total",
-            &[export[0], ("op", "write")]
-        ),
-        0.0
+    assert_value(
+        &before,
+        "strata_export_requests_total",
+        &[export[0], ("op", "write")],
+        0.0,
     );
 
     let mut c = Client::connect(server.endpoint()).unwrap();
@@ -311,58 +316,39 @@ fn metrics_are_prometheus_text_and_follow_real_io() {
 
     let after = scrape_unix(&metrics, "/metrics");
     let op = |name| [export[0], ("op", name)];
-    assert_eq!(
-        value(&after, "strata_export_requests_total", &op("write")),
-        10.0
+    assert_value(&after, "strata_export_requests_total", &op("write"), 10.0);
+    assert_value(&after, "strata_export_requests_total", &op("read"), 5.0);
+    assert_value(&after, "strata_export_requests_total", &op("flush"), 1.0);
+    assert_value(
+        &after,
+        "strata_export_written_bytes_total",
+        &export,
+        40960.0,
     );
-    assert_eq!(
-        value(&after, "strata_export_requests_total", &op("read")),
-        5.0
+    assert_value(&after, "strata_export_read_bytes_total", &export, 40960.0);
+    assert_value(
+        &after,
+        "strata_export_errors_total",
+        &[export[0], ("errno", "EINVAL")],
+        1.0,
     );
-    assert_eq!(
-        value(&after, "strata_export_requests_total", &op("flush")),
-        1.0
-    );
-    assert_eq!(
-        value(&after, "strata_export_written_bytes_total", &export),
-        40960.0
-    );
-    assert_eq!(
-        value(&after, "strata_export_read_bytes_total", &export),
-        40960.0
-    );
-    assert_eq!(
-        value(
-            &after,
-            "strata_export_errors_total",
-            &[export[0], ("errno", "EINVAL")]
-        ),
-        1.0
-    );
-    assert_eq!(
-        value(
-            &after,
-            "strata_export_errors_total",
-            &[export[0], ("errno", "ENOSPC")]
-        ),
-        1.0
+    assert_value(
+        &after,
+        "strata_export_errors_total",
+        &[export[0], ("errno", "ENOSPC")],
+        1.0,
     );
     let latency = "strata_export_request_duration_seconds";
-    assert_eq!(
-        value(&after, &format!("{latency}_count"), &op("write")),
-        10.0
-    );
-    assert_eq!(value(&after, &format!("{latency}_count"), &op("read")), 5.0);
-    assert_eq!(
-        value(
-            &after,
-            &format!("{latency}_bucket"),
-            &[export[0], ("op", "read"), ("le", "+Inf")]
-        ),
-        5.0
+    assert_value(&after, &format!("{latency}_count"), &op("write"), 10.0);
+    assert_value(&after, &format!("{latency}_count"), &op("read"), 5.0);
+    assert_value(
+        &after,
+        &format!("{latency}_bucket"),
+        &[export[0], ("op", "read"), ("le", "+Inf")],
+        5.0,
     );
     assert!(value(&after, &format!("{latency}_sum"), &op("write")) > 0.0);
-    assert_eq!(value(&after, "strata_export_connections", &export), 1.0);
+    assert_value(&after, "strata_export_connections", &export, 1.0);
     assert!(value(&after, "strata_connections", &[]) >= 1.0);
     assert!(value(&after, "strata_connections_accepted_total", &[]) >= 2.0);
     assert!(
@@ -375,13 +361,11 @@ fn metrics_are_prometheus_text_and_follow_real_io() {
     bad.send(&0xffff_fff0u32.to_be_bytes()).unwrap();
     assert!(bad.stream.closed_by_server(WAIT));
     let through_control = scrape_unix(&control, "/v1/metrics");
-    assert_eq!(
-        value(
-            &through_control,
-            "strata_handshakes_failed_total",
-            &[("reason", "protocol")]
-        ),
-        1.0
+    assert_value(
+        &through_control,
+        "strata_handshakes_failed_total",
+        &[("reason", "protocol")],
+        1.0,
     );
     assert_eq!(
         value(
@@ -457,15 +441,10 @@ fn per_client_caps_refuse_only_that_clients_surplus() {
     if !strata_only("--max-connections-per-client") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let metrics = dir.path().join("metrics.sock");
+    let (_dir, metrics) = scratch("metrics.sock");
     let server = memory(MIB)
-        .args([
-            "--max-connections-per-client".to_owned(),
-            "2".to_owned(),
-            "--metrics".to_owned(),
-            format!("unix:{}", metrics.display()),
-        ])
+        .args(["--max-connections-per-client", "2"])
+        .args(metrics_args(&metrics))
         .start();
     let Endpoint::Tcp(addr) = server.endpoint().clone() else {
         unreachable!()
@@ -480,13 +459,11 @@ fn per_client_caps_refuse_only_that_clients_surplus() {
     let mut b = try_client("127.0.0.2", addr).expect("another client's connection");
     b.write(0, 0, &[1; 512]).unwrap().unwrap();
     let m = scrape_unix(&metrics, "/metrics");
-    assert_eq!(
-        value(
-            &m,
-            "strata_connections_refused_total",
-            &[("reason", "per_client")]
-        ),
-        1.0
+    assert_value(
+        &m,
+        "strata_connections_refused_total",
+        &[("reason", "per_client")],
+        1.0,
     );
     assert!(
         server.log().contains("connections per client reached"),
@@ -495,14 +472,8 @@ fn per_client_caps_refuse_only_that_clients_surplus() {
     );
     // A closed connection gives its place back.
     drop(a1);
-    let deadline = Instant::now() + WAIT;
-    let again = loop {
-        match try_client("127.0.0.1", addr) {
-            Ok(c) => break c,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => panic!("the place of a closed connection was not given back: {e}"),
-        }
-    };
+    let again = poll(WAIT, || try_client("127.0.0.1", addr).ok());
+    let again = again.expect("the place of a closed connection was given back");
     drop((a2, again, b));
 }
 
@@ -511,16 +482,11 @@ fn idle_timeout_ends_idle_and_stalled_clients_only() {
     if !strata_only("--idle-timeout") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let metrics = dir.path().join("metrics.sock");
+    let (_dir, metrics) = scratch("metrics.sock");
     let server = memory(16 * MIB)
         .listen(Transport::Unix)
-        .args([
-            "--idle-timeout".to_owned(),
-            "1".to_owned(),
-            "--metrics".to_owned(),
-            format!("unix:{}", metrics.display()),
-        ])
+        .args(["--idle-timeout", "1"])
+        .args(metrics_args(&metrics))
         .start();
     let connect = || {
         let mut c = Client::connect(server.endpoint()).unwrap();
@@ -540,14 +506,12 @@ fn idle_timeout_ends_idle_and_stalled_clients_only() {
         busy.read(0, 0, 4096).unwrap().unwrap();
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(
-        idle.stream.closed_by_server(WAIT),
-        "an idle client was kept"
-    );
-    assert!(
-        stalled.stream.closed_by_server(WAIT),
-        "a client stalled mid-payload was kept"
-    );
+    for (c, who) in [
+        (&mut idle, "an idle client"),
+        (&mut stalled, "a client stalled mid-payload"),
+    ] {
+        assert!(c.stream.closed_by_server(WAIT), "{who} was kept");
+    }
     busy.read(0, 0, 4096)
         .expect("a busy client was disconnected")
         .unwrap();
@@ -576,16 +540,11 @@ fn the_total_in_flight_budget_bounds_all_connections_together() {
         return;
     }
     const LIMIT: u64 = 48 * MIB;
-    let dir = tempfile::tempdir().unwrap();
-    let metrics = dir.path().join("metrics.sock");
+    let (_dir, metrics) = scratch("metrics.sock");
     let server = memory(256 * MIB)
         .listen(Transport::Unix)
-        .args([
-            "--max-in-flight-total".to_owned(),
-            "48M".to_owned(),
-            "--metrics".to_owned(),
-            format!("unix:{}", metrics.display()),
-        ])
+        .args(["--max-in-flight-total", "48M"])
+        .args(metrics_args(&metrics))
         .start();
     // Fill the disk, so reads allocate their data.
     let mut writer = Client::connect(server.endpoint()).unwrap();
@@ -614,7 +573,7 @@ fn the_total_in_flight_budget_bounds_all_connections_together() {
     loop {
         let m = scrape_unix(&metrics, "/metrics");
         let in_flight = value(&m, "strata_in_flight_bytes", &[]);
-        assert_eq!(value(&m, "strata_in_flight_limit_bytes", &[]), LIMIT as f64);
+        assert_value(&m, "strata_in_flight_limit_bytes", &[], LIMIT as f64);
         assert!(
             in_flight <= LIMIT as f64,
             "{in_flight} bytes in flight over the limit"
@@ -647,17 +606,10 @@ fn the_total_in_flight_budget_bounds_all_connections_together() {
         }
     }
     writer.read(0, 0, 4096).unwrap().unwrap();
-    let deadline = Instant::now() + WAIT;
     drop(hogs);
-    loop {
+    let returned = poll(WAIT, || {
         let m = scrape_unix(&metrics, "/metrics");
-        if value(&m, "strata_in_flight_bytes", &[]) == 0.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "idle connections kept their leases"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        (value(&m, "strata_in_flight_bytes", &[]) == 0.0).then_some(())
+    });
+    assert!(returned.is_some(), "idle connections kept their leases");
 }

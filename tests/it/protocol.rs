@@ -12,7 +12,7 @@ use crate::support::client::{Client, EXTENDED, Mode, Reply, SIMPLE, STRUCTURED};
 use crate::support::in_process::{TestServer, memory_backend as memory};
 use crate::support::spec::*;
 use crate::support::wire::{be32, info_data, opt, request};
-use crate::support::{MIB, pattern};
+use crate::support::{MIB, pattern, poll};
 
 /// How long the server may take to close a connection it should close.
 const WAIT: Duration = Duration::from_secs(20);
@@ -472,16 +472,8 @@ fn connections_are_capped_and_slots_come_back() {
     assert!(c.stream.hangs_up(WAIT), "third connection is refused");
     // A client that vanishes without NBD_CMD_DISC frees its slot.
     drop(a);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut d = srv.connect();
-        if let Ok(magic) = d.read_exact(8) {
-            assert_eq!(magic, NBDMAGIC.to_be_bytes());
-            break;
-        }
-        assert!(Instant::now() < deadline, "slot was never freed");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let magic = poll(Duration::from_secs(10), || srv.connect().read_exact(8).ok());
+    assert_eq!(magic.expect("slot was never freed"), NBDMAGIC.to_be_bytes());
     assert_eq!(b.command(0, CMD_FLUSH, 0, 0, &[]).unwrap(), 0);
 }
 

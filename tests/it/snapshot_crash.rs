@@ -13,7 +13,7 @@ use strata::backend::Backend;
 use strata::image::{self, snapshot};
 use strata::server::volume::Volume;
 
-use crate::support::{images_open, new_image, run, run_ok, runtime, strata, strata_at};
+use crate::support::{images_open, new_image, run, run_ok, runtime, scratch, strata, strata_at};
 
 const CLUSTER: u64 = 4096;
 const SIZE: u64 = 64 * CLUSTER;
@@ -194,26 +194,24 @@ fn a_snapshot_interrupted_after_the_switch_is_complete() {
     );
 }
 
+/// Where a deletion can stop, and whether the snapshot is gone once it has stopped there.
+const DELETE_STEPS: [(&str, bool); 4] = [
+    ("delete-begun", false),
+    ("delete-merged", false),
+    ("delete-rebased", true),
+    ("delete-removed", true),
+];
+
 #[test]
 fn deleting_the_newest_snapshot_survives_a_crash_at_every_step() {
-    for (fp, done) in [
-        ("delete-begun", false),
-        ("delete-merged", false),
-        ("delete-rebased", true),
-        ("delete-removed", true),
-    ] {
+    for (fp, done) in DELETE_STEPS {
         crash_at(fp, &["snapshot", "delete", "s3"], without("s3"), done);
     }
 }
 
 #[test]
 fn deleting_a_middle_snapshot_survives_a_crash_at_every_step() {
-    for (fp, done) in [
-        ("delete-begun", false),
-        ("delete-merged", false),
-        ("delete-rebased", true),
-        ("delete-removed", true),
-    ] {
+    for (fp, done) in DELETE_STEPS {
         crash_at(fp, &["snapshot", "delete", "s2"], without("s2"), done);
     }
 }
@@ -258,8 +256,7 @@ fn every_failpoint_is_covered() {
 #[test]
 fn writes_just_before_the_switch_are_durable_after_the_next_flush() {
     let _images = images_open();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("disk.strata");
+    let (_dir, path) = scratch("disk.strata");
     new_image(&path, SIZE, CLUSTER);
     {
         let chain = std::sync::Arc::new(image::open(&path, true).unwrap());

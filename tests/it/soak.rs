@@ -7,7 +7,7 @@
 //! started again, and its last run must write and verify its region in full.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -231,8 +231,7 @@ fn soak_with_kills_loses_nothing_acknowledged() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
-    let dir = tempfile::tempdir().unwrap();
-    let image: PathBuf = dir.path().join("soak.strata");
+    let (dir, image) = scratch("soak.strata");
     run_ok(strata().args(["create", "-s", &DISK.to_string(), image.to_str().unwrap()]));
     let start = |image: &Path| file(image).listen(Transport::Unix).start();
     let mut server = start(&image);

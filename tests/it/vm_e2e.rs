@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{harden, is_ci, run_timeout, spawn, strata};
+use crate::support::{harden, is_ci, poll, run_timeout, scratch, spawn, strata};
 
 const MIB: u64 = 1 << 20;
 /// The guest writes its marker here (sector 2048) and its tick counter at 2 MiB.
@@ -329,18 +329,13 @@ impl Launcher {
 
     /// Waits for the launcher to exit; panics with its log after `timeout`.
     fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
+        let exited = poll(timeout, || self.child.try_wait().unwrap());
+        exited.unwrap_or_else(|| {
+            panic!(
                 "the launcher did not exit within {timeout:?}\n{}",
                 self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            )
+        })
     }
 }
 
@@ -740,20 +735,19 @@ fn boot_write_poweroff_checkpoint_resume() {
 /// Waits until the launcher says the VM runs and the guest has ticked `ticks` times
 /// since the console held `seen` bytes.
 fn wait_running(vm: &Vm, launcher: &Launcher, seen: usize, ticks: u64) {
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    loop {
+    let fresh = || {
         let console = std::fs::read_to_string(vm.console()).unwrap_or_default();
-        let fresh = &console[seen.min(console.len())..];
-        if launcher.log().contains("is running") && last_tick(fresh) >= ticks {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the VM did not run\n{}\n--- console ---\n{fresh}",
-            launcher.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        console[seen.min(console.len())..].to_owned()
+    };
+    let running = poll(GUEST_TIMEOUT, || {
+        (launcher.log().contains("is running") && last_tick(&fresh()) >= ticks).then_some(())
+    });
+    assert!(
+        running.is_some(),
+        "the VM did not run\n{}\n--- console ---\n{}",
+        launcher.log(),
+        fresh()
+    );
 }
 
 /// A launcher that dies in the middle of a suspend (`STRATA_FAILPOINT`, which aborts it
@@ -1026,8 +1020,7 @@ fn fails_with(cmd: &mut Command, want: &str) -> crate::support::CmdOutput {
 /// would need one name `/bin/true`, which is never started.
 #[test]
 fn bad_input_gets_clear_messages() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("vms");
+    let (dir, root) = scratch("vms");
     let image = golden(dir.path());
 
     fails_with(vm_cmd(&root).args(["run", "nope"]), "no VM named \"nope\"");

@@ -9,13 +9,12 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use super::client::{Client, STRUCTURED};
 use super::daemon::{Daemon, WAIT, address_after};
-use super::{CmdOutput, run, strata};
+use super::{CmdOutput, poll, run, strata};
 
 // ---------------------------------------------------------------------------------------
 // The server under test
@@ -172,18 +171,11 @@ impl Running {
 
     /// Waits (bounded) until `name` reports `n` connected clients, and returns its view.
     pub fn wait_connections(&self, name: &str, n: u64) -> Value {
-        let deadline = Instant::now() + WAIT;
-        loop {
+        let got = poll(WAIT, || {
             let e = self.export(name);
-            if e["stats"]["connections"] == n {
-                return e;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} never had {n} connection(s): {e}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            (e["stats"]["connections"] == n).then_some(e)
+        });
+        got.unwrap_or_else(|| panic!("{name} never had {n} connection(s): {}", self.export(name)))
     }
 
     pub fn signal(&self, signal: libc::c_int) {

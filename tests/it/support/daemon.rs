@@ -9,9 +9,10 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{run, spawn, strata};
+use super::process::wait_deadline;
+use super::{poll, spawn, strata};
 
 /// How long any wait for the server lasts at most.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -74,31 +75,25 @@ impl Daemon {
     /// the server exits first or the wait runs out.
     #[track_caller]
     pub fn wait_for_nth(&mut self, what: &str, n: usize) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(line) = self
+        let logged = poll(WAIT, || {
+            let found = self
                 .lines()
                 .into_iter()
                 .filter(|l| l.contains(what))
-                .nth(n - 1)
-            {
-                return line;
+                .nth(n - 1);
+            if found.is_none() {
+                if let Some(status) = self.child.try_wait().unwrap() {
+                    // Let the reader collect what the server printed last.
+                    std::thread::sleep(Duration::from_millis(50));
+                    panic!(
+                        "the server exited ({status}) before logging {what:?}:\n{}",
+                        self.log()
+                    );
+                }
             }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the reader collect what the server printed last.
-                std::thread::sleep(Duration::from_millis(50));
-                panic!(
-                    "the server exited ({status}) before logging {what:?}:\n{}",
-                    self.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the server never logged {what:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            found
+        });
+        logged.unwrap_or_else(|| panic!("the server never logged {what:?}:\n{}", self.log()))
     }
 
     /// Waits for the first line containing `what`.
@@ -110,23 +105,12 @@ impl Daemon {
     /// The first TCP address the server logs it listens on.
     #[track_caller]
     pub fn tcp_addr(&mut self) -> SocketAddr {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let found = self
-                .lines()
-                .iter()
-                .find_map(|l| address_after(l, "listening on "));
-            if let Some(addr) = found {
-                return addr;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no TCP listening address logged:\n{}",
-                self.log()
-            );
-            self.wait_for("listening on");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_for("listening on");
+        let logged = poll(WAIT, || {
+            let lines = self.lines();
+            lines.iter().find_map(|l| address_after(l, "listening on "))
+        });
+        logged.unwrap_or_else(|| panic!("no TCP listening address logged:\n{}", self.log()))
     }
 
     pub fn pid(&self) -> u32 {
@@ -143,18 +127,8 @@ impl Daemon {
     /// Waits (bounded) for the process to exit; returns its status and log.
     #[track_caller]
     pub fn wait_exit(mut self) -> (ExitStatus, String) {
-        let deadline = Instant::now() + WAIT;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the server did not exit:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = wait_deadline(&mut self.child, WAIT)
+            .unwrap_or_else(|| panic!("the server did not exit:\n{}", self.log()));
         if let Some(reader) = self.reader.take() {
             reader.join().unwrap();
         }
@@ -187,12 +161,4 @@ pub fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
         .find(|c: char| c.is_whitespace() || c == '\x1b' || c == '"')
         .unwrap_or(rest.len());
     rest[..end].parse().ok()
-}
-
-/// Runs `strata ARGS...` to completion (bounded) and returns its status and stderr.
-pub fn run_strata(args: &[&std::ffi::OsStr]) -> (ExitStatus, String, String) {
-    let mut cmd = strata();
-    cmd.args(args);
-    let out = run(&mut cmd);
-    (out.status, out.stdout, out.stderr)
 }

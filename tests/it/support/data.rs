@@ -52,6 +52,13 @@ pub fn assert_same_bytes(what: &str, a: &[u8], b: &[u8]) {
     }
 }
 
+/// A fresh temporary directory, and the path of `name` in it.
+pub fn scratch(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join(name);
+    (dir, path)
+}
+
 /// Creates an empty standalone Strata image at `path` (which must not exist).
 pub fn new_image(path: &Path, size: u64, cluster: u64) {
     let _images = super::images_open();

@@ -3,6 +3,8 @@
 
 use serde::Deserialize;
 
+use super::{nbdinfo, qemu_img, run_ok};
+
 /// One entry of an allocation map: `[start, start+length)` with flags. Deserialized from
 /// an entry of `qemu-img map --output=json`, whose other members are ignored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -56,6 +58,22 @@ pub fn assert_map(map: &[MapEntry], size: u64, data: &[(u64, u64)], raw: &str) {
             );
         }
     }
+}
+
+/// Asserts that `nbdinfo --map` of the export at `uri` reports exactly the `data` ranges
+/// as written, as [`assert_map`] does.
+#[track_caller]
+pub fn assert_nbdinfo_map(uri: &str, size: u64, data: &[(u64, u64)]) {
+    let out = nbdinfo(&["--map", uri]).assert_success();
+    assert_map(&parse_nbdinfo_map(&out.stdout), size, data, &out.stdout);
+}
+
+/// Asserts that `qemu-img map` of the raw export at `uri` reports exactly the `data`
+/// ranges as written, as [`assert_map`] does.
+#[track_caller]
+pub fn assert_qemu_map(uri: &str, size: u64, data: &[(u64, u64)]) {
+    let out = run_ok(qemu_img().args(["map", "--output=json", "-f", "raw", uri]));
+    assert_map(&parse_qemu_map(&out.stdout), size, data, &out.stdout);
 }
 
 /// Parses `qemu-img map --output=json`.

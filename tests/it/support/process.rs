@@ -200,18 +200,23 @@ fn spawn_reader<R: Read + Send + 'static>(mut r: R) -> thread::JoinHandle<Vec<u8
     })
 }
 
-/// Waits for `child` until `timeout`; None if it is still running.
-pub(super) fn wait_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
+/// Calls `check` every 20 ms until it gives a value or `within` has passed (then None).
+pub fn poll<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
     loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return Some(status);
+        if let Some(v) = check() {
+            return Some(v);
         }
         if Instant::now() >= deadline {
             return None;
         }
-        thread::sleep(Duration::from_millis(10));
+        thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Waits for `child` until `timeout`; None if it is still running.
+pub(super) fn wait_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    poll(timeout, || child.try_wait().expect("try_wait"))
 }
 
 pub(super) fn kill_group(child: &Child, signal: libc::c_int) {

@@ -1,6 +1,6 @@
 //! The external tools the tests drive, and the `strata` binary itself, as commands.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::path::Path;
 use std::process::Command;
 
@@ -64,6 +64,32 @@ pub fn strata_at_ok(dir: &Path, args: &[&str]) -> CmdOutput {
 /// `qemu-img`.
 pub fn qemu_img() -> Command {
     Command::new("qemu-img")
+}
+
+/// `qemu-img convert` of the raw image `from` into a new raw file `to`.
+pub fn qemu_img_convert(from: impl AsRef<OsStr>, to: impl AsRef<OsStr>) -> Command {
+    let mut c = qemu_img();
+    c.args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(from)
+        .arg(to);
+    c
+}
+
+/// `qemu-img convert -n` of the raw image `from` into the raw image `to`, which exists
+/// (an export, a file of the right size).
+pub fn qemu_img_convert_into(from: impl AsRef<OsStr>, to: impl AsRef<OsStr>) -> Command {
+    let mut c = qemu_img();
+    c.args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(from)
+        .arg(to);
+    c
+}
+
+/// `qemu-img compare` of two raw images: exit status 0 when they read the same.
+pub fn qemu_img_compare(a: impl AsRef<OsStr>, b: impl AsRef<OsStr>) -> Command {
+    let mut c = qemu_img();
+    c.args(["compare", "-f", "raw", "-F", "raw"]).arg(a).arg(b);
+    c
 }
 
 /// `qemu-io -f raw [-r] -c CMD... URI`.
