@@ -1634,7 +1634,7 @@ fn backing_file_problems_are_refused_naming_the_backing_file() {
     std::fs::remove_file(&gone).unwrap();
     refused_both_ways(
         &over_gone,
-        ErrorKind::Io,
+        ErrorKind::NotFound,
         &gone,
         &["backing file", "cannot be opened", "No such file"],
     );
