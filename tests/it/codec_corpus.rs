@@ -2,7 +2,7 @@
 //!
 //! The seeds are generated here and checked in under `fuzz/corpus/<target>/`. This test
 //! checks that the files are present and current; to (re)write them after a change run
-//! `STRATA_WRITE_FUZZ_CORPUS=1 cargo test --test codec_corpus`.
+//! `STRATA_WRITE_FUZZ_CORPUS=1 cargo test --test it fuzz_seed`.
 //!
 //! Input layouts are those documented at the top of each `fuzz/fuzz_targets/*.rs`.
 
