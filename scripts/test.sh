@@ -135,7 +135,7 @@ step() {
 }
 
 step build cargo build
-# The launcher's VM boots (tests/vm_e2e.rs) run in their own step at the end, once their
+# The launcher's VM boots (tests/it/vm_e2e.rs) run in their own step at the end, once their
 # packages are installed; here they say so and return.
 step test env STRATA_TEST_VM=later cargo test --all-targets
 step fmt cargo fmt --check
@@ -169,7 +169,7 @@ qemu72() {
         dpkg -x "$dir"/qemu-utils_*.deb "$dir/root" || return 1
     fi
     "$dir/root/usr/bin/qemu-img" --version | head -n 1
-    PATH="$PWD/$dir/root/usr/bin:$PATH" cargo test --test interop_qemu --test interop_images --test interop_tls --test interop_snapshots
+    PATH="$PWD/$dir/root/usr/bin:$PATH" cargo test --test it -- interop_qemu:: interop_images:: interop_tls:: interop_snapshots::
 }
 if qemu-img --version 2>/dev/null | head -n 1 | grep -q 'version 7\.2'; then
     log "qemu-img is 7.2 already: the qemu tests above covered it"
@@ -200,7 +200,7 @@ else
 fi
 
 # --- the VM launcher end to end ---------------------------------------------------------
-# tests/vm_e2e.rs boots a Debian kernel with a busybox initramfs under QEMU (TCG) on a
+# tests/it/vm_e2e.rs boots a Debian kernel with a busybox initramfs under QEMU (TCG) on a
 # Strata overlay. This comes last because Debian 12's qemu-system-x86 (7.2) conflicts
 # with a newer qemu-utils: installing it replaces qemu-utils with 7.2 (pinned in the same
 # apt-get command, so qemu-img, qemu-io and qemu-nbd stay installed), and every test
@@ -248,7 +248,7 @@ fi
 command -v qemu-img >/dev/null 2>&1 && qemu-img --version | head -n 1
 command -v qemu-system-x86_64 >/dev/null 2>&1 && qemu-system-x86_64 --version | head -n 1
 # Under CI=true the test fails if anything it needs is still missing; elsewhere it skips.
-step vm-e2e cargo test --test vm_e2e
+step vm-e2e cargo test --test it -- vm_e2e::
 
 # --- fuzz smoke ------------------------------------------------------------------------
 # Every fuzz target for a short, fixed time (FUZZ_SECONDS each, 20 by default).

@@ -1,3 +1,0 @@
-pub mod raw;
-pub mod spec;
-pub mod wire;
