@@ -45,7 +45,7 @@ pub use session::SessionConfig;
 pub use tls::{TlsFiles, TlsSettings};
 pub use volume::Volume;
 
-use listener::{ReadHalf, Stream, WriteHalf};
+use listener::Stream;
 
 /// Server-wide settings.
 #[derive(Debug, Clone)]
@@ -422,9 +422,7 @@ async fn handle_connection(stream: Stream, addr: ClientAddr, shared: &Shared) {
         Ok(Ok(Some(ready))) => ready,
     };
     let Ready {
-        reader,
-        writer,
-        leftover,
+        conn,
         negotiated,
         client,
     } = ready;
@@ -443,18 +441,12 @@ async fn handle_connection(stream: Stream, addr: ClientAddr, shared: &Shared) {
         "transmission started"
     );
     let _attached = export.attach();
-    let end = session::run(
-        reader,
-        writer,
-        leftover,
-        client.tls,
-        &export,
-        &negotiated,
-        shared.config.session,
-        shared.budget.clone(),
-        shared.shutdown.clone(),
-    )
-    .await;
+    let env = session::Environment {
+        config: shared.config.session,
+        budget: shared.budget.clone(),
+        shutdown: shared.shutdown.clone(),
+    };
+    let end = session::run(conn, &export, &negotiated, env).await;
     if matches!(end, session::SessionEnd::Idle) {
         shared.stats.count_idle_closed();
     }
@@ -502,25 +494,10 @@ impl From<std::io::Error> for HandshakeError {
 
 /// A connection that finished its handshake, ready for the transmission phase.
 struct Ready {
-    reader: ReadHalf,
-    writer: WriteHalf,
-    /// Bytes the client already sent past the handshake.
-    leftover: BytesMut,
+    conn: session::Connection,
     negotiated: Negotiated,
-    client: Client,
-}
-
-/// The client as access rules see it, and whether it upgraded to TLS.
-struct Client {
-    who: access::Client,
-    tls: bool,
-}
-
-impl std::ops::Deref for Client {
-    type Target = access::Client;
-    fn deref(&self) -> &access::Client {
-        &self.who
-    }
+    /// The client as access rules see it, after TLS if it upgraded.
+    client: access::Client,
 }
 
 /// How a stretch of the handshake on one stream ended.
@@ -542,12 +519,9 @@ async fn negotiate(
 ) -> std::result::Result<Option<Ready>, HandshakeError> {
     let mut hs = ServerHandshake::new(shared.config.handshake.clone());
     let mut input = BytesMut::with_capacity(4096);
-    let client = Client {
-        who: access::Client {
-            addr,
-            identity: None,
-            tls: false,
-        },
+    let client = access::Client {
+        addr,
+        identity: None,
         tls: false,
     };
     match drive(&mut stream, &mut hs, &mut input, &shared.exports, &client).await? {
@@ -556,9 +530,12 @@ async fn negotiate(
             // Plaintext keeps the socket's own halves: no lock between reader and writer.
             let (reader, writer) = stream.into_split();
             Ok(Some(Ready {
-                reader,
-                writer,
-                leftover,
+                conn: session::Connection {
+                    reader,
+                    writer,
+                    leftover,
+                    tls: false,
+                },
                 negotiated: *negotiated,
                 client,
             }))
@@ -567,7 +544,7 @@ async fn negotiate(
             let Some(tls) = &shared.config.tls else {
                 return Err(HandshakeError::TlsUnavailable);
             };
-            upgrade(stream, tls, hs, client.who, shared).await
+            upgrade(stream, tls, hs, client, shared).await
         }
     }
 }
@@ -577,7 +554,7 @@ async fn upgrade(
     stream: Stream,
     tls: &TlsSettings,
     mut hs: ServerHandshake,
-    mut who: access::Client,
+    mut client: access::Client,
     shared: &Shared,
 ) -> std::result::Result<Option<Ready>, HandshakeError> {
     // The state machine has refused any byte sent behind STARTTLS, so nothing read in
@@ -587,9 +564,8 @@ async fn upgrade(
         Some(id) => info!(identity = %id, "TLS established with a verified client certificate"),
         None => info!("TLS established"),
     }
-    who.identity = identity;
-    who.tls = true;
-    let client = Client { who, tls: true };
+    client.identity = identity;
+    client.tls = true;
     hs.tls_established();
     let mut input = BytesMut::with_capacity(4096);
     match drive(&mut stream, &mut hs, &mut input, &shared.exports, &client).await? {
@@ -601,9 +577,12 @@ async fn upgrade(
             // TLS state is shared by both directions, so the halves share a lock.
             let (reader, writer) = tokio::io::split(stream);
             Ok(Some(Ready {
-                reader: Box::pin(reader),
-                writer: Box::pin(writer),
-                leftover,
+                conn: session::Connection {
+                    reader: Box::pin(reader),
+                    writer: Box::pin(writer),
+                    leftover,
+                    tls: true,
+                },
                 negotiated: *negotiated,
                 client,
             }))
@@ -618,7 +597,7 @@ async fn upgrade(
     _stream: Stream,
     _tls: &TlsSettings,
     _hs: ServerHandshake,
-    _who: access::Client,
+    _client: access::Client,
     _shared: &Shared,
 ) -> std::result::Result<Option<Ready>, HandshakeError> {
     Err(HandshakeError::TlsUnavailable)
@@ -632,7 +611,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     hs: &mut ServerHandshake,
     input: &mut BytesMut,
     exports: &Exports,
-    client: &Client,
+    client: &access::Client,
 ) -> std::result::Result<Step, HandshakeError> {
     let catalog = exports.seen_by(client);
     loop {
