@@ -151,28 +151,29 @@ impl ExportStats {
         }
     }
 
-    /// Requests executed of the kind at position `op` of [`metrics::OPS`].
-    pub fn requests(&self, op: usize) -> u64 {
-        let counter = match op {
-            0 => &self.reads,
-            1 => &self.writes,
-            2 => &self.flushes,
-            3 => &self.trims,
-            4 => &self.zeroes,
-            5 => &self.block_status,
-            _ => &self.caches,
-        };
-        counter.load(Ordering::Relaxed)
-    }
-
-    /// Errors answered with the errno at position `i` of [`metrics::ERRNOS`].
-    pub fn errors_by_errno(&self, i: usize) -> u64 {
-        self.errors[i].load(Ordering::Relaxed)
-    }
-
-    /// The latency histogram of the kind at position `op` of [`metrics::OPS`].
-    pub fn latency(&self, op: usize) -> &Histogram {
-        &self.latency[op]
+    /// The counters as the metrics text shows them, for the export `name`.
+    pub fn sample(&self, name: &str) -> metrics::ExportSample {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        // In the order of metrics::OPS.
+        let requests = [
+            &self.reads,
+            &self.writes,
+            &self.flushes,
+            &self.trims,
+            &self.zeroes,
+            &self.block_status,
+            &self.caches,
+        ];
+        metrics::ExportSample {
+            name: name.to_owned(),
+            connections: get(&self.connections),
+            total_connections: get(&self.total_connections),
+            bytes_read: get(&self.bytes_read),
+            bytes_written: get(&self.bytes_written),
+            requests: requests.map(get),
+            errors: self.errors.each_ref().map(get),
+            latency: self.latency.each_ref().map(Histogram::snapshot),
+        }
     }
 
     /// Clients in the transmission phase now.
@@ -338,6 +339,11 @@ impl Export {
     /// The export's counters.
     pub fn stats(&self) -> &Arc<ExportStats> {
         &self.stats
+    }
+
+    /// The export's counters, read now for the metrics text.
+    pub fn metrics_sample(&self) -> metrics::ExportSample {
+        self.stats.sample(&self.name)
     }
 
     /// Counts a client connection until the returned guard is dropped.
@@ -687,6 +693,41 @@ mod tests {
                 errors: 1,
             }
         );
+    }
+
+    #[test]
+    fn samples_follow_the_order_of_the_metrics_tables() {
+        let export = memory("m");
+        let stats = export.stats();
+        let commands = [
+            Command::Read,
+            Command::Write,
+            Command::Flush,
+            Command::Trim,
+            Command::WriteZeroes,
+            Command::BlockStatus,
+            Command::Cache,
+        ];
+        for (i, &command) in commands.iter().enumerate() {
+            for _ in 0..=i {
+                stats.count_request(command, 10);
+            }
+            stats.record_latency(command, Duration::from_micros(30));
+        }
+        stats.count_error(crate::proto::consts::errno::ENOSPC);
+        let _attached = export.attach();
+        let sample = export.metrics_sample();
+        assert_eq!(sample.name, "m");
+        assert_eq!((sample.connections, sample.total_connections), (1, 1));
+        assert_eq!((sample.bytes_read, sample.bytes_written), (10, 20));
+        for (i, &command) in commands.iter().enumerate() {
+            let op = metrics::op_index(command).unwrap();
+            assert_eq!(sample.requests[op], i as u64 + 1, "{}", metrics::OPS[op]);
+            assert_eq!(sample.latency[op].count(), 1, "{}", metrics::OPS[op]);
+        }
+        let enospc = metrics::errno_index(crate::proto::consts::errno::ENOSPC);
+        assert_eq!(sample.errors[enospc], 1);
+        assert_eq!(sample.errors.iter().sum::<u64>(), 1);
     }
 
     #[tokio::test]

@@ -223,7 +223,8 @@ impl ConnectionGauge {
 
     /// Every metric of the server and of `exports`, in the Prometheus text format.
     pub fn render_metrics(&self, exports: &Exports) -> String {
-        metrics::render(&exports.all(), &self.stats, self.gauges())
+        let samples: Vec<_> = exports.all().iter().map(|e| e.metrics_sample()).collect();
+        metrics::render(&samples, &self.stats, self.gauges())
     }
 
     /// Connections open now, in the handshake or in transmission.
