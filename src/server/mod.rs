@@ -33,8 +33,10 @@ use crate::proto::{
 pub mod budget;
 pub mod control;
 pub mod export;
+pub mod http;
 pub mod listener;
 pub mod metrics;
+pub mod metrics_listener;
 pub mod session;
 pub mod tls;
 pub mod volume;
