@@ -53,12 +53,14 @@
 //! - [`vm`]: the VM launcher (`strata vm`): VM specs and bundles, checkpoints (machine
 //!   state plus a disk snapshot), the QEMU driver and, on macOS, the
 //!   Virtualization.framework driver.
+//! - [`api`]: the control API's wire types (every request and answer body).
 //! - [`control_client`]: the control API's HTTP client.
 //! - [`error`]: the crate's one error type.
 //! - [`failpoint`]: named crash points for the crash tests (the `failpoints` feature).
 //! - [`size`]: parsing of human-friendly sizes.
 
 pub mod access;
+pub mod api;
 pub mod backend;
 pub mod config;
 pub mod control_client;

@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
 use crate::access::{Access, Client};
+use crate::api::StatsSnapshot;
 use crate::backend::{Capabilities, DynBackend, SharedBackend};
 use crate::error::{Error, ErrorKind};
 use crate::proto::consts::QEMU_DIRTY_BITMAP;
@@ -81,35 +81,6 @@ pub struct ExportStats {
     errors: [AtomicU64; metrics::ERRNOS.len()],
     /// Latency by kind of request, in the order of [`metrics::OPS`].
     latency: [Histogram; metrics::OPS.len()],
-}
-
-/// A copy of an export's counters at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct StatsSnapshot {
-    /// Clients in the transmission phase now.
-    pub connections: u64,
-    /// Clients that ever reached the transmission phase.
-    pub total_connections: u64,
-    /// `NBD_CMD_READ` requests executed.
-    pub reads: u64,
-    /// `NBD_CMD_WRITE` requests executed.
-    pub writes: u64,
-    /// `NBD_CMD_FLUSH` requests executed.
-    pub flushes: u64,
-    /// `NBD_CMD_TRIM` requests executed.
-    pub trims: u64,
-    /// `NBD_CMD_WRITE_ZEROES` requests executed.
-    pub zeroes: u64,
-    /// `NBD_CMD_BLOCK_STATUS` requests executed.
-    pub block_status: u64,
-    /// `NBD_CMD_CACHE` requests executed.
-    pub caches: u64,
-    /// Bytes asked for by the reads executed.
-    pub bytes_read: u64,
-    /// Bytes carried by the writes executed.
-    pub bytes_written: u64,
-    /// Requests answered with an error, refused ones included.
-    pub errors: u64,
 }
 
 impl ExportStats {
@@ -496,6 +467,18 @@ struct Registry {
     default: Option<String>,
 }
 
+impl Registry {
+    fn check_free(&self, name: &str) -> crate::Result<()> {
+        if self.by_name.contains_key(name) {
+            return Err(Error::msg(
+                ErrorKind::AlreadyExists,
+                format!("an export named {name:?} exists already"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Exports {
     /// An empty set.
     pub fn new() -> Self {
@@ -515,18 +498,19 @@ impl Exports {
     /// Like [`Exports::insert`], it becomes the default export if there is none.
     pub fn try_insert(&self, export: Export) -> crate::Result<Arc<Export>> {
         let mut reg = self.write();
-        if reg.by_name.contains_key(&export.name) {
-            return Err(Error::msg(
-                ErrorKind::AlreadyExists,
-                format!("an export named {:?} exists already", export.name),
-            ));
-        }
+        reg.check_free(&export.name)?;
         if reg.default.is_none() {
             reg.default = Some(export.name.clone());
         }
         let export = Arc::new(export);
         reg.by_name.insert(export.name.clone(), export.clone());
         Ok(export)
+    }
+
+    /// Fails with [`ErrorKind::AlreadyExists`] when an export is named `name`, so that
+    /// work towards a new export stops before it starts.
+    pub fn check_free(&self, name: &str) -> crate::Result<()> {
+        self.read().check_free(name)
     }
 
     /// Takes the export `name` out of the set: new clients no longer find it, connected
@@ -558,12 +542,15 @@ impl Exports {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Registry> {
+        self.inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Finds an export by the name a client sent; "" is the default export.
     pub fn get(&self, name: &str) -> Option<Arc<Export>> {
-        let reg = self
-            .inner
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let reg = self.read();
         let key = if name.is_empty() {
             reg.default.as_deref()?
         } else {
@@ -574,11 +561,7 @@ impl Exports {
 
     /// All exports, in name order.
     pub fn all(&self) -> Vec<Arc<Export>> {
-        let reg = self
-            .inner
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        reg.by_name.values().cloned().collect()
+        self.read().by_name.values().cloned().collect()
     }
 }
 

@@ -1,93 +1,79 @@
 //! The control API's endpoints: each takes its path, query and body through the
-//! extractors of [`super::super::http`], acts on the exports or a volume, and answers
-//! JSON. Blocking work (opening images, reading metadata) runs off the network threads.
+//! extractors of `server::http`, acts on the exports or a volume, and answers with the
+//! wire types of [`crate::api`]. Blocking work (opening images, reading metadata) runs off
+//! the network threads.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::ControlState;
+use crate::api::{
+    AddExport, Deleted, Dirty, DirtyQuery, DirtyRange, ExportList, ExportView, RemoveQuery,
+    Removed, Rollback, RolledBack, ServeSnapshot, ServerView, Snapshot, SnapshotList, SnapshotOf,
+    TakeSnapshot, Taken,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::server::Volume;
-use crate::server::export::{Export, Source, StatsSnapshot, open_export};
+use crate::server::export::{Export, Source, open_export};
 use crate::server::http::{ApiResult, JsonBody, PathArgs, QueryArgs};
 use crate::server::metrics_listener::metrics_response;
-use crate::server::volume::{RollbackOptions, valid_name};
+use crate::server::volume::{self, RollbackOptions, valid_name};
 
 /// How long a removal waits for the sessions it closed to finish their requests.
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
-#[derive(Serialize)]
-pub(super) struct ServerView {
-    version: &'static str,
-    uptime_s: u64,
-    listen: Vec<String>,
-    control: Vec<String>,
-    connections: usize,
-    max_connections: usize,
-    exports: usize,
+/// What the API shows of an export.
+fn export_view(export: &Export) -> ExportView {
+    let snapshot_of = match export.source() {
+        Source::Snapshot {
+            export, snapshot, ..
+        } => Some(SnapshotOf {
+            export: export.clone(),
+            snapshot: snapshot.clone(),
+        }),
+        _ => None,
+    };
+    ExportView {
+        name: export.name().to_owned(),
+        description: export.description().to_owned(),
+        size: export.backend().size(),
+        read_only: export.read_only(),
+        kind: export.kind().to_owned(),
+        image: export.image_path().map(Path::to_path_buf),
+        snapshot_of,
+        stats: export.stats().snapshot(),
+    }
 }
 
-#[derive(Serialize)]
-pub(super) struct ExportView {
-    name: String,
-    description: String,
-    size: u64,
-    read_only: bool,
-    kind: &'static str,
-    image: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    snapshot_of: Option<SnapshotOf>,
-    stats: StatsSnapshot,
-}
-
-#[derive(Serialize)]
-pub(super) struct SnapshotOf {
-    export: String,
-    snapshot: String,
-}
-
-impl ExportView {
-    fn of(export: &Export) -> Self {
-        let snapshot_of = match export.source() {
-            Source::Snapshot {
-                export, snapshot, ..
-            } => Some(SnapshotOf {
-                export: export.clone(),
-                snapshot: snapshot.clone(),
-            }),
-            _ => None,
-        };
-        ExportView {
-            name: export.name().to_owned(),
-            description: export.description().to_owned(),
-            size: export.backend().size(),
-            read_only: export.read_only(),
-            kind: export.kind(),
-            image: export.image_path().map(Path::to_path_buf),
-            snapshot_of,
-            stats: export.stats().snapshot(),
-        }
+/// What the API shows of a snapshot.
+fn snapshot_view(info: volume::SnapshotInfo) -> Snapshot {
+    Snapshot {
+        name: info.name,
+        created: info.created,
+        path: info.path,
+        allocated: info.allocated,
+        exported_as: info.exported_as,
     }
 }
 
 type Api = State<Arc<ControlState>>;
 
-pub(super) async fn server_info(State(state): Api) -> axum::Json<ServerView> {
-    axum::Json(ServerView {
-        version: env!("CARGO_PKG_VERSION"),
+pub(super) async fn server_info(State(state): Api) -> Json<ServerView> {
+    Json(ServerView {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_s: state.started.elapsed().as_secs(),
         listen: state.listen.clone(),
         control: state.control.clone(),
-        connections: state.connections.open(),
-        max_connections: state.connections.max(),
-        exports: state.exports.all().len(),
+        connections: state.connections.open() as u64,
+        max_connections: state.connections.max() as u64,
+        exports: state.exports.all().len() as u64,
     })
 }
 
@@ -95,19 +81,9 @@ pub(super) async fn metrics(State(state): Api) -> Response {
     metrics_response(&state.connections, &state.exports)
 }
 
-#[derive(Serialize)]
-pub(super) struct ExportList {
-    exports: Vec<ExportView>,
-}
-
-pub(super) async fn list_exports(State(state): Api) -> axum::Json<ExportList> {
-    let exports = state
-        .exports
-        .all()
-        .iter()
-        .map(|e| ExportView::of(e))
-        .collect();
-    axum::Json(ExportList { exports })
+pub(super) async fn list_exports(State(state): Api) -> Json<ExportList> {
+    let exports = state.exports.all().iter().map(|e| export_view(e)).collect();
+    Json(ExportList { exports })
 }
 
 /// The export `name`, which must exist.
@@ -117,28 +93,19 @@ fn find(state: &ControlState, name: &str) -> Result<Arc<Export>> {
         .exports
         .get(name)
         .filter(|_| !name.is_empty())
-        .ok_or_else(|| Error::msg(ErrorKind::NotFound, format!("no export named {name:?}")))
+        .ok_or_else(|| no_export(name))
+}
+
+fn no_export(name: &str) -> Error {
+    Error::msg(ErrorKind::NotFound, format!("no export named {name:?}"))
 }
 
 pub(super) async fn get_export(
     State(state): Api,
     PathArgs(name): PathArgs<String>,
-) -> ApiResult<axum::Json<ExportView>> {
+) -> ApiResult<Json<ExportView>> {
     let export = find(&state, &name)?;
-    Ok(axum::Json(ExportView::of(&export)))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct AddExport {
-    name: String,
-    image: String,
-    #[serde(default)]
-    read_only: bool,
-    #[serde(default)]
-    format: crate::image::FormatChoice,
-    #[serde(default)]
-    description: String,
+    Ok(Json(export_view(&export)))
 }
 
 fn check_name(what: &str, name: &str) -> Result<()> {
@@ -155,7 +122,7 @@ fn check_name(what: &str, name: &str) -> Result<()> {
 }
 
 /// Runs blocking work (opening files, reading metadata) off the network threads.
-pub(super) async fn blocking<T: Send + 'static>(
+async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     tokio::task::spawn_blocking(work)
@@ -166,15 +133,9 @@ pub(super) async fn blocking<T: Send + 'static>(
 pub(super) async fn add_export(
     State(state): Api,
     JsonBody(req): JsonBody<AddExport>,
-) -> ApiResult<(StatusCode, axum::Json<ExportView>)> {
+) -> ApiResult<(StatusCode, Json<ExportView>)> {
     check_name("export", &req.name)?;
-    if state.exports.get(&req.name).is_some() {
-        return Err(Error::msg(
-            ErrorKind::AlreadyExists,
-            format!("an export named {:?} exists already", req.name),
-        )
-        .into());
-    }
+    state.exports.check_free(&req.name)?;
     if req.image.is_empty() {
         return Err(Error::msg(ErrorKind::InvalidInput, "no image given").into());
     }
@@ -201,27 +162,14 @@ pub(super) async fn add_export(
         "control API: serving {}",
         req.image
     );
-    Ok((StatusCode::CREATED, axum::Json(ExportView::of(&export))))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RemoveQuery {
-    #[serde(default)]
-    force: bool,
-}
-
-#[derive(Serialize)]
-pub(super) struct Removed {
-    removed: String,
-    disconnected: u64,
+    Ok((StatusCode::CREATED, Json(export_view(&export))))
 }
 
 pub(super) async fn remove_export(
     State(state): Api,
     PathArgs(name): PathArgs<String>,
     QueryArgs(query): QueryArgs<RemoveQuery>,
-) -> ApiResult<axum::Json<Removed>> {
+) -> ApiResult<Json<Removed>> {
     let export = find(&state, &name)?;
     let connected = export.stats().connections();
     if connected > 0 && !query.force {
@@ -235,7 +183,7 @@ pub(super) async fn remove_export(
         .into());
     }
     if state.exports.remove(&name).is_none() {
-        return Err(Error::msg(ErrorKind::NotFound, format!("no export named {name:?}")).into());
+        return Err(no_export(&name).into());
     }
     // Also ends sessions that started between the check above and the removal.
     export.close();
@@ -256,7 +204,7 @@ pub(super) async fn remove_export(
         disconnected = connected,
         "control API: export removed"
     );
-    Ok(axum::Json(Removed {
+    Ok(Json(Removed {
         removed: name,
         disconnected: connected,
     }))
@@ -284,54 +232,46 @@ fn volume_of(export: &Export) -> Result<Arc<Volume>> {
     ))
 }
 
-#[derive(Serialize)]
-pub(super) struct SnapshotList {
-    snapshots: Vec<crate::server::volume::SnapshotInfo>,
+/// The volume of the export `name`, which must exist and have one.
+fn find_volume(state: &ControlState, name: &str) -> Result<Arc<Volume>> {
+    volume_of(&*find(state, name)?)
 }
 
 pub(super) async fn list_snapshots(
     State(state): Api,
     PathArgs(name): PathArgs<String>,
-) -> ApiResult<axum::Json<SnapshotList>> {
-    let volume = volume_of(&*find(&state, &name)?)?;
+) -> ApiResult<Json<SnapshotList>> {
+    let volume = find_volume(&state, &name)?;
     let snapshots = blocking(move || volume.snapshots()).await?;
-    Ok(axum::Json(SnapshotList { snapshots }))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct TakeSnapshot {
-    name: String,
+    let snapshots = snapshots.into_iter().map(snapshot_view).collect();
+    Ok(Json(SnapshotList { snapshots }))
 }
 
 pub(super) async fn take_snapshot(
     State(state): Api,
     PathArgs(name): PathArgs<String>,
     JsonBody(req): JsonBody<TakeSnapshot>,
-) -> ApiResult<(StatusCode, axum::Json<crate::server::volume::Taken>)> {
+) -> ApiResult<(StatusCode, Json<Taken>)> {
     check_name("snapshot", &req.name)?;
-    let volume = volume_of(&*find(&state, &name)?)?;
+    let volume = find_volume(&state, &name)?;
     let taken = volume.snapshot(&req.name).await?;
+    let pause_us = u64::try_from(taken.pause.as_micros()).unwrap_or(u64::MAX);
     info!(
         export = name,
         snapshot = req.name,
-        pause_us = u64::try_from(taken.pause.as_micros()).unwrap_or(u64::MAX),
+        pause_us,
         "control API: snapshot taken"
     );
-    Ok((StatusCode::CREATED, axum::Json(taken)))
-}
-
-#[derive(Serialize)]
-pub(super) struct Deleted {
-    copied: u64,
+    let snapshot = snapshot_view(taken.snapshot);
+    Ok((StatusCode::CREATED, Json(Taken { snapshot, pause_us })))
 }
 
 pub(super) async fn delete_snapshot(
     State(state): Api,
     PathArgs((name, snap)): PathArgs<(String, String)>,
-) -> ApiResult<axum::Json<Deleted>> {
+) -> ApiResult<Json<Deleted>> {
     check_name("snapshot", &snap)?;
-    let volume = volume_of(&*find(&state, &name)?)?;
+    let volume = find_volume(&state, &name)?;
     let copied = volume.delete_snapshot(&snap).await?;
     info!(
         export = name,
@@ -339,30 +279,14 @@ pub(super) async fn delete_snapshot(
         copied,
         "control API: snapshot deleted"
     );
-    Ok(axum::Json(Deleted { copied }))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct Rollback {
-    snapshot: String,
-    #[serde(default)]
-    force: bool,
-    #[serde(default)]
-    destroy_newer: bool,
-}
-
-#[derive(Serialize)]
-pub(super) struct RolledBack {
-    export: String,
-    snapshot: String,
+    Ok(Json(Deleted { copied }))
 }
 
 pub(super) async fn rollback(
     State(state): Api,
     PathArgs(name): PathArgs<String>,
     JsonBody(req): JsonBody<Rollback>,
-) -> ApiResult<axum::Json<RolledBack>> {
+) -> ApiResult<Json<RolledBack>> {
     check_name("snapshot", &req.snapshot)?;
     let export = find(&state, &name)?;
     let volume = volume_of(&export)?;
@@ -377,36 +301,23 @@ pub(super) async fn rollback(
         snapshot = req.snapshot,
         "control API: rolled back"
     );
-    Ok(axum::Json(RolledBack {
+    Ok(Json(RolledBack {
         export: name,
         snapshot: req.snapshot,
     }))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct ExportSnapshot {
-    #[serde(default)]
-    name: Option<String>,
-}
-
 pub(super) async fn export_snapshot(
     State(state): Api,
     PathArgs((name, snap)): PathArgs<(String, String)>,
-    JsonBody(req): JsonBody<ExportSnapshot>,
-) -> ApiResult<(StatusCode, axum::Json<ExportView>)> {
+    JsonBody(req): JsonBody<ServeSnapshot>,
+) -> ApiResult<(StatusCode, Json<ExportView>)> {
     check_name("snapshot", &snap)?;
     let export_name = req.name.unwrap_or_else(|| format!("{name}@{snap}"));
     check_name("export", &export_name)?;
     let live = find(&state, &name)?;
     let volume = volume_of(&live)?;
-    if state.exports.get(&export_name).is_some() {
-        return Err(Error::msg(
-            ErrorKind::AlreadyExists,
-            format!("an export named {export_name:?} exists already"),
-        )
-        .into());
-    }
+    state.exports.check_free(&export_name)?;
     let backend = {
         let (volume, snap, export_name) = (volume.clone(), snap.clone(), export_name.clone());
         blocking(move || volume.serve_snapshot(&snap, &export_name)).await?
@@ -435,39 +346,29 @@ pub(super) async fn export_snapshot(
         of = name,
         "control API: serving a snapshot"
     );
-    Ok((StatusCode::CREATED, axum::Json(ExportView::of(&export))))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct DirtyQuery {
-    since: String,
-}
-
-#[derive(Serialize)]
-pub(super) struct Dirty {
-    since: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cluster_size: Option<u64>,
-    ranges: Vec<crate::server::volume::DirtyRange>,
-    bytes: u64,
+    Ok((StatusCode::CREATED, Json(export_view(&export))))
 }
 
 pub(super) async fn dirty(
     State(state): Api,
     PathArgs(name): PathArgs<String>,
     QueryArgs(query): QueryArgs<DirtyQuery>,
-) -> ApiResult<axum::Json<Dirty>> {
+) -> ApiResult<Json<Dirty>> {
     check_name("snapshot", &query.since)?;
-    let volume = volume_of(&*find(&state, &name)?)?;
-    let ranges = volume.dirty(&query.since).await?;
+    let volume = find_volume(&state, &name)?;
+    let ranges: Vec<DirtyRange> = (volume.dirty(&query.since).await?.into_iter())
+        .map(|r| DirtyRange {
+            offset: r.offset,
+            length: r.length,
+        })
+        .collect();
     let path = volume.path().to_path_buf();
     let cluster_size = blocking(move || crate::image::tools::header(&path))
         .await
         .ok()
         .map(|h| h.cluster_size());
     let bytes = ranges.iter().map(|r| r.length).sum();
-    Ok(axum::Json(Dirty {
+    Ok(Json(Dirty {
         since: query.since,
         cluster_size,
         ranges,
