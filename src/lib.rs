@@ -53,8 +53,8 @@
 //! - [`vm`]: the VM launcher (`strata vm`): VM specs and bundles, checkpoints (machine
 //!   state plus a disk snapshot), the QEMU driver and, on macOS, the
 //!   Virtualization.framework driver.
-//! - [`api`]: the control API's wire types (every request and answer body).
-//! - [`control_client`]: the control API's HTTP client.
+//! - [`api`]: the control API's wire types (every request and answer body), shared by
+//!   the server, `strata ctl` and the launcher, and its HTTP client ([`api::client`]).
 //! - [`error`]: the crate's one error type.
 //! - [`failpoint`]: named crash points for the crash tests (the `failpoints` feature).
 //! - [`size`]: parsing of human-friendly sizes.
@@ -63,7 +63,6 @@ pub mod access;
 pub mod api;
 pub mod backend;
 pub mod config;
-pub mod control_client;
 pub mod daemon;
 pub mod error;
 pub mod failpoint;

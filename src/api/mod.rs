@@ -1,6 +1,7 @@
 //! The control API's wire types: every request and answer body, and the query strings,
-//! as serde structs. The server's handlers answer with them, and clients read them, so a
-//! field cannot be renamed on one side only. `docs/api.md` documents each of them.
+//! as serde structs. The server's handlers answer with them, and `strata ctl`, the VM
+//! launcher and anyone using [`client`] read them, so a field cannot be renamed on one
+//! side only. `docs/api.md` documents each of them.
 //!
 //! The JSON is the API's contract: fields go out in the order they are declared here,
 //! optional fields marked `skip_serializing_if` are left out when empty and the others
@@ -16,6 +17,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::image::FormatChoice;
+
+pub mod client;
 
 /// `GET /v1/server`: the server's version, uptime, addresses and connections.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

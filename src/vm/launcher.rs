@@ -33,7 +33,8 @@ use super::serve::{self, LocalServer};
 use super::spec::{Disk, Platform, VmSpec};
 use super::url::NbdUrl;
 use super::{Boot, Driver, VmEvent};
-use crate::control_client::ControlTarget;
+use crate::api::Taken;
+use crate::api::client::ControlTarget;
 use crate::error::{Error, ErrorKind, Result};
 
 /// The launcher's socket in the bundle.
@@ -881,7 +882,7 @@ async fn suspend(
     driver.pause().await?;
     let paused = start.elapsed();
     let snapshot_pause_us = match take_snapshot(bundle, control, &disk.export, &snapshot).await {
-        Ok(us) => us,
+        Ok(taken) => taken.pause_us,
         Err(e) => {
             let _ = driver.resume().await;
             return Err(Error::msg(
@@ -971,7 +972,7 @@ async fn delete_checkpoint(bundle: &Bundle, disk: &DiskAccess, name: &str) -> Re
         .delete_snapshot(&disk.export, &checkpoint.snapshot)
         .await
     {
-        Ok(()) => json!(true),
+        Ok(_) => json!(true),
         Err(e) if e.kind() == ErrorKind::NotFound => json!(false),
         Err(e) => {
             let _ = std::fs::remove_file(bundle.path(&checkpoint.state));
@@ -1016,15 +1017,15 @@ async fn take_snapshot(
     control: &ControlTarget,
     export: &str,
     snapshot: &str,
-) -> Result<u64> {
+) -> Result<Taken> {
     match control.take_snapshot(export, snapshot).await {
         Err(e) if e.kind() == ErrorKind::Busy => {
             let listed = bundle.checkpoints()?.iter().any(|c| c.snapshot == snapshot);
             let exists = control
-                .snapshot_names(export)
+                .snapshots(export)
                 .await?
                 .iter()
-                .any(|s| s == snapshot);
+                .any(|s| s.name == snapshot);
             if listed || !exists {
                 return Err(e);
             }
