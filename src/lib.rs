@@ -53,16 +53,17 @@
 //! - [`vm`]: the VM launcher (`strata vm`): VM specs and bundles, checkpoints (machine
 //!   state plus a disk snapshot), the QEMU driver and, on macOS, the
 //!   Virtualization.framework driver.
-//! - [`control_client`]: the control API's HTTP client.
+//! - [`api`]: the control API's wire types (every request and answer body), shared by
+//!   the server, `strata ctl` and the launcher, and its HTTP client ([`api::client`]).
 //! - [`error`]: the crate's one error type.
 //! - [`failpoint`]: named crash points for the crash tests (the `failpoints` feature).
 //! - [`names`]: the rules for export, snapshot, VM and checkpoint names.
 //! - [`size`]: parsing of human-friendly sizes.
 
 pub mod access;
+pub mod api;
 pub mod backend;
 pub mod config;
-pub mod control_client;
 pub mod daemon;
 pub mod error;
 pub mod failpoint;

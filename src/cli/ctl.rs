@@ -7,10 +7,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Subcommand, ValueEnum};
-use hyper::Method;
-use serde_json::{Value, json};
-use strata::control_client::{ControlTarget as Target, encode};
+use clap::{Args, Subcommand};
+use serde::de::DeserializeOwned;
+use strata::api::client::{Call, ControlTarget as Target, decode};
+use strata::api::{
+    AddExport, Dirty, DirtyQuery, ExportView, RemoveQuery, Rollback, ServeSnapshot, ServerView,
+    Snapshot, TakeSnapshot,
+};
+use strata::image::FormatChoice;
 use strata::size::format_size;
 use strata::{Error, ErrorKind};
 
@@ -63,7 +67,7 @@ enum CtlCommand {
         read_only: bool,
         /// How to read the file.
         #[arg(long, value_enum, default_value = "auto")]
-        format: Format,
+        format: FormatChoice,
         /// Description sent to clients that ask.
         #[arg(long)]
         description: Option<String>,
@@ -128,27 +132,6 @@ enum CtlCommand {
     },
 }
 
-/// `add --format`
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Format {
-    /// Strata image if the file has the Strata signature, raw otherwise.
-    Auto,
-    /// The file's bytes as they are.
-    Raw,
-    /// A Strata image.
-    Strata,
-}
-
-impl Format {
-    fn as_str(self) -> &'static str {
-        match self {
-            Format::Auto => "auto",
-            Format::Raw => "raw",
-            Format::Strata => "strata",
-        }
-    }
-}
-
 fn invalid(message: impl Into<String>) -> Error {
     Error::msg(ErrorKind::InvalidInput, message)
 }
@@ -188,41 +171,18 @@ fn target_from_args(args: &CtlArgs) -> strata::Result<Target> {
 
 /// Runs `strata ctl`.
 pub async fn run(args: CtlArgs) -> strata::Result<ExitCode> {
-    let target = target_from_args(&args)?;
-    let timeout = Duration::from_secs(args.timeout.max(1));
-    let (method, path, body) = request_for(&args.command, &target)?;
-    let answer = tokio::time::timeout(timeout, target.call(method, &path, body))
-        .await
-        .map_err(|_| {
-            Error::msg(
-                ErrorKind::Io,
-                format!("no answer from the control API at {target} within {timeout:?}"),
-            )
-        })??;
-    if args.json {
-        println!("{}", String::from_utf8_lossy(&answer).trim_end());
-        return Ok(ExitCode::SUCCESS);
-    }
-    let value: Value = serde_json::from_slice(&answer).map_err(|e| {
-        Error::msg(
-            ErrorKind::Io,
-            format!("the server's answer is not JSON: {e}"),
-        )
-    })?;
-    print!("{}", render(&args.command, &value));
-    Ok(ExitCode::SUCCESS)
-}
-
-/// The HTTP request for a command.
-fn request_for(
-    command: &CtlCommand,
-    target: &Target,
-) -> strata::Result<(Method, String, Option<Value>)> {
-    let export = |name: &str| format!("/v1/exports/{}", encode(name));
-    Ok(match command {
-        CtlCommand::Server => (Method::GET, "/v1/server".to_owned(), None),
-        CtlCommand::Exports => (Method::GET, "/v1/exports".to_owned(), None),
-        CtlCommand::Export { name } => (Method::GET, export(name), None),
+    let ctl = Ctl {
+        target: target_from_args(&args)?,
+        timeout: Duration::from_secs(args.timeout.max(1)),
+        json: args.json,
+    };
+    match &args.command {
+        CtlCommand::Server => ctl.show(&Call::server(), |v| render_server(&v)).await?,
+        CtlCommand::Exports => {
+            ctl.show(&Call::exports(), |v| render_exports(&v.exports))
+                .await?;
+        }
+        CtlCommand::Export { name } => ctl.show(&Call::export(name), |v| render_export(&v)).await?,
         CtlCommand::Add {
             name,
             image,
@@ -232,142 +192,218 @@ fn request_for(
         } => {
             // Over the socket the server runs on this machine: a relative path means
             // what it means here.
-            let image = match target {
+            let image = match &ctl.target {
                 Target::Unix(_) if !image.starts_with("memory:") => std::path::absolute(image)
                     .map_err(|e| Error::from(e).with_path(image))?
                     .to_string_lossy()
                     .into_owned(),
                 _ => image.clone(),
             };
-            let mut body = json!({
-                "name": name,
-                "image": image,
-                "read_only": read_only,
-                "format": format.as_str(),
-            });
-            if let Some(d) = description {
-                body["description"] = json!(d);
-            }
-            (Method::POST, "/v1/exports".to_owned(), Some(body))
+            let body = AddExport {
+                name: name.clone(),
+                image,
+                read_only: *read_only,
+                format: *format,
+                description: description.clone().unwrap_or_default(),
+            };
+            ctl.show(&Call::add_export(&body), |v| render_export(&v))
+                .await?;
         }
-        CtlCommand::Remove { name, force } => (
-            Method::DELETE,
-            format!("{}?force={force}", export(name)),
-            None,
-        ),
-        CtlCommand::Snapshots { export: e } => {
-            (Method::GET, format!("{}/snapshots", export(e)), None)
+        CtlCommand::Remove { name, force } => {
+            let call = Call::remove_export(name, RemoveQuery { force: *force });
+            ctl.show(&call, |v| {
+                let n = v.disconnected;
+                let clients = if n == 1 { "client" } else { "clients" };
+                format!(
+                    "removed export {} ({n} {clients} disconnected)\n",
+                    v.removed
+                )
+            })
+            .await?;
         }
-        CtlCommand::Snapshot { export: e, name } => (
-            Method::POST,
-            format!("{}/snapshots", export(e)),
-            Some(json!({ "name": name })),
-        ),
-        CtlCommand::DeleteSnapshot { export: e, name } => (
-            Method::DELETE,
-            format!("{}/snapshots/{}", export(e), encode(name)),
-            None,
-        ),
+        CtlCommand::Snapshots { export } => {
+            ctl.show(&Call::snapshots(export), |v| render_snapshots(&v.snapshots))
+                .await?;
+        }
+        CtlCommand::Snapshot { export, name } => {
+            let body = TakeSnapshot { name: name.clone() };
+            ctl.show(&Call::take_snapshot(export, &body), |v| {
+                format!(
+                    "snapshot {} of {export} taken; requests waited {} us\n",
+                    v.snapshot.name, v.pause_us
+                )
+            })
+            .await?;
+        }
+        CtlCommand::DeleteSnapshot { export, name } => {
+            ctl.show(&Call::delete_snapshot(export, name), |v| {
+                format!(
+                    "snapshot {name} of {export} deleted; {} merged into the layer above\n",
+                    format_size(v.copied)
+                )
+            })
+            .await?;
+        }
         CtlCommand::Rollback {
-            export: e,
+            export,
             name,
             force,
             destroy_newer,
-        } => (
-            Method::POST,
-            format!("{}/rollback", export(e)),
-            Some(json!({ "snapshot": name, "force": force, "destroy_newer": destroy_newer })),
-        ),
+        } => {
+            let body = Rollback {
+                snapshot: name.clone(),
+                force: *force,
+                destroy_newer: *destroy_newer,
+            };
+            ctl.show(&Call::rollback(export, &body), |_| {
+                format!("export {export} rolled back to snapshot {name}\n")
+            })
+            .await?;
+        }
         CtlCommand::ServeSnapshot {
-            export: e,
+            export,
             name,
             as_name,
         } => {
-            let body = match as_name {
-                Some(n) => json!({ "name": n }),
-                None => json!({}),
+            let body = ServeSnapshot {
+                name: as_name.clone(),
             };
-            (
-                Method::POST,
-                format!("{}/snapshots/{}/export", export(e), encode(name)),
-                Some(body),
-            )
+            ctl.show(&Call::serve_snapshot(export, name, &body), |v| {
+                format!("serving {} read-only as export {}\n", serves(&v), v.name)
+            })
+            .await?;
         }
-        CtlCommand::Dirty { export: e, since } => (
-            Method::GET,
-            format!("{}/dirty?since={}", export(e), encode(since)),
-            None,
-        ),
-    })
+        CtlCommand::Dirty { export, since } => {
+            let query = DirtyQuery {
+                since: since.clone(),
+            };
+            ctl.show(&Call::dirty(export, &query), |v| render_dirty(&v))
+                .await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The control API `strata ctl` talks to, and how it prints answers.
+struct Ctl {
+    target: Target,
+    /// How long to wait for an answer.
+    timeout: Duration,
+    /// Print answers as the server sent them.
+    json: bool,
+}
+
+impl Ctl {
+    /// Sends `call` and prints its answer: the server's JSON as it came with `--json`,
+    /// else the text `render` makes of it.
+    async fn show<A: DeserializeOwned>(
+        &self,
+        call: &Call<A>,
+        render: impl FnOnce(A) -> String,
+    ) -> strata::Result<()> {
+        let answer = tokio::time::timeout(self.timeout, self.target.send_raw(call))
+            .await
+            .map_err(|_| {
+                Error::msg(
+                    ErrorKind::Io,
+                    format!(
+                        "no answer from the control API at {} within {:?}",
+                        self.target, self.timeout
+                    ),
+                )
+            })??;
+        if self.json {
+            println!("{}", String::from_utf8_lossy(&answer).trim_end());
+        } else {
+            print!("{}", render(decode(&answer)?));
+        }
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------------------
 // Text output
 // ---------------------------------------------------------------------------------------
 
-fn text(v: &Value, key: &str) -> String {
-    match v.get(key) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => "-".to_owned(),
-        Some(other) => other.to_string(),
-    }
-}
-
-fn num(v: &Value, key: &str) -> u64 {
-    v.get(key).and_then(Value::as_u64).unwrap_or(0)
-}
-
-fn list<'a>(v: &'a Value, key: &str) -> &'a [Value] {
-    v.get(key)
-        .and_then(Value::as_array)
-        .map_or(&[], Vec::as_slice)
-}
-
-fn mode(export: &Value) -> &'static str {
-    if export.get("read_only").and_then(Value::as_bool) == Some(true) {
-        "ro"
-    } else {
-        "rw"
-    }
+/// "rw", or "ro" for an export that refuses writes.
+fn mode(export: &ExportView) -> &'static str {
+    if export.read_only { "ro" } else { "rw" }
 }
 
 /// What an export serves, in a few words.
-fn serves(export: &Value) -> String {
-    if let Some(of) = export.get("snapshot_of").filter(|v| v.is_object()) {
-        return format!(
-            "snapshot {} of {}",
-            text(of, "snapshot"),
-            text(of, "export")
-        );
+fn serves(export: &ExportView) -> String {
+    if let Some(of) = &export.snapshot_of {
+        return format!("snapshot {} of {}", of.snapshot, of.export);
     }
-    match (
-        export.get("image").and_then(Value::as_str),
-        text(export, "kind").as_str(),
-    ) {
-        (Some(path), _) => path.to_owned(),
+    match (&export.image, export.kind.as_str()) {
+        (Some(path), _) => path.display().to_string(),
         (None, "memory") => "memory".to_owned(),
         (None, _) => "-".to_owned(),
     }
 }
 
-fn render_export(e: &Value) -> String {
-    let stats = e.get("stats").cloned().unwrap_or_default();
-    let size = num(e, "size");
-    let counted = |count: &str, bytes: &str| {
-        format!(
-            "{} ({})",
-            num(&stats, count),
-            format_size(num(&stats, bytes))
-        )
+fn render_server(v: &ServerView) -> String {
+    let joined = |items: &[String]| {
+        if items.is_empty() {
+            "-".to_owned()
+        } else {
+            items.join(", ")
+        }
     };
     fields(&[
-        ("name", text(e, "name")),
-        ("kind", text(e, "kind")),
+        ("version", v.version.clone()),
+        ("uptime", duration(v.uptime_s)),
+        ("listening on", joined(&v.listen)),
+        ("control API", joined(&v.control)),
+        (
+            "connections",
+            format!("{} of {}", v.connections, v.max_connections),
+        ),
+        ("exports", v.exports.to_string()),
+    ])
+}
+
+fn render_exports(exports: &[ExportView]) -> String {
+    let rows = exports
+        .iter()
+        .map(|e| {
+            vec![
+                e.name.clone(),
+                e.kind.clone(),
+                format_size(e.size),
+                mode(e).to_owned(),
+                e.stats.connections.to_string(),
+                e.stats.reads.to_string(),
+                e.stats.writes.to_string(),
+                e.stats.errors.to_string(),
+                serves(e),
+            ]
+        })
+        .collect();
+    Table {
+        headers: &[
+            "NAME", "KIND", "SIZE", "MODE", "CONNS", "READS", "WRITES", "ERRORS", "SERVES",
+        ],
+        numeric: &[false, false, true, false, true, true, true, true, false],
+        rows,
+    }
+    .render()
+}
+
+fn render_export(e: &ExportView) -> String {
+    let stats = &e.stats;
+    let counted = |count: u64, bytes: u64| format!("{count} ({})", format_size(bytes));
+    fields(&[
+        ("name", e.name.clone()),
+        ("kind", e.kind.clone()),
         ("serves", serves(e)),
-        ("size", format!("{} ({size} bytes)", format_size(size))),
+        (
+            "size",
+            format!("{} ({} bytes)", format_size(e.size), e.size),
+        ),
         (
             "mode",
-            if mode(e) == "ro" {
+            if e.read_only {
                 "read-only"
             } else {
                 "read-write"
@@ -376,7 +412,7 @@ fn render_export(e: &Value) -> String {
         ),
         (
             "description",
-            Some(text(e, "description"))
+            Some(e.description.clone())
                 .filter(|d| !d.is_empty())
                 .unwrap_or_else(|| "-".to_owned()),
         ),
@@ -384,145 +420,62 @@ fn render_export(e: &Value) -> String {
             "connections",
             format!(
                 "{} now, {} in all",
-                num(&stats, "connections"),
-                num(&stats, "total_connections")
+                stats.connections, stats.total_connections
             ),
         ),
-        ("reads", counted("reads", "bytes_read")),
-        ("writes", counted("writes", "bytes_written")),
-        ("flushes", num(&stats, "flushes").to_string()),
-        ("trims", num(&stats, "trims").to_string()),
-        ("zeroes", num(&stats, "zeroes").to_string()),
-        ("block status", num(&stats, "block_status").to_string()),
-        ("cache", num(&stats, "caches").to_string()),
-        ("errors", num(&stats, "errors").to_string()),
+        ("reads", counted(stats.reads, stats.bytes_read)),
+        ("writes", counted(stats.writes, stats.bytes_written)),
+        ("flushes", stats.flushes.to_string()),
+        ("trims", stats.trims.to_string()),
+        ("zeroes", stats.zeroes.to_string()),
+        ("block status", stats.block_status.to_string()),
+        ("cache", stats.caches.to_string()),
+        ("errors", stats.errors.to_string()),
     ])
 }
 
-fn render(command: &CtlCommand, v: &Value) -> String {
-    match command {
-        CtlCommand::Server => {
-            let joined = |key: &str| {
-                let items: Vec<String> = list(v, key)
-                    .iter()
-                    .filter_map(|a| a.as_str().map(str::to_owned))
-                    .collect();
-                if items.is_empty() {
-                    "-".to_owned()
-                } else {
-                    items.join(", ")
-                }
-            };
-            fields(&[
-                ("version", text(v, "version")),
-                ("uptime", duration(num(v, "uptime_s"))),
-                ("listening on", joined("listen")),
-                ("control API", joined("control")),
-                (
-                    "connections",
-                    format!("{} of {}", num(v, "connections"), num(v, "max_connections")),
-                ),
-                ("exports", num(v, "exports").to_string()),
-            ])
-        }
-        CtlCommand::Exports => {
-            let rows = list(v, "exports")
-                .iter()
-                .map(|e| {
-                    let stats = e.get("stats").cloned().unwrap_or_default();
-                    vec![
-                        text(e, "name"),
-                        text(e, "kind"),
-                        format_size(num(e, "size")),
-                        mode(e).to_owned(),
-                        num(&stats, "connections").to_string(),
-                        num(&stats, "reads").to_string(),
-                        num(&stats, "writes").to_string(),
-                        num(&stats, "errors").to_string(),
-                        serves(e),
-                    ]
-                })
-                .collect();
-            Table {
-                headers: &[
-                    "NAME", "KIND", "SIZE", "MODE", "CONNS", "READS", "WRITES", "ERRORS", "SERVES",
-                ],
-                numeric: &[false, false, true, false, true, true, true, true, false],
-                rows,
-            }
-            .render()
-        }
-        CtlCommand::Export { .. } | CtlCommand::Add { .. } => render_export(v),
-        CtlCommand::ServeSnapshot { .. } => format!(
-            "serving {} read-only as export {}\n",
-            serves(v),
-            text(v, "name")
-        ),
-        CtlCommand::Remove { .. } => {
-            let n = num(v, "disconnected");
-            let clients = if n == 1 { "client" } else { "clients" };
-            format!(
-                "removed export {} ({n} {clients} disconnected)\n",
-                text(v, "removed")
-            )
-        }
-        CtlCommand::Snapshots { .. } => {
-            let rows = list(v, "snapshots")
-                .iter()
-                .map(|s| {
-                    vec![
-                        text(s, "name"),
-                        timestamp(num(s, "created")),
-                        format_size(num(s, "allocated")),
-                        text(s, "exported_as"),
-                    ]
-                })
-                .collect();
-            Table {
-                headers: &["NAME", "CREATED (UTC)", "ALLOCATED", "EXPORTED AS"],
-                numeric: &[false, false, true, false],
-                rows,
-            }
-            .render()
-        }
-        CtlCommand::Snapshot { export, .. } => {
-            let snap = v.get("snapshot").cloned().unwrap_or_default();
-            format!(
-                "snapshot {} of {export} taken; requests waited {} us\n",
-                text(&snap, "name"),
-                num(v, "pause_us")
-            )
-        }
-        CtlCommand::DeleteSnapshot { export, name } => format!(
-            "snapshot {name} of {export} deleted; {} merged into the layer above\n",
-            format_size(num(v, "copied"))
-        ),
-        CtlCommand::Rollback { export, name, .. } => {
-            format!("export {export} rolled back to snapshot {name}\n")
-        }
-        CtlCommand::Dirty { since, .. } => {
-            let ranges = list(v, "ranges");
-            let rows = ranges
-                .iter()
-                .map(|r| vec![num(r, "offset").to_string(), num(r, "length").to_string()])
-                .collect();
-            let mut out = Table {
-                headers: &["OFFSET", "LENGTH"],
-                numeric: &[true, true],
-                rows,
-            }
-            .render();
-            let _ = write!(
-                out,
-                "{} range(s), {} written since {since}",
-                ranges.len(),
-                format_size(num(v, "bytes"))
-            );
-            if let Some(cs) = v.get("cluster_size").and_then(Value::as_u64) {
-                let _ = write!(out, " (in clusters of {})", format_size(cs));
-            }
-            out.push('\n');
-            out
-        }
+fn render_snapshots(snapshots: &[Snapshot]) -> String {
+    let rows = snapshots
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                timestamp(s.created),
+                format_size(s.allocated),
+                s.exported_as.clone().unwrap_or_else(|| "-".to_owned()),
+            ]
+        })
+        .collect();
+    Table {
+        headers: &["NAME", "CREATED (UTC)", "ALLOCATED", "EXPORTED AS"],
+        numeric: &[false, false, true, false],
+        rows,
     }
+    .render()
+}
+
+fn render_dirty(v: &Dirty) -> String {
+    let rows = v
+        .ranges
+        .iter()
+        .map(|r| vec![r.offset.to_string(), r.length.to_string()])
+        .collect();
+    let mut out = Table {
+        headers: &["OFFSET", "LENGTH"],
+        numeric: &[true, true],
+        rows,
+    }
+    .render();
+    let _ = write!(
+        out,
+        "{} range(s), {} written since {}",
+        v.ranges.len(),
+        format_size(v.bytes),
+        v.since
+    );
+    if let Some(cs) = v.cluster_size {
+        let _ = write!(out, " (in clusters of {})", format_size(cs));
+    }
+    out.push('\n');
+    out
 }

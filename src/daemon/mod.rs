@@ -21,7 +21,8 @@ use tracing::{error, info, warn};
 use crate::config::{self, Config, ControlSettings, Overrides, SystemFiles, TlsMode};
 use crate::error::{Error, Result};
 use crate::proto::{HandshakeConfig, TlsPolicy};
-use crate::server::control::{ControlConfig, ControlServer, ControlState, MetricsServer, Token};
+use crate::server::control::{ControlConfig, ControlServer, ControlState, Token};
+use crate::server::metrics_listener::MetricsServer;
 use crate::server::{
     Exports, ListenAddr, Listener, Server, ServerConfig, SessionConfig, ShutdownHandle, TlsFiles,
     TlsSettings,

@@ -47,7 +47,17 @@ pub enum Format {
 
 /// How a file is to be read, as the command line, the configuration file and the
 /// control API say it (`auto`, `raw`, `strata`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum FormatChoice {
     /// A Strata image if the file starts with the Strata signature, raw otherwise

@@ -7,6 +7,7 @@
 //! - [`handshake`]: the fixed-newstyle negotiation state machine.
 //! - [`request`]: request headers (compact and extended).
 //! - [`reply`]: simple replies and structured/extended chunks.
+//! - [`extents`]: a backend's extents turned into the block-status descriptors sent.
 //! - [`validate()`]: the single place a request is checked before it runs.
 //! - [`errno_for`]: the single place an [`ErrorKind`] becomes a wire error.
 
@@ -15,11 +16,13 @@ use std::fmt;
 use crate::error::ErrorKind;
 
 pub mod consts;
+pub mod extents;
 pub mod handshake;
 pub mod reply;
 pub mod request;
 pub mod validate;
 
+pub use extents::{MAX_EXTENTS, StatusExtent, normalize_extents};
 pub use handshake::{
     BlockSizes, ExportCatalog, ExportInfo, ExportSummary, HandshakeConfig, MetaContext, Negotiated,
     Progress, ServerHandshake, TlsPolicy,

@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
 use crate::access::{Access, Client};
+use crate::api::StatsSnapshot;
 use crate::backend::{Capabilities, DynBackend, SharedBackend};
 use crate::error::{Error, ErrorKind};
 use crate::proto::consts::QEMU_DIRTY_BITMAP;
@@ -87,35 +87,6 @@ pub struct ExportStats {
     latency: [Histogram; metrics::OPS.len()],
 }
 
-/// A copy of an export's counters at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct StatsSnapshot {
-    /// Clients in the transmission phase now.
-    pub connections: u64,
-    /// Clients that ever reached the transmission phase.
-    pub total_connections: u64,
-    /// `NBD_CMD_READ` requests executed.
-    pub reads: u64,
-    /// `NBD_CMD_WRITE` requests executed.
-    pub writes: u64,
-    /// `NBD_CMD_FLUSH` requests executed.
-    pub flushes: u64,
-    /// `NBD_CMD_TRIM` requests executed.
-    pub trims: u64,
-    /// `NBD_CMD_WRITE_ZEROES` requests executed.
-    pub zeroes: u64,
-    /// `NBD_CMD_BLOCK_STATUS` requests executed.
-    pub block_status: u64,
-    /// `NBD_CMD_CACHE` requests executed.
-    pub caches: u64,
-    /// Bytes asked for by the reads executed.
-    pub bytes_read: u64,
-    /// Bytes carried by the writes executed.
-    pub bytes_written: u64,
-    /// Requests answered with an error, refused ones included.
-    pub errors: u64,
-}
-
 impl ExportStats {
     /// Counts a request that passed validation and is about to run.
     #[inline]
@@ -155,28 +126,29 @@ impl ExportStats {
         }
     }
 
-    /// Requests executed of the kind at position `op` of [`metrics::OPS`].
-    pub fn requests(&self, op: usize) -> u64 {
-        let counter = match op {
-            0 => &self.reads,
-            1 => &self.writes,
-            2 => &self.flushes,
-            3 => &self.trims,
-            4 => &self.zeroes,
-            5 => &self.block_status,
-            _ => &self.caches,
-        };
-        counter.load(Ordering::Relaxed)
-    }
-
-    /// Errors answered with the errno at position `i` of [`metrics::ERRNOS`].
-    pub fn errors_by_errno(&self, i: usize) -> u64 {
-        self.errors[i].load(Ordering::Relaxed)
-    }
-
-    /// The latency histogram of the kind at position `op` of [`metrics::OPS`].
-    pub fn latency(&self, op: usize) -> &Histogram {
-        &self.latency[op]
+    /// The counters as the metrics text shows them, for the export `name`.
+    pub fn sample(&self, name: &str) -> metrics::ExportSample {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        // In the order of metrics::OPS.
+        let requests = [
+            &self.reads,
+            &self.writes,
+            &self.flushes,
+            &self.trims,
+            &self.zeroes,
+            &self.block_status,
+            &self.caches,
+        ];
+        metrics::ExportSample {
+            name: name.to_owned(),
+            connections: get(&self.connections),
+            total_connections: get(&self.total_connections),
+            bytes_read: get(&self.bytes_read),
+            bytes_written: get(&self.bytes_written),
+            requests: requests.map(get),
+            errors: self.errors.each_ref().map(get),
+            latency: self.latency.each_ref().map(Histogram::snapshot),
+        }
     }
 
     /// Clients in the transmission phase now.
@@ -344,6 +316,11 @@ impl Export {
         &self.stats
     }
 
+    /// The export's counters, read now for the metrics text.
+    pub fn metrics_sample(&self) -> metrics::ExportSample {
+        self.stats.sample(&self.name)
+    }
+
     /// Counts a client connection until the returned guard is dropped.
     pub fn attach(&self) -> Attached<'_> {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -494,6 +471,18 @@ struct Registry {
     default: Option<String>,
 }
 
+impl Registry {
+    fn check_free(&self, name: &str) -> crate::Result<()> {
+        if self.by_name.contains_key(name) {
+            return Err(Error::msg(
+                ErrorKind::AlreadyExists,
+                format!("an export named {name:?} exists already"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Exports {
     /// An empty set.
     pub fn new() -> Self {
@@ -513,18 +502,19 @@ impl Exports {
     /// Like [`Exports::insert`], it becomes the default export if there is none.
     pub fn try_insert(&self, export: Export) -> crate::Result<Arc<Export>> {
         let mut reg = self.write();
-        if reg.by_name.contains_key(&export.name) {
-            return Err(Error::msg(
-                ErrorKind::AlreadyExists,
-                format!("an export named {:?} exists already", export.name),
-            ));
-        }
+        reg.check_free(&export.name)?;
         if reg.default.is_none() {
             reg.default = Some(export.name.clone());
         }
         let export = Arc::new(export);
         reg.by_name.insert(export.name.clone(), export.clone());
         Ok(export)
+    }
+
+    /// Fails with [`ErrorKind::AlreadyExists`] when an export is named `name`, so that
+    /// work towards a new export stops before it starts.
+    pub fn check_free(&self, name: &str) -> crate::Result<()> {
+        self.read().check_free(name)
     }
 
     /// Takes the export `name` out of the set: new clients no longer find it, connected
@@ -556,12 +546,15 @@ impl Exports {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Registry> {
+        self.inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Finds an export by the name a client sent; "" is the default export.
     pub fn get(&self, name: &str) -> Option<Arc<Export>> {
-        let reg = self
-            .inner
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let reg = self.read();
         let key = if name.is_empty() {
             reg.default.as_deref()?
         } else {
@@ -572,11 +565,7 @@ impl Exports {
 
     /// All exports, in name order.
     pub fn all(&self) -> Vec<Arc<Export>> {
-        let reg = self
-            .inner
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        reg.by_name.values().cloned().collect()
+        self.read().by_name.values().cloned().collect()
     }
 }
 
@@ -691,6 +680,41 @@ mod tests {
                 errors: 1,
             }
         );
+    }
+
+    #[test]
+    fn samples_follow_the_order_of_the_metrics_tables() {
+        let export = memory("m");
+        let stats = export.stats();
+        let commands = [
+            Command::Read,
+            Command::Write,
+            Command::Flush,
+            Command::Trim,
+            Command::WriteZeroes,
+            Command::BlockStatus,
+            Command::Cache,
+        ];
+        for (i, &command) in commands.iter().enumerate() {
+            for _ in 0..=i {
+                stats.count_request(command, 10);
+            }
+            stats.record_latency(command, Duration::from_micros(30));
+        }
+        stats.count_error(crate::proto::consts::errno::ENOSPC);
+        let _attached = export.attach();
+        let sample = export.metrics_sample();
+        assert_eq!(sample.name, "m");
+        assert_eq!((sample.connections, sample.total_connections), (1, 1));
+        assert_eq!((sample.bytes_read, sample.bytes_written), (10, 20));
+        for (i, &command) in commands.iter().enumerate() {
+            let op = metrics::op_index(command).unwrap();
+            assert_eq!(sample.requests[op], i as u64 + 1, "{}", metrics::OPS[op]);
+            assert_eq!(sample.latency[op].count(), 1, "{}", metrics::OPS[op]);
+        }
+        let enospc = metrics::errno_index(crate::proto::consts::errno::ENOSPC);
+        assert_eq!(sample.errors[enospc], 1);
+        assert_eq!(sample.errors.iter().sum::<u64>(), 1);
     }
 
     #[tokio::test]

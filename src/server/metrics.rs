@@ -2,19 +2,19 @@
 //!
 //! Everything a request touches is a relaxed atomic: a histogram costs one bucket search
 //! over a fixed table and two `fetch_add`s per request, no lock and no allocation. The
-//! text is built only when a scraper asks for it ([`render`]), from the counters of every
-//! export ([`super::export::ExportStats`]) and of the server ([`ServerStats`]).
+//! text is built only when a scraper asks for it ([`render`]), from a sample of every
+//! export's counters ([`ExportSample`], which the exports take of their own counters) and
+//! the server's ([`ServerStats`]). This module knows nothing of exports beyond those
+//! samples.
 //!
 //! Names follow Prometheus conventions: a `strata_` prefix, `_total` on counters, base
 //! units (`_seconds`, `_bytes`), histograms as cumulative `_bucket{le=...}` series with
 //! `_sum` and `_count`, and a `# HELP` and `# TYPE` line per family.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::export::Export;
 use crate::proto::Command;
 use crate::proto::consts::errno;
 
@@ -273,6 +273,27 @@ pub struct Gauges {
     pub in_flight_limit: Option<u64>,
 }
 
+/// One export's counters, read at scrape time for [`render`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSample {
+    /// The export's name.
+    pub name: String,
+    /// Clients in the transmission phase now.
+    pub connections: u64,
+    /// Clients that reached the transmission phase.
+    pub total_connections: u64,
+    /// Bytes asked for by the reads executed.
+    pub bytes_read: u64,
+    /// Bytes carried by the writes executed.
+    pub bytes_written: u64,
+    /// Requests executed, by kind, in the order of [`OPS`].
+    pub requests: [u64; OPS.len()],
+    /// Requests answered with an error, by errno, in the order of [`ERRNOS`].
+    pub errors: [u64; ERRNOS.len()],
+    /// Latency by kind of request, in the order of [`OPS`].
+    pub latency: [HistogramSnapshot; OPS.len()],
+}
+
 /// The content type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -305,7 +326,7 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 /// Renders every metric in the Prometheus text exposition format (version 0.0.4).
-pub fn render(exports: &[Arc<Export>], server: &ServerStats, gauges: Gauges) -> String {
+pub fn render(exports: &[ExportSample], server: &ServerStats, gauges: Gauges) -> String {
     let mut out = String::with_capacity(4096 + exports.len() * 16 * 1024);
     render_server(&mut out, server, gauges);
     render_exports(&mut out, exports);
@@ -417,16 +438,14 @@ fn render_server(out: &mut String, server: &ServerStats, g: Gauges) {
     }
 }
 
-fn render_exports(out: &mut String, exports: &[Arc<Export>]) {
-    let snaps: Vec<_> = exports
-        .iter()
-        .map(|e| (escape_label(e.name()), e.stats().snapshot(), e.stats()))
-        .collect();
+fn render_exports(out: &mut String, exports: &[ExportSample]) {
+    let labels: Vec<String> = exports.iter().map(|e| escape_label(&e.name)).collect();
+    let samples = || labels.iter().zip(exports);
     let simple =
-        |out: &mut String, name: &str, kind: &str, help: &str, get: &dyn Fn(usize) -> u64| {
+        |out: &mut String, name: &str, kind: &str, help: &str, get: fn(&ExportSample) -> u64| {
             family(out, name, kind, help);
-            for (i, (export, ..)) in snaps.iter().enumerate() {
-                let _ = writeln!(out, "{name}{{export=\"{export}\"}} {}", get(i));
+            for (export, sample) in samples() {
+                let _ = writeln!(out, "{name}{{export=\"{export}\"}} {}", get(sample));
             }
         };
     simple(
@@ -434,28 +453,28 @@ fn render_exports(out: &mut String, exports: &[Arc<Export>]) {
         "strata_export_connections",
         "gauge",
         "Clients in the transmission phase now.",
-        &|i| snaps[i].1.connections,
+        |e| e.connections,
     );
     simple(
         out,
         "strata_export_connections_total",
         "counter",
         "Clients that reached the transmission phase.",
-        &|i| snaps[i].1.total_connections,
+        |e| e.total_connections,
     );
     simple(
         out,
         "strata_export_read_bytes_total",
         "counter",
         "Bytes asked for by the reads executed.",
-        &|i| snaps[i].1.bytes_read,
+        |e| e.bytes_read,
     );
     simple(
         out,
         "strata_export_written_bytes_total",
         "counter",
         "Bytes carried by the writes executed.",
-        &|i| snaps[i].1.bytes_written,
+        |e| e.bytes_written,
     );
     family(
         out,
@@ -463,12 +482,11 @@ fn render_exports(out: &mut String, exports: &[Arc<Export>]) {
         "counter",
         "Requests executed, by operation.",
     );
-    for (export, _, stats) in &snaps {
-        for (op, name) in OPS.iter().enumerate() {
+    for (export, sample) in samples() {
+        for (name, n) in OPS.iter().zip(&sample.requests) {
             let _ = writeln!(
                 out,
-                "strata_export_requests_total{{export=\"{export}\",op=\"{name}\"}} {}",
-                stats.requests(op)
+                "strata_export_requests_total{{export=\"{export}\",op=\"{name}\"}} {n}"
             );
         }
     }
@@ -478,12 +496,11 @@ fn render_exports(out: &mut String, exports: &[Arc<Export>]) {
         "counter",
         "Requests answered with an error (refused ones included), by errno.",
     );
-    for (export, _, stats) in &snaps {
-        for (i, (_, name)) in ERRNOS.iter().enumerate() {
+    for (export, sample) in samples() {
+        for ((_, name), n) in ERRNOS.iter().zip(&sample.errors) {
             let _ = writeln!(
                 out,
-                "strata_export_errors_total{{export=\"{export}\",errno=\"{name}\"}} {}",
-                stats.errors_by_errno(i)
+                "strata_export_errors_total{{export=\"{export}\",errno=\"{name}\"}} {n}"
             );
         }
     }
@@ -494,9 +511,8 @@ fn render_exports(out: &mut String, exports: &[Arc<Export>]) {
         "histogram",
         "Time from a request's dispatch to its encoded reply, by operation.",
     );
-    for (export, _, stats) in &snaps {
-        for (op, op_name) in OPS.iter().enumerate() {
-            let h = stats.latency(op).snapshot();
+    for (export, sample) in samples() {
+        for (op_name, h) in OPS.iter().zip(&sample.latency) {
             let labels = format!("export=\"{export}\",op=\"{op_name}\"");
             for (bound, n) in LATENCY_BOUNDS_NS.iter().zip(&h.cumulative) {
                 let _ = write!(out, "{name}_bucket{{{labels},le=\"");
@@ -515,7 +531,6 @@ fn render_exports(out: &mut String, exports: &[Arc<Export>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::MemoryBackend;
 
     #[test]
     fn histogram_buckets_are_cumulative() {
@@ -554,16 +569,25 @@ mod tests {
 
     #[test]
     fn renders_every_family_once_with_help_and_type() {
-        let export = Arc::new(Export::new(
-            "d\"isk",
-            "",
-            Arc::new(MemoryBackend::new(1 << 20)),
-        ));
-        export.stats().count_request(Command::Read, 4096);
-        export
-            .stats()
-            .record_latency(Command::Read, Duration::from_micros(30));
-        export.stats().count_error(errno::EIO);
+        let read = Histogram::default();
+        read.record(Duration::from_micros(30));
+        let none = Histogram::default().snapshot();
+        let mut latency = [(); OPS.len()].map(|()| none.clone());
+        latency[op_index(Command::Read).unwrap()] = read.snapshot();
+        let mut requests = [0; OPS.len()];
+        requests[op_index(Command::Read).unwrap()] = 1;
+        let mut errors = [0; ERRNOS.len()];
+        errors[errno_index(errno::EIO)] = 1;
+        let export = ExportSample {
+            name: "d\"isk".to_owned(),
+            connections: 0,
+            total_connections: 0,
+            bytes_read: 4096,
+            bytes_written: 0,
+            requests,
+            errors,
+            latency,
+        };
         let server = ServerStats::default();
         server.count_accepted();
         server.count_refused(Refusal::PerClient);

@@ -8,7 +8,7 @@
 //! sessions finish the requests they accepted, and flushes every export. What happens is
 //! counted for [`metrics`].
 //!
-//! The handshake reads the exports through the view of one client
+//! The handshake driver (`handshake.rs`) reads the exports through the view of one client
 //! ([`export::ClientView`]), so exports its access rules refuse do not exist for it.
 //! After `STARTTLS` the connection continues over TLS ([`tls`]), and the view is rebuilt
 //! with the identity of the client's certificate.
@@ -18,23 +18,22 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::access::{self, ClientAddr};
+use crate::access::ClientAddr;
 use crate::backend::Backend;
 use crate::error::{Error, ErrorKind, Result};
-use crate::proto::{
-    HandshakeConfig, Negotiated, Progress, ProtocolError, ServerHandshake, TlsPolicy,
-};
+use crate::proto::{HandshakeConfig, TlsPolicy};
 
 pub mod budget;
 pub mod control;
 pub mod export;
+mod handshake;
+pub mod http;
 pub mod listener;
 pub mod metrics;
+pub mod metrics_listener;
 pub mod session;
 pub mod tls;
 pub mod volume;
@@ -45,7 +44,8 @@ pub use session::SessionConfig;
 pub use tls::{TlsFiles, TlsSettings};
 pub use volume::Volume;
 
-use listener::{ReadHalf, Stream, WriteHalf};
+use handshake::{HandshakeError, Ready, is_disconnect, negotiate};
+use listener::Stream;
 
 /// Server-wide settings.
 #[derive(Debug, Clone)]
@@ -124,6 +124,12 @@ struct ClientSlot {
 }
 
 impl PerClient {
+    fn open(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Counts a connection from `addr`, unless its address is at the limit. Unix-socket
     /// clients and a limit of 0 are not counted.
     fn admit(
@@ -137,10 +143,7 @@ impl PerClient {
             return Ok(None);
         }
         let ip = canonical_ip(sa.ip());
-        let mut open = table
-            .open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut open = table.open();
         let n = open.entry(ip).or_insert(0);
         if *n >= table.limit {
             return Err(());
@@ -155,11 +158,7 @@ impl PerClient {
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        let mut open = self
-            .table
-            .open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut open = self.table.open();
         if let Some(n) = open.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -229,7 +228,8 @@ impl ConnectionGauge {
 
     /// Every metric of the server and of `exports`, in the Prometheus text format.
     pub fn render_metrics(&self, exports: &Exports) -> String {
-        metrics::render(&exports.all(), &self.stats, self.gauges())
+        let samples: Vec<_> = exports.all().iter().map(|e| e.metrics_sample()).collect();
+        metrics::render(&samples, &self.stats, self.gauges())
     }
 
     /// Connections open now, in the handshake or in transmission.
@@ -428,9 +428,7 @@ async fn handle_connection(stream: Stream, addr: ClientAddr, shared: &Shared) {
         Ok(Ok(Some(ready))) => ready,
     };
     let Ready {
-        reader,
-        writer,
-        leftover,
+        conn,
         negotiated,
         client,
     } = ready;
@@ -449,228 +447,13 @@ async fn handle_connection(stream: Stream, addr: ClientAddr, shared: &Shared) {
         "transmission started"
     );
     let _attached = export.attach();
-    let end = session::run(
-        reader,
-        writer,
-        leftover,
-        client.tls,
-        &export,
-        &negotiated,
-        shared.config.session,
-        shared.budget.clone(),
-        shared.shutdown.clone(),
-    )
-    .await;
+    let env = session::Environment {
+        config: shared.config.session,
+        budget: shared.budget.clone(),
+        shutdown: shared.shutdown.clone(),
+    };
+    let end = session::run(conn, &export, &negotiated, env).await;
     if matches!(end, session::SessionEnd::Idle) {
         shared.stats.count_idle_closed();
-    }
-}
-
-/// True for errors that only mean the peer hung up.
-fn is_disconnect(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind as K;
-    matches!(
-        e.kind(),
-        K::BrokenPipe | K::ConnectionReset | K::ConnectionAborted | K::UnexpectedEof
-    )
-}
-
-/// Why a handshake ended without an export.
-#[derive(Debug)]
-enum HandshakeError {
-    Protocol(ProtocolError),
-    Io(std::io::Error),
-    Closed,
-    /// The TLS handshake after `STARTTLS` failed (bad or missing client certificate,
-    /// no common protocol version, plaintext where TLS was expected, ...).
-    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
-    Tls(std::io::Error),
-    TlsUnavailable,
-}
-
-impl std::fmt::Display for HandshakeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HandshakeError::Protocol(e) => write!(f, "{e}"),
-            HandshakeError::Io(e) => write!(f, "{e}"),
-            HandshakeError::Closed => f.write_str("client closed the connection"),
-            HandshakeError::Tls(e) => write!(f, "TLS handshake failed: {e}"),
-            HandshakeError::TlsUnavailable => f.write_str("TLS requested but not available"),
-        }
-    }
-}
-
-impl From<std::io::Error> for HandshakeError {
-    fn from(e: std::io::Error) -> Self {
-        HandshakeError::Io(e)
-    }
-}
-
-/// A connection that finished its handshake, ready for the transmission phase.
-struct Ready {
-    reader: ReadHalf,
-    writer: WriteHalf,
-    /// Bytes the client already sent past the handshake.
-    leftover: BytesMut,
-    negotiated: Negotiated,
-    client: Client,
-}
-
-/// The client as access rules see it, and whether it upgraded to TLS.
-struct Client {
-    who: access::Client,
-    tls: bool,
-}
-
-impl std::ops::Deref for Client {
-    type Target = access::Client;
-    fn deref(&self) -> &access::Client {
-        &self.who
-    }
-}
-
-/// How a stretch of the handshake on one stream ended.
-enum Step {
-    /// The client chose an export, with any bytes it sent past the handshake.
-    Done(Box<Negotiated>, BytesMut),
-    /// The client aborted.
-    Aborted,
-    /// `STARTTLS` was acknowledged: the TLS handshake comes next.
-    StartTls,
-}
-
-/// Runs the handshake: in plaintext, and after `STARTTLS` over TLS, which then carries
-/// the rest of the connection. Returns `None` if the client aborted.
-async fn negotiate(
-    mut stream: Stream,
-    addr: ClientAddr,
-    shared: &Shared,
-) -> std::result::Result<Option<Ready>, HandshakeError> {
-    let mut hs = ServerHandshake::new(shared.config.handshake.clone());
-    let mut input = BytesMut::with_capacity(4096);
-    let client = Client {
-        who: access::Client {
-            addr,
-            identity: None,
-            tls: false,
-        },
-        tls: false,
-    };
-    match drive(&mut stream, &mut hs, &mut input, &shared.exports, &client).await? {
-        Step::Aborted => Ok(None),
-        Step::Done(negotiated, leftover) => {
-            // Plaintext keeps the socket's own halves: no lock between reader and writer.
-            let (reader, writer) = stream.into_split();
-            Ok(Some(Ready {
-                reader,
-                writer,
-                leftover,
-                negotiated: *negotiated,
-                client,
-            }))
-        }
-        Step::StartTls => {
-            let Some(tls) = &shared.config.tls else {
-                return Err(HandshakeError::TlsUnavailable);
-            };
-            upgrade(stream, tls, hs, client.who, shared).await
-        }
-    }
-}
-
-#[cfg(feature = "tls")]
-async fn upgrade(
-    stream: Stream,
-    tls: &TlsSettings,
-    mut hs: ServerHandshake,
-    mut who: access::Client,
-    shared: &Shared,
-) -> std::result::Result<Option<Ready>, HandshakeError> {
-    // The state machine has refused any byte sent behind STARTTLS, so nothing read in
-    // plaintext is carried into the TLS session.
-    let (mut stream, identity) = tls.accept(stream).await.map_err(HandshakeError::Tls)?;
-    match &identity {
-        Some(id) => info!(identity = %id, "TLS established with a verified client certificate"),
-        None => info!("TLS established"),
-    }
-    who.identity = identity;
-    who.tls = true;
-    let client = Client { who, tls: true };
-    hs.tls_established();
-    let mut input = BytesMut::with_capacity(4096);
-    match drive(&mut stream, &mut hs, &mut input, &shared.exports, &client).await? {
-        Step::Aborted => {
-            let _ = stream.shutdown().await;
-            Ok(None)
-        }
-        Step::Done(negotiated, leftover) => {
-            // TLS state is shared by both directions, so the halves share a lock.
-            let (reader, writer) = tokio::io::split(stream);
-            Ok(Some(Ready {
-                reader: Box::pin(reader),
-                writer: Box::pin(writer),
-                leftover,
-                negotiated: *negotiated,
-                client,
-            }))
-        }
-        // The state machine refuses a second STARTTLS.
-        Step::StartTls => Err(HandshakeError::TlsUnavailable),
-    }
-}
-
-#[cfg(not(feature = "tls"))]
-async fn upgrade(
-    _stream: Stream,
-    _tls: &TlsSettings,
-    _hs: ServerHandshake,
-    _who: access::Client,
-    _shared: &Shared,
-) -> std::result::Result<Option<Ready>, HandshakeError> {
-    Err(HandshakeError::TlsUnavailable)
-}
-
-/// Drives the handshake state machine over `io` until the client picks an export, aborts
-/// or asks for TLS. The catalog is the one this client may see: what it may open can
-/// change when TLS brings a certificate.
-async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
-    io: &mut S,
-    hs: &mut ServerHandshake,
-    input: &mut BytesMut,
-    exports: &Exports,
-    client: &Client,
-) -> std::result::Result<Step, HandshakeError> {
-    let catalog = exports.seen_by(client);
-    loop {
-        if let Some(out) = hs.poll_transmit() {
-            io.write_all(&out).await?;
-            io.flush().await?;
-        }
-        let progress = hs
-            .handle_input(input, &catalog)
-            .map_err(HandshakeError::Protocol)?;
-        match progress {
-            Progress::NeedInput => {
-                if io.read_buf(input).await? == 0 {
-                    return Err(HandshakeError::Closed);
-                }
-            }
-            Progress::Continue => {}
-            Progress::StartTls | Progress::Abort | Progress::Done(_) => {
-                if let Some(out) = hs.poll_transmit() {
-                    io.write_all(&out).await?;
-                    io.flush().await?;
-                }
-                return Ok(match progress {
-                    Progress::StartTls => Step::StartTls,
-                    Progress::Abort => {
-                        let _ = io.shutdown().await;
-                        Step::Aborted
-                    }
-                    Progress::Done(negotiated) => Step::Done(negotiated, input.split()),
-                    Progress::NeedInput | Progress::Continue => unreachable!(),
-                });
-            }
-        }
     }
 }

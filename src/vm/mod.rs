@@ -9,7 +9,7 @@
 //!   strata vm stop                          ├─> Driver: QEMU (qemu.rs, over QMP)
 //!                                           │     or Virtualization.framework (macos.rs)
 //!                                           └─> the control API: disk snapshots,
-//!                                                rollbacks (crate::control_client)
+//!                                                rollbacks (api::client)
 //! ```
 //!
 //! Everything but the framework calls is portable and tested on Linux: the spec, the

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tracing::warn;
 
 use super::url::NbdUrl;
-use crate::control_client::ControlTarget;
+use crate::api::client::ControlTarget;
 use crate::error::{Error, ErrorKind, Result};
 use crate::server::control::{ControlConfig, ControlServer, ControlState};
 use crate::server::export::open_export;

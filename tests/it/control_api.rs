@@ -782,7 +782,7 @@ fn control_socket_path_must_be_free() {
     assert_eq!(server.get("/v1/server").status, 200);
 }
 
-/// `MAX_CONNECTIONS` in src/server/control.rs.
+/// `MAX_CONNECTIONS` in src/server/http.rs.
 const CONTROL_CONNECTIONS: usize = 64;
 
 #[test]

@@ -23,7 +23,8 @@ use super::disk::{DiskAccess, open_disk};
 use super::host::{AnyDriver, driver_name};
 use super::socket::{Request, send};
 use super::{ResumeOptions, RunOptions};
-use crate::control_client::ControlTarget;
+use crate::api::Taken;
+use crate::api::client::ControlTarget;
 use crate::error::{Error, ErrorKind, Result};
 use crate::vm::bundle::{Bundle, Checkpoint, commit_file};
 use crate::vm::spec::VmSpec;
@@ -177,7 +178,7 @@ pub(super) async fn suspend(
     driver.pause().await?;
     let paused = start.elapsed();
     let snapshot_pause_us = match take_snapshot(bundle, control, &disk.export, &snapshot).await {
-        Ok(us) => us,
+        Ok(taken) => taken.pause_us,
         Err(e) => {
             let _ = driver.resume().await;
             return Err(Error::msg(
@@ -271,7 +272,7 @@ pub(super) async fn delete_checkpoint(
         .delete_snapshot(&disk.export, &checkpoint.snapshot)
         .await
     {
-        Ok(()) => json!(true),
+        Ok(_) => json!(true),
         Err(e) if e.kind() == ErrorKind::NotFound => json!(false),
         Err(e) => {
             let _ = std::fs::remove_file(bundle.path(&checkpoint.state));
@@ -316,15 +317,15 @@ async fn take_snapshot(
     control: &ControlTarget,
     export: &str,
     snapshot: &str,
-) -> Result<u64> {
+) -> Result<Taken> {
     match control.take_snapshot(export, snapshot).await {
         Err(e) if e.kind() == ErrorKind::Busy => {
             let listed = bundle.checkpoints()?.iter().any(|c| c.snapshot == snapshot);
             let exists = control
-                .snapshot_names(export)
+                .snapshots(export)
                 .await?
                 .iter()
-                .any(|s| s == snapshot);
+                .any(|s| s.name == snapshot);
             if listed || !exists {
                 return Err(e);
             }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::RunOptions;
-use crate::control_client::ControlTarget;
+use crate::api::client::ControlTarget;
 use crate::error::{Error, ErrorKind, Result};
 use crate::vm::Report;
 use crate::vm::bundle::{self, Bundle};
