@@ -38,6 +38,8 @@
 //!   HTTP/JSON control API ([`server::control`]).
 //! - [`backend`]: the [`backend::Backend`] trait, its object-safe twin, and the raw,
 //!   memory, image, read-only and fault-injecting ([`backend::Faulty`]) implementations.
+//! - [`block`]: the extents and read chunks that the image engine and the backends both
+//!   speak.
 //! - [`image`]: the Strata image format: a pure header and map-page codec, the merged
 //!   cluster map of a backing chain, the copy-on-write engine with its crash-safe commit
 //!   order, the image tools (create, info, check, map, commit, rebase, convert), and
@@ -63,6 +65,7 @@
 pub mod access;
 pub mod api;
 pub mod backend;
+pub mod block;
 pub mod config;
 pub mod daemon;
 pub mod error;

@@ -8,9 +8,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{
-    Backend, BlockSize, Capabilities, DepthExtent, DirtyExtent, Extent, ReadChunk, ZeroFlags,
-};
+use super::{Backend, BlockSize, Capabilities, ZeroFlags};
+use crate::block::{DepthExtent, DirtyExtent, Extent, ReadChunk};
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::{Chain, ZeroMode, snapshot};
 
@@ -129,13 +128,7 @@ impl Backend for ImageBackend {
     }
 
     async fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthExtent>> {
-        self.run(move |c| {
-            Ok(c.allocation_depth(offset, len)?
-                .into_iter()
-                .map(|(length, depth)| DepthExtent { length, depth })
-                .collect())
-        })
-        .await
+        self.run(move |c| c.allocation_depth(offset, len)).await
     }
 
     fn dirty_bitmaps(&self) -> Vec<String> {
@@ -154,12 +147,7 @@ impl Backend for ImageBackend {
                 format!("no snapshot named {bitmap:?} below this disk"),
             ));
         };
-        self.run(move |c| {
-            Ok(snapshot::changed_since(c, layer, offset, len)?
-                .into_iter()
-                .map(|(length, dirty)| DirtyExtent { length, dirty })
-                .collect())
-        })
-        .await
+        self.run(move |c| snapshot::changed_since(c, layer, offset, len))
+            .await
     }
 }

@@ -32,7 +32,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 
-use super::{Backend, Capabilities, Extent, ReadChunk, ZeroFlags};
+use super::{Backend, Capabilities, ZeroFlags};
+use crate::block::{Extent, ReadChunk};
 use crate::error::{Error, ErrorKind, Result};
 use crate::mapping::MappedReads;
 use crate::sys::{

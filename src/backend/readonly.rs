@@ -2,9 +2,8 @@
 
 use bytes::Bytes;
 
-use super::{
-    Backend, BlockSize, Capabilities, DepthExtent, DirtyExtent, Extent, ReadChunk, ZeroFlags,
-};
+use super::{Backend, BlockSize, Capabilities, ZeroFlags};
+use crate::block::{DepthExtent, DirtyExtent, Extent, ReadChunk};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Wraps a backend so that it is exported read-only. The protocol layer already refuses

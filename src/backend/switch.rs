@@ -8,9 +8,8 @@
 use bytes::Bytes;
 use tokio::sync::{RwLock, RwLockWriteGuard};
 
-use super::{
-    Backend, BlockSize, Capabilities, DepthExtent, DirtyExtent, Extent, ReadChunk, ZeroFlags,
-};
+use super::{Backend, BlockSize, Capabilities, ZeroFlags};
+use crate::block::{DepthExtent, DirtyExtent, Extent, ReadChunk};
 use crate::error::Result;
 
 /// See the [module documentation](self).

@@ -31,7 +31,7 @@ use super::format::{
 use super::layer::{L2Content, PageState, Scan};
 use super::map::{FreeList, MergedMap, Page, entry};
 use super::storage::{Storage, as_uninit};
-use crate::backend::{Extent, ReadChunk};
+use crate::block::{DepthExtent, Extent, ReadChunk};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Dirty map pages that trigger a commit without waiting for a flush.
@@ -1384,12 +1384,15 @@ impl Chain {
 
     /// Which layer owns each stretch of `[offset, offset + len)`
     /// (`qemu:allocation-depth`): 1 the top, 2 its backing, ..., 0 none.
-    pub fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>> {
-        let mut out: Vec<(u64, u32)> = Vec::new();
+    pub fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthExtent>> {
+        let mut out: Vec<DepthExtent> = Vec::new();
         for r in self.ranges(offset, len)? {
             match out.last_mut() {
-                Some((l, d)) if *d == r.depth => *l += r.length,
-                _ => out.push((r.length, r.depth)),
+                Some(last) if last.depth == r.depth => last.length += r.length,
+                _ => out.push(DepthExtent {
+                    length: r.length,
+                    depth: r.depth,
+                }),
             }
         }
         Ok(out)

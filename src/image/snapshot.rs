@@ -48,6 +48,7 @@ use super::chain::{Chain, Lower, store_header};
 use super::format::{Backing, BackingKind, Header};
 use super::layer;
 use super::storage::{FileStorage, Storage};
+use crate::block::{DepthExtent, DirtyExtent};
 use crate::error::{Error, ErrorKind, Result};
 use crate::names::SNAPSHOT;
 
@@ -179,21 +180,21 @@ pub fn find(chain: &Chain, name: &str) -> Result<Snapshot> {
 
 /// Which parts of `[offset, offset + len)` were written after the snapshot at layer
 /// `layer` of `chain`: exactly those some layer above it holds. Returns contiguous
-/// `(length, changed)` runs covering the range.
+/// runs covering the range.
 pub fn changed_since(
     chain: &Chain,
     layer: usize,
     offset: u64,
     len: u64,
-) -> Result<Vec<(u64, bool)>> {
+) -> Result<Vec<DirtyExtent>> {
     // Depth 1 is the top; the layers above `layer` have depths 1 ..= top - layer.
     let above = u32::from(chain.top_index()) - layer as u32;
-    let mut out: Vec<(u64, bool)> = Vec::new();
-    for (length, depth) in chain.allocation_depth(offset, len)? {
-        let changed = depth >= 1 && depth <= above;
+    let mut out: Vec<DirtyExtent> = Vec::new();
+    for DepthExtent { length, depth } in chain.allocation_depth(offset, len)? {
+        let dirty = depth >= 1 && depth <= above;
         match out.last_mut() {
-            Some((l, c)) if *c == changed => *l += length,
-            _ => out.push((length, changed)),
+            Some(last) if last.dirty == dirty => last.length += length,
+            _ => out.push(DirtyExtent { length, dirty }),
         }
     }
     Ok(out)

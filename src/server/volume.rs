@@ -17,6 +17,7 @@ use tracing::info;
 
 use crate::backend::switch::Paused;
 use crate::backend::{ImageBackend, SharedBackend, Switchable};
+use crate::block::DirtyExtent;
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::{self, Chain, snapshot};
 
@@ -410,8 +411,8 @@ impl Volume {
 pub fn dirty_ranges(chain: &Chain, layer: usize) -> Result<Vec<DirtyRange>> {
     let mut out = Vec::new();
     let mut offset = 0;
-    for (length, changed) in snapshot::changed_since(chain, layer, 0, chain.size())? {
-        if changed {
+    for DirtyExtent { length, dirty } in snapshot::changed_since(chain, layer, 0, chain.size())? {
+        if dirty {
             out.push(DirtyRange { offset, length });
         }
         offset += length;
