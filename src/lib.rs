@@ -36,8 +36,10 @@
 //!   graceful shutdown, per-export counters and Prometheus metrics
 //!   ([`server::metrics`]), volumes with online snapshots ([`server::volume`]), and the
 //!   HTTP/JSON control API ([`server::control`]).
-//! - [`backend`]: the [`backend::Backend`] trait, its object-safe twin, and the raw,
-//!   memory, image, read-only and fault-injecting ([`backend::Faulty`]) implementations.
+//! - [`backend`]: the [`backend::Backend`] trait, its object-safe twin, the raw, memory
+//!   and image backends, and layers that pass what they do not change on to the backend
+//!   below ([`backend::Filter`]): read-only, fault-injecting ([`backend::Faulty`]) and
+//!   switchable.
 //! - [`block`]: the extents and read chunks that the image engine and the backends both
 //!   speak.
 //! - [`image`]: the Strata image format: a pure header and map-page codec, the merged

@@ -3,6 +3,11 @@
 //!
 //! The engine in [`crate::image::Chain`] is synchronous: it runs inline when every layer
 //! lives in memory, and on tokio's blocking pool otherwise, like the raw backend.
+//!
+//! It is a backend of its own, not a [`super::Filter`]: below it is the engine, not
+//! another backend to pass requests to. Each method is a call into the engine, and
+//! the methods it leaves out take [`Backend`]'s defaults on purpose (a plain read for
+//! the kernel is a copy: only sparse reads may point into the layers' mappings).
 
 use std::sync::Arc;
 
@@ -135,16 +140,11 @@ impl Backend for ImageBackend {
         self.snapshots.iter().map(|(n, _)| n.clone()).collect()
     }
 
-    async fn dirty_status(
-        &self,
-        bitmap: String,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<DirtyExtent>> {
-        let Some(&(_, layer)) = self.snapshots.iter().find(|(n, _)| *n == bitmap) else {
+    async fn dirty_status(&self, name: String, offset: u64, len: u64) -> Result<Vec<DirtyExtent>> {
+        let Some(&(_, layer)) = self.snapshots.iter().find(|(n, _)| *n == name) else {
             return Err(Error::msg(
                 ErrorKind::NotFound,
-                format!("no snapshot named {bitmap:?} below this disk"),
+                format!("no snapshot named {name:?} below this disk"),
             ));
         };
         self.run(move |c| snapshot::changed_since(c, layer, offset, len))

@@ -1,8 +1,10 @@
 //! Storage behind an export.
 //!
-//! Every kind of storage (a raw file or block device, an in-memory disk, and later sparse
-//! images and overlays) implements [`Backend`]. Layers such as [`ReadOnly`] wrap any backend
-//! and delegate what they do not change, the way nbdkit filters stack over plugins.
+//! Every kind of storage (a raw file or block device, an in-memory disk, a Strata image)
+//! implements [`Backend`]. Layers such as [`ReadOnly`] wrap any backend and change only
+//! what they are for: they implement [`Filter`], whose methods all pass the request to the
+//! backend below unless the layer says otherwise, the way nbdkit filters stack over
+//! plugins.
 //!
 //! Backends assume their requests were validated at the protocol boundary (in range, flags
 //! allowed); they only `debug_assert!` it.
@@ -21,7 +23,40 @@ use bytes::Bytes;
 use crate::block::{DepthExtent, DirtyExtent, Extent, ReadChunk};
 use crate::error::{Error, ErrorKind, Result};
 
+/// Calls the macro `$then` with the signature of every method of [`Backend`], the
+/// synchronous ones first.
+///
+/// What must pass every method on (the object-safe twin [`DynBackend`] and its bridges
+/// both ways, and the pass-through of [`Filter`]) is generated from this one list, so
+/// that no layer falls back to a default where it should forward: a layer that answered
+/// [`Backend::read_for_kernel`] with the default would copy what the backend below maps,
+/// and one that answered [`Backend::dirty_status`] with the default would hide every
+/// snapshot. A method added to [`Backend`] is added here too.
+macro_rules! backend_methods {
+    ($then:ident) => {
+        $then! {
+            fn size() -> u64;
+            fn capabilities() -> Capabilities;
+            fn block_size() -> BlockSize;
+            fn dirty_bitmaps() -> Vec<String>;
+            async fn read(offset: u64, len: usize) -> Bytes;
+            async fn read_sparse(offset: u64, len: usize) -> Vec<ReadChunk>;
+            async fn read_for_kernel(offset: u64, len: usize) -> Bytes;
+            async fn read_sparse_for_kernel(offset: u64, len: usize) -> Vec<ReadChunk>;
+            async fn write(offset: u64, data: Bytes, fua: bool) -> ();
+            async fn flush() -> ();
+            async fn trim(offset: u64, len: u64, fua: bool) -> ();
+            async fn write_zeroes(offset: u64, len: u64, flags: ZeroFlags) -> ();
+            async fn block_status(offset: u64, len: u64) -> Vec<Extent>;
+            async fn allocation_depth(offset: u64, len: u64) -> Vec<DepthExtent>;
+            async fn cache(offset: u64, len: u64) -> ();
+            async fn dirty_status(bitmap: String, offset: u64, len: u64) -> Vec<DirtyExtent>;
+        }
+    };
+}
+
 pub mod faulty;
+mod filter;
 pub mod image;
 pub mod memory;
 pub mod raw;
@@ -29,6 +64,7 @@ mod readonly;
 pub mod switch;
 
 pub use faulty::{FaultRule, Faulty, parse_rule as parse_fault_rule};
+pub use filter::{Below, Filter};
 pub use image::ImageBackend;
 pub use memory::MemoryBackend;
 pub use raw::RawBackend;
@@ -270,184 +306,43 @@ pub trait Backend: Send + Sync + 'static {
 /// A boxed future, as returned by [`DynBackend`].
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Object-safe form of [`Backend`], implemented for every backend.
-#[allow(missing_docs)]
-pub trait DynBackend: Send + Sync + 'static {
-    fn size(&self) -> u64;
-    fn capabilities(&self) -> Capabilities;
-    fn block_size(&self) -> BlockSize;
-    fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes>>;
-    fn read_sparse(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Vec<ReadChunk>>>;
-    fn read_for_kernel(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes>>;
-    fn read_sparse_for_kernel(
-        &self,
-        offset: u64,
-        len: usize,
-    ) -> BoxFuture<'_, Result<Vec<ReadChunk>>>;
-    fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<()>>;
-    fn flush(&self) -> BoxFuture<'_, Result<()>>;
-    fn trim(&self, offset: u64, len: u64, fua: bool) -> BoxFuture<'_, Result<()>>;
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>>;
-    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<Extent>>>;
-    fn allocation_depth(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<DepthExtent>>>;
-    fn cache(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>>;
-    fn dirty_bitmaps(&self) -> Vec<String>;
-    fn dirty_status(
-        &self,
-        bitmap: String,
-        offset: u64,
-        len: u64,
-    ) -> BoxFuture<'_, Result<Vec<DirtyExtent>>>;
+/// Generates [`DynBackend`] and its bridges from the methods of [`Backend`].
+macro_rules! dyn_backend {
+    (
+        $(fn $sync:ident() -> $sync_out:ty;)*
+        $(async fn $name:ident($($arg:ident: $ty:ty),*) -> $out:ty;)*
+    ) => {
+        /// Object-safe form of [`Backend`], implemented for every backend.
+        #[allow(missing_docs)]
+        pub trait DynBackend: Send + Sync + 'static {
+            $(fn $sync(&self) -> $sync_out;)*
+            $(fn $name(&self, $($arg: $ty),*) -> BoxFuture<'_, Result<$out>>;)*
+        }
+
+        impl<B: Backend> DynBackend for B {
+            $(fn $sync(&self) -> $sync_out {
+                Backend::$sync(self)
+            })*
+            $(fn $name(&self, $($arg: $ty),*) -> BoxFuture<'_, Result<$out>> {
+                Box::pin(Backend::$name(self, $($arg),*))
+            })*
+        }
+
+        impl Backend for SharedBackend {
+            $(fn $sync(&self) -> $sync_out {
+                (**self).$sync()
+            })*
+            $(fn $name(&self, $($arg: $ty),*) -> impl Future<Output = Result<$out>> + Send {
+                (**self).$name($($arg),*)
+            })*
+        }
+    };
 }
 
-impl<B: Backend> DynBackend for B {
-    fn size(&self) -> u64 {
-        Backend::size(self)
-    }
-    fn capabilities(&self) -> Capabilities {
-        Backend::capabilities(self)
-    }
-    fn block_size(&self) -> BlockSize {
-        Backend::block_size(self)
-    }
-    fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes>> {
-        Box::pin(Backend::read(self, offset, len))
-    }
-    fn read_sparse(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Vec<ReadChunk>>> {
-        Box::pin(Backend::read_sparse(self, offset, len))
-    }
-    fn read_for_kernel(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes>> {
-        Box::pin(Backend::read_for_kernel(self, offset, len))
-    }
-    fn read_sparse_for_kernel(
-        &self,
-        offset: u64,
-        len: usize,
-    ) -> BoxFuture<'_, Result<Vec<ReadChunk>>> {
-        Box::pin(Backend::read_sparse_for_kernel(self, offset, len))
-    }
-    fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<()>> {
-        Box::pin(Backend::write(self, offset, data, fua))
-    }
-    fn flush(&self) -> BoxFuture<'_, Result<()>> {
-        Box::pin(Backend::flush(self))
-    }
-    fn trim(&self, offset: u64, len: u64, fua: bool) -> BoxFuture<'_, Result<()>> {
-        Box::pin(Backend::trim(self, offset, len, fua))
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>> {
-        Box::pin(Backend::write_zeroes(self, offset, len, flags))
-    }
-    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<Extent>>> {
-        Box::pin(Backend::block_status(self, offset, len))
-    }
-    fn allocation_depth(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<DepthExtent>>> {
-        Box::pin(Backend::allocation_depth(self, offset, len))
-    }
-    fn cache(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
-        Box::pin(Backend::cache(self, offset, len))
-    }
-    fn dirty_bitmaps(&self) -> Vec<String> {
-        Backend::dirty_bitmaps(self)
-    }
-    fn dirty_status(
-        &self,
-        bitmap: String,
-        offset: u64,
-        len: u64,
-    ) -> BoxFuture<'_, Result<Vec<DirtyExtent>>> {
-        Box::pin(Backend::dirty_status(self, bitmap, offset, len))
-    }
-}
+backend_methods!(dyn_backend);
 
 /// A backend chosen at run time.
 pub type SharedBackend = Arc<dyn DynBackend>;
-
-impl Backend for SharedBackend {
-    fn size(&self) -> u64 {
-        (**self).size()
-    }
-    fn capabilities(&self) -> Capabilities {
-        (**self).capabilities()
-    }
-    fn block_size(&self) -> BlockSize {
-        (**self).block_size()
-    }
-    fn read(&self, offset: u64, len: usize) -> impl Future<Output = Result<Bytes>> + Send {
-        (**self).read(offset, len)
-    }
-    fn read_sparse(
-        &self,
-        offset: u64,
-        len: usize,
-    ) -> impl Future<Output = Result<Vec<ReadChunk>>> + Send {
-        (**self).read_sparse(offset, len)
-    }
-    fn read_for_kernel(
-        &self,
-        offset: u64,
-        len: usize,
-    ) -> impl Future<Output = Result<Bytes>> + Send {
-        (**self).read_for_kernel(offset, len)
-    }
-    fn read_sparse_for_kernel(
-        &self,
-        offset: u64,
-        len: usize,
-    ) -> impl Future<Output = Result<Vec<ReadChunk>>> + Send {
-        (**self).read_sparse_for_kernel(offset, len)
-    }
-    fn write(
-        &self,
-        offset: u64,
-        data: Bytes,
-        fua: bool,
-    ) -> impl Future<Output = Result<()>> + Send {
-        (**self).write(offset, data, fua)
-    }
-    fn flush(&self) -> impl Future<Output = Result<()>> + Send {
-        (**self).flush()
-    }
-    fn trim(&self, offset: u64, len: u64, fua: bool) -> impl Future<Output = Result<()>> + Send {
-        (**self).trim(offset, len, fua)
-    }
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        flags: ZeroFlags,
-    ) -> impl Future<Output = Result<()>> + Send {
-        (**self).write_zeroes(offset, len, flags)
-    }
-    fn block_status(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> impl Future<Output = Result<Vec<Extent>>> + Send {
-        (**self).block_status(offset, len)
-    }
-    fn allocation_depth(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> impl Future<Output = Result<Vec<DepthExtent>>> + Send {
-        (**self).allocation_depth(offset, len)
-    }
-    fn cache(&self, offset: u64, len: u64) -> impl Future<Output = Result<()>> + Send {
-        (**self).cache(offset, len)
-    }
-    fn dirty_bitmaps(&self) -> Vec<String> {
-        (**self).dirty_bitmaps()
-    }
-    fn dirty_status(
-        &self,
-        bitmap: String,
-        offset: u64,
-        len: u64,
-    ) -> impl Future<Output = Result<Vec<DirtyExtent>>> + Send {
-        (**self).dirty_status(bitmap, offset, len)
-    }
-}
 
 /// Opens the backend named on the command line: `memory:SIZE`, or a path to a Strata
 /// image, a raw file or a block device, told apart by their first bytes.

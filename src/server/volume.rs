@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tracing::info;
 
-use crate::backend::switch::Paused;
 use crate::backend::{ImageBackend, SharedBackend, Switchable};
 use crate::block::DirtyExtent;
 use crate::error::{Error, ErrorKind, Result};
@@ -76,8 +75,6 @@ pub struct Volume {
     read_only: bool,
     switch: Arc<Switchable<ImageBackend>>,
     backend: SharedBackend,
-    /// The backend in place, for answers that need not wait for a pause to end.
-    live: Mutex<ImageBackend>,
     /// Serialises snapshot operations.
     ops: tokio::sync::Mutex<()>,
     /// Exports serving a snapshot: export name -> snapshot name.
@@ -127,14 +124,13 @@ impl Volume {
             snapshot::recover(path)?;
         }
         let backend = ImageBackend::new(image::open(path, !read_only)?);
-        let switch = Arc::new(Switchable::new(backend.clone()));
+        let switch = Arc::new(Switchable::new(backend));
         let shared: SharedBackend = switch.clone();
         Ok(Arc::new(Volume {
             path: path.to_path_buf(),
             read_only,
             switch,
             backend: shared,
-            live: Mutex::new(backend),
             ops: tokio::sync::Mutex::new(()),
             served: Mutex::new(BTreeMap::new()),
         }))
@@ -152,7 +148,7 @@ impl Volume {
     }
 
     fn chain(&self) -> Arc<Chain> {
-        Arc::clone(lock(&self.live).chain())
+        Arc::clone(self.switch.current().chain())
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -164,13 +160,6 @@ impl Volume {
         } else {
             Ok(())
         }
-    }
-
-    /// Puts `chain` in place of the live chain while requests are paused.
-    fn install(&self, paused: &mut Paused<'_, ImageBackend>, chain: Chain) {
-        let backend = ImageBackend::new(chain);
-        paused.replace(backend.clone());
-        *lock(&self.live) = backend;
     }
 
     fn info(&self, s: &snapshot::Snapshot) -> SnapshotInfo {
@@ -216,7 +205,7 @@ impl Volume {
             let chain = Arc::clone(&chain);
             blocking(move || snapshot::switch(prepared, &chain)).await?
         };
-        self.install(&mut paused, new);
+        paused.replace(ImageBackend::new(new));
         drop(paused);
         let pause = start.elapsed();
         {
@@ -309,7 +298,7 @@ impl Volume {
             })
             .await?
         };
-        self.install(&mut paused, new);
+        paused.replace(ImageBackend::new(new));
         drop(paused);
         drop(chain);
         {
@@ -371,7 +360,9 @@ impl Volume {
         };
         let rollback = Arc::into_inner(rollback).expect("the switch task has finished");
         match switched {
-            Ok(new) => self.install(&mut paused, new),
+            Ok(new) => {
+                paused.replace(ImageBackend::new(new));
+            }
             Err(e) => {
                 drop(paused);
                 rollback.abandon();
