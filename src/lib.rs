@@ -34,8 +34,9 @@
 //!   driver, the transmission session (concurrent requests, one reply writer, an idle
 //!   timeout, memory bounded per connection and in total by [`server::budget`]),
 //!   graceful shutdown, per-export counters and Prometheus metrics
-//!   ([`server::metrics`]), volumes with online snapshots ([`server::volume`]), and the
-//!   HTTP/JSON control API ([`server::control`]).
+//!   ([`server::metrics`]), and the HTTP/JSON control API ([`server::control`]).
+//! - [`volume`]: Strata images with online snapshots, rollback and dirty ranges, served
+//!   by the server and used offline by `strata snapshot`.
 //! - [`backend`]: the [`backend::Backend`] trait, its object-safe twin, the raw, memory
 //!   and image backends, and layers that pass what they do not change on to the backend
 //!   below ([`backend::Filter`]): read-only, fault-injecting ([`backend::Faulty`]) and
@@ -80,5 +81,6 @@ pub mod server;
 pub mod size;
 mod sys;
 pub mod vm;
+pub mod volume;
 
 pub use error::{Error, ErrorKind, Result};

@@ -16,8 +16,8 @@ use crate::proto::consts::QEMU_DIRTY_BITMAP;
 use crate::proto::consts::transmission_flags as tf;
 use crate::proto::handshake::default_meta_contexts;
 use crate::proto::{BlockSizes, Command, ExportCatalog, ExportInfo, ExportSummary};
-use crate::server::Volume;
 use crate::server::metrics::{self, Histogram};
+use crate::volume::Volume;
 
 /// How long the clients of an export that was removed or replaced (through the control
 /// API or a reload) get to finish the requests they sent, before it is flushed anyway.

@@ -1,11 +1,14 @@
-//! Volumes: image exports that can be snapshotted, rolled back and diffed while clients
-//! are connected.
+//! Volumes: images that can be snapshotted, rolled back and diffed while clients are
+//! connected.
 //!
 //! A [`Volume`] owns a Strata image (the *live* top layer) and serves it through a
 //! switchable backend, so that a snapshot can turn the live top into a read-only layer
 //! and put a fresh overlay in its place between two requests. Snapshots are files next
 //! to the image (`IMAGE@NAME`), linked into its backing chain; see
 //! `docs/snapshots.md`.
+//!
+//! It stands apart from the server: the server exports volumes, and `strata snapshot`
+//! works on images nobody serves through the same operations.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
