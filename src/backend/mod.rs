@@ -15,6 +15,7 @@
 //! implements [`Backend`] again, so layers can wrap it too.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ use bytes::Bytes;
 
 use crate::block::{DepthExtent, DirtyExtent, Extent, ReadChunk};
 use crate::error::{Error, ErrorKind, Result};
+use crate::image::Format;
 
 /// Calls the macro `$then` with the signature of every method of [`Backend`], the
 /// synchronous ones first.
@@ -344,38 +346,58 @@ backend_methods!(dyn_backend);
 /// A backend chosen at run time.
 pub type SharedBackend = Arc<dyn DynBackend>;
 
-/// Opens the backend named on the command line: `memory:SIZE`, or a path to a Strata
-/// image, a raw file or a block device, told apart by their first bytes.
-pub fn open(spec: &str, read_only: bool) -> Result<SharedBackend> {
-    open_as(spec, read_only, None)
+/// What a spec names: `memory:SIZE`, or the path of a Strata image, a raw file or a
+/// block device, told apart by the file's first bytes once, when the spec is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Spec {
+    /// An in-memory disk of this many bytes.
+    Memory(u64),
+    /// A raw file or block device, served as its bytes are.
+    Raw(PathBuf),
+    /// A Strata image.
+    Image(PathBuf),
 }
 
-/// Like [`open`], with the format forced when `format` is given (`Raw` serves any file's
-/// bytes as they are, even one that looks like an image).
-pub fn open_as(
-    spec: &str,
-    read_only: bool,
-    format: Option<crate::image::Format>,
-) -> Result<SharedBackend> {
-    use crate::image::{self, Format};
-    let backend: SharedBackend = if let Some(size) = spec.strip_prefix("memory:") {
-        let size = crate::size::parse_size(size)?;
-        Arc::new(MemoryBackend::new(size))
-    } else {
-        let path = std::path::Path::new(spec);
+impl Spec {
+    /// Reads `spec`. A path is probed unless `format` forces how it is read (`Raw` serves
+    /// any file's bytes as they are, even one that looks like an image); other tools'
+    /// image formats are refused.
+    pub fn parse(spec: &str, format: Option<Format>) -> Result<Spec> {
+        if let Some(size) = spec.strip_prefix("memory:") {
+            return Ok(Spec::Memory(crate::size::parse_size(size)?));
+        }
+        let path = Path::new(spec);
         let format = match format {
             Some(f) => f,
-            None => image::probe(path)?,
+            None => crate::image::probe(path)?,
         };
         match format {
-            Format::Strata => Arc::new(ImageBackend::new(image::open(path, !read_only)?)),
-            Format::Raw => Arc::new(RawBackend::open(spec, read_only)?),
-            Format::Foreign(name) => return Err(image::refuse_foreign(path, name)),
+            Format::Strata => Ok(Spec::Image(path.to_path_buf())),
+            Format::Raw => Ok(Spec::Raw(path.to_path_buf())),
+            Format::Foreign(name) => Err(crate::image::refuse_foreign(path, name)),
         }
-    };
-    Ok(if read_only {
-        Arc::new(ReadOnly::new(backend))
-    } else {
-        backend
-    })
+    }
+
+    /// Opens what the spec names as a plain backend (a Strata image as an
+    /// [`ImageBackend`], without a volume's online snapshots), behind [`ReadOnly`] when
+    /// `read_only`. Nothing is probed again.
+    pub fn open(&self, read_only: bool) -> Result<SharedBackend> {
+        let backend: SharedBackend = match self {
+            Spec::Memory(size) => Arc::new(MemoryBackend::new(*size)),
+            Spec::Raw(path) => Arc::new(RawBackend::open(path, read_only)?),
+            Spec::Image(path) => Arc::new(ImageBackend::new(crate::image::open(path, !read_only)?)),
+        };
+        Ok(if read_only {
+            Arc::new(ReadOnly::new(backend))
+        } else {
+            backend
+        })
+    }
+}
+
+/// Opens the backend `spec` names ([`Spec::parse`], then [`Spec::open`]): a path's
+/// format is probed once. The server opens its exports from a [`Spec`] too, but serves
+/// images as volumes.
+pub fn open(spec: &str, read_only: bool) -> Result<SharedBackend> {
+    Spec::parse(spec, None)?.open(read_only)
 }
