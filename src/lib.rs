@@ -34,10 +34,15 @@
 //!   driver, the transmission session (concurrent requests, one reply writer, an idle
 //!   timeout, memory bounded per connection and in total by [`server::budget`]),
 //!   graceful shutdown, per-export counters and Prometheus metrics
-//!   ([`server::metrics`]), volumes with online snapshots ([`server::volume`]), and the
-//!   HTTP/JSON control API ([`server::control`]).
-//! - [`backend`]: the [`backend::Backend`] trait, its object-safe twin, and the raw,
-//!   memory, image, read-only and fault-injecting ([`backend::Faulty`]) implementations.
+//!   ([`server::metrics`]), and the HTTP/JSON control API ([`server::control`]).
+//! - [`volume`]: Strata images with online snapshots, rollback and dirty ranges, served
+//!   by the server and used offline by `strata snapshot`.
+//! - [`backend`]: the [`backend::Backend`] trait, its object-safe twin, the raw, memory
+//!   and image backends, and layers that pass what they do not change on to the backend
+//!   below ([`backend::Filter`]): read-only, fault-injecting ([`backend::Faulty`]) and
+//!   switchable.
+//! - [`block`]: the extents and read chunks that the image engine and the backends both
+//!   speak.
 //! - [`image`]: the Strata image format: a pure header and map-page codec, the merged
 //!   cluster map of a backing chain, the copy-on-write engine with its crash-safe commit
 //!   order, the image tools (create, info, check, map, commit, rebase, convert), and
@@ -63,6 +68,7 @@
 pub mod access;
 pub mod api;
 pub mod backend;
+pub mod block;
 pub mod config;
 pub mod daemon;
 pub mod error;
@@ -75,5 +81,6 @@ pub mod server;
 pub mod size;
 mod sys;
 pub mod vm;
+pub mod volume;
 
 pub use error::{Error, ErrorKind, Result};

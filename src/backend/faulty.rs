@@ -31,9 +31,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
-use super::{
-    Backend, BlockSize, Capabilities, DepthExtent, DirtyExtent, Extent, ReadChunk, ZeroFlags,
-};
+use super::{Backend, ZeroFlags};
+use crate::block::{DepthExtent, DirtyExtent, Extent, ReadChunk};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Kinds of request a rule can fail.
@@ -343,17 +342,11 @@ impl<B> Faulty<B> {
     }
 }
 
-impl<B: Backend> Backend for Faulty<B> {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
+impl<B: Backend> super::Filter for Faulty<B> {
+    type Inner = B;
 
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-
-    fn block_size(&self) -> BlockSize {
-        self.inner.block_size()
+    fn inner(&self) -> &B {
+        &self.inner
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
@@ -409,10 +402,6 @@ impl<B: Backend> Backend for Faulty<B> {
     async fn cache(&self, offset: u64, len: u64) -> Result<()> {
         self.check(FaultOp::Cache, Some((offset, len)))?;
         self.inner.cache(offset, len).await
-    }
-
-    fn dirty_bitmaps(&self) -> Vec<String> {
-        self.inner.dirty_bitmaps()
     }
 
     async fn dirty_status(

@@ -3,14 +3,18 @@
 //!
 //! The engine in [`crate::image::Chain`] is synchronous: it runs inline when every layer
 //! lives in memory, and on tokio's blocking pool otherwise, like the raw backend.
+//!
+//! It is a backend of its own, not a [`super::Filter`]: below it is the engine, not
+//! another backend to pass requests to. Each method is a call into the engine, and
+//! the methods it leaves out take [`Backend`]'s defaults on purpose (a plain read for
+//! the kernel is a copy: only sparse reads may point into the layers' mappings).
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{
-    Backend, BlockSize, Capabilities, DepthExtent, DirtyExtent, Extent, ReadChunk, ZeroFlags,
-};
+use super::{Backend, BlockSize, Capabilities, ZeroFlags};
+use crate::block::{DepthExtent, DirtyExtent, Extent, ReadChunk};
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::{Chain, ZeroMode, snapshot};
 
@@ -129,37 +133,21 @@ impl Backend for ImageBackend {
     }
 
     async fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthExtent>> {
-        self.run(move |c| {
-            Ok(c.allocation_depth(offset, len)?
-                .into_iter()
-                .map(|(length, depth)| DepthExtent { length, depth })
-                .collect())
-        })
-        .await
+        self.run(move |c| c.allocation_depth(offset, len)).await
     }
 
     fn dirty_bitmaps(&self) -> Vec<String> {
         self.snapshots.iter().map(|(n, _)| n.clone()).collect()
     }
 
-    async fn dirty_status(
-        &self,
-        bitmap: String,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<DirtyExtent>> {
-        let Some(&(_, layer)) = self.snapshots.iter().find(|(n, _)| *n == bitmap) else {
+    async fn dirty_status(&self, name: String, offset: u64, len: u64) -> Result<Vec<DirtyExtent>> {
+        let Some(&(_, layer)) = self.snapshots.iter().find(|(n, _)| *n == name) else {
             return Err(Error::msg(
                 ErrorKind::NotFound,
-                format!("no snapshot named {bitmap:?} below this disk"),
+                format!("no snapshot named {name:?} below this disk"),
             ));
         };
-        self.run(move |c| {
-            Ok(snapshot::changed_since(c, layer, offset, len)?
-                .into_iter()
-                .map(|(length, dirty)| DirtyExtent { length, dirty })
-                .collect())
-        })
-        .await
+        self.run(move |c| snapshot::changed_since(c, layer, offset, len))
+            .await
     }
 }

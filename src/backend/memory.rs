@@ -24,7 +24,8 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::{Bytes, BytesMut};
 
-use super::{Backend, Capabilities, Extent, ReadChunk, ZeroFlags};
+use super::{Backend, Capabilities, ZeroFlags};
+use crate::block::{Extent, ReadChunk};
 use crate::error::Result;
 use crate::mapping::slice_of;
 

@@ -1,8 +1,10 @@
 //! Storage behind an export.
 //!
-//! Every kind of storage (a raw file or block device, an in-memory disk, and later sparse
-//! images and overlays) implements [`Backend`]. Layers such as [`ReadOnly`] wrap any backend
-//! and delegate what they do not change, the way nbdkit filters stack over plugins.
+//! Every kind of storage (a raw file or block device, an in-memory disk, a Strata image)
+//! implements [`Backend`]. Layers such as [`ReadOnly`] wrap any backend and change only
+//! what they are for: they implement [`Filter`], whose methods all pass the request to the
+//! backend below unless the layer says otherwise, the way nbdkit filters stack over
+//! plugins.
 //!
 //! Backends assume their requests were validated at the protocol boundary (in range, flags
 //! allowed); they only `debug_assert!` it.
@@ -13,14 +15,50 @@
 //! implements [`Backend`] again, so layers can wrap it too.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::block::{DepthExtent, DirtyExtent, Extent, ReadChunk};
 use crate::error::{Error, ErrorKind, Result};
+use crate::image::Format;
+
+/// Calls the macro `$then` with the signature of every method of [`Backend`], the
+/// synchronous ones first.
+///
+/// What must pass every method on (the object-safe twin [`DynBackend`] and its bridges
+/// both ways, and the pass-through of [`Filter`]) is generated from this one list, so
+/// that no layer falls back to a default where it should forward: a layer that answered
+/// [`Backend::read_for_kernel`] with the default would copy what the backend below maps,
+/// and one that answered [`Backend::dirty_status`] with the default would hide every
+/// snapshot. A method added to [`Backend`] is added here too.
+macro_rules! backend_methods {
+    ($then:ident) => {
+        $then! {
+            fn size() -> u64;
+            fn capabilities() -> Capabilities;
+            fn block_size() -> BlockSize;
+            fn dirty_bitmaps() -> Vec<String>;
+            async fn read(offset: u64, len: usize) -> Bytes;
+            async fn read_sparse(offset: u64, len: usize) -> Vec<ReadChunk>;
+            async fn read_for_kernel(offset: u64, len: usize) -> Bytes;
+            async fn read_sparse_for_kernel(offset: u64, len: usize) -> Vec<ReadChunk>;
+            async fn write(offset: u64, data: Bytes, fua: bool) -> ();
+            async fn flush() -> ();
+            async fn trim(offset: u64, len: u64, fua: bool) -> ();
+            async fn write_zeroes(offset: u64, len: u64, flags: ZeroFlags) -> ();
+            async fn block_status(offset: u64, len: u64) -> Vec<Extent>;
+            async fn allocation_depth(offset: u64, len: u64) -> Vec<DepthExtent>;
+            async fn cache(offset: u64, len: u64) -> ();
+            async fn dirty_status(bitmap: String, offset: u64, len: u64) -> Vec<DirtyExtent>;
+        }
+    };
+}
 
 pub mod faulty;
+mod filter;
 pub mod image;
 pub mod memory;
 pub mod raw;
@@ -28,6 +66,7 @@ mod readonly;
 pub mod switch;
 
 pub use faulty::{FaultRule, Faulty, parse_rule as parse_fault_rule};
+pub use filter::{Below, Filter};
 pub use image::ImageBackend;
 pub use memory::MemoryBackend;
 pub use raw::RawBackend;
@@ -98,98 +137,6 @@ impl Default for BlockSize {
             minimum: 1,
             preferred: 4096,
             maximum: Self::MAX_PAYLOAD,
-        }
-    }
-}
-
-/// Allocation state of a range, as `base:allocation` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    /// Length in bytes (never zero).
-    pub length: u64,
-    /// The range is not allocated (`NBD_STATE_HOLE`).
-    pub hole: bool,
-    /// The range reads as zeroes (`NBD_STATE_ZERO`).
-    pub zero: bool,
-}
-
-impl Extent {
-    /// An allocated range holding data.
-    pub fn data(length: u64) -> Self {
-        Extent {
-            length,
-            hole: false,
-            zero: false,
-        }
-    }
-
-    /// An unallocated range that reads as zeroes.
-    pub fn hole(length: u64) -> Self {
-        Extent {
-            length,
-            hole: true,
-            zero: true,
-        }
-    }
-
-    /// An allocated range known to read as zeroes.
-    pub fn zero(length: u64) -> Self {
-        Extent {
-            length,
-            hole: false,
-            zero: true,
-        }
-    }
-}
-
-/// Which layer of a backing chain provides a range, as `qemu:allocation-depth` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DepthExtent {
-    /// Length in bytes (never zero).
-    pub length: u64,
-    /// 0: no layer holds the range (it reads as zeroes); 1: the top layer holds it; 2: the
-    /// layer below, and so on down the chain.
-    pub depth: u32,
-}
-
-/// Whether a range changed since a snapshot, as `qemu:dirty-bitmap:NAME` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DirtyExtent {
-    /// Length in bytes (never zero).
-    pub length: u64,
-    /// Written since the snapshot.
-    pub dirty: bool,
-}
-
-/// A piece of a sparse read: bytes, or a run of zeroes that need not be sent.
-#[derive(Clone, PartialEq, Eq)]
-pub enum ReadChunk {
-    /// Data as stored.
-    Data(Bytes),
-    /// This many bytes read as zero.
-    Zero(u64),
-}
-
-impl ReadChunk {
-    /// Number of bytes this chunk covers.
-    pub fn len(&self) -> u64 {
-        match self {
-            ReadChunk::Data(b) => b.len() as u64,
-            ReadChunk::Zero(n) => *n,
-        }
-    }
-
-    /// True when the chunk covers nothing.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-impl std::fmt::Debug for ReadChunk {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ReadChunk::Data(b) => write!(f, "Data({} bytes)", b.len()),
-            ReadChunk::Zero(n) => write!(f, "Zero({n})"),
         }
     }
 }
@@ -361,217 +308,96 @@ pub trait Backend: Send + Sync + 'static {
 /// A boxed future, as returned by [`DynBackend`].
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Object-safe form of [`Backend`], implemented for every backend.
-#[allow(missing_docs)]
-pub trait DynBackend: Send + Sync + 'static {
-    fn size(&self) -> u64;
-    fn capabilities(&self) -> Capabilities;
-    fn block_size(&self) -> BlockSize;
-    fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes>>;
-    fn read_sparse(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Vec<ReadChunk>>>;
-    fn read_for_kernel(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes>>;
-    fn read_sparse_for_kernel(
-        &self,
-        offset: u64,
-        len: usize,
-    ) -> BoxFuture<'_, Result<Vec<ReadChunk>>>;
-    fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<()>>;
-    fn flush(&self) -> BoxFuture<'_, Result<()>>;
-    fn trim(&self, offset: u64, len: u64, fua: bool) -> BoxFuture<'_, Result<()>>;
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>>;
-    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<Extent>>>;
-    fn allocation_depth(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<DepthExtent>>>;
-    fn cache(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>>;
-    fn dirty_bitmaps(&self) -> Vec<String>;
-    fn dirty_status(
-        &self,
-        bitmap: String,
-        offset: u64,
-        len: u64,
-    ) -> BoxFuture<'_, Result<Vec<DirtyExtent>>>;
+/// Generates [`DynBackend`] and its bridges from the methods of [`Backend`].
+macro_rules! dyn_backend {
+    (
+        $(fn $sync:ident() -> $sync_out:ty;)*
+        $(async fn $name:ident($($arg:ident: $ty:ty),*) -> $out:ty;)*
+    ) => {
+        /// Object-safe form of [`Backend`], implemented for every backend.
+        #[allow(missing_docs)]
+        pub trait DynBackend: Send + Sync + 'static {
+            $(fn $sync(&self) -> $sync_out;)*
+            $(fn $name(&self, $($arg: $ty),*) -> BoxFuture<'_, Result<$out>>;)*
+        }
+
+        impl<B: Backend> DynBackend for B {
+            $(fn $sync(&self) -> $sync_out {
+                Backend::$sync(self)
+            })*
+            $(fn $name(&self, $($arg: $ty),*) -> BoxFuture<'_, Result<$out>> {
+                Box::pin(Backend::$name(self, $($arg),*))
+            })*
+        }
+
+        impl Backend for SharedBackend {
+            $(fn $sync(&self) -> $sync_out {
+                (**self).$sync()
+            })*
+            $(fn $name(&self, $($arg: $ty),*) -> impl Future<Output = Result<$out>> + Send {
+                (**self).$name($($arg),*)
+            })*
+        }
+    };
 }
 
-impl<B: Backend> DynBackend for B {
-    fn size(&self) -> u64 {
-        Backend::size(self)
-    }
-    fn capabilities(&self) -> Capabilities {
-        Backend::capabilities(self)
-    }
-    fn block_size(&self) -> BlockSize {
-        Backend::block_size(self)
-    }
-    fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes>> {
-        Box::pin(Backend::read(self, offset, len))
-    }
-    fn read_sparse(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Vec<ReadChunk>>> {
-        Box::pin(Backend::read_sparse(self, offset, len))
-    }
-    fn read_for_kernel(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes>> {
-        Box::pin(Backend::read_for_kernel(self, offset, len))
-    }
-    fn read_sparse_for_kernel(
-        &self,
-        offset: u64,
-        len: usize,
-    ) -> BoxFuture<'_, Result<Vec<ReadChunk>>> {
-        Box::pin(Backend::read_sparse_for_kernel(self, offset, len))
-    }
-    fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<()>> {
-        Box::pin(Backend::write(self, offset, data, fua))
-    }
-    fn flush(&self) -> BoxFuture<'_, Result<()>> {
-        Box::pin(Backend::flush(self))
-    }
-    fn trim(&self, offset: u64, len: u64, fua: bool) -> BoxFuture<'_, Result<()>> {
-        Box::pin(Backend::trim(self, offset, len, fua))
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BoxFuture<'_, Result<()>> {
-        Box::pin(Backend::write_zeroes(self, offset, len, flags))
-    }
-    fn block_status(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<Extent>>> {
-        Box::pin(Backend::block_status(self, offset, len))
-    }
-    fn allocation_depth(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<DepthExtent>>> {
-        Box::pin(Backend::allocation_depth(self, offset, len))
-    }
-    fn cache(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
-        Box::pin(Backend::cache(self, offset, len))
-    }
-    fn dirty_bitmaps(&self) -> Vec<String> {
-        Backend::dirty_bitmaps(self)
-    }
-    fn dirty_status(
-        &self,
-        bitmap: String,
-        offset: u64,
-        len: u64,
-    ) -> BoxFuture<'_, Result<Vec<DirtyExtent>>> {
-        Box::pin(Backend::dirty_status(self, bitmap, offset, len))
-    }
-}
+backend_methods!(dyn_backend);
 
 /// A backend chosen at run time.
 pub type SharedBackend = Arc<dyn DynBackend>;
 
-impl Backend for SharedBackend {
-    fn size(&self) -> u64 {
-        (**self).size()
-    }
-    fn capabilities(&self) -> Capabilities {
-        (**self).capabilities()
-    }
-    fn block_size(&self) -> BlockSize {
-        (**self).block_size()
-    }
-    fn read(&self, offset: u64, len: usize) -> impl Future<Output = Result<Bytes>> + Send {
-        (**self).read(offset, len)
-    }
-    fn read_sparse(
-        &self,
-        offset: u64,
-        len: usize,
-    ) -> impl Future<Output = Result<Vec<ReadChunk>>> + Send {
-        (**self).read_sparse(offset, len)
-    }
-    fn read_for_kernel(
-        &self,
-        offset: u64,
-        len: usize,
-    ) -> impl Future<Output = Result<Bytes>> + Send {
-        (**self).read_for_kernel(offset, len)
-    }
-    fn read_sparse_for_kernel(
-        &self,
-        offset: u64,
-        len: usize,
-    ) -> impl Future<Output = Result<Vec<ReadChunk>>> + Send {
-        (**self).read_sparse_for_kernel(offset, len)
-    }
-    fn write(
-        &self,
-        offset: u64,
-        data: Bytes,
-        fua: bool,
-    ) -> impl Future<Output = Result<()>> + Send {
-        (**self).write(offset, data, fua)
-    }
-    fn flush(&self) -> impl Future<Output = Result<()>> + Send {
-        (**self).flush()
-    }
-    fn trim(&self, offset: u64, len: u64, fua: bool) -> impl Future<Output = Result<()>> + Send {
-        (**self).trim(offset, len, fua)
-    }
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        flags: ZeroFlags,
-    ) -> impl Future<Output = Result<()>> + Send {
-        (**self).write_zeroes(offset, len, flags)
-    }
-    fn block_status(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> impl Future<Output = Result<Vec<Extent>>> + Send {
-        (**self).block_status(offset, len)
-    }
-    fn allocation_depth(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> impl Future<Output = Result<Vec<DepthExtent>>> + Send {
-        (**self).allocation_depth(offset, len)
-    }
-    fn cache(&self, offset: u64, len: u64) -> impl Future<Output = Result<()>> + Send {
-        (**self).cache(offset, len)
-    }
-    fn dirty_bitmaps(&self) -> Vec<String> {
-        (**self).dirty_bitmaps()
-    }
-    fn dirty_status(
-        &self,
-        bitmap: String,
-        offset: u64,
-        len: u64,
-    ) -> impl Future<Output = Result<Vec<DirtyExtent>>> + Send {
-        (**self).dirty_status(bitmap, offset, len)
-    }
+/// What a spec names: `memory:SIZE`, or the path of a Strata image, a raw file or a
+/// block device, told apart by the file's first bytes once, when the spec is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Spec {
+    /// An in-memory disk of this many bytes.
+    Memory(u64),
+    /// A raw file or block device, served as its bytes are.
+    Raw(PathBuf),
+    /// A Strata image.
+    Image(PathBuf),
 }
 
-/// Opens the backend named on the command line: `memory:SIZE`, or a path to a Strata
-/// image, a raw file or a block device, told apart by their first bytes.
-pub fn open(spec: &str, read_only: bool) -> Result<SharedBackend> {
-    open_as(spec, read_only, None)
-}
-
-/// Like [`open`], with the format forced when `format` is given (`Raw` serves any file's
-/// bytes as they are, even one that looks like an image).
-pub fn open_as(
-    spec: &str,
-    read_only: bool,
-    format: Option<crate::image::Format>,
-) -> Result<SharedBackend> {
-    use crate::image::{self, Format};
-    let backend: SharedBackend = if let Some(size) = spec.strip_prefix("memory:") {
-        let size = crate::size::parse_size(size)?;
-        Arc::new(MemoryBackend::new(size))
-    } else {
-        let path = std::path::Path::new(spec);
+impl Spec {
+    /// Reads `spec`. A path is probed unless `format` forces how it is read (`Raw` serves
+    /// any file's bytes as they are, even one that looks like an image); other tools'
+    /// image formats are refused.
+    pub fn parse(spec: &str, format: Option<Format>) -> Result<Spec> {
+        if let Some(size) = spec.strip_prefix("memory:") {
+            return Ok(Spec::Memory(crate::size::parse_size(size)?));
+        }
+        let path = Path::new(spec);
         let format = match format {
             Some(f) => f,
-            None => image::probe(path)?,
+            None => crate::image::probe(path)?,
         };
         match format {
-            Format::Strata => Arc::new(ImageBackend::new(image::open(path, !read_only)?)),
-            Format::Raw => Arc::new(RawBackend::open(spec, read_only)?),
-            Format::Foreign(name) => return Err(image::refuse_foreign(path, name)),
+            Format::Strata => Ok(Spec::Image(path.to_path_buf())),
+            Format::Raw => Ok(Spec::Raw(path.to_path_buf())),
+            Format::Foreign(name) => Err(crate::image::refuse_foreign(path, name)),
         }
-    };
-    Ok(if read_only {
-        Arc::new(ReadOnly::new(backend))
-    } else {
-        backend
-    })
+    }
+
+    /// Opens what the spec names as a plain backend (a Strata image as an
+    /// [`ImageBackend`], without a volume's online snapshots), behind [`ReadOnly`] when
+    /// `read_only`. Nothing is probed again.
+    pub fn open(&self, read_only: bool) -> Result<SharedBackend> {
+        let backend: SharedBackend = match self {
+            Spec::Memory(size) => Arc::new(MemoryBackend::new(*size)),
+            Spec::Raw(path) => Arc::new(RawBackend::open(path, read_only)?),
+            Spec::Image(path) => Arc::new(ImageBackend::new(crate::image::open(path, !read_only)?)),
+        };
+        Ok(if read_only {
+            Arc::new(ReadOnly::new(backend))
+        } else {
+            backend
+        })
+    }
+}
+
+/// Opens the backend `spec` names ([`Spec::parse`], then [`Spec::open`]): a path's
+/// format is probed once. The server opens its exports from a [`Spec`] too, but serves
+/// images as volumes.
+pub fn open(spec: &str, read_only: bool) -> Result<SharedBackend> {
+    Spec::parse(spec, None)?.open(read_only)
 }

@@ -32,7 +32,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 
-use super::{Backend, Capabilities, Extent, ReadChunk, ZeroFlags};
+use super::{Backend, Capabilities, ZeroFlags};
+use crate::block::{Extent, ReadChunk};
 use crate::error::{Error, ErrorKind, Result};
 use crate::mapping::MappedReads;
 use crate::sys::{
@@ -81,8 +82,8 @@ impl RawBackend {
     ///
     /// Fails with a message naming the path when it does not exist, cannot be opened, or
     /// is neither a regular file nor a block device.
-    pub fn open(path: &str, read_only: bool) -> Result<Self> {
-        let path = Path::new(path);
+    pub fn open(path: impl AsRef<Path>, read_only: bool) -> Result<Self> {
+        let path = path.as_ref();
         let open_error = |e: io::Error| {
             Error::from(e)
                 .with_op("open")

@@ -2,9 +2,7 @@
 
 use bytes::Bytes;
 
-use super::{
-    Backend, BlockSize, Capabilities, DepthExtent, DirtyExtent, Extent, ReadChunk, ZeroFlags,
-};
+use super::{Capabilities, Filter, ZeroFlags};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Wraps a backend so that it is exported read-only. The protocol layer already refuses
@@ -26,9 +24,11 @@ fn refused(op: &'static str) -> Error {
     Error::msg(ErrorKind::ReadOnly, "export is read-only").with_op(op)
 }
 
-impl<B: Backend> Backend for ReadOnly<B> {
-    fn size(&self) -> u64 {
-        self.inner.size()
+impl<B: super::Backend> Filter for ReadOnly<B> {
+    type Inner = B;
+
+    fn inner(&self) -> &B {
+        &self.inner
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -43,28 +43,14 @@ impl<B: Backend> Backend for ReadOnly<B> {
         }
     }
 
-    fn block_size(&self) -> BlockSize {
-        self.inner.block_size()
-    }
-
-    async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
-        self.inner.read(offset, len).await
-    }
-
-    async fn read_sparse(&self, offset: u64, len: usize) -> Result<Vec<ReadChunk>> {
-        self.inner.read_sparse(offset, len).await
-    }
-
-    async fn read_for_kernel(&self, offset: u64, len: usize) -> Result<Bytes> {
-        self.inner.read_for_kernel(offset, len).await
-    }
-
-    async fn read_sparse_for_kernel(&self, offset: u64, len: usize) -> Result<Vec<ReadChunk>> {
-        self.inner.read_sparse_for_kernel(offset, len).await
-    }
-
     async fn write(&self, _offset: u64, _data: Bytes, _fua: bool) -> Result<()> {
         Err(refused("write"))
+    }
+
+    /// Nothing was written through this layer, so there is nothing to make durable; a
+    /// flush does not reach the backend below.
+    async fn flush(&self) -> Result<()> {
+        Ok(())
     }
 
     async fn trim(&self, _offset: u64, _len: u64, _fua: bool) -> Result<()> {
@@ -73,30 +59,5 @@ impl<B: Backend> Backend for ReadOnly<B> {
 
     async fn write_zeroes(&self, _offset: u64, _len: u64, _flags: ZeroFlags) -> Result<()> {
         Err(refused("write_zeroes"))
-    }
-
-    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        self.inner.block_status(offset, len).await
-    }
-
-    async fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthExtent>> {
-        self.inner.allocation_depth(offset, len).await
-    }
-
-    async fn cache(&self, offset: u64, len: u64) -> Result<()> {
-        self.inner.cache(offset, len).await
-    }
-
-    fn dirty_bitmaps(&self) -> Vec<String> {
-        self.inner.dirty_bitmaps()
-    }
-
-    async fn dirty_status(
-        &self,
-        bitmap: String,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<DirtyExtent>> {
-        self.inner.dirty_status(bitmap, offset, len).await
     }
 }

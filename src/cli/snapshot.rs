@@ -9,8 +9,8 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use strata::image;
 use strata::image::snapshot;
-use strata::server::volume::{self, DirtyRange, RollbackOptions, Volume};
 use strata::size::format_size;
+use strata::volume::{self, DirtyRange, RollbackOptions, Volume};
 
 use super::output::{print_json, timestamp};
 

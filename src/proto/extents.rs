@@ -9,7 +9,7 @@
 
 use super::consts::{STATE_DIRTY, state};
 use super::reply::Descriptor;
-use crate::backend::{DepthExtent, DirtyExtent, Extent};
+use crate::block::{DepthExtent, DirtyExtent, Extent};
 
 /// Largest number of extents sent in one block-status chunk.
 pub const MAX_EXTENTS: usize = 2048;

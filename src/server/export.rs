@@ -10,14 +10,14 @@ use tokio::sync::{Notify, watch};
 
 use crate::access::{Access, Client};
 use crate::api::StatsSnapshot;
-use crate::backend::{Capabilities, DynBackend, SharedBackend};
+use crate::backend::{Capabilities, DynBackend, SharedBackend, Spec};
 use crate::error::{Error, ErrorKind};
 use crate::proto::consts::QEMU_DIRTY_BITMAP;
 use crate::proto::consts::transmission_flags as tf;
 use crate::proto::handshake::default_meta_contexts;
 use crate::proto::{BlockSizes, Command, ExportCatalog, ExportInfo, ExportSummary};
-use crate::server::Volume;
 use crate::server::metrics::{self, Histogram};
+use crate::volume::Volume;
 
 /// How long the clients of an export that was removed or replaced (through the control
 /// API or a reload) get to finish the requests they sent, before it is flushed anyway.
@@ -400,7 +400,7 @@ impl Export {
 /// Opens the export `name` for `spec` (`memory:SIZE`, or the path of a Strata image, a
 /// raw file or a block device), the way `strata serve` and the control API do: Strata
 /// images become [`Volume`]s (with snapshots), everything else a plain backend.
-/// `format` forces how a file is read; `None` detects it from its first bytes.
+/// `format` forces how a file is read; `None` detects it from its first bytes, once.
 pub fn open_export(
     name: &str,
     spec: &str,
@@ -408,28 +408,16 @@ pub fn open_export(
     format: Option<crate::image::Format>,
     description: &str,
 ) -> crate::Result<Export> {
-    use crate::image::{self, Format};
-    let is_image = !spec.starts_with("memory:")
-        && match format {
-            Some(f) => f == Format::Strata,
-            None => image::probe(std::path::Path::new(spec))? == Format::Strata,
-        };
-    Ok(if is_image {
-        let volume = Volume::open(std::path::Path::new(spec), read_only)?;
-        Export::with_volume(name, description, volume)
-    } else {
-        let source = if spec.starts_with("memory:") {
-            Source::Memory
-        } else {
-            Source::Raw(PathBuf::from(spec))
-        };
-        Export::new(
-            name,
-            description,
-            crate::backend::open_as(spec, read_only, format)?,
-        )
-        .with_source(source)
-    })
+    let spec = Spec::parse(spec, format)?;
+    let source = match &spec {
+        Spec::Image(path) => {
+            let volume = Volume::open(path, read_only)?;
+            return Ok(Export::with_volume(name, description, volume));
+        }
+        Spec::Memory(_) => Source::Memory,
+        Spec::Raw(path) => Source::Raw(path.clone()),
+    };
+    Ok(Export::new(name, description, spec.open(read_only)?).with_source(source))
 }
 
 /// Transmission flags for a backend with `caps`. Zeroing and cache are always offered:

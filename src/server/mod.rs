@@ -36,13 +36,11 @@ pub mod metrics;
 pub mod metrics_listener;
 pub mod session;
 pub mod tls;
-pub mod volume;
 
 pub use export::{Export, Exports};
 pub use listener::{ListenAddr, Listener};
 pub use session::SessionConfig;
 pub use tls::{TlsFiles, TlsSettings};
-pub use volume::Volume;
 
 use handshake::{HandshakeError, Ready, is_disconnect, negotiate};
 use listener::Stream;

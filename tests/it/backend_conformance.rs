@@ -25,9 +25,9 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use strata::ErrorKind;
 use strata::backend::{
-    self, Backend, DepthExtent, Extent, ImageBackend, MemoryBackend, RawBackend, ReadChunk,
-    ReadOnly, SharedBackend, ZeroFlags,
+    self, Backend, ImageBackend, MemoryBackend, RawBackend, ReadOnly, SharedBackend, ZeroFlags,
 };
+use strata::block::{DepthExtent, Extent, ReadChunk};
 use strata::image::{self, CreateOptions, ZeroMode};
 use tempfile::{NamedTempFile, TempDir};
 

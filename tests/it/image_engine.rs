@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use strata::ErrorKind;
+use strata::block::DepthExtent;
 use strata::image::chain::RangeState;
 use strata::image::format::{self, Backing, BackingKind, Header};
 use strata::image::sim::{Rng, SimStorage};
@@ -1050,9 +1051,12 @@ fn a_chain_100_layers_deep_opens_and_reads_through_every_layer() {
             c if c <= LAYERS => (LAYERS - c + 1) as u32,
             _ => 0,
         });
-        assert_eq!(top.allocation_depth(0, size).unwrap(), expected);
+        let runs = |extents: Vec<DepthExtent>| -> Vec<(u64, u32)> {
+            extents.iter().map(|e| (e.length, e.depth)).collect()
+        };
+        assert_eq!(runs(top.allocation_depth(0, size).unwrap()), expected);
         assert_eq!(
-            top.allocation_depth(37 * CS + 5, 2 * CS).unwrap(),
+            runs(top.allocation_depth(37 * CS + 5, 2 * CS).unwrap()),
             vec![(CS - 5, 64), (CS, 63), (5, 62)]
         );
     }
@@ -2168,8 +2172,8 @@ fn zero_copy_reads_keep_freed_space_from_reuse_until_dropped() {
     let held: Vec<u8> = chunks
         .iter()
         .flat_map(|c| match c {
-            strata::backend::ReadChunk::Data(d) => d.to_vec(),
-            strata::backend::ReadChunk::Zero(n) => vec![0; *n as usize],
+            strata::block::ReadChunk::Data(d) => d.to_vec(),
+            strata::block::ReadChunk::Zero(n) => vec![0; *n as usize],
         })
         .collect();
     assert_eq!(held, old);
@@ -2183,7 +2187,7 @@ fn zero_copy_reads_keep_freed_space_from_reuse_until_dropped() {
     // The trim may have punched the old data away (a read concurrent with a trim may
     // return zeroes), but the pending read must never show another offset's data.
     for c in &chunks {
-        if let strata::backend::ReadChunk::Data(d) = c {
+        if let strata::block::ReadChunk::Data(d) = c {
             let zeroes = d.iter().all(|&b| b == 0);
             assert!(
                 zeroes || d[..] == old[..],

@@ -11,7 +11,7 @@ use std::process::ExitStatus;
 use bytes::Bytes;
 use strata::backend::Backend;
 use strata::image::{self, snapshot};
-use strata::server::volume::Volume;
+use strata::volume::Volume;
 
 use crate::support::{images_open, new_image, run, run_ok, runtime, scratch, strata, strata_at};
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use proptest::prelude::*;
 use strata::backend::{Backend, SharedBackend};
-use strata::server::volume::{RollbackOptions, Volume};
+use strata::volume::{RollbackOptions, Volume};
 
 const CLUSTER: u64 = 4096;
 const CLUSTERS: u64 = 48;
@@ -86,7 +86,7 @@ async fn read_all(b: &SharedBackend) -> Vec<u8> {
     b.read(0, SIZE as usize).await.unwrap().to_vec()
 }
 
-fn dirty_clusters(ranges: &[strata::server::volume::DirtyRange]) -> BTreeSet<u64> {
+fn dirty_clusters(ranges: &[strata::volume::DirtyRange]) -> BTreeSet<u64> {
     let mut out = BTreeSet::new();
     for r in ranges {
         assert_eq!(

@@ -20,11 +20,10 @@ use crate::api::{
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::names;
-use crate::server::Volume;
 use crate::server::export::{CLOSE_WAIT, Export, Source, open_export};
 use crate::server::http::{ApiResult, JsonBody, PathArgs, QueryArgs};
 use crate::server::metrics_listener::metrics_response;
-use crate::server::volume::{self, RollbackOptions};
+use crate::volume::{self, RollbackOptions, Volume};
 
 /// What the API shows of an export.
 fn export_view(export: &Export) -> ExportView {

@@ -9,7 +9,8 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use tracing::{debug, warn};
 
-use crate::backend::{Backend, Extent, ReadChunk, SharedBackend, ZeroFlags};
+use crate::backend::{Backend, SharedBackend, ZeroFlags};
+use crate::block::{Extent, ReadChunk};
 use crate::error::Error;
 use crate::proto::consts::{
     BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH, QEMU_DIRTY_BITMAP, cmd_flags, errno,

@@ -35,21 +35,24 @@
 //! snapshot S exactly when a layer above S holds it, which the merged map already
 //! knows ([`changed_since`]).
 
-use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
+mod manifest;
+mod recover;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::chain::{Chain, Lower, store_header};
 use super::format::{Backing, BackingKind, Header};
 use super::layer;
 use super::storage::{FileStorage, Storage};
+use crate::block::{DepthExtent, DirtyExtent};
 use crate::error::{Error, ErrorKind, Result};
 use crate::names::SNAPSHOT;
+use manifest::{Entry, Manifest, Pending};
+pub use recover::recover;
 
 /// Separates the live image's file name from the snapshot's name: `disk.strata@monday`.
 pub const SEP: char = '@';
@@ -179,87 +182,24 @@ pub fn find(chain: &Chain, name: &str) -> Result<Snapshot> {
 
 /// Which parts of `[offset, offset + len)` were written after the snapshot at layer
 /// `layer` of `chain`: exactly those some layer above it holds. Returns contiguous
-/// `(length, changed)` runs covering the range.
+/// runs covering the range.
 pub fn changed_since(
     chain: &Chain,
     layer: usize,
     offset: u64,
     len: u64,
-) -> Result<Vec<(u64, bool)>> {
+) -> Result<Vec<DirtyExtent>> {
     // Depth 1 is the top; the layers above `layer` have depths 1 ..= top - layer.
     let above = u32::from(chain.top_index()) - layer as u32;
-    let mut out: Vec<(u64, bool)> = Vec::new();
-    for (length, depth) in chain.allocation_depth(offset, len)? {
-        let changed = depth >= 1 && depth <= above;
+    let mut out: Vec<DirtyExtent> = Vec::new();
+    for DepthExtent { length, depth } in chain.allocation_depth(offset, len)? {
+        let dirty = depth >= 1 && depth <= above;
         match out.last_mut() {
-            Some((l, c)) if *c == changed => *l += length,
-            _ => out.push((length, changed)),
+            Some(last) if last.dirty == dirty => last.length += length,
+            _ => out.push(DirtyExtent { length, dirty }),
         }
     }
     Ok(out)
-}
-
-// --- the manifest ------------------------------------------------------------------
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Manifest {
-    #[serde(default)]
-    snapshots: BTreeMap<String, Entry>,
-    /// An operation that changes the chain and then removes files, recorded before it
-    /// starts so that a crash between the two can be finished.
-    #[serde(default)]
-    pending: Option<Pending>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Entry {
-    created: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-enum Pending {
-    /// Snapshot `name` is being deleted: once the chain no longer uses its file, the
-    /// file goes.
-    Delete { name: String },
-    /// The live image is being replaced by the overlay with image id `new_id` (hex)
-    /// over snapshot `to`; once it is, the snapshots in `discard` go.
-    Rollback {
-        to: String,
-        new_id: String,
-        discard: Vec<String>,
-    },
-}
-
-impl Manifest {
-    /// The manifest of the live image `live`; a missing or unreadable one is empty (it
-    /// only adds detail to what the chain says).
-    fn load(live: &Path) -> Manifest {
-        let path = manifest_of(live);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                warn!("ignoring unreadable {}: {e}", path.display());
-                Manifest::default()
-            }),
-            Err(_) => Manifest::default(),
-        }
-    }
-
-    /// Replaces the manifest of `live` atomically and durably.
-    fn store(&self, live: &Path) -> Result<()> {
-        let path = manifest_of(live);
-        let tmp = live.with_file_name(format!(".{}{MANIFEST_SUFFIX}.tmp", file_name(live)));
-        let err = |e: std::io::Error| Error::from(e).with_op("write manifest").with_path(&path);
-        let bytes = serde_json::to_vec_pretty(self).expect("a manifest serialises");
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(err)?;
-            f.write_all(&bytes).map_err(err)?;
-            f.sync_all().map_err(err)?;
-        }
-        std::fs::rename(&tmp, &path).map_err(err)?;
-        sync_dir(parent_dir(live))
-    }
 }
 
 /// Makes the directory's entries (creations, renames, removals) durable.
@@ -670,109 +610,6 @@ fn finish_discard(live: &Path, discard: &[String]) -> Result<()> {
     }
     m.pending = None;
     m.store(live)
-}
-
-// --- recovery ------------------------------------------------------------------------
-
-/// The files of `live`'s chain, by following backing references from its header.
-fn chain_files(live: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = vec![live.to_path_buf()];
-    let mut path = live.to_path_buf();
-    while out.len() <= super::MAX_CHAIN_DEPTH {
-        let header = match super::tools::header(&path) {
-            Ok(h) => h,
-            // A raw base, or a file the open will report on.
-            Err(_) => break,
-        };
-        let Some(b) = header.backing else { break };
-        path = super::resolve_backing(&path, &b.path);
-        out.push(path.clone());
-    }
-    Ok(out)
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
-}
-
-fn references(files: &[PathBuf], target: &Path) -> bool {
-    files.iter().any(|f| same_file(f, target))
-}
-
-/// Finishes or undoes a snapshot operation that a crash interrupted, before the live
-/// image at `live` is opened. Returns what it did, one line per action (empty when
-/// there was nothing to do).
-pub fn recover(live: &Path) -> Result<Vec<String>> {
-    let dir = parent_dir(live);
-    let mut done = Vec::new();
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| Error::from(e).with_op("recover").with_path(dir))?;
-    let mut manifest = Manifest::load(live);
-    let snap_prefix = format!("{}{SEP}", file_name(live));
-    let tmp_prefix = format!(".{snap_prefix}");
-    let pending = manifest.pending.clone();
-    let rolled_back = match &pending {
-        Some(Pending::Rollback { new_id, .. }) => {
-            super::tools::header(live).is_ok_and(|h| super::format_id(&h.image_id) == *new_id)
-        }
-        _ => false,
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(&tmp_prefix) && name.ends_with(TMP_SUFFIX) {
-            remove_file(&path)?;
-            done.push(format!("removed unfinished overlay {}", path.display()));
-        } else if name.starts_with(&snap_prefix) && same_file(&path, live) {
-            // A snapshot was being taken: the live file was linked under the snapshot's
-            // name, but the new overlay never replaced it.
-            remove_file(&path)?;
-            done.push(format!(
-                "undid the unfinished snapshot {} (the live image is unchanged)",
-                path.display()
-            ));
-        }
-    }
-    match &pending {
-        Some(Pending::Delete { name }) => {
-            let file = file_of(live, name);
-            if file.exists() && !references(&chain_files(live)?, &file) {
-                remove_file(&file)?;
-                done.push(format!("finished deleting snapshot {name}"));
-            } else {
-                done.push(format!(
-                    "snapshot {name} was not deleted (interrupted before its removal)"
-                ));
-            }
-        }
-        Some(Pending::Rollback { to, discard, .. }) => {
-            if rolled_back {
-                for n in discard {
-                    remove_file(&file_of(live, n))?;
-                    manifest.snapshots.remove(n);
-                }
-                done.push(format!("finished rolling back to snapshot {to}"));
-            } else {
-                done.push(format!(
-                    "rollback to snapshot {to} did not happen (interrupted before the switch)"
-                ));
-            }
-        }
-        None => {}
-    }
-    if pending.is_some() || !done.is_empty() {
-        manifest.pending = None;
-        manifest.snapshots.retain(|n, _| file_of(live, n).exists());
-        sync_dir(dir)?;
-        manifest.store(live)?;
-    }
-    for line in &done {
-        info!("{}: {line}", live.display());
-    }
-    Ok(done)
 }
 
 #[cfg(test)]

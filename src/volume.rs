@@ -1,11 +1,14 @@
-//! Volumes: image exports that can be snapshotted, rolled back and diffed while clients
-//! are connected.
+//! Volumes: images that can be snapshotted, rolled back and diffed while clients are
+//! connected.
 //!
 //! A [`Volume`] owns a Strata image (the *live* top layer) and serves it through a
 //! switchable backend, so that a snapshot can turn the live top into a read-only layer
 //! and put a fresh overlay in its place between two requests. Snapshots are files next
 //! to the image (`IMAGE@NAME`), linked into its backing chain; see
 //! `docs/snapshots.md`.
+//!
+//! It stands apart from the server: the server exports volumes, and `strata snapshot`
+//! works on images nobody serves through the same operations.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,8 +18,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tracing::info;
 
-use crate::backend::switch::Paused;
 use crate::backend::{ImageBackend, SharedBackend, Switchable};
+use crate::block::DirtyExtent;
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::{self, Chain, snapshot};
 
@@ -75,8 +78,6 @@ pub struct Volume {
     read_only: bool,
     switch: Arc<Switchable<ImageBackend>>,
     backend: SharedBackend,
-    /// The backend in place, for answers that need not wait for a pause to end.
-    live: Mutex<ImageBackend>,
     /// Serialises snapshot operations.
     ops: tokio::sync::Mutex<()>,
     /// Exports serving a snapshot: export name -> snapshot name.
@@ -126,14 +127,13 @@ impl Volume {
             snapshot::recover(path)?;
         }
         let backend = ImageBackend::new(image::open(path, !read_only)?);
-        let switch = Arc::new(Switchable::new(backend.clone()));
+        let switch = Arc::new(Switchable::new(backend));
         let shared: SharedBackend = switch.clone();
         Ok(Arc::new(Volume {
             path: path.to_path_buf(),
             read_only,
             switch,
             backend: shared,
-            live: Mutex::new(backend),
             ops: tokio::sync::Mutex::new(()),
             served: Mutex::new(BTreeMap::new()),
         }))
@@ -151,7 +151,7 @@ impl Volume {
     }
 
     fn chain(&self) -> Arc<Chain> {
-        Arc::clone(lock(&self.live).chain())
+        Arc::clone(self.switch.current().chain())
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -163,13 +163,6 @@ impl Volume {
         } else {
             Ok(())
         }
-    }
-
-    /// Puts `chain` in place of the live chain while requests are paused.
-    fn install(&self, paused: &mut Paused<'_, ImageBackend>, chain: Chain) {
-        let backend = ImageBackend::new(chain);
-        paused.replace(backend.clone());
-        *lock(&self.live) = backend;
     }
 
     fn info(&self, s: &snapshot::Snapshot) -> SnapshotInfo {
@@ -215,7 +208,7 @@ impl Volume {
             let chain = Arc::clone(&chain);
             blocking(move || snapshot::switch(prepared, &chain)).await?
         };
-        self.install(&mut paused, new);
+        paused.replace(ImageBackend::new(new));
         drop(paused);
         let pause = start.elapsed();
         {
@@ -308,7 +301,7 @@ impl Volume {
             })
             .await?
         };
-        self.install(&mut paused, new);
+        paused.replace(ImageBackend::new(new));
         drop(paused);
         drop(chain);
         {
@@ -370,7 +363,9 @@ impl Volume {
         };
         let rollback = Arc::into_inner(rollback).expect("the switch task has finished");
         match switched {
-            Ok(new) => self.install(&mut paused, new),
+            Ok(new) => {
+                paused.replace(ImageBackend::new(new));
+            }
             Err(e) => {
                 drop(paused);
                 rollback.abandon();
@@ -410,8 +405,8 @@ impl Volume {
 pub fn dirty_ranges(chain: &Chain, layer: usize) -> Result<Vec<DirtyRange>> {
     let mut out = Vec::new();
     let mut offset = 0;
-    for (length, changed) in snapshot::changed_since(chain, layer, 0, chain.size())? {
-        if changed {
+    for DirtyExtent { length, dirty } in snapshot::changed_since(chain, layer, 0, chain.size())? {
+        if dirty {
             out.push(DirtyRange { offset, length });
         }
         offset += length;
