@@ -10,6 +10,13 @@
 //! Names follow Prometheus conventions: a `strata_` prefix, `_total` on counters, base
 //! units (`_seconds`, `_bytes`), histograms as cumulative `_bucket{le=...}` series with
 //! `_sum` and `_count`, and a `# HELP` and `# TYPE` line per family.
+//!
+//! The text format is written here rather than by a metrics crate on purpose: the crates
+//! (`prometheus`, `metrics` with an exporter) keep their own registries of boxed,
+//! label-keyed series behind locks or hash maps, which would put a lookup on the request
+//! path or a second copy of every counter beside the export's own atomics. What is
+//! rendered is a few dozen families of a fixed shape, and the format (one line per
+//! sample, three characters escaped in label values) is small and pinned by tests.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
