@@ -28,6 +28,7 @@ mod interop_server;
 mod interop_snapshots;
 #[cfg(feature = "tls")]
 mod interop_tls;
+mod layers;
 mod limits;
 mod protocol;
 mod snapshot_crash;
