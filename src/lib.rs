@@ -11,21 +11,25 @@
 //!   │          TLS upgrade (rustls) · per-client export view       │  access rules
 //!   ├──────────────────────────────────────────────────────────────┤
 //!   │ proto    handshake state machine · request/reply codec ·     │  pure, no I/O
-//!   │          validation · errno mapping                          │
+//!   │          validation · extents · errno mapping                │
 //!   ├──────────────────────────────────────────────────────────────┤
-//!   │ backend  Backend trait ─ layers (ReadOnly, Switchable, …)    │
-//!   │          ├─ RawBackend (file, block device) · MemoryBackend  │  storage
-//!   │          └─ ImageBackend ─┐                                  │
-//!   ├───────────────────────────▼──────────────────────────────────┤
+//!   │ volume   an image export with online snapshots (Switchable)  │
+//!   ├──────────────────────────────────────────────────────────────┤
+//!   │ backend  Backend trait ─ Filter layers (ReadOnly, Faulty,    │
+//!   │          Switchable) ─ RawBackend (file, block device) ·     │  storage
+//!   │          MemoryBackend · ImageBackend ─┐                     │
+//!   ├────────────────────────────────────────▼─────────────────────┤
 //!   │ image    Strata images: format codec · merged map · engine   │  sparse, CoW
 //!   │          top image ─ backing ─ … ─ raw base (any depth)      │  chains
 //!   └──────────────────────────────────────────────────────────────┘
+//!            block: the extents and read chunks both speak (a leaf)
 //! ```
 //!
 //! A request crosses the layers once: the session decodes it with [`proto`], checks it
 //! with [`proto::validate()`] (the only place requests are validated), runs it on the
 //! export's [`backend::Backend`], and maps any failure to a wire errno with
-//! [`proto::errno_for`] (the only place errors are mapped).
+//! [`proto::errno_for`] (the only place errors are mapped). Every module imports only
+//! from the layers below its own (docs/architecture.md draws them; a test checks it).
 //!
 //! # Layout
 //! - [`proto`]: the NBD protocol without I/O: constants, handshake, request and reply
