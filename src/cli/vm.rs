@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
-use serde_json::Value;
 use strata::size::{format_size, parse_size};
 use strata::vm::bundle::{self, Bundle};
-use strata::vm::launcher::{self, Outcome, Request, ResumeOptions, RunOptions};
+use strata::vm::launcher::{
+    self, Outcome, Request, ResumeOptions, RunOptions, Status, Stopping, Suspended,
+};
 use strata::vm::spec::{Accel, Network, SyncMode};
 use strata::vm::{Disk, NbdUrl, Platform, VmSpec};
 use strata::{Error, ErrorKind};
@@ -304,7 +305,8 @@ pub async fn run(args: VmArgs) -> strata::Result<ExitCode> {
         }
         VmCommand::Stop { name, force } => {
             let bundle = Bundle::open(&root, &name)?;
-            launcher::send(&bundle, &Request::Stop { force }, Duration::from_secs(30)).await?;
+            let _: Stopping =
+                launcher::send(&bundle, &Request::Stop { force }, Duration::from_secs(30)).await?;
             println!(
                 "VM {name} is {}",
                 if force { "stopping" } else { "shutting down" }
@@ -317,7 +319,7 @@ pub async fn run(args: VmArgs) -> strata::Result<ExitCode> {
             stop,
         } => {
             let bundle = Bundle::open(&root, &name)?;
-            let answer = launcher::send(
+            let answer: Suspended = launcher::send(
                 &bundle,
                 &Request::Suspend { checkpoint, stop },
                 Duration::from_secs(900),
@@ -328,17 +330,20 @@ pub async fn run(args: VmArgs) -> strata::Result<ExitCode> {
         }
         VmCommand::Status { name } => {
             let bundle = Bundle::open(&root, &name)?;
-            let answer = launcher::send(&bundle, &Request::Status, Duration::from_secs(30)).await?;
-            println!("{answer}");
+            let answer: Status =
+                launcher::send(&bundle, &Request::Status, Duration::from_secs(30)).await?;
+            println!(
+                "{}",
+                serde_json::to_string(&answer).expect("answers encode")
+            );
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::DeleteCheckpoint { name, checkpoint } => {
             let bundle = Bundle::open(&root, &name)?;
             let answer = launcher::delete(&bundle, &checkpoint, reporter()).await?;
-            let snapshot = answer.get("snapshot_deleted").and_then(Value::as_bool);
             println!(
                 "checkpoint {checkpoint} of {name} deleted{}",
-                if snapshot == Some(false) {
+                if !answer.snapshot_deleted {
                     " (its disk snapshot was gone already)"
                 } else {
                     ""
@@ -363,23 +368,18 @@ async fn run_vm(root: &Path, name: &str, options: RunOptions) -> strata::Result<
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_suspended(name: &str, v: &Value) {
-    let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+fn print_suspended(name: &str, s: &Suspended) {
     println!(
         "checkpoint {} of {name} saved: {} of machine state, disk snapshot {}; paused {} ms, \
          snapshot {} ms, state {} ms, {} ms in all{}",
-        v.get("checkpoint").and_then(Value::as_str).unwrap_or("?"),
-        format_size(n("state_bytes")),
-        v.get("snapshot").and_then(Value::as_str).unwrap_or("?"),
-        n("pause_ms"),
-        n("snapshot_ms"),
-        n("state_ms"),
-        n("total_ms"),
-        if v.get("stopped").and_then(Value::as_bool) == Some(true) {
-            "; the VM is stopped"
-        } else {
-            ""
-        }
+        s.checkpoint,
+        format_size(s.state_bytes),
+        s.snapshot,
+        s.pause_ms,
+        s.snapshot_ms,
+        s.state_ms,
+        s.total_ms,
+        if s.stopped { "; the VM is stopped" } else { "" }
     );
 }
 

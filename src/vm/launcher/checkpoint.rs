@@ -17,11 +17,9 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-
 use super::disk::{DiskAccess, open_disk};
 use super::host::{AnyDriver, driver_name};
-use super::socket::{Request, send};
+use super::socket::{Deleted, Request, Suspended, send};
 use super::{ResumeOptions, RunOptions};
 use crate::api::Taken;
 use crate::api::client::ControlTarget;
@@ -156,7 +154,7 @@ pub(super) async fn suspend(
     name: Option<String>,
     then_stop: bool,
     report: &Report,
-) -> Result<Value> {
+) -> Result<Suspended> {
     let control = disk.control()?;
     let name = match name {
         Some(n) => n,
@@ -244,17 +242,17 @@ pub(super) async fn suspend(
         },
         ms(total)
     ));
-    Ok(json!({
-        "checkpoint": name,
-        "snapshot": snapshot,
-        "state_bytes": state_bytes,
-        "pause_ms": ms(paused),
-        "snapshot_ms": ms(snapped - paused),
-        "snapshot_pause_us": snapshot_pause_us,
-        "state_ms": ms(saved_at - snapped),
-        "total_ms": ms(total),
-        "stopped": then_stop,
-    }))
+    Ok(Suspended {
+        checkpoint: name,
+        snapshot,
+        state_bytes,
+        pause_ms: ms(paused),
+        snapshot_ms: ms(snapped - paused),
+        snapshot_pause_us,
+        state_ms: ms(saved_at - snapped),
+        total_ms: ms(total),
+        stopped: then_stop,
+    })
 }
 
 /// Deletes checkpoint `name`: first its record (so that a crash never leaves a listed
@@ -264,7 +262,7 @@ pub(super) async fn delete_checkpoint(
     bundle: &Bundle,
     disk: &DiskAccess,
     name: &str,
-) -> Result<Value> {
+) -> Result<Deleted> {
     let checkpoint = bundle.checkpoint(name)?;
     let control = disk.control()?;
     bundle.remove_checkpoints(std::slice::from_ref(&checkpoint.name))?;
@@ -272,8 +270,8 @@ pub(super) async fn delete_checkpoint(
         .delete_snapshot(&disk.export, &checkpoint.snapshot)
         .await
     {
-        Ok(_) => json!(true),
-        Err(e) if e.kind() == ErrorKind::NotFound => json!(false),
+        Ok(_) => true,
+        Err(e) if e.kind() == ErrorKind::NotFound => false,
         Err(e) => {
             let _ = std::fs::remove_file(bundle.path(&checkpoint.state));
             return Err(Error::msg(
@@ -287,13 +285,16 @@ pub(super) async fn delete_checkpoint(
         }
     };
     let _ = std::fs::remove_file(bundle.path(&checkpoint.state));
-    Ok(json!({ "deleted": name, "snapshot_deleted": snapshot }))
+    Ok(Deleted {
+        deleted: name.to_owned(),
+        snapshot_deleted: snapshot,
+    })
 }
 
 /// Deletes checkpoint `name` of `bundle`: through its launcher when the VM runs (which
 /// serialises it with suspends), directly otherwise (the disk served in-process for the
 /// time it takes, for a local disk).
-pub async fn delete(bundle: &Bundle, name: &str, report: Report) -> Result<Value> {
+pub async fn delete(bundle: &Bundle, name: &str, report: Report) -> Result<Deleted> {
     if bundle.is_running() {
         let request = Request::Delete {
             checkpoint: name.to_owned(),

@@ -28,7 +28,7 @@ pub use host::check_host;
 #[cfg(target_os = "macos")]
 pub use install::install;
 pub use running::{STOP_GRACE, run};
-pub use socket::{Request, SOCKET, send};
+pub use socket::{Answer, Deleted, Failed, Request, SOCKET, Status, Stopping, Suspended, send};
 
 /// What `run` and `resume` were asked for.
 #[derive(Debug, Clone, Default)]

@@ -5,14 +5,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
 use super::checkpoint::{delete_checkpoint, prepare_resume, suspend};
 use super::disk::{DiskAccess, open_disk, remove_overlay};
 use super::host::{AnyDriver, check_host, start_driver};
-use super::socket::{Request, SOCKET, accept_requests};
+use super::socket::{Answer, Request, SOCKET, Status, Stopping, accept_requests};
 use super::{Outcome, RunOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::vm::bundle::{self, Bundle};
@@ -99,7 +98,7 @@ async fn run_with_disk(
         disk.url,
         bundle.name()
     ));
-    let (tx, mut requests) = mpsc::channel::<(Request, oneshot::Sender<Value>)>(4);
+    let (tx, mut requests) = mpsc::channel::<(Request, oneshot::Sender<Answer>)>(4);
     // Each connection holds a clone: the answers given just before the VM stopped (to
     // `stop` itself) are written before the launcher exits.
     let in_flight = Arc::new(());
@@ -140,7 +139,7 @@ async fn serve_vm(
     spec: &VmSpec,
     disk: &DiskAccess,
     driver: &mut AnyDriver,
-    requests: &mut mpsc::Receiver<(Request, oneshot::Sender<Value>)>,
+    requests: &mut mpsc::Receiver<(Request, oneshot::Sender<Answer>)>,
     report: &Report,
 ) -> Result<Outcome> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -186,45 +185,43 @@ async fn serve_vm(
             request = requests.recv() => {
                 let Some((request, reply)) = request else { continue };
                 let answer = match request {
-                    Request::Status => json!({
-                        "name": bundle.name(),
-                        "state": "running",
-                        "pid": std::process::id(),
-                        "disk": disk.url.to_string(),
-                        "driver": driver.name(),
+                    Request::Status => Answer::Status(Status {
+                        disk: disk.url.to_string(),
+                        driver: driver.name().to_owned(),
+                        name: bundle.name().to_owned(),
+                        pid: std::process::id(),
+                        state: "running".to_owned(),
                     }),
                     Request::Stop { force } => {
-                        if force {
-                            driver.stop().await.map_or_else(
-                                |e| json!({ "error": e.to_string() }),
-                                |()| json!({ "stopping": true }),
-                            )
+                        let (stopped, grace_s) = if force {
+                            (driver.stop().await, None)
                         } else {
                             report("asking the guest to shut down");
                             stop_by = Some(tokio::time::Instant::now() + STOP_GRACE);
-                            driver.request_stop().await.map_or_else(
-                                |e| json!({ "error": e.to_string() }),
-                                |()| json!({ "stopping": true, "grace_s": STOP_GRACE.as_secs() }),
-                            )
-                        }
+                            (driver.request_stop().await, Some(STOP_GRACE.as_secs()))
+                        };
+                        Answer::of(stopped, |()| {
+                            Answer::Stopping(Stopping {
+                                stopping: true,
+                                grace_s,
+                            })
+                        })
                     }
-                    Request::Delete { checkpoint } => {
-                        match delete_checkpoint(bundle, disk, &checkpoint).await {
-                            Ok(v) => v,
-                            Err(e) => json!({ "error": e.to_string() }),
-                        }
-                    }
+                    Request::Delete { checkpoint } => Answer::of(
+                        delete_checkpoint(bundle, disk, &checkpoint).await,
+                        Answer::Deleted,
+                    ),
                     Request::Suspend { checkpoint, stop } => {
                         match suspend(bundle, spec, disk, driver, checkpoint, stop, report).await {
-                            Ok(v) => {
+                            Ok(taken) => {
                                 if stop {
-                                    suspended = v["checkpoint"].as_str().map(str::to_owned);
+                                    suspended = Some(taken.checkpoint.clone());
                                 }
-                                v
+                                Answer::Suspended(taken)
                             }
                             Err(e) => {
                                 report(&format!("no checkpoint taken: {e}"));
-                                json!({ "error": e.to_string() })
+                                Answer::failed(e)
                             }
                         }
                     }

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
@@ -47,9 +47,105 @@ pub enum Request {
     },
 }
 
+/// The answer to [`Request::Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// The NBD URL of the VM's disk.
+    pub disk: String,
+    /// The driver running the VM (`qemu`, `virtualization`).
+    pub driver: String,
+    /// The VM's name.
+    pub name: String,
+    /// The launcher's process id.
+    pub pid: u32,
+    /// `running`.
+    pub state: String,
+}
+
+/// The answer to [`Request::Stop`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stopping {
+    /// Always true: the VM is on its way down.
+    pub stopping: bool,
+    /// Seconds the guest has to shut down before it is stopped (not for a forced stop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_s: Option<u64>,
+}
+
+/// The answer to [`Request::Suspend`]: the checkpoint taken and how long each step took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Suspended {
+    /// The checkpoint's name.
+    pub checkpoint: String,
+    /// Its disk snapshot.
+    pub snapshot: String,
+    /// Bytes of machine state saved.
+    pub state_bytes: u64,
+    /// Milliseconds to pause the VM.
+    pub pause_ms: u64,
+    /// Milliseconds the disk snapshot took.
+    pub snapshot_ms: u64,
+    /// Microseconds the server held the disk's requests for the snapshot.
+    pub snapshot_pause_us: u64,
+    /// Milliseconds to save the machine state.
+    pub state_ms: u64,
+    /// Milliseconds in all.
+    pub total_ms: u64,
+    /// The VM was stopped afterwards instead of running on.
+    pub stopped: bool,
+}
+
+/// The answer to [`Request::Delete`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    /// The checkpoint deleted.
+    pub deleted: String,
+    /// False when its disk snapshot was gone already.
+    pub snapshot_deleted: bool,
+}
+
+/// A request that failed: `{"error": message}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Failed {
+    /// What went wrong.
+    pub error: String,
+}
+
+/// Any answer, as the launcher writes it: one JSON object, the shape of which the
+/// request decides.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    /// To [`Request::Status`].
+    Status(Status),
+    /// To [`Request::Stop`].
+    Stopping(Stopping),
+    /// To [`Request::Suspend`].
+    Suspended(Suspended),
+    /// To [`Request::Delete`].
+    Deleted(Deleted),
+    /// To any request that failed.
+    Failed(Failed),
+}
+
+impl Answer {
+    /// The answer to a request that failed with `error`.
+    pub fn failed(error: impl std::fmt::Display) -> Answer {
+        Answer::Failed(Failed {
+            error: error.to_string(),
+        })
+    }
+
+    /// `Ok(answer)` as its answer, an error as [`Answer::Failed`].
+    pub fn of<T>(result: Result<T>, answer: impl FnOnce(T) -> Answer) -> Answer {
+        result.map_or_else(Answer::failed, answer)
+    }
+}
+
 pub(super) async fn accept_requests(
     listener: UnixListener,
-    tx: mpsc::Sender<(Request, oneshot::Sender<Value>)>,
+    tx: mpsc::Sender<(Request, oneshot::Sender<Answer>)>,
     in_flight: Arc<()>,
 ) {
     while let Ok((stream, _)) = listener.accept().await {
@@ -67,24 +163,29 @@ pub(super) async fn accept_requests(
                 Ok(request) => {
                     let (reply, wait) = oneshot::channel();
                     if tx.send((request, reply)).await.is_err() {
-                        json!({ "error": "the VM is stopping" })
+                        Answer::failed("the VM is stopping")
                     } else {
                         wait.await
-                            .unwrap_or_else(|_| json!({ "error": "the VM is stopping" }))
+                            .unwrap_or_else(|_| Answer::failed("the VM is stopping"))
                     }
                 }
-                Err(e) => json!({ "error": format!("bad request: {e}") }),
+                Err(e) => Answer::failed(format!("bad request: {e}")),
             };
-            let mut text = answer.to_string();
+            let mut text = serde_json::to_string(&answer).expect("answers encode");
             text.push('\n');
             let _ = write.write_all(text.as_bytes()).await;
         });
     }
 }
 
-/// Sends `request` to the launcher running the VM of `bundle` and returns its answer;
-/// an answer `{"error": ...}` becomes the error.
-pub async fn send(bundle: &Bundle, request: &Request, timeout: Duration) -> Result<Value> {
+/// Sends `request` to the launcher running the VM of `bundle` and returns its answer,
+/// of the type `request` is answered with ([`Status`], [`Stopping`], [`Suspended`] or
+/// [`Deleted`]); an answer `{"error": ...}` becomes the error.
+pub async fn send<A: DeserializeOwned>(
+    bundle: &Bundle,
+    request: &Request,
+    timeout: Duration,
+) -> Result<A> {
     let socket = bundle.path(SOCKET);
     let not_running = || {
         Error::msg(
@@ -117,12 +218,11 @@ pub async fn send(bundle: &Bundle, request: &Request, timeout: Duration) -> Resu
                 "the launcher closed the connection without answering",
             ));
         }
-        let v: Value = serde_json::from_str(&answer)
-            .map_err(|e| Error::msg(ErrorKind::Io, format!("bad answer from the launcher: {e}")))?;
-        match v.get("error").and_then(Value::as_str) {
-            Some(e) => Err(Error::msg(ErrorKind::Io, e.to_owned())),
-            None => Ok(v),
+        if let Ok(failed) = serde_json::from_str::<Failed>(&answer) {
+            return Err(Error::msg(ErrorKind::Io, failed.error));
         }
+        serde_json::from_str(&answer)
+            .map_err(|e| Error::msg(ErrorKind::Io, format!("bad answer from the launcher: {e}")))
     };
     tokio::time::timeout(timeout, work)
         .await
@@ -158,5 +258,54 @@ mod tests {
             serde_json::to_string(&Request::Status).unwrap(),
             r#"{"op":"status"}"#
         );
+    }
+
+    #[test]
+    fn answers_are_json_objects_of_the_request_s_shape() {
+        let line = |a: &Answer| serde_json::to_string(a).unwrap();
+        let status = Status {
+            disk: "nbd+unix:///disk?socket=/run/nbd.sock".into(),
+            driver: "qemu".into(),
+            name: "vm1".into(),
+            pid: 42,
+            state: "running".into(),
+        };
+        assert_eq!(
+            line(&Answer::Status(status.clone())),
+            r#"{"disk":"nbd+unix:///disk?socket=/run/nbd.sock","driver":"qemu","name":"vm1","pid":42,"state":"running"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Status>(&line(&Answer::Status(status.clone()))).unwrap(),
+            status
+        );
+        let stopping = |grace_s| {
+            Answer::Stopping(Stopping {
+                stopping: true,
+                grace_s,
+            })
+        };
+        assert_eq!(line(&stopping(None)), r#"{"stopping":true}"#);
+        assert_eq!(
+            line(&stopping(Some(30))),
+            r#"{"stopping":true,"grace_s":30}"#
+        );
+        let deleted = Answer::Deleted(Deleted {
+            deleted: "ckpt-1".into(),
+            snapshot_deleted: false,
+        });
+        assert_eq!(
+            line(&deleted),
+            r#"{"deleted":"ckpt-1","snapshot_deleted":false}"#
+        );
+        let failed = line(&Answer::failed("no such checkpoint"));
+        assert_eq!(failed, r#"{"error":"no such checkpoint"}"#);
+        // A failure is told apart from every success by its one field.
+        assert!(serde_json::from_str::<Failed>(&failed).is_ok());
+        for success in [line(&deleted), line(&stopping(Some(1)))] {
+            assert!(
+                serde_json::from_str::<Failed>(&success).is_err(),
+                "{success}"
+            );
+        }
     }
 }
