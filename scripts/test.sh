@@ -135,7 +135,7 @@ step() {
 }
 
 step build cargo build
-# The launcher's VM boots (tests/it/vm_e2e.rs) run in their own step at the end, once their
+# The launcher's VM boots (tests/it/vm_e2e/) run in their own step at the end, once their
 # packages are installed; here they say so and return.
 step test env STRATA_TEST_VM=later cargo test --all-targets
 step fmt cargo fmt --check
@@ -200,7 +200,7 @@ else
 fi
 
 # --- the VM launcher end to end ---------------------------------------------------------
-# tests/it/vm_e2e.rs boots a Debian kernel with a busybox initramfs under QEMU (TCG) on a
+# tests/it/vm_e2e/ boots a Debian kernel with a busybox initramfs under QEMU (TCG) on a
 # Strata overlay. This comes last because Debian 12's qemu-system-x86 (7.2) conflicts
 # with a newer qemu-utils: installing it replaces qemu-utils with 7.2 (pinned in the same
 # apt-get command, so qemu-img, qemu-io and qemu-nbd stay installed), and every test
