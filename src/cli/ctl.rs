@@ -18,7 +18,8 @@ use strata::image::FormatChoice;
 use strata::size::format_size;
 use strata::{Error, ErrorKind};
 
-use super::output::{Table, duration, fields, timestamp};
+use super::output::{Table, duration, fields};
+use strata::time::seconds_utc;
 
 /// `strata ctl`
 #[derive(Args, Debug)]
@@ -440,7 +441,7 @@ fn render_snapshots(snapshots: &[Snapshot]) -> String {
         .map(|s| {
             vec![
                 s.name.clone(),
-                timestamp(s.created),
+                seconds_utc(s.created),
                 format_size(s.allocated),
                 s.exported_as.clone().unwrap_or_else(|| "-".to_owned()),
             ]

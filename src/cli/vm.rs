@@ -16,7 +16,8 @@ use strata::vm::spec::{Accel, Network, SyncMode};
 use strata::vm::{Disk, NbdUrl, Platform, VmSpec};
 use strata::{Error, ErrorKind};
 
-use super::output::{Table, timestamp};
+use super::output::Table;
+use strata::time::seconds_utc;
 
 /// `strata vm`
 #[derive(Args, Debug)]
@@ -578,7 +579,7 @@ fn checkpoints(root: &Path, name: &str) -> strata::Result<ExitCode> {
         .map(|c| {
             vec![
                 c.name,
-                timestamp(c.created),
+                seconds_utc(c.created),
                 c.snapshot,
                 format_size(c.state_bytes),
                 c.driver,
