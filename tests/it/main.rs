@@ -14,6 +14,7 @@ mod config;
 mod control_api;
 mod deploy;
 mod faults;
+mod history;
 mod hostile;
 mod image_cli;
 mod image_crash;
