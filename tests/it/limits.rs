@@ -275,11 +275,11 @@ impl Metrics {
         ]
     }
 
-    /// A server of a `size`-byte memory disk on a Unix socket, with `flag` and this
-    /// metrics endpoint.
-    fn serve_unix(&self, size: u64, flag: [&str; 2]) -> Server {
+    /// A server of a `size`-byte memory disk listening on `transport`, with `flag` and
+    /// this metrics endpoint.
+    fn serve(&self, size: u64, transport: Transport, flag: [&str; 2]) -> Server {
         memory(size)
-            .listen(Transport::Unix)
+            .listen(transport)
             .args(flag)
             .args(self.args())
             .start()
@@ -483,10 +483,7 @@ fn per_client_caps_refuse_only_that_clients_surplus() {
         return;
     }
     let metrics = Metrics::new();
-    let server = memory(MIB)
-        .args(["--max-connections-per-client", "2"])
-        .args(metrics.args())
-        .start();
+    let server = metrics.serve(MIB, Transport::Tcp, ["--max-connections-per-client", "2"]);
     let Endpoint::Tcp(addr) = server.endpoint().clone() else {
         unreachable!()
     };
@@ -523,7 +520,7 @@ fn idle_timeout_ends_idle_and_stalled_clients_only() {
         return;
     }
     let metrics = Metrics::new();
-    let server = metrics.serve_unix(16 * MIB, ["--idle-timeout", "1"]);
+    let server = metrics.serve(16 * MIB, Transport::Unix, ["--idle-timeout", "1"]);
     let connect = || connected(&server, STRUCTURED);
     let mut idle = connect();
     // Stalled in the middle of a write's payload: a transmission-phase slowloris.
@@ -573,7 +570,7 @@ fn the_total_in_flight_budget_bounds_all_connections_together() {
     }
     const LIMIT: u64 = 48 * MIB;
     let metrics = Metrics::new();
-    let server = metrics.serve_unix(256 * MIB, ["--max-in-flight-total", "48M"]);
+    let server = metrics.serve(256 * MIB, Transport::Unix, ["--max-in-flight-total", "48M"]);
     // Fill the disk, so reads allocate their data.
     let mut writer = connected(&server, SIMPLE);
     for i in 0..64u64 {
