@@ -388,75 +388,86 @@ fn export_name_reply_without_zeroes() {
 // Requests
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn compact_request_header() {
-    // WRITE with FUA, cookie 0x0102..08, offset 0x1000, length 0x200.
-    let wire = hex("25609513 0001 0001 0102030405060708 0000000000001000 00000200");
-    assert_eq!(wire.len(), 28);
-    let header = RequestHeader {
-        flags: cmd_flags::FUA,
-        command: Command::Write,
-        cookie: COOKIE,
-        offset: 0x1000,
-        length: 0x200,
-    };
-    let mut src = &wire[..];
-    assert_eq!(RequestHeader::decode(&mut src, false), Ok(Some(header)));
-    assert!(src.is_empty());
-    assert_eq!(encoded(|b| header.encode(b, false)), wire);
-    assert_eq!(header.payload_len(false), 0x200);
+fn request(flags: u16, command: Command, cookie: u64, offset: u64, length: u64) -> RequestHeader {
+    RequestHeader {
+        flags,
+        command,
+        cookie,
+        offset,
+        length,
+    }
 }
 
+/// Each header decodes from its golden bytes, using all of them, and encodes back to them.
 #[test]
-fn compact_request_header_max_length() {
-    let wire = hex("25609513 0000 0000 ffffffffffffffff ffffffffffffffff ffffffff");
-    let header = RequestHeader::decode(&mut &wire[..], false)
-        .unwrap()
-        .unwrap();
-    assert_eq!(header.command, Command::Read);
-    assert_eq!(header.cookie, u64::MAX);
-    assert_eq!(header.offset, u64::MAX);
-    assert_eq!(header.length, u64::from(u32::MAX));
-    assert_eq!(header.payload_len(false), 0);
-}
-
-#[test]
-fn extended_request_header() {
-    // BLOCK_STATUS with REQ_ONE at 4 GiB for 8 GiB: a 64-bit effect length.
-    let wire = hex("21e41c71 0008 0007 a1a2a3a4a5a6a7a8 0000000100000000 0000000200000000");
-    assert_eq!(wire.len(), 32);
-    let header = RequestHeader {
-        flags: cmd_flags::REQ_ONE,
-        command: Command::BlockStatus,
-        cookie: 0xa1a2_a3a4_a5a6_a7a8,
-        offset: 1 << 32,
-        length: 2 << 32,
-    };
-    let mut src = &wire[..];
-    assert_eq!(RequestHeader::decode(&mut src, true), Ok(Some(header)));
-    assert!(src.is_empty());
-    assert_eq!(encoded(|b| header.encode(b, true)), wire);
-    assert_eq!(header.payload_len(true), 0);
-}
-
-#[test]
-fn extended_request_header_with_payload_len() {
-    // WRITE with PAYLOAD_LEN, 0x200 bytes of payload follow.
-    let wire = hex("21e41c71 0020 0001 0102030405060708 0000000000000000 0000000000000200");
-    let header = RequestHeader::decode(&mut &wire[..], true)
-        .unwrap()
-        .unwrap();
-    assert_eq!(header.flags, cmd_flags::PAYLOAD_LEN);
-    assert_eq!(header.command, Command::Write);
-    assert_eq!(header.payload_len(true), 0x200);
-    // A non-write carrying a payload (which the server must still consume).
-    let wire = hex("21e41c71 0020 0007 0102030405060708 0000000000000000 0000000000000010");
-    let header = RequestHeader::decode(&mut &wire[..], true)
-        .unwrap()
-        .unwrap();
-    assert_eq!(header.command, Command::BlockStatus);
-    assert_eq!(header.payload_len(true), 0x10);
-    assert_eq!(header.payload_len(false), 0);
+fn request_headers() {
+    use cmd_flags::{FUA, PAYLOAD_LEN, REQ_ONE};
+    let cases = [
+        // WRITE with FUA, cookie 0x0102..08, offset 0x1000, length 0x200.
+        (
+            "compact WRITE with FUA",
+            false,
+            "25609513 0001 0001 0102030405060708 0000000000001000 00000200",
+            request(FUA, Command::Write, COOKIE, 0x1000, 0x200),
+            0x200,
+        ),
+        (
+            "compact READ with every field at its maximum",
+            false,
+            "25609513 0000 0000 ffffffffffffffff ffffffffffffffff ffffffff",
+            request(0, Command::Read, u64::MAX, u64::MAX, u64::from(u32::MAX)),
+            0,
+        ),
+        // BLOCK_STATUS with REQ_ONE at 4 GiB for 8 GiB: a 64-bit effect length.
+        (
+            "extended BLOCK_STATUS",
+            true,
+            "21e41c71 0008 0007 a1a2a3a4a5a6a7a8 0000000100000000 0000000200000000",
+            request(
+                REQ_ONE,
+                Command::BlockStatus,
+                0xa1a2_a3a4_a5a6_a7a8,
+                1 << 32,
+                2 << 32,
+            ),
+            0,
+        ),
+        // WRITE with PAYLOAD_LEN, 0x200 bytes of payload follow.
+        (
+            "extended WRITE with PAYLOAD_LEN",
+            true,
+            "21e41c71 0020 0001 0102030405060708 0000000000000000 0000000000000200",
+            request(PAYLOAD_LEN, Command::Write, COOKIE, 0, 0x200),
+            0x200,
+        ),
+        // A non-write carrying a payload (which the server must still consume).
+        (
+            "extended BLOCK_STATUS with PAYLOAD_LEN",
+            true,
+            "21e41c71 0020 0007 0102030405060708 0000000000000000 0000000000000010",
+            request(PAYLOAD_LEN, Command::BlockStatus, COOKIE, 0, 0x10),
+            0x10,
+        ),
+    ];
+    for (name, extended, wire, header, payload_len) in cases {
+        let wire = hex(wire);
+        assert_eq!(wire.len(), if extended { 32 } else { 28 }, "{name}");
+        let mut src = &wire[..];
+        let decoded = RequestHeader::decode(&mut src, extended);
+        assert_eq!(decoded, Ok(Some(header)), "{name}");
+        assert!(src.is_empty(), "{name}: the whole header is used");
+        assert_eq!(encoded(|b| header.encode(b, extended)), wire, "{name}");
+        assert_eq!(header.payload_len(extended), payload_len, "{name}");
+        if extended {
+            // Compact headers have no PAYLOAD_LEN: only a WRITE's length is a payload.
+            let compact = if header.command == Command::Write {
+                header.length
+            } else {
+                0
+            };
+            assert_eq!(header.payload_len(false), compact, "{name}");
+        }
+    }
 }
 
 #[test]
@@ -500,86 +511,55 @@ fn simple_reply() {
     assert!(ReplyHeader::decode(&mut &wire[..], ReplyMode::Extended).is_err());
 }
 
+/// The empty last chunk decodes only in its own reply mode; an extended header echoes
+/// the request's offset, a structured one has no room for it.
 #[test]
-fn structured_chunk_header() {
-    let wire = hex("668e33ef 0001 0000 0102030405060708 00000000");
-    assert_eq!(wire.len(), 20);
-    assert_eq!(encoded(|b| reply::encode_done(b, structured(0x1000))), wire);
-    assert_eq!(
-        encoded(|b| reply::encode_chunk_header(b, structured(9), 0, 0x1234, 0xdead_beef)),
-        hex("668e33ef 0000 1234 0102030405060708 deadbeef")
-    );
-    assert_eq!(
-        ReplyHeader::decode(&mut &wire[..], ReplyMode::Structured),
-        Ok(Some(ReplyHeader::Chunk {
+fn done_chunk_decodes_only_in_its_own_mode() {
+    use ReplyMode::{Extended, Simple, Structured};
+    let cases = [
+        (
+            Structured,
+            "668e33ef 0001 0000 0102030405060708 00000000",
+            0,
+            [Simple, Extended],
+        ),
+        (
+            Extended,
+            "6e8a278c 0001 0000 0102030405060708 0000000000001000 0000000000000000",
+            0x1000,
+            [Simple, Structured],
+        ),
+    ];
+    for (mode, wire, offset, other_modes) in cases {
+        let wire = hex(wire);
+        assert_eq!(
+            wire.len(),
+            if mode == Extended { 32 } else { 20 },
+            "{mode:?}"
+        );
+        let chunk = ReplyHeader::Chunk {
             flags: 1,
             ty: 0,
             cookie: COOKIE,
-            offset: 0,
-            payload_len: 0
-        }))
-    );
-    assert!(ReplyHeader::decode(&mut &wire[..], ReplyMode::Simple).is_err());
-    assert!(ReplyHeader::decode(&mut &wire[..], ReplyMode::Extended).is_err());
+            offset,
+            payload_len: 0,
+        };
+        assert_eq!(
+            ReplyHeader::decode(&mut &wire[..], mode),
+            Ok(Some(chunk)),
+            "{mode:?}"
+        );
+        for other in other_modes {
+            let decoded = ReplyHeader::decode(&mut &wire[..], other);
+            assert!(decoded.is_err(), "{mode:?} chunk in {other:?} mode");
+        }
+    }
 }
 
+/// Every chunk encoder, in both header styles, against its golden bytes.
 #[test]
-fn extended_chunk_header() {
-    let wire = hex("6e8a278c 0001 0000 0102030405060708 0000000000001000 0000000000000000");
-    assert_eq!(wire.len(), 32);
-    assert_eq!(encoded(|b| reply::encode_done(b, extended(0x1000))), wire);
-    assert_eq!(
-        encoded(|b| reply::encode_chunk_header(b, extended(7), 0, 0x1234, 1 << 40)),
-        hex("6e8a278c 0000 1234 0102030405060708 0000000000000007 0000010000000000")
-    );
-    assert_eq!(
-        ReplyHeader::decode(&mut &wire[..], ReplyMode::Extended),
-        Ok(Some(ReplyHeader::Chunk {
-            flags: 1,
-            ty: 0,
-            cookie: COOKIE,
-            offset: 0x1000,
-            payload_len: 0
-        }))
-    );
-    assert!(ReplyHeader::decode(&mut &wire[..], ReplyMode::Structured).is_err());
-}
-
-#[test]
-fn offset_data_header() {
-    // 0x200 bytes at 0x1200 of a read at 0x1000; payload length 8 + 0x200.
-    assert_eq!(
-        encoded(|b| reply::encode_offset_data_header(b, structured(0x1000), false, 0x1200, 0x200)),
-        hex("668e33ef 0000 0001 0102030405060708 00000208 0000000000001200")
-    );
-    // Extended: the header echoes the request offset, the payload has the data offset.
-    assert_eq!(
-        encoded(|b| reply::encode_offset_data_header(b, extended(0x1000), true, 0x1200, 0x200)),
-        hex(
-            "6e8a278c 0001 0001 0102030405060708 0000000000001000 0000000000000208 \
-             0000000000001200"
-        )
-    );
-}
-
-#[test]
-fn offset_hole() {
-    assert_eq!(
-        encoded(|b| reply::encode_offset_hole(b, structured(0x3000), true, 0x3000, 0x1000)),
-        hex("668e33ef 0001 0002 0102030405060708 0000000c 0000000000003000 00001000")
-    );
-    assert_eq!(
-        encoded(|b| reply::encode_offset_hole(b, extended(0x2000), false, 0x3000, 0x1000)),
-        hex(
-            "6e8a278c 0000 0002 0102030405060708 0000000000002000 000000000000000c \
-             0000000000003000 00001000"
-        )
-    );
-}
-
-#[test]
-fn block_status() {
-    let descriptors = [
+fn reply_chunks() {
+    let status = [
         Descriptor {
             length: 0x1000,
             flags: 0,
@@ -589,17 +569,7 @@ fn block_status() {
             flags: u64::from(state::HOLE | state::ZERO),
         },
     ];
-    // Context id, then (32-bit length, 32-bit flags) pairs: 4 + 2 * 8 = 20 bytes.
-    assert_eq!(
-        encoded(|b| reply::encode_block_status(b, structured(0), true, 1, &descriptors)),
-        hex("668e33ef 0001 0005 0102030405060708 00000014 00000001 \
-             00001000 00000000 00002000 00000003")
-    );
-}
-
-#[test]
-fn block_status_ext() {
-    let descriptors = [
+    let status_ext = [
         Descriptor {
             length: 1 << 32,
             flags: u64::from(state::HOLE | state::ZERO),
@@ -609,63 +579,109 @@ fn block_status_ext() {
             flags: 0,
         },
     ];
-    // Context id, descriptor count, then (64-bit length, 64-bit flags) pairs:
-    // 8 + 2 * 16 = 40 bytes.
-    assert_eq!(
-        encoded(|b| reply::encode_block_status(b, extended(0x8000), false, 1, &descriptors)),
-        hex(
+    let cases = [
+        (
+            "structured done",
+            encoded(|b| reply::encode_done(b, structured(0x1000))),
+            "668e33ef 0001 0000 0102030405060708 00000000",
+        ),
+        (
+            "structured chunk header",
+            encoded(|b| reply::encode_chunk_header(b, structured(9), 0, 0x1234, 0xdead_beef)),
+            "668e33ef 0000 1234 0102030405060708 deadbeef",
+        ),
+        (
+            "extended done",
+            encoded(|b| reply::encode_done(b, extended(0x1000))),
+            "6e8a278c 0001 0000 0102030405060708 0000000000001000 0000000000000000",
+        ),
+        (
+            "extended chunk header",
+            encoded(|b| reply::encode_chunk_header(b, extended(7), 0, 0x1234, 1 << 40)),
+            "6e8a278c 0000 1234 0102030405060708 0000000000000007 0000010000000000",
+        ),
+        // 0x200 bytes at 0x1200 of a read at 0x1000; payload length 8 + 0x200.
+        (
+            "structured OFFSET_DATA header",
+            encoded(|b| {
+                reply::encode_offset_data_header(b, structured(0x1000), false, 0x1200, 0x200)
+            }),
+            "668e33ef 0000 0001 0102030405060708 00000208 0000000000001200",
+        ),
+        // Extended: the header echoes the request offset, the payload has the data offset.
+        (
+            "extended OFFSET_DATA header",
+            encoded(|b| reply::encode_offset_data_header(b, extended(0x1000), true, 0x1200, 0x200)),
+            "6e8a278c 0001 0001 0102030405060708 0000000000001000 0000000000000208 \
+             0000000000001200",
+        ),
+        (
+            "structured OFFSET_HOLE",
+            encoded(|b| reply::encode_offset_hole(b, structured(0x3000), true, 0x3000, 0x1000)),
+            "668e33ef 0001 0002 0102030405060708 0000000c 0000000000003000 00001000",
+        ),
+        (
+            "extended OFFSET_HOLE",
+            encoded(|b| reply::encode_offset_hole(b, extended(0x2000), false, 0x3000, 0x1000)),
+            "6e8a278c 0000 0002 0102030405060708 0000000000002000 000000000000000c \
+             0000000000003000 00001000",
+        ),
+        // Context id, then (32-bit length, 32-bit flags) pairs: 4 + 2 * 8 = 20 bytes.
+        (
+            "BLOCK_STATUS",
+            encoded(|b| reply::encode_block_status(b, structured(0), true, 1, &status)),
+            "668e33ef 0001 0005 0102030405060708 00000014 00000001 \
+             00001000 00000000 00002000 00000003",
+        ),
+        // Context id, descriptor count, then (64-bit length, 64-bit flags) pairs:
+        // 8 + 2 * 16 = 40 bytes.
+        (
+            "BLOCK_STATUS_EXT",
+            encoded(|b| reply::encode_block_status(b, extended(0x8000), false, 1, &status_ext)),
             "6e8a278c 0000 0006 0102030405060708 0000000000008000 0000000000000028 \
              00000001 00000002 \
              0000000100000000 0000000000000003 \
-             0000000000001000 0000000000000000"
-        )
-    );
-}
-
-#[test]
-fn error_chunk() {
-    // errno, message length, message: 6 + 3 bytes.
-    assert_eq!(
-        encoded(|b| reply::encode_error(b, structured(0), true, errno::EIO, "bad", None)),
-        hex("668e33ef 0001 8001 0102030405060708 00000009 00000005 0003 626164")
-    );
-    assert_eq!(
-        encoded(|b| reply::encode_error(b, extended(0x40), true, errno::EINVAL, "", None)),
-        hex(
+             0000000000001000 0000000000000000",
+        ),
+        // errno, message length, message: 6 + 3 bytes.
+        (
+            "structured ERROR",
+            encoded(|b| reply::encode_error(b, structured(0), true, errno::EIO, "bad", None)),
+            "668e33ef 0001 8001 0102030405060708 00000009 00000005 0003 626164",
+        ),
+        (
+            "extended ERROR without a message",
+            encoded(|b| reply::encode_error(b, extended(0x40), true, errno::EINVAL, "", None)),
             "6e8a278c 0001 8001 0102030405060708 0000000000000040 0000000000000006 \
-             00000016 0000"
-        )
-    );
-}
-
-#[test]
-fn error_offset_chunk() {
-    // errno, message length, message, offset: 6 + 3 + 8 bytes.
-    assert_eq!(
-        encoded(|b| reply::encode_error(
-            b,
-            structured(0x1000),
-            false,
-            errno::EIO,
-            "bad",
-            Some(0x1800)
-        )),
-        hex("668e33ef 0000 8002 0102030405060708 00000011 00000005 0003 626164 0000000000001800")
-    );
-    assert_eq!(
-        encoded(|b| reply::encode_error(
-            b,
-            extended(0x1000),
-            true,
-            errno::EIO,
-            "bad",
-            Some(0x1800)
-        )),
-        hex(
+             00000016 0000",
+        ),
+        // errno, message length, message, offset: 6 + 3 + 8 bytes.
+        (
+            "structured ERROR_OFFSET",
+            encoded(|b| {
+                reply::encode_error(
+                    b,
+                    structured(0x1000),
+                    false,
+                    errno::EIO,
+                    "bad",
+                    Some(0x1800),
+                )
+            }),
+            "668e33ef 0000 8002 0102030405060708 00000011 00000005 0003 626164 0000000000001800",
+        ),
+        (
+            "extended ERROR_OFFSET",
+            encoded(|b| {
+                reply::encode_error(b, extended(0x1000), true, errno::EIO, "bad", Some(0x1800))
+            }),
             "6e8a278c 0001 8002 0102030405060708 0000000000001000 0000000000000011 \
-             00000005 0003 626164 0000000000001800"
-        )
-    );
+             00000005 0003 626164 0000000000001800",
+        ),
+    ];
+    for (name, wire, golden) in cases {
+        assert_eq!(wire, hex(golden), "{name}");
+    }
 }
 
 #[test]

@@ -15,34 +15,46 @@ fn command() -> impl Strategy<Value = Command> {
     ]
 }
 
-prop_compose! {
-    fn compact_header()(
-        flags in any::<u16>(),
-        command in command(),
-        cookie in any::<u64>(),
-        offset in any::<u64>(),
-        length in any::<u32>(),
-    ) -> RequestHeader {
-        RequestHeader { flags, command, cookie, offset, length: u64::from(length) }
-    }
-}
-
-prop_compose! {
-    fn extended_header()(
-        flags in any::<u16>(),
-        command in command(),
-        cookie in any::<u64>(),
-        offset in any::<u64>(),
-        length in any::<u64>(),
-    ) -> RequestHeader {
-        RequestHeader { flags, command, cookie, offset, length }
-    }
+/// Any request header; its length fits the header style (32 bits in a compact header).
+fn request_header(extended: bool) -> impl Strategy<Value = RequestHeader> {
+    let length = if extended {
+        any::<u64>().boxed()
+    } else {
+        any::<u32>().prop_map(u64::from).boxed()
+    };
+    (any::<u16>(), command(), any::<u64>(), any::<u64>(), length).prop_map(
+        |(flags, command, cookie, offset, length)| RequestHeader {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        },
+    )
 }
 
 fn encode_request(h: &RequestHeader, extended: bool) -> Vec<u8> {
     let mut b = BytesMut::new();
     h.encode(&mut b, extended);
     b.to_vec()
+}
+
+/// `h` encodes to `len` bytes starting with `magic`, and decodes back from them when
+/// `trailing` follows, consuming exactly one header.
+fn request_roundtrip(
+    h: RequestHeader,
+    extended: bool,
+    (len, magic): (usize, u32),
+    trailing: &[u8],
+) -> Result<(), TestCaseError> {
+    let mut wire = encode_request(&h, extended);
+    prop_assert_eq!(wire.len(), len);
+    prop_assert_eq!(&wire[..4], &magic.to_be_bytes()[..]);
+    wire.extend_from_slice(trailing);
+    let mut src = &wire[..];
+    prop_assert_eq!(RequestHeader::decode(&mut src, extended), Ok(Some(h)));
+    prop_assert_eq!(src, trailing, "exactly one header consumed");
+    Ok(())
 }
 
 /// Decodes from a buffer split in two non-contiguous chunks.
@@ -69,29 +81,17 @@ proptest! {
     #![proptest_config(crate::support::proptest_cases(512))]
 
     #[test]
-    fn compact_request_roundtrip(h in compact_header(), trailing in prop::collection::vec(any::<u8>(), 0..8)) {
-        let mut wire = encode_request(&h, false);
-        prop_assert_eq!(wire.len(), RequestHeader::COMPACT_LEN);
-        prop_assert_eq!(&wire[..4], &[0x25, 0x60, 0x95, 0x13][..]);
-        wire.extend_from_slice(&trailing);
-        let mut src = &wire[..];
-        prop_assert_eq!(RequestHeader::decode(&mut src, false), Ok(Some(h)));
-        prop_assert_eq!(src, &trailing[..], "exactly one header consumed");
+    fn compact_request_roundtrip(h in request_header(false), trailing in prop::collection::vec(any::<u8>(), 0..8)) {
+        request_roundtrip(h, false, (RequestHeader::COMPACT_LEN, 0x2560_9513), &trailing)?;
     }
 
     #[test]
-    fn extended_request_roundtrip(h in extended_header(), trailing in prop::collection::vec(any::<u8>(), 0..8)) {
-        let mut wire = encode_request(&h, true);
-        prop_assert_eq!(wire.len(), RequestHeader::EXTENDED_LEN);
-        prop_assert_eq!(&wire[..4], &[0x21, 0xe4, 0x1c, 0x71][..]);
-        wire.extend_from_slice(&trailing);
-        let mut src = &wire[..];
-        prop_assert_eq!(RequestHeader::decode(&mut src, true), Ok(Some(h)));
-        prop_assert_eq!(src, &trailing[..]);
+    fn extended_request_roundtrip(h in request_header(true), trailing in prop::collection::vec(any::<u8>(), 0..8)) {
+        request_roundtrip(h, true, (RequestHeader::EXTENDED_LEN, 0x21e4_1c71), &trailing)?;
     }
 
     #[test]
-    fn request_strict_prefix_needs_more(h in extended_header(), extended in any::<bool>(), cut in 0usize..32) {
+    fn request_strict_prefix_needs_more(h in request_header(true), extended in any::<bool>(), cut in 0usize..32) {
         let h = if extended { h } else { RequestHeader { length: h.length & 0xffff_ffff, ..h } };
         let wire = encode_request(&h, extended);
         let cut = cut % wire.len();

@@ -20,6 +20,13 @@ fn limits() -> Limits {
     }
 }
 
+/// `limits()` with `change` made.
+fn limits_with(change: impl FnOnce(&mut Limits)) -> Limits {
+    let mut l = limits();
+    change(&mut l);
+    l
+}
+
 fn req(command: Command, flags: u16, offset: u64, length: u64) -> RequestHeader {
     RequestHeader {
         flags,
@@ -87,9 +94,10 @@ fn trim_past_end_is_einval() {
 
 #[test]
 fn offset_plus_length_overflow() {
-    let mut l = limits();
-    l.size = u64::MAX;
-    l.extended = true;
+    let l = limits_with(|l| {
+        l.size = u64::MAX;
+        l.extended = true;
+    });
     assert_eq!(refused(req(Read, 0, u64::MAX - 10, 100), &l), errno::EINVAL);
     assert_eq!(
         refused(req(Write, 0, u64::MAX - 10, 100), &l),
@@ -158,18 +166,18 @@ fn documented_flags_are_accepted() {
 
 #[test]
 fn df_without_structured_replies_is_einval() {
-    let mut l = limits();
-    l.structured = false;
-    l.has_contexts = false;
-    l.flags &= !tf::SEND_DF;
+    let l = limits_with(|l| {
+        l.structured = false;
+        l.has_contexts = false;
+        l.flags &= !tf::SEND_DF;
+    });
     assert_eq!(refused(req(Read, cf::DF, 0, 512), &l), errno::EINVAL);
     accepted(req(Read, 0, 0, 512), &l);
 }
 
 #[test]
 fn modifying_a_read_only_export_is_eperm() {
-    let mut l = limits();
-    l.flags |= tf::READ_ONLY;
+    let l = limits_with(|l| l.flags |= tf::READ_ONLY);
     for c in [Write, Trim, WriteZeroes] {
         assert_eq!(refused(req(c, 0, 0, 512), &l), errno::EPERM, "{c:?}");
         assert_eq!(
@@ -185,8 +193,7 @@ fn modifying_a_read_only_export_is_eperm() {
 
 #[test]
 fn block_status_needs_a_context() {
-    let mut l = limits();
-    l.has_contexts = false;
+    let l = limits_with(|l| l.has_contexts = false);
     assert_eq!(refused(req(BlockStatus, 0, 0, 512), &l), errno::EINVAL);
     let l = limits();
     assert_eq!(
@@ -207,8 +214,7 @@ fn unknown_commands_are_einval() {
 
 #[test]
 fn fast_zero_needs_send_fast_zero() {
-    let mut l = limits();
-    l.flags &= !tf::SEND_FAST_ZERO;
+    let l = limits_with(|l| l.flags &= !tf::SEND_FAST_ZERO);
     assert_eq!(
         refused(req(WriteZeroes, cf::FAST_ZERO, 0, 512), &l),
         errno::EINVAL
@@ -218,8 +224,7 @@ fn fast_zero_needs_send_fast_zero() {
 
 #[test]
 fn optional_commands_need_their_flags() {
-    let mut l = limits();
-    l.flags = tf::HAS_FLAGS;
+    let l = limits_with(|l| l.flags = tf::HAS_FLAGS);
     for c in [Flush, Trim, WriteZeroes, Cache] {
         assert_eq!(refused(req(c, 0, 0, 0), &l), errno::EINVAL, "{c:?}");
     }
@@ -229,8 +234,7 @@ fn optional_commands_need_their_flags() {
 
 #[test]
 fn payload_len_with_extended_headers() {
-    let mut l = limits();
-    l.extended = true;
+    let mut l = limits_with(|l| l.extended = true);
     accepted(req(Write, cf::PAYLOAD_LEN, 0, 512), &l);
     accepted(req(Write, cf::PAYLOAD_LEN | cf::FUA, 0, 512), &l);
     // No command but WRITE takes a payload here (no BLOCK_STAT_PAYLOAD).
@@ -250,8 +254,7 @@ fn payload_len_with_extended_headers() {
 
 #[test]
 fn disconnect_is_always_accepted() {
-    let mut l = limits();
-    l.flags = tf::HAS_FLAGS | tf::READ_ONLY;
+    let l = limits_with(|l| l.flags = tf::HAS_FLAGS | tf::READ_ONLY);
     accepted(req(Disconnect, 0, 0, 0), &l);
 }
 

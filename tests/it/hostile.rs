@@ -107,6 +107,19 @@ fn open(server: &Server) -> io::Result<Client> {
     Client::connect(server.endpoint())
 }
 
+/// A connection past the greeting and the client flags: ready for options.
+fn greeted(server: &Server) -> io::Result<Client> {
+    let mut c = open(server)?;
+    c.greet(C_FIXED_NO_ZEROES)?;
+    Ok(c)
+}
+
+/// Sends an option the server must refuse with `ty`; negotiation must go on to a GO.
+fn refused_then_go(c: &mut Client, option: u32, data: &[u8], ty: u32) -> io::Result<()> {
+    assert_eq!(c.opt_result(option, data)?, ty, "option {option}");
+    c.go("", &[]).map(drop)
+}
+
 fn after_go(server: &Server, mode: Mode) -> io::Result<Client> {
     let mut c = open(server)?;
     c.handshake_bare("", mode)?;
@@ -155,13 +168,11 @@ fn attacks() -> Vec<Attack> {
             c.send(&[0, 0])
         }),
         ("close in the middle of an option header", |s| {
-            let mut c = open(s)?;
-            c.greet(C_FIXED_NO_ZEROES)?;
+            let mut c = greeted(s)?;
             c.send(&opt_announcing(OPT_GO, 10, &[])[..9])
         }),
         ("close in the middle of an option's data", |s| {
-            let mut c = open(s)?;
-            c.greet(C_FIXED_NO_ZEROES)?;
+            let mut c = greeted(s)?;
             let data = info_data("", &[]);
             c.send(&opt_announcing(OPT_GO, data.len() as u32, &data[..3]))
         }),
@@ -218,8 +229,7 @@ fn attacks() -> Vec<Attack> {
             expect_closed(&mut c, "unknown client flags")
         }),
         ("wrong option magic", |s| {
-            let mut c = open(s)?;
-            c.greet(C_FIXED_NO_ZEROES)?;
+            let mut c = greeted(s)?;
             let mut m = opt(OPT_LIST, &[]);
             m[0] ^= 0xff;
             c.send(&m)?;
@@ -245,68 +255,52 @@ fn attacks() -> Vec<Attack> {
         }),
         // --- lies about lengths ---
         ("option length shorter than its name", |s| {
-            let mut c = open(s)?;
-            c.greet(C_FIXED_NO_ZEROES)?;
+            let mut c = greeted(s)?;
             let mut data = info_data("an-export-name", &[]);
             data.truncate(6);
-            let ty = c.opt_result(OPT_GO, &data)?;
-            assert_eq!(ty, REP_ERR_INVALID);
-            c.go("", &[]).map(drop)
+            refused_then_go(&mut c, OPT_GO, &data, REP_ERR_INVALID)
         }),
         ("option claims 1000 info requests", |s| {
-            let mut c = open(s)?;
-            c.greet(C_FIXED_NO_ZEROES)?;
+            let mut c = greeted(s)?;
             let mut data = info_data("", &[]);
             let n = data.len();
             data[n - 2..].copy_from_slice(&1000u16.to_be_bytes());
-            let ty = c.opt_result(OPT_INFO, &data)?;
-            assert_eq!(ty, REP_ERR_INVALID);
-            c.go("", &[]).map(drop)
+            refused_then_go(&mut c, OPT_INFO, &data, REP_ERR_INVALID)
         }),
         ("name length of 4 GiB in an option", |s| {
-            let mut c = open(s)?;
-            c.greet(C_FIXED_NO_ZEROES)?;
+            let mut c = greeted(s)?;
             let mut data = u32::MAX.to_be_bytes().to_vec();
             data.extend_from_slice(&[0, 0]);
-            let ty = c.opt_result(OPT_GO, &data)?;
-            assert_eq!(ty, REP_ERR_INVALID);
+            assert_eq!(c.opt_result(OPT_GO, &data)?, REP_ERR_INVALID);
             Ok(())
         }),
         ("meta context query count lies", |s| {
-            let mut c = open(s)?;
-            c.greet(C_FIXED_NO_ZEROES)?;
+            let mut c = greeted(s)?;
             assert_eq!(c.opt_result(OPT_STRUCTURED_REPLY, &[])?, REP_ACK);
             let mut data = 0u32.to_be_bytes().to_vec();
             data.extend_from_slice(&500u32.to_be_bytes());
             data.extend_from_slice(&15u32.to_be_bytes());
             data.extend_from_slice(b"base:alloc");
-            let ty = c.opt_result(OPT_SET_META_CONTEXT, &data)?;
-            assert_eq!(ty, REP_ERR_INVALID);
-            c.go("", &[]).map(drop)
+            refused_then_go(&mut c, OPT_SET_META_CONTEXT, &data, REP_ERR_INVALID)
         }),
         ("option announced as 4 GiB, then a hang-up", |s| {
-            let mut c = open(s)?;
-            c.greet(C_FIXED_NO_ZEROES)?;
+            let mut c = greeted(s)?;
             let mut m = opt_announcing(0x4242, u32::MAX, &[]);
             m.extend_from_slice(&garbage(100_000, 4));
             c.send(&m)
         }),
         ("oversize option (1 MiB), then a normal GO", |s| {
-            let mut c = open(s)?;
-            c.greet(C_FIXED_NO_ZEROES)?;
-            let ty = c.opt_result(OPT_INFO, &vec![0u8; MIB as usize])?;
-            assert_eq!(ty, REP_ERR_TOO_BIG);
-            c.go("", &[]).map(drop)
+            let mut c = greeted(s)?;
+            let big = vec![0u8; MIB as usize];
+            refused_then_go(&mut c, OPT_INFO, &big, REP_ERR_TOO_BIG)
         }),
         ("oversize EXPORT_NAME", |s| {
-            let mut c = open(s)?;
-            c.greet(C_FIXED_NO_ZEROES)?;
+            let mut c = greeted(s)?;
             c.send(&opt(OPT_EXPORT_NAME, &[b'a'; 70_000]))?;
             expect_closed(&mut c, "oversize EXPORT_NAME")
         }),
         ("EXPORT_NAME of an export that does not exist", |s| {
-            let mut c = open(s)?;
-            c.greet(C_FIXED_NO_ZEROES)?;
+            let mut c = greeted(s)?;
             c.send(&opt(OPT_EXPORT_NAME, b"missing"))?;
             expect_closed(&mut c, "unknown EXPORT_NAME")
         }),
@@ -407,8 +401,7 @@ fn attacks() -> Vec<Attack> {
             c.send(&m)
         }),
         ("many unknown options in a row", |s| {
-            let mut c = open(s)?;
-            c.greet(C_FIXED_NO_ZEROES)?;
+            let mut c = greeted(s)?;
             for i in 0..200u32 {
                 assert_eq!(c.opt_result(0x1000 + i, &[1, 2, 3])?, REP_ERR_UNSUP);
             }
@@ -429,19 +422,13 @@ fn attacks() -> Vec<Attack> {
             expect_closed(&mut c, "an extended request without extended headers")
         }),
         ("STRUCTURED_REPLY with data", |s| {
-            let mut c = open(s)?;
-            c.greet(C_FIXED_NO_ZEROES)?;
-            assert_eq!(
-                c.opt_result(OPT_STRUCTURED_REPLY, &[1, 2, 3, 4])?,
-                REP_ERR_INVALID
-            );
-            c.go("", &[]).map(drop)
+            let mut c = greeted(s)?;
+            refused_then_go(&mut c, OPT_STRUCTURED_REPLY, &[1, 2, 3, 4], REP_ERR_INVALID)
         }),
         (
             "EXTENDED_HEADERS twice and STRUCTURED_REPLY after it",
             |s| {
-                let mut c = open(s)?;
-                c.greet(C_FIXED_NO_ZEROES)?;
+                let mut c = greeted(s)?;
                 assert_eq!(c.opt_result(OPT_EXTENDED_HEADERS, &[])?, REP_ACK);
                 let _ = c.opt_result(OPT_EXTENDED_HEADERS, &[])?;
                 let _ = c.opt_result(OPT_STRUCTURED_REPLY, &[])?;
@@ -452,8 +439,7 @@ fn attacks() -> Vec<Attack> {
             },
         ),
         ("STARTTLS without TLS, then bytes behind it", |s| {
-            let mut c = open(s)?;
-            c.greet(C_FIXED_NO_ZEROES)?;
+            let mut c = greeted(s)?;
             let mut m = opt(OPT_STARTTLS, &[]);
             m.extend_from_slice(&opt(OPT_LIST, &[]));
             c.send(&m)?;
@@ -461,8 +447,7 @@ fn attacks() -> Vec<Attack> {
             Ok(())
         }),
         ("requests before the handshake ends", |s| {
-            let mut c = open(s)?;
-            c.greet(C_FIXED_NO_ZEROES)?;
+            let mut c = greeted(s)?;
             c.send(&request(false, 0, CMD_READ, 1, 0, 512))?;
             expect_closed(&mut c, "a request in place of an option")
         }),

@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::support::client::{Client, SIMPLE, STRUCTURED};
+use crate::support::client::{Client, Mode, SIMPLE, STRUCTURED};
 use crate::support::control::http;
 use crate::support::spec::*;
 use crate::support::wire::request;
@@ -255,9 +255,47 @@ fn scrape_unix(path: &Path, route: &str) -> Vec<Sample> {
     parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
 
-/// `--metrics unix:SOCKET`: the metrics endpoint on a Unix socket.
-fn metrics_args(socket: &Path) -> [String; 2] {
-    ["--metrics".to_owned(), format!("unix:{}", socket.display())]
+/// A metrics endpoint on a Unix socket in a scratch directory.
+struct Metrics {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let (dir, socket) = scratch("metrics.sock");
+        Metrics { dir, socket }
+    }
+
+    /// `--metrics unix:SOCKET`, for the server.
+    fn args(&self) -> [String; 2] {
+        [
+            "--metrics".to_owned(),
+            format!("unix:{}", self.socket.display()),
+        ]
+    }
+
+    /// A server of a `size`-byte memory disk listening on `transport`, with `flag` and
+    /// this metrics endpoint.
+    fn serve(&self, size: u64, transport: Transport, flag: [&str; 2]) -> Server {
+        memory(size)
+            .listen(transport)
+            .args(flag)
+            .args(self.args())
+            .start()
+    }
+
+    /// What the endpoint serves now.
+    fn scrape(&self) -> Vec<Sample> {
+        scrape_unix(&self.socket, "/metrics")
+    }
+}
+
+/// A connection past the handshake to the default export.
+fn connected(server: &Server, mode: Mode) -> Client {
+    let mut c = Client::connect(server.endpoint()).unwrap();
+    c.handshake_bare("", mode).unwrap();
+    c
 }
 
 #[test]
@@ -282,18 +320,18 @@ fn metrics_are_prometheus_text_and_follow_real_io() {
     if !strata_only("the metrics endpoint") {
         return;
     }
-    let (dir, metrics) = scratch("metrics.sock");
-    let control = dir.path().join("control.sock");
+    let metrics = Metrics::new();
+    let control = metrics.dir.path().join("control.sock");
     let server = memory(16 * MIB)
         .listen(Transport::Unix)
         // Every character an export name may hold besides letters and digits. (A `"`,
         // which a label must escape, is no export name; the metrics module's unit tests
         // cover escaping.)
         .name("vm_1.a-b@x")
-        .args(metrics_args(&metrics))
+        .args(metrics.args())
         .args(["--control".as_ref(), control.as_os_str()])
         .start();
-    let before = scrape_unix(&metrics, "/metrics");
+    let before = metrics.scrape();
     assert_value(&before, "strata_build_info", &[], 1.0);
     let export = [("export", "vm_1.a-b@x")];
     assert_value(
@@ -317,7 +355,7 @@ fn metrics_are_prometheus_text_and_follow_real_io() {
     let past_end = c.write(0, 16 * MIB, &[0; 512]).unwrap();
     assert!(past_end.is_err());
 
-    let after = scrape_unix(&metrics, "/metrics");
+    let after = metrics.scrape();
     let op = |name| [export[0], ("op", name)];
     assert_value(&after, "strata_export_requests_total", &op("write"), 10.0);
     assert_value(&after, "strata_export_requests_total", &op("read"), 5.0);
@@ -381,7 +419,7 @@ fn metrics_are_prometheus_text_and_follow_real_io() {
     );
     c.disconnect().unwrap();
     // Other routes are refused.
-    let s = UnixStream::connect(&metrics).unwrap();
+    let s = UnixStream::connect(&metrics.socket).unwrap();
     assert_eq!(http(s, "GET", "/v1/exports", &[], None).status, 404);
 }
 
@@ -444,11 +482,8 @@ fn per_client_caps_refuse_only_that_clients_surplus() {
     if !strata_only("--max-connections-per-client") {
         return;
     }
-    let (_dir, metrics) = scratch("metrics.sock");
-    let server = memory(MIB)
-        .args(["--max-connections-per-client", "2"])
-        .args(metrics_args(&metrics))
-        .start();
+    let metrics = Metrics::new();
+    let server = metrics.serve(MIB, Transport::Tcp, ["--max-connections-per-client", "2"]);
     let Endpoint::Tcp(addr) = server.endpoint().clone() else {
         unreachable!()
     };
@@ -461,9 +496,8 @@ fn per_client_caps_refuse_only_that_clients_surplus() {
     // Another address is another client.
     let mut b = try_client("127.0.0.2", addr).expect("another client's connection");
     b.write(0, 0, &[1; 512]).unwrap().unwrap();
-    let m = scrape_unix(&metrics, "/metrics");
     assert_value(
-        &m,
+        &metrics.scrape(),
         "strata_connections_refused_total",
         &[("reason", "per_client")],
         1.0,
@@ -485,17 +519,9 @@ fn idle_timeout_ends_idle_and_stalled_clients_only() {
     if !strata_only("--idle-timeout") {
         return;
     }
-    let (_dir, metrics) = scratch("metrics.sock");
-    let server = memory(16 * MIB)
-        .listen(Transport::Unix)
-        .args(["--idle-timeout", "1"])
-        .args(metrics_args(&metrics))
-        .start();
-    let connect = || {
-        let mut c = Client::connect(server.endpoint()).unwrap();
-        c.handshake_bare("", STRUCTURED).unwrap();
-        c
-    };
+    let metrics = Metrics::new();
+    let server = metrics.serve(16 * MIB, Transport::Unix, ["--idle-timeout", "1"]);
+    let connect = || connected(&server, STRUCTURED);
     let mut idle = connect();
     // Stalled in the middle of a write's payload: a transmission-phase slowloris.
     let mut stalled = connect();
@@ -518,7 +544,7 @@ fn idle_timeout_ends_idle_and_stalled_clients_only() {
     busy.read(0, 0, 4096)
         .expect("a busy client was disconnected")
         .unwrap();
-    let m = scrape_unix(&metrics, "/metrics");
+    let m = metrics.scrape();
     assert!(value(&m, "strata_idle_disconnects_total", &[]) >= 2.0);
     assert!(
         server.log().contains("client idle for too long"),
@@ -543,15 +569,10 @@ fn the_total_in_flight_budget_bounds_all_connections_together() {
         return;
     }
     const LIMIT: u64 = 48 * MIB;
-    let (_dir, metrics) = scratch("metrics.sock");
-    let server = memory(256 * MIB)
-        .listen(Transport::Unix)
-        .args(["--max-in-flight-total", "48M"])
-        .args(metrics_args(&metrics))
-        .start();
+    let metrics = Metrics::new();
+    let server = metrics.serve(256 * MIB, Transport::Unix, ["--max-in-flight-total", "48M"]);
     // Fill the disk, so reads allocate their data.
-    let mut writer = Client::connect(server.endpoint()).unwrap();
-    writer.handshake_bare("", SIMPLE).unwrap();
+    let mut writer = connected(&server, SIMPLE);
     for i in 0..64u64 {
         writer
             .write(0, i * 4 * MIB, &pattern(i, 4 * MIB as usize))
@@ -562,8 +583,7 @@ fn the_total_in_flight_budget_bounds_all_connections_together() {
     // Four clients each ask for 64 MiB of reads (256 MiB in all) and read nothing.
     let mut hogs = Vec::new();
     for h in 0..4u64 {
-        let mut c = Client::connect(server.endpoint()).unwrap();
-        c.handshake_bare("", SIMPLE).unwrap();
+        let mut c = connected(&server, SIMPLE);
         for i in 0..16u64 {
             c.request(0, CMD_READ, ((h * 16 + i) % 64) * 4 * MIB, 4 * MIB, &[])
                 .unwrap();
@@ -574,7 +594,7 @@ fn the_total_in_flight_budget_bounds_all_connections_together() {
     let deadline = Instant::now() + WAIT;
     let mut peak = 0.0f64;
     loop {
-        let m = scrape_unix(&metrics, "/metrics");
+        let m = metrics.scrape();
         let in_flight = value(&m, "strata_in_flight_bytes", &[]);
         assert_value(&m, "strata_in_flight_limit_bytes", &[], LIMIT as f64);
         assert!(
@@ -611,7 +631,7 @@ fn the_total_in_flight_budget_bounds_all_connections_together() {
     writer.read(0, 0, 4096).unwrap().unwrap();
     drop(hogs);
     let returned = poll(WAIT, || {
-        let m = scrape_unix(&metrics, "/metrics");
+        let m = metrics.scrape();
         (value(&m, "strata_in_flight_bytes", &[]) == 0.0).then_some(())
     });
     assert!(returned.is_some(), "idle connections kept their leases");

@@ -8,17 +8,13 @@ use crate::support::spec::*;
 use crate::support::wire::*;
 
 use super::{
-    base_allocation, done, find_info, info_block_size, info_export, meta_reply, successful_info,
+    base_allocation, find_info, info_block_size, info_export, meta_reply, successful_info,
 };
 
 #[test]
 fn full_go_flow() {
-    let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED_NO_ZEROES);
-    d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
-    let replies = d.option(
-        OPT_SET_META_CONTEXT,
-        &meta_data("disk", &["base:allocation"]),
-    );
+    let mut d = Driver::structured(C_FIXED_NO_ZEROES);
+    let replies = d.set_meta("disk", &["base:allocation"]);
     assert_eq!(replies.len(), 2);
     assert_eq!(meta_reply(&replies[0]), (1, "base:allocation".into()));
     assert_eq!(replies[1].ty, REP_ACK);
@@ -55,12 +51,9 @@ fn full_go_flow() {
 fn go_with_extended_headers() {
     let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
     d.expect_single(OPT_EXTENDED_HEADERS, &[], REP_ACK);
-    let replies = d.option(
-        OPT_SET_META_CONTEXT,
-        &meta_data("disk", &["base:allocation"]),
-    );
+    let replies = d.set_meta("disk", &["base:allocation"]);
     assert_eq!(meta_reply(&replies[0]).0, 1);
-    let n = done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+    let n = d.go("disk");
     assert!(n.extended && n.structured);
     assert_ne!(n.flags & tf::SEND_DF, 0);
     assert_eq!(n.contexts, vec![base_allocation(1)]);
@@ -69,7 +62,7 @@ fn go_with_extended_headers() {
 #[test]
 fn go_without_structured_replies() {
     let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
-    let n = done(d.feed(&opt(OPT_GO, &info_data("ro", &[]))));
+    let n = d.go("ro");
     let infos = successful_info(&d.take_replies(), OPT_GO);
     // SEND_DF must stay clear without structured replies.
     assert_eq!(
@@ -146,8 +139,7 @@ fn export_name_with_zeroes() {
 
 #[test]
 fn export_name_without_zeroes() {
-    let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED_NO_ZEROES);
-    d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
+    let mut d = Driver::structured(C_FIXED_NO_ZEROES);
     let n = done(d.feed(&opt(OPT_EXPORT_NAME, b"")));
     let sent = d.take_sent();
     assert_eq!(sent.len(), 10);

@@ -1,13 +1,13 @@
 //! Limits and framing: export names up to 4096 bytes, oversized options and names,
 //! unknown client flags, bad option magic, and nothing done before a whole option arrived.
 
-use strata::proto::{HandshakeConfig, ProtocolError, TlsPolicy};
+use strata::proto::{ProtocolError, TlsPolicy};
 
 use crate::support::codec::*;
 use crate::support::spec::*;
 use crate::support::wire::*;
 
-use super::{done, find_info, successful_info};
+use super::{find_info, successful_info};
 
 #[test]
 fn export_names_up_to_4096_bytes() {
@@ -18,22 +18,14 @@ fn export_names_up_to_4096_bytes() {
     let replies = d.option(OPT_INFO, &info_data(&longest, &[INFO_NAME]));
     let infos = successful_info(&replies, OPT_INFO);
     assert_eq!(find_info(&infos, INFO_NAME).unwrap().data.len(), 2 + 4096);
-    let r = d.expect_single(OPT_INFO, &info_data(&too_long, &[]), REP_ERR_INVALID);
-    assert_error_reply(&r, OPT_INFO, REP_ERR_INVALID);
-    let r = d.expect_single(OPT_GO, &info_data(&too_long, &[]), REP_ERR_INVALID);
-    assert_error_reply(&r, OPT_GO, REP_ERR_INVALID);
+    for option in [OPT_INFO, OPT_GO] {
+        d.expect_error(option, &info_data(&too_long, &[]), REP_ERR_INVALID);
+    }
     d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
-    d.expect_single(
-        OPT_SET_META_CONTEXT,
-        &meta_data(&too_long, &[]),
-        REP_ERR_INVALID,
-    );
-    d.expect_single(
-        OPT_LIST_META_CONTEXT,
-        &meta_data(&too_long, &[]),
-        REP_ERR_INVALID,
-    );
-    let n = done(d.feed(&opt(OPT_GO, &info_data(&longest, &[]))));
+    for option in [OPT_SET_META_CONTEXT, OPT_LIST_META_CONTEXT] {
+        d.expect_single(option, &meta_data(&too_long, &[]), REP_ERR_INVALID);
+    }
+    let n = d.go(&longest);
     assert_eq!(n.export.name.len(), 4096);
 
     let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
@@ -49,12 +41,7 @@ fn export_names_up_to_4096_bytes() {
 
 #[test]
 fn oversized_option_is_skipped_and_refused() {
-    let mut d = Driver::new(HandshakeConfig {
-        tls: TlsPolicy::Disabled,
-        max_option_len: 64,
-    });
-    d.feed(&C_FIXED.to_be_bytes());
-    d.take_sent();
+    let mut d = Driver::limited(TlsPolicy::Disabled, 64);
 
     // An INFO with 1000 bytes of data, arriving in pieces.
     let big = opt(OPT_INFO, &[0x55; 1000]);
@@ -73,18 +60,13 @@ fn oversized_option_is_skipped_and_refused() {
     let mut data = info_data("disk", &[]);
     data.resize(64, 0);
     d.expect_single(OPT_INFO, &data, REP_ERR_INVALID); // well-framed, but bad counts
-    let n = done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+    let n = d.go("disk");
     assert_eq!(n.export.name, "disk");
 }
 
 #[test]
 fn oversized_option_refused_only_after_all_its_bytes() {
-    let mut d = Driver::new(HandshakeConfig {
-        tls: TlsPolicy::Disabled,
-        max_option_len: 8,
-    });
-    d.feed(&C_FIXED.to_be_bytes());
-    d.take_sent();
+    let mut d = Driver::limited(TlsPolicy::Disabled, 8);
     let big = opt(0x42, &[0; 100]);
     assert_eq!(d.feed(&big[..big.len() - 1]), Outcome::NeedInput);
     assert!(
@@ -103,11 +85,7 @@ fn oversized_option_refused_only_after_all_its_bytes() {
 
 #[test]
 fn oversized_export_name_ends_the_session() {
-    let mut d = Driver::new(HandshakeConfig {
-        tls: TlsPolicy::Disabled,
-        max_option_len: 8,
-    });
-    d.feed(&C_FIXED.to_be_bytes());
+    let mut d = Driver::limited(TlsPolicy::Disabled, 8);
     assert_eq!(
         d.feed(&opt(OPT_EXPORT_NAME, &[b'x'; 9])[..16]),
         Outcome::Err(ProtocolError::OptionTooLarge(9))

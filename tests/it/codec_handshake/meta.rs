@@ -7,26 +7,21 @@ use crate::support::codec::*;
 use crate::support::spec::*;
 use crate::support::wire::*;
 
-use super::{allocation_depth, base_allocation, done, listed, meta_reply};
+use super::{allocation_depth, base_allocation, listed, meta_reply};
 
 #[test]
 fn set_meta_context_needs_structured_replies() {
     let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
-    let r = d.expect_single(
-        OPT_SET_META_CONTEXT,
-        &meta_data("disk", &["base:allocation"]),
-        REP_ERR_INVALID,
-    );
-    assert_error_reply(&r, OPT_SET_META_CONTEXT, REP_ERR_INVALID);
+    let set = meta_data("disk", &["base:allocation"]);
+    d.expect_error(OPT_SET_META_CONTEXT, &set, REP_ERR_INVALID);
     d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
-    let n = done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+    let n = d.go("disk");
     assert!(n.contexts.is_empty());
 }
 
 #[test]
 fn list_meta_context_without_query_and_with_namespace() {
-    let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
-    d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
+    let mut d = Driver::structured(C_FIXED);
     let both = ["base:allocation", "qemu:allocation-depth"];
     for (queries, expected) in [
         // No query lists everything.
@@ -51,7 +46,7 @@ fn list_meta_context_without_query_and_with_namespace() {
     assert_eq!(listed(&mut d, "ro", &[]), ["base:allocation"]);
     assert!(listed(&mut d, "ro", &["qemu:"]).is_empty());
     // Listing selects nothing.
-    let n = done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+    let n = d.go("disk");
     assert!(n.contexts.is_empty());
 }
 
@@ -87,7 +82,7 @@ fn set_meta_context_selects_both_contexts_with_fixed_ids() {
                 OPT_STRUCTURED_REPLY
             };
             d.expect_single(option, &[], REP_ACK);
-            let replies = d.option(OPT_SET_META_CONTEXT, &meta_data("disk", queries));
+            let replies = d.set_meta("disk", queries);
             assert_eq!(replies.len(), 3, "{queries:?}: {replies:?}");
             let mut selected: Vec<(u32, String)> = replies[..2].iter().map(meta_reply).collect();
             selected.sort();
@@ -100,7 +95,7 @@ fn set_meta_context_selects_both_contexts_with_fixed_ids() {
                 "{queries:?}"
             );
             assert_eq!(replies[2].ty, REP_ACK);
-            let n = done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+            let n = d.go("disk");
             let mut contexts = n.contexts.clone();
             contexts.sort_by_key(|c| c.id);
             assert_eq!(contexts, vec![base_allocation(1), allocation_depth(2)]);
@@ -110,37 +105,28 @@ fn set_meta_context_selects_both_contexts_with_fixed_ids() {
 
 #[test]
 fn set_meta_context_allocation_depth_alone_keeps_its_id() {
-    let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
-    d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
-    let replies = d.option(
-        OPT_SET_META_CONTEXT,
-        &meta_data("disk", &["qemu:allocation-depth"]),
-    );
+    let mut d = Driver::structured(C_FIXED);
+    let replies = d.set_meta("disk", &["qemu:allocation-depth"]);
     assert_eq!(replies.len(), 2, "{replies:?}");
     assert_eq!(meta_reply(&replies[0]), (2, "qemu:allocation-depth".into()));
     assert_eq!(replies[1].ty, REP_ACK);
-    let n = done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+    let n = d.go("disk");
     assert_eq!(n.contexts, vec![allocation_depth(2)]);
 }
 
 #[test]
 fn set_meta_context_allocation_depth_on_an_export_without_it() {
-    let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
-    d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
-    let replies = d.option(
-        OPT_SET_META_CONTEXT,
-        &meta_data("ro", &["qemu:allocation-depth", "base:allocation"]),
-    );
+    let mut d = Driver::structured(C_FIXED);
+    let replies = d.set_meta("ro", &["qemu:allocation-depth", "base:allocation"]);
     assert_eq!(replies.len(), 2, "{replies:?}");
     assert_eq!(meta_reply(&replies[0]), (1, "base:allocation".into()));
-    let n = done(d.feed(&opt(OPT_GO, &info_data("ro", &[]))));
+    let n = d.go("ro");
     assert_eq!(n.contexts, vec![base_allocation(1)]);
 }
 
 #[test]
 fn meta_context_errors() {
-    let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
-    d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
+    let mut d = Driver::structured(C_FIXED);
     for option in [OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT] {
         d.expect_single(option, &meta_data("nope", &[]), REP_ERR_UNKNOWN);
         // A query length running past the end of the option.
@@ -162,10 +148,9 @@ fn set_meta_context_namespace_or_no_query_selects_nothing() {
         &["qemu:"][..],
         &["x-unknown:thing"][..],
     ] {
-        let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
-        d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
+        let mut d = Driver::structured(C_FIXED);
         d.expect_single(OPT_SET_META_CONTEXT, &meta_data("disk", queries), REP_ACK);
-        let n = done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+        let n = d.go("disk");
         assert!(n.contexts.is_empty(), "{queries:?}");
     }
 }
@@ -177,14 +162,10 @@ fn selected_contexts_survive_only_for_the_same_export() {
         ("disk", "ro", false),
         ("ro", "ro", true),
     ] {
-        let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
-        d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
-        let replies = d.option(
-            OPT_SET_META_CONTEXT,
-            &meta_data(set_on, &["base:allocation"]),
-        );
+        let mut d = Driver::structured(C_FIXED);
+        let replies = d.set_meta(set_on, &["base:allocation"]);
         assert_eq!(meta_reply(&replies[0]), (1, "base:allocation".into()));
-        let n = done(d.feed(&opt(OPT_GO, &info_data(go_to, &[]))));
+        let n = d.go(go_to);
         let expected = if survives {
             vec![base_allocation(1)]
         } else {
@@ -196,14 +177,10 @@ fn selected_contexts_survive_only_for_the_same_export() {
 
 #[test]
 fn later_set_meta_context_replaces_the_selection() {
-    let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
-    d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
-    d.option(
-        OPT_SET_META_CONTEXT,
-        &meta_data("disk", &["base:allocation"]),
-    );
+    let mut d = Driver::structured(C_FIXED);
+    d.set_meta("disk", &["base:allocation"]);
     d.expect_single(OPT_SET_META_CONTEXT, &meta_data("disk", &[]), REP_ACK);
-    let n = done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+    let n = d.go("disk");
     assert!(n.contexts.is_empty());
 }
 
@@ -211,17 +188,10 @@ fn later_set_meta_context_replaces_the_selection() {
 /// this command fails)".
 #[test]
 fn failed_set_meta_context_clears_the_selection() {
-    let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
-    d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
-    d.option(
-        OPT_SET_META_CONTEXT,
-        &meta_data("disk", &["base:allocation"]),
-    );
-    d.expect_single(
-        OPT_SET_META_CONTEXT,
-        &meta_data("nope", &["base:allocation"]),
-        REP_ERR_UNKNOWN,
-    );
-    let n = done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+    let mut d = Driver::structured(C_FIXED);
+    d.set_meta("disk", &["base:allocation"]);
+    let unknown = meta_data("nope", &["base:allocation"]);
+    d.expect_single(OPT_SET_META_CONTEXT, &unknown, REP_ERR_UNKNOWN);
+    let n = d.go("disk");
     assert!(n.contexts.is_empty(), "{:?}", n.contexts);
 }

@@ -11,19 +11,11 @@ mod properties;
 mod refusals;
 mod tls;
 
-use strata::proto::{MetaContext, Negotiated};
+use strata::proto::MetaContext;
 
 use crate::support::codec::*;
 use crate::support::spec::*;
 use crate::support::wire::*;
-
-#[track_caller]
-fn done(outcome: Outcome) -> Box<Negotiated> {
-    match outcome {
-        Outcome::Done(n) => n,
-        other => panic!("expected Done, got {other:?}"),
-    }
-}
 
 /// (size, flags) from an `INFO_EXPORT` reply.
 fn info_export(r: &OptReply) -> (u64, u16) {

@@ -6,23 +6,19 @@ use crate::support::codec::*;
 use crate::support::spec::*;
 use crate::support::wire::*;
 
-use super::done;
-
 #[test]
 fn unknown_option_is_unsupported_and_negotiation_continues() {
     let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
     for option in [0u32, 4, 12, 0x1234, u32::MAX] {
-        let r = d.expect_single(option, b"some data", REP_ERR_UNSUP);
-        assert_error_reply(&r, option, REP_ERR_UNSUP);
+        d.expect_error(option, b"some data", REP_ERR_UNSUP);
     }
-    done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+    d.go("disk");
 }
 
 #[test]
 fn list_with_data_is_invalid() {
     let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
-    let r = d.expect_single(OPT_LIST, b"x", REP_ERR_INVALID);
-    assert_error_reply(&r, OPT_LIST, REP_ERR_INVALID);
+    d.expect_error(OPT_LIST, b"x", REP_ERR_INVALID);
     assert_eq!(
         d.option(OPT_LIST, &[]).len(),
         3,
@@ -62,10 +58,9 @@ fn unknown_export_in_info_and_go() {
     let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
     for option in [OPT_INFO, OPT_GO] {
         // No REP_INFO before the error.
-        let r = d.expect_single(option, &info_data("nope", &[INFO_NAME]), REP_ERR_UNKNOWN);
-        assert_error_reply(&r, option, REP_ERR_UNKNOWN);
+        d.expect_error(option, &info_data("nope", &[INFO_NAME]), REP_ERR_UNKNOWN);
     }
-    done(d.feed(&opt(OPT_GO, &info_data("ro", &[]))));
+    d.go("ro");
 }
 
 #[test]
@@ -92,11 +87,10 @@ fn malformed_info_is_invalid() {
     ];
     for data in cases {
         for option in [OPT_INFO, OPT_GO] {
-            let r = d.expect_single(option, &data, REP_ERR_INVALID);
-            assert_error_reply(&r, option, REP_ERR_INVALID);
+            d.expect_error(option, &data, REP_ERR_INVALID);
         }
     }
-    done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+    d.go("disk");
 }
 
 #[test]
@@ -110,11 +104,9 @@ fn malformed_export_name_ends_the_session() {
 
 #[test]
 fn structured_reply_twice_is_invalid() {
-    let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
-    d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
-    let r = d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ERR_INVALID);
-    assert_error_reply(&r, OPT_STRUCTURED_REPLY, REP_ERR_INVALID);
-    let n = done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+    let mut d = Driver::structured(C_FIXED);
+    d.expect_error(OPT_STRUCTURED_REPLY, &[], REP_ERR_INVALID);
+    let n = d.go("disk");
     assert!(n.structured);
 }
 
@@ -123,7 +115,7 @@ fn structured_reply_with_data_is_invalid() {
     let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
     d.expect_single(OPT_STRUCTURED_REPLY, b"x", REP_ERR_INVALID);
     d.expect_single(OPT_EXTENDED_HEADERS, b"x", REP_ERR_INVALID);
-    let n = done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+    let n = d.go("disk");
     assert!(!n.structured && !n.extended);
 }
 
@@ -131,18 +123,16 @@ fn structured_reply_with_data_is_invalid() {
 fn structured_reply_after_extended_headers() {
     let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
     d.expect_single(OPT_EXTENDED_HEADERS, &[], REP_ACK);
-    let r = d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ERR_EXT_HEADER_REQD);
-    assert_error_reply(&r, OPT_STRUCTURED_REPLY, REP_ERR_EXT_HEADER_REQD);
+    d.expect_error(OPT_STRUCTURED_REPLY, &[], REP_ERR_EXT_HEADER_REQD);
     d.expect_single(OPT_EXTENDED_HEADERS, &[], REP_ERR_INVALID);
-    let n = done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+    let n = d.go("disk");
     assert!(n.extended && n.structured, "still extended");
 }
 
 #[test]
 fn extended_headers_after_structured_reply() {
-    let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
-    d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
+    let mut d = Driver::structured(C_FIXED);
     d.expect_single(OPT_EXTENDED_HEADERS, &[], REP_ACK);
-    let n = done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+    let n = d.go("disk");
     assert!(n.extended && n.structured);
 }

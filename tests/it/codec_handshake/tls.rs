@@ -8,14 +8,13 @@ use crate::support::codec::*;
 use crate::support::spec::*;
 use crate::support::wire::*;
 
-use super::{base_allocation, done};
+use super::base_allocation;
 
 #[test]
 fn starttls_when_disabled_is_unsupported() {
     let mut d = Driver::started(TlsPolicy::Disabled, C_FIXED);
-    let r = d.expect_single(OPT_STARTTLS, &[], REP_ERR_UNSUP);
-    assert_error_reply(&r, OPT_STARTTLS, REP_ERR_UNSUP);
-    done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+    d.expect_error(OPT_STARTTLS, &[], REP_ERR_UNSUP);
+    d.go("disk");
     assert!(!d.hs.tls_active());
 }
 
@@ -23,30 +22,20 @@ fn starttls_when_disabled_is_unsupported() {
 fn starttls_allowed_forgets_earlier_negotiation() {
     let mut d = Driver::started(TlsPolicy::Allowed, C_FIXED);
     d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
-    d.option(
-        OPT_SET_META_CONTEXT,
-        &meta_data("disk", &["base:allocation"]),
-    );
+    d.set_meta("disk", &["base:allocation"]);
     d.expect_single(OPT_EXTENDED_HEADERS, &[], REP_ACK);
 
-    assert_eq!(d.feed(&opt(OPT_STARTTLS, &[])), Outcome::StartTls);
-    let replies = d.take_replies();
+    let replies = d.starttls();
     assert_eq!(replies.len(), 1);
     assert_eq!((replies[0].option, replies[0].ty), (OPT_STARTTLS, REP_ACK));
     assert!(replies[0].data.is_empty());
-    assert!(!d.hs.tls_active());
-    d.hs.tls_established();
-    assert!(d.hs.tls_active());
 
     // A second STARTTLS is invalid.
     d.expect_single(OPT_STARTTLS, &[], REP_ERR_INVALID);
     // SET_META_CONTEXT now needs structured replies again.
-    d.expect_single(
-        OPT_SET_META_CONTEXT,
-        &meta_data("disk", &["base:allocation"]),
-        REP_ERR_INVALID,
-    );
-    let n = done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+    let set = meta_data("disk", &["base:allocation"]);
+    d.expect_single(OPT_SET_META_CONTEXT, &set, REP_ERR_INVALID);
+    let n = d.go("disk");
     assert!(!n.structured && !n.extended);
     assert!(n.contexts.is_empty());
     assert_eq!(n.flags & tf::SEND_DF, 0);
@@ -58,15 +47,10 @@ fn starttls_allowed_then_renegotiate() {
     // Options work without TLS in this mode.
     assert_eq!(d.option(OPT_LIST, &[]).len(), 3);
     d.expect_single(OPT_STARTTLS, b"x", REP_ERR_INVALID);
-    assert_eq!(d.feed(&opt(OPT_STARTTLS, &[])), Outcome::StartTls);
-    d.take_replies();
-    d.hs.tls_established();
+    d.starttls();
     d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
-    d.option(
-        OPT_SET_META_CONTEXT,
-        &meta_data("disk", &["base:allocation"]),
-    );
-    let n = done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+    d.set_meta("disk", &["base:allocation"]);
+    let n = d.go("disk");
     assert!(n.structured);
     assert_eq!(n.contexts, vec![base_allocation(1)]);
 }
@@ -87,8 +71,7 @@ fn tls_required_refuses_everything_before_tls() {
     ];
     for (option, data) in &attempts {
         // Exactly one reply, the refusal: no REP_SERVER, REP_INFO or META_CONTEXT.
-        let r = d.expect_single(*option, data, REP_ERR_TLS_REQD);
-        assert_error_reply(&r, *option, REP_ERR_TLS_REQD);
+        let r = d.expect_error(*option, data, REP_ERR_TLS_REQD);
         let msg = String::from_utf8_lossy(&r.data);
         assert!(!msg.contains("disk") && !msg.contains("Test"), "{msg}");
     }
@@ -101,12 +84,10 @@ fn tls_required_refuses_everything_before_tls() {
     assert!(d2.take_sent().is_empty());
 
     // After the upgrade everything works.
-    assert_eq!(d.feed(&opt(OPT_STARTTLS, &[])), Outcome::StartTls);
-    d.take_replies();
-    d.hs.tls_established();
+    d.starttls();
     assert_eq!(d.option(OPT_LIST, &[]).len(), 3);
     d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
-    let n = done(d.feed(&opt(OPT_GO, &info_data("disk", &[]))));
+    let n = d.go("disk");
     assert!(n.structured);
 }
 
@@ -114,21 +95,14 @@ fn tls_required_refuses_everything_before_tls() {
 /// to read; after the upgrade the same option is simply too big.
 #[test]
 fn tls_required_oversized_option_before_tls() {
-    let mut d = Driver::new(HandshakeConfig {
-        tls: TlsPolicy::Required,
-        max_option_len: 16,
-    });
-    d.feed(&C_FIXED.to_be_bytes());
-    d.take_sent();
+    let mut d = Driver::limited(TlsPolicy::Required, 16);
     let big = opt(OPT_INFO, &[0; 100]);
     assert_eq!(d.feed(&big), Outcome::NeedInput);
     let replies = d.take_replies();
     assert_eq!(replies.len(), 1);
     assert_error_reply(&replies[0], OPT_INFO, REP_ERR_TLS_REQD);
 
-    assert_eq!(d.feed(&opt(OPT_STARTTLS, &[])), Outcome::StartTls);
-    d.take_replies();
-    d.hs.tls_established();
+    d.starttls();
     assert_eq!(d.feed(&big), Outcome::NeedInput);
     assert_error_reply(&d.take_replies()[0], OPT_INFO, REP_ERR_TOO_BIG);
 }
@@ -163,9 +137,7 @@ fn tls_needs_a_fixed_newstyle_client() {
 #[test]
 fn tls_required_export_name_after_tls() {
     let mut d = Driver::started(TlsPolicy::Required, C_FIXED_NO_ZEROES);
-    assert_eq!(d.feed(&opt(OPT_STARTTLS, &[])), Outcome::StartTls);
-    d.take_replies();
-    d.hs.tls_established();
+    d.starttls();
     let n = done(d.feed(&opt(OPT_EXPORT_NAME, b"ro")));
     assert_eq!(n.export.name, "ro");
     assert_eq!(d.take_sent().len(), 10);

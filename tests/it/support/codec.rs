@@ -5,11 +5,14 @@
 use bytes::BytesMut;
 use strata::proto::consts::{BASE_ALLOCATION, transmission_flags as tf};
 use strata::proto::{
-    BlockSizes, ExportCatalog, ExportInfo, ExportSummary, HandshakeConfig, Progress, ProtocolError,
-    ServerHandshake, TlsPolicy,
+    BlockSizes, ExportCatalog, ExportInfo, ExportSummary, HandshakeConfig, Negotiated, Progress,
+    ProtocolError, ServerHandshake, TlsPolicy,
 };
 
-use super::wire::{OptReply, opt};
+use super::spec::{
+    C_FIXED, OPT_GO, OPT_SET_META_CONTEXT, OPT_STARTTLS, OPT_STRUCTURED_REPLY, REP_ACK,
+};
+use super::wire::{OptReply, info_data, meta_data, opt};
 
 /// Parses hex digits, ignoring whitespace and `_`, into bytes.
 pub fn hex(s: &str) -> Vec<u8> {
@@ -134,8 +137,17 @@ pub enum Outcome {
     /// `Progress::StartTls` (the caller decides whether to complete the upgrade).
     StartTls,
     Abort,
-    Done(Box<strata::proto::Negotiated>),
+    Done(Box<Negotiated>),
     Err(ProtocolError),
+}
+
+/// What a handshake negotiated; panics unless it finished.
+#[track_caller]
+pub fn done(outcome: Outcome) -> Box<Negotiated> {
+    match outcome {
+        Outcome::Done(n) => n,
+        other => panic!("expected Done, got {other:?}"),
+    }
 }
 
 /// A `ServerHandshake` plus the bytes it has sent.
@@ -172,10 +184,30 @@ impl Driver {
 
     /// A driver past the greeting and client flags.
     pub fn started(tls: TlsPolicy, client_flags: u32) -> Self {
-        let mut d = Driver::with_tls(tls);
-        assert_eq!(d.feed(&client_flags.to_be_bytes()), Outcome::NeedInput);
-        d.take_sent();
+        Driver::with_tls(tls).past_flags(client_flags)
+    }
+
+    /// A driver past the greeting and `C_FIXED`, whose server accepts options of at most
+    /// `max_option_len` bytes.
+    pub fn limited(tls: TlsPolicy, max_option_len: u32) -> Self {
+        Driver::new(HandshakeConfig {
+            tls,
+            max_option_len,
+        })
+        .past_flags(C_FIXED)
+    }
+
+    /// A driver without TLS past the client flags that has negotiated structured replies.
+    pub fn structured(client_flags: u32) -> Self {
+        let mut d = Driver::started(TlsPolicy::Disabled, client_flags);
+        d.expect_single(OPT_STRUCTURED_REPLY, &[], REP_ACK);
         d
+    }
+
+    fn past_flags(mut self, client_flags: u32) -> Self {
+        assert_eq!(self.feed(&client_flags.to_be_bytes()), Outcome::NeedInput);
+        self.take_sent();
+        self
     }
 
     fn flush(&mut self) {
@@ -249,6 +281,37 @@ impl Driver {
             String::from_utf8_lossy(&replies[0].data)
         );
         replies[0].clone()
+    }
+
+    /// Sends one option and expects exactly one error reply of type `ty`, well formed.
+    #[track_caller]
+    pub fn expect_error(&mut self, option: u32, data: &[u8], ty: u32) -> OptReply {
+        let r = self.expect_single(option, data, ty);
+        assert_error_reply(&r, option, ty);
+        r
+    }
+
+    /// `SET_META_CONTEXT` of `queries` on `export`; returns its replies.
+    pub fn set_meta(&mut self, export: &str, queries: &[&str]) -> Vec<OptReply> {
+        self.option(OPT_SET_META_CONTEXT, &meta_data(export, queries))
+    }
+
+    /// `GO` to `export` without information requests; returns what was negotiated.
+    #[track_caller]
+    pub fn go(&mut self, export: &str) -> Box<Negotiated> {
+        done(self.feed(&opt(OPT_GO, &info_data(export, &[]))))
+    }
+
+    /// Sends `STARTTLS`, which must stop the machine for the upgrade, and completes the
+    /// upgrade; returns the replies sent before it.
+    #[track_caller]
+    pub fn starttls(&mut self) -> Vec<OptReply> {
+        assert_eq!(self.feed(&opt(OPT_STARTTLS, &[])), Outcome::StartTls);
+        let replies = self.take_replies();
+        assert!(!self.hs.tls_active(), "TLS active before the upgrade");
+        self.hs.tls_established();
+        assert!(self.hs.tls_active(), "TLS inactive after the upgrade");
+        replies
     }
 }
 
