@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 use crate::image::FormatChoice;
 
 pub mod client;
+mod history;
+
+pub use history::{HistoryView, PointInfo};
 
 /// `GET /v1/server`: the server's version, uptime, addresses and connections.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -30,9 +30,21 @@ pub struct CreateArgs {
     /// copy-on-write overlay of it.
     #[arg(short, long)]
     pub backing: Option<PathBuf>,
+    /// Keep every flushed state of the disk as a restore point for this long (e.g. 24h):
+    /// the image is then a volume with history, a directory.
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+    pub history: Option<std::time::Duration>,
+    /// The most space the history may take; over it the oldest restore points go first,
+    /// even inside the window (named snapshots are kept).
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, requires = "history")]
+    pub history_max_bytes: Option<u64>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    strata::time::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// `strata info`
@@ -129,6 +141,9 @@ type CmdResult = strata::Result<ExitCode>;
 
 /// `strata create`
 pub fn create(a: CreateArgs) -> CmdResult {
+    if let Some(window) = a.history {
+        return super::history::create(&a, window);
+    }
     let header = image::create(
         &a.image,
         &image::CreateOptions {

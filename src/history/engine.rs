@@ -189,6 +189,16 @@ impl History {
 
     /// Opens the volume in `dir`, read-write unless `read_only`.
     pub fn open(dir: &Path, read_only: bool) -> Result<History> {
+        Self::open_dir(dir, read_only, true)
+    }
+
+    /// Opens the volume in `dir` read-only without taking its lock, to look at a volume
+    /// a server may be writing: what it shows is the log as far as it was written.
+    pub fn inspect(dir: &Path) -> Result<History> {
+        Self::open_dir(dir, true, false)
+    }
+
+    fn open_dir(dir: &Path, read_only: bool, locked: bool) -> Result<History> {
         if !is_volume(dir) {
             return Err(Error::msg(
                 ErrorKind::NotFound,
@@ -196,12 +206,16 @@ impl History {
             )
             .with_path(dir));
         }
-        let lock = lock_dir(dir, !read_only)?;
+        let lock = if locked {
+            Some(lock_dir(dir, !read_only)?)
+        } else {
+            None
+        };
         let files: Arc<dyn Files> = Arc::new(DirFiles::new(dir)?);
         let base = image::open(&dir.join(BASE), false)?;
         let mut h = History::open_files(files, base, read_only).map_err(|e| e.with_path(dir))?;
         h.path = Some(dir.to_path_buf());
-        h._lock = Some(lock);
+        h._lock = lock;
         Ok(h)
     }
 
@@ -329,6 +343,12 @@ impl History {
     /// The manifest as it stands.
     pub fn manifest(&self) -> Manifest {
         lock(&self.manifest).clone()
+    }
+
+    /// Whether the volume's files and base live in memory (no request waits for a
+    /// device).
+    pub fn in_memory(&self) -> bool {
+        self.files.in_memory() && self.base.in_memory()
     }
 
     /// The base chain.
@@ -519,4 +539,16 @@ fn apply_replayed(
         Kind::Void => {}
     }
     Ok(())
+}
+
+impl Drop for History {
+    /// A clean close leaves a checkpoint, so that the next open replays nothing.
+    fn drop(&mut self) {
+        if !self.read_only && !self.log.failed() {
+            if let Err(e) = self.checkpoint() {
+                warn!("checkpoint at close: {e}");
+            }
+            self.log.seal_active();
+        }
+    }
 }

@@ -136,6 +136,21 @@ impl Log {
         }
     }
 
+    /// Seals the active segment: the space reserved past its last record goes back to
+    /// the file system. Its bytes stay as they are.
+    fn seal(st: &mut State) {
+        if let Some((n, storage, tail)) = st.active.take() {
+            if let Err(e) = storage.set_len(tail) {
+                tracing::warn!("sealing segment {}: {e}", segment_name(n));
+            }
+        }
+    }
+
+    /// Seals the active segment (at close): the next record starts a new one.
+    pub fn seal_active(&self) {
+        Self::seal(&mut self.lock());
+    }
+
     /// Starts segment `last_number + 1` at `next_seq`, its space reserved.
     fn start_segment(&self, st: &mut State, now_us: u64) -> Result<()> {
         let number = st.last_number + 1;
@@ -160,6 +175,7 @@ impl Log {
                 .with_op("start segment")
                 .with_message(format!("segment {name}")));
         }
+        Self::seal(st);
         st.last_number = number;
         st.names_dirty = true;
         st.dirty.insert(number);

@@ -195,6 +195,17 @@ pub fn replay(
             cut = Some((n, offset, len));
         }
     }
+    // Space reserved past the end of the last segment when it was started is released:
+    // new records go to a new segment.
+    if repair && cut.is_none() {
+        if let Some((_, s)) = segments.iter().next_back() {
+            let len = s
+                .len()
+                .map_err(|e| Error::from(e).with_op("read segment"))?;
+            s.set_len(len)
+                .map_err(|e| Error::from(e).with_op("seal segment"))?;
+        }
+    }
     let mut cut_bytes = 0;
     if let Some((n, offset, len)) = cut {
         cut_bytes = len - offset;

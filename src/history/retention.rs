@@ -15,6 +15,7 @@ use crate::error::{Error, ErrorKind, Result};
 
 use super::engine::{History, lock, read, write};
 use super::index::Lineage;
+use super::manifest::Pin;
 use super::point::{Point, PointSpec};
 use super::record::{Kind, Record};
 
@@ -232,6 +233,92 @@ impl History {
         }
         out.segments = self.remove_unread_segments()?;
         Ok(out)
+    }
+
+    /// What a live volume does in the background: retention, then a checkpoint when
+    /// enough log was written since the last.
+    pub fn maintain(&self) -> Result<()> {
+        self.expire(crate::time::now_us())?;
+        self.maybe_checkpoint()
+    }
+
+    /// Names the newest point `name`: a snapshot, kept whatever the window. The disk's
+    /// writes so far are flushed first, so the point is the disk as it is now.
+    pub fn snapshot(&self, name: &str) -> Result<Pin> {
+        crate::names::SNAPSHOT.check(name)?;
+        if self.read_only {
+            return Err(
+                Error::msg(ErrorKind::ReadOnly, "volume opened read-only").with_op("snapshot")
+            );
+        }
+        if self.manifest().snapshots.iter().any(|s| s.name == name) {
+            return Err(Error::msg(
+                ErrorKind::AlreadyExists,
+                format!("snapshot {name:?} already exists"),
+            ));
+        }
+        self.flush()?;
+        let point = *self.points().last().ok_or_else(|| {
+            Error::msg(
+                ErrorKind::NotFound,
+                "the volume has no restore point to name",
+            )
+        })?;
+        let pin = Pin {
+            name: name.to_owned(),
+            seq: point.seq,
+            epoch: point.epoch,
+            time_us: crate::time::now_us(),
+        };
+        let mut m = lock(&self.manifest);
+        let mut next = m.clone();
+        next.snapshots.push(pin.clone());
+        next.store(&*self.files)?;
+        *m = next;
+        Ok(pin)
+    }
+
+    /// Removes the name of a snapshot; its point is then kept only while the window
+    /// keeps it.
+    pub fn delete_snapshot(&self, name: &str) -> Result<Pin> {
+        let mut m = lock(&self.manifest);
+        let i = m
+            .snapshots
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| {
+                Error::msg(ErrorKind::NotFound, format!("no snapshot named {name:?}"))
+            })?;
+        let mut next = m.clone();
+        let pin = next.snapshots.remove(i);
+        next.store(&*self.files)?;
+        *m = next;
+        Ok(pin)
+    }
+
+    /// The names of the snapshots, oldest first.
+    pub fn snapshot_names(&self) -> Vec<String> {
+        self.manifest()
+            .snapshots
+            .into_iter()
+            .map(|s| s.name)
+            .collect()
+    }
+
+    /// What the snapshot `name` sees.
+    pub fn snapshot_lineage(&self, name: &str) -> Option<Lineage> {
+        let pin = self
+            .manifest()
+            .snapshots
+            .into_iter()
+            .find(|s| s.name == name)?;
+        Some(read(&self.index).lineage(pin.epoch, pin.seq))
+    }
+
+    /// Points dropped inside the window because the history was over its byte cap,
+    /// since the volume was opened.
+    pub fn dropped_for_space(&self) -> u64 {
+        self.dropped_for_space.load(Ordering::Relaxed)
     }
 
     /// Bytes of the log not holding a current version: history and garbage.

@@ -274,10 +274,15 @@ impl Export {
     }
 
     /// A short name for what the export serves: `image` (a Strata image, with
-    /// snapshots), `snapshot`, `raw` (a file or block device), `memory`, or `backend`.
+    /// snapshots), `history` (a volume with history), `snapshot`, `raw` (a file or
+    /// block device), `memory`, or `backend`.
     pub fn kind(&self) -> &'static str {
-        if self.volume.is_some() {
-            return "image";
+        if let Some(v) = &self.volume {
+            return if v.history().is_some() {
+                "history"
+            } else {
+                "image"
+            };
         }
         match self.source {
             Source::Backend => "backend",
@@ -410,7 +415,7 @@ pub fn open_export(
 ) -> crate::Result<Export> {
     let spec = Spec::parse(spec, format)?;
     let source = match &spec {
-        Spec::Image(path) => {
+        Spec::Image(path) | Spec::History(path) => {
             let volume = Volume::open(path, read_only)?;
             return Ok(Export::with_volume(name, description, volume));
         }

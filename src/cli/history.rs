@@ -1,0 +1,137 @@
+//! Volumes with history on the command line: `strata create --history` and `strata
+//! history`. The work is in [`strata::history`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use strata::api::{HistoryView, PointInfo};
+use strata::history::engine::DEFAULT_SEGMENT_BYTES;
+use strata::history::{CreateHistory, History};
+use strata::size::format_size;
+
+use super::image::CreateArgs;
+use super::output::{Table, duration, print_json};
+
+type CmdResult = strata::Result<ExitCode>;
+
+/// How many points the text listing shows before it summarises.
+const SHOWN: usize = 20;
+
+/// `strata history`: works on a volume being served too (it takes no lock and reads
+/// the log as far as it was written).
+#[derive(Args, Debug)]
+pub struct HistoryArgs {
+    /// The volume (a directory made by `strata create --history`).
+    pub volume: PathBuf,
+    /// List every point, not only the newest ones.
+    #[arg(long)]
+    pub all: bool,
+    /// Print JSON: `{"points": [{"seq", "time", "kind"}, ...]}`, oldest first.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `strata create --history`
+pub fn create(a: &CreateArgs, window: Duration) -> CmdResult {
+    if a.cluster_size.is_some() {
+        return Err(strata::Error::msg(
+            strata::ErrorKind::InvalidInput,
+            "--cluster-size does not apply to a volume with history (it keeps 4 KiB blocks)",
+        ));
+    }
+    let manifest = History::create(
+        &a.image,
+        &CreateHistory {
+            size: a.size,
+            base: a.backing.clone(),
+            window,
+            max_bytes: a.history_max_bytes,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+        },
+    )?;
+    if a.json {
+        print_json(&serde_json::json!({
+            "path": a.image,
+            "virtual_size": manifest.size,
+            "history_window_s": manifest.window_secs,
+            "history_max_bytes": manifest.max_bytes,
+            "volume_id": manifest.id,
+            "backing": a.backing,
+        }));
+    } else {
+        let backing = a
+            .backing
+            .as_ref()
+            .map(|b| format!(", base {}", b.display()))
+            .unwrap_or_default();
+        let cap = manifest
+            .max_bytes
+            .map(|m| format!(" (at most {})", format_size(m)))
+            .unwrap_or_default();
+        println!(
+            "created {}: {} virtual, restore points kept {}{cap}{backing}",
+            a.image.display(),
+            format_size(manifest.size),
+            duration(manifest.window_secs)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `strata history`
+pub fn list(a: &HistoryArgs) -> CmdResult {
+    let history = History::inspect(&a.volume)?;
+    let view = HistoryView::of(&history);
+    if a.json {
+        print_json(&view);
+    } else {
+        print!("{}", render(&view, a.all));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The text listing: a summary line, then the points (only the newest unless `all`).
+pub(crate) fn render(view: &HistoryView, all: bool) -> String {
+    let points = &view.points;
+    let mut out = format!(
+        "{} restore points, kept {}{}; history {}\n",
+        points.len(),
+        duration(view.window_s),
+        view.max_bytes
+            .map(|m| format!(" (at most {})", format_size(m)))
+            .unwrap_or_default(),
+        format_size(view.history_bytes)
+    );
+    if let (Some(first), Some(last)) = (points.first(), points.last()) {
+        out += &format!(
+            "oldest {} (seq {}), newest {} (seq {})\n",
+            first.time, first.seq, last.time, last.seq
+        );
+    }
+    let shown: &[PointInfo] = if all || points.len() <= SHOWN {
+        points
+    } else {
+        out += &format!("(the {SHOWN} newest; --all lists every one)\n");
+        &points[points.len() - SHOWN..]
+    };
+    let table = Table {
+        headers: &["SEQ", "TIME", "KIND"],
+        numeric: &[true, false, false],
+        rows: shown
+            .iter()
+            .map(|p| {
+                let kind = match &p.name {
+                    Some(n) => format!("snapshot {n}"),
+                    None => p.kind.clone(),
+                };
+                vec![p.seq.to_string(), p.time.clone(), kind]
+            })
+            .collect(),
+    };
+    if !shown.is_empty() {
+        out += &table.render();
+    }
+    out
+}
