@@ -5,7 +5,7 @@
 //! killed at every step of a snapshot operation (`STRATA_FAILPOINT`), then restarted.
 
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
@@ -13,6 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tempfile::TempDir;
 
 use crate::support::client::Client;
 use crate::support::control::{Response, Running};
@@ -21,14 +22,41 @@ use crate::support::{run_ok, spawn, strata};
 
 const BLOCK: u64 = 4096;
 
-fn image(dir: &Path, size: &str, cluster: &str) -> std::path::PathBuf {
-    let path = dir.join("disk.strata");
-    run_ok(
-        strata()
-            .args(["create", "--size", size, "--cluster-size", cluster])
-            .arg(&path),
-    );
-    path
+/// A fresh Strata image, `disk.strata`, in a scratch directory of its own.
+struct Disk {
+    dir: TempDir,
+    img: PathBuf,
+}
+
+impl Disk {
+    fn new(size: &str, cluster: &str) -> Disk {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.strata");
+        run_ok(
+            strata()
+                .args(["create", "--size", size, "--cluster-size", cluster])
+                .arg(&img),
+        );
+        Disk { dir, img }
+    }
+
+    /// A server of the image alone (export `disk`), with a control socket.
+    fn serve(&self) -> Running {
+        Running::serve(&[self.img.as_os_str()])
+    }
+
+    /// A fresh image of `size` with 64 KiB clusters, served, and a client of it.
+    fn served(size: &str) -> (Disk, Running, Client) {
+        let disk = Disk::new(size, "64K");
+        let server = disk.serve();
+        let c = server.connect("disk");
+        (disk, server, c)
+    }
+
+    /// Whether `name` exists beside the image (a snapshot is `disk.strata@NAME`).
+    fn has(&self, name: &str) -> bool {
+        self.dir.path().join(name).exists()
+    }
 }
 
 fn write(c: &mut Client, offset: u64, data: &[u8]) {
@@ -50,15 +78,52 @@ fn ok(r: &Response, status: u16) -> Value {
     r.json()
 }
 
+/// Asks for a snapshot `name` of `export`, whatever the answer.
+fn try_snapshot(server: &Running, export: &str, name: &str) -> Response {
+    server.call(
+        "POST",
+        &format!("/v1/exports/{export}/snapshots"),
+        Some(json!({ "name": name })),
+    )
+}
+
 fn snapshot(server: &Running, export: &str, name: &str) -> Value {
+    ok(&try_snapshot(server, export, name), 201)
+}
+
+/// Asserts that `r` is an error answer with `status` whose message says `needle`.
+#[track_caller]
+fn refused(r: &Response, status: u16, needle: &str) {
+    assert_eq!(r.status, status, "{r:?}");
+    assert!(r.error().contains(needle), "{needle:?}: {}", r.error());
+}
+
+/// Serves snapshot `name` of export `disk` as the read-only export `disk@NAME`.
+fn serve_snapshot(server: &Running, name: &str) -> Value {
     ok(
         &server.call(
             "POST",
-            &format!("/v1/exports/{export}/snapshots"),
-            Some(json!({ "name": name })),
+            &format!("/v1/exports/disk/snapshots/{name}/export"),
+            Some(json!({})),
         ),
         201,
     )
+}
+
+/// The snapshots of export `disk`, newest first.
+fn snapshots(server: &Running) -> Vec<Value> {
+    let list = ok(&server.get("/v1/exports/disk/snapshots"), 200)["snapshots"].clone();
+    match list {
+        Value::Array(list) => list,
+        other => panic!("snapshots is not a list: {other}"),
+    }
+}
+
+fn names(snapshots: &[Value]) -> Vec<&str> {
+    snapshots
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -67,10 +132,7 @@ fn snapshot(server: &Running, export: &str, name: &str) -> Value {
 
 #[test]
 fn snapshots_are_taken_listed_served_and_deleted_while_clients_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path(), "8M", "64K");
-    let server = Running::serve(&[img.as_os_str()]);
-    let mut c = server.connect("disk");
+    let (disk, server, mut c) = Disk::served("8M");
     write(&mut c, 0, &[0xaa; 65536]);
 
     let taken = snapshot(&server, "disk", "first");
@@ -91,33 +153,14 @@ fn snapshots_are_taken_listed_served_and_deleted_while_clients_write() {
     write(&mut c, 2 << 20, &[0xdd; 4096]);
 
     // Newest first, with what each holds.
-    let list = ok(&server.get("/v1/exports/disk/snapshots"), 200)["snapshots"].clone();
-    let names: Vec<&str> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["second", "first"]);
-    assert_eq!(list[1]["allocated"], 65536, "{list}");
+    let list = snapshots(&server);
+    assert_eq!(names(&list), ["second", "first"]);
+    assert_eq!(list[1]["allocated"], 65536, "{list:?}");
     // A name in use, and a bad one.
-    let dup = server.call(
-        "POST",
-        "/v1/exports/disk/snapshots",
-        Some(json!({"name": "first"})),
-    );
-    assert_eq!(dup.status, 409, "{dup:?}");
-    assert!(dup.error().contains("exists"), "{}", dup.error());
+    refused(&try_snapshot(&server, "disk", "first"), 409, "exists");
 
     // A snapshot served as a read-only export shows the disk as it was.
-    let served = ok(
-        &server.call(
-            "POST",
-            "/v1/exports/disk/snapshots/first/export",
-            Some(json!({})),
-        ),
-        201,
-    );
+    let served = serve_snapshot(&server, "first");
     assert_eq!(served["name"], "disk@first");
     assert_eq!(served["read_only"], true, "{served}");
     let mut old = server.connect("disk@first");
@@ -158,23 +201,19 @@ fn snapshots_are_taken_listed_served_and_deleted_while_clients_write() {
         200,
     );
     assert!(deleted["copied"].as_u64().is_some(), "{deleted}");
-    let list = ok(&server.get("/v1/exports/disk/snapshots"), 200)["snapshots"].clone();
-    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(names(&snapshots(&server)), ["second"]);
     // Nothing the clients see changed.
     assert_eq!(live.read(0, 0, 65536).unwrap().unwrap(), vec![0xbb; 65536]);
     assert_eq!(
         live.read(0, 1 << 20, 4096).unwrap().unwrap(),
         vec![0xcc; 4096]
     );
-    assert!(!dir.path().join("disk.strata@first").exists());
+    assert!(!disk.has("disk.strata@first"));
 }
 
 #[test]
 fn rollback_respects_connected_clients_and_newer_snapshots() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path(), "4M", "64K");
-    let server = Running::serve(&[img.as_os_str()]);
-    let mut c = server.connect("disk");
+    let (disk, server, mut c) = Disk::served("4M");
     write(&mut c, 0, &[1; 4096]);
     snapshot(&server, "disk", "one");
     write(&mut c, 0, &[2; 4096]);
@@ -182,12 +221,11 @@ fn rollback_respects_connected_clients_and_newer_snapshots() {
     write(&mut c, 0, &[3; 4096]);
 
     let rollback = |body: Value| server.call("POST", "/v1/exports/disk/rollback", Some(body));
-    let r = rollback(json!({"snapshot": "two"}));
-    assert_eq!(r.status, 409, "a client is connected: {r:?}");
-    assert!(r.error().contains("connected"), "{}", r.error());
+    // A client is connected.
+    refused(&rollback(json!({"snapshot": "two"})), 409, "connected");
+    // A newer snapshot exists.
     let r = rollback(json!({"snapshot": "one", "force": true}));
-    assert_eq!(r.status, 409, "a newer snapshot exists: {r:?}");
-    assert!(r.error().contains("two"), "{}", r.error());
+    refused(&r, 409, "two");
     // Forced, the connected client sees the rolled-back disk.
     ok(&rollback(json!({"snapshot": "two", "force": true})), 200);
     assert_eq!(c.read(0, 0, 4096).unwrap().unwrap(), vec![2; 4096]);
@@ -199,43 +237,30 @@ fn rollback_respects_connected_clients_and_newer_snapshots() {
     );
     let mut c = server.connect("disk");
     assert_eq!(c.read(0, 0, 4096).unwrap().unwrap(), vec![1; 4096]);
-    let list = ok(&server.get("/v1/exports/disk/snapshots"), 200)["snapshots"].clone();
-    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
-    assert!(!dir.path().join("disk.strata@two").exists());
+    assert_eq!(names(&snapshots(&server)), ["one"]);
+    assert!(!disk.has("disk.strata@two"));
 }
 
 #[test]
 fn read_only_and_raw_exports_have_no_snapshots() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path(), "4M", "64K");
-    let raw = dir.path().join("raw.img");
+    let disk = Disk::new("4M", "64K");
+    let raw = disk.dir.path().join("raw.img");
     std::fs::File::create(&raw)
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
-    let server = Running::serve(&[OsStr::new("--read-only"), img.as_os_str(), raw.as_os_str()]);
-    let r = server.call(
-        "POST",
-        "/v1/exports/disk/snapshots",
-        Some(json!({"name": "x"})),
-    );
-    assert_eq!(r.status, 409, "{r:?}");
-    assert!(r.error().contains("read-only"), "{}", r.error());
-    let r = server.call(
-        "POST",
-        "/v1/exports/raw/snapshots",
-        Some(json!({"name": "x"})),
-    );
-    assert_eq!(r.status, 400, "{r:?}");
-    assert!(r.error().contains("Strata image"), "{}", r.error());
+    let server = Running::serve(&[
+        OsStr::new("--read-only"),
+        disk.img.as_os_str(),
+        raw.as_os_str(),
+    ]);
+    refused(&try_snapshot(&server, "disk", "x"), 409, "read-only");
+    refused(&try_snapshot(&server, "raw", "x"), 400, "Strata image");
 }
 
 #[test]
 fn ctl_snapshot_commands() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path(), "4M", "64K");
-    let server = Running::serve(&[img.as_os_str()]);
-    let mut c = server.connect("disk");
+    let (_disk, server, mut c) = Disk::served("4M");
     let out = server.ctl(&["snapshot", "disk", "mon"]);
     assert!(out.success(), "{}", out.report());
     assert!(out.stdout.contains("mon"), "{}", out.report());
@@ -307,9 +332,8 @@ fn snapshots_under_a_write_load_hold_exactly_the_writes_before_them() {
     }
     const THREADS: u64 = 4;
     const BLOCKS: u64 = 4096; // 16 MiB written by the generator
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path(), "64M", "4K");
-    let server = Arc::new(Running::serve(&[img.as_os_str()]));
+    let disk = Disk::new("64M", "4K");
+    let server = Arc::new(disk.serve());
     let stop = Arc::new(AtomicBool::new(false));
     let start = Arc::new(Barrier::new(THREADS as usize + 1));
     // Thread k owns the blocks b with b % THREADS == k and writes them one at a time,
@@ -350,7 +374,7 @@ fn snapshots_under_a_write_load_hold_exactly_the_writes_before_them() {
     // fio, a real client, writes and verifies another region meanwhile.
     let mut fio = Command::new("fio");
     // fio leaves its verify state files in its working directory.
-    fio.current_dir(dir.path())
+    fio.current_dir(disk.dir.path())
         .args([
             "--name=verify",
             "--ioengine=nbd",
@@ -439,14 +463,7 @@ fn snapshots_under_a_write_load_hold_exactly_the_writes_before_them() {
     let mut previous: Vec<isize> = vec![-1; BLOCKS as usize];
     let mut in_flight = 0;
     for w in &windows {
-        ok(
-            &server.call(
-                "POST",
-                &format!("/v1/exports/disk/snapshots/{}/export", w.name),
-                Some(json!({})),
-            ),
-            201,
-        );
+        serve_snapshot(&server, &w.name);
         let content = read_all(&format!("disk@{}", w.name));
         for (b, writes) in per_block.iter().enumerate() {
             let lo = writes
@@ -506,11 +523,10 @@ fn snapshots_under_a_write_load_hold_exactly_the_writes_before_them() {
 
 /// Stops the server at `failpoint` during `op`, restarts it and checks the state.
 fn killed_at(failpoint: &str, op: &str, done: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path(), "4M", "64K");
+    let disk = Disk::new("4M", "64K");
     // Three snapshots with data of their own, and live data.
     {
-        let server = Running::serve(&[img.as_os_str()]);
+        let server = disk.serve();
         let mut c = server.connect("disk");
         for (i, name) in ["a", "b", "c"].iter().enumerate() {
             write(&mut c, i as u64 * 65536, &[i as u8 + 1; 65536]);
@@ -519,7 +535,7 @@ fn killed_at(failpoint: &str, op: &str, done: bool) {
         }
         write(&mut c, 3 * 65536, &[0x99; 4096]);
     }
-    let server = Running::serve_env(&[img.as_os_str()], &[("STRATA_FAILPOINT", failpoint)]);
+    let server = Running::serve_env(&[disk.img.as_os_str()], &[("STRATA_FAILPOINT", failpoint)]);
     // A client is connected when the server dies.
     let c = server.connect("disk");
     let (method, path, body) = match op {
@@ -549,14 +565,9 @@ fn killed_at(failpoint: &str, op: &str, done: bool) {
     );
     drop(c);
 
-    let server = Running::serve(&[img.as_os_str()]);
-    let list = ok(&server.get("/v1/exports/disk/snapshots"), 200)["snapshots"].clone();
-    let names: Vec<&str> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
+    let server = disk.serve();
+    let list = snapshots(&server);
+    let names = names(&list);
     let mut c = server.connect("disk");
     let live = c.read(0, 3 * 65536, 4096).unwrap().unwrap();
     let expect_names: &[&str] = match (op, done) {
@@ -574,14 +585,7 @@ fn killed_at(failpoint: &str, op: &str, done: bool) {
         if !names.contains(name) {
             continue;
         }
-        ok(
-            &server.call(
-                "POST",
-                &format!("/v1/exports/disk/snapshots/{name}/export"),
-                Some(json!({})),
-            ),
-            201,
-        );
+        serve_snapshot(&server, name);
         let mut s = server.connect(&format!("disk@{name}"));
         assert_eq!(
             s.read(0, 3 * 65536, 4096).unwrap().unwrap(),

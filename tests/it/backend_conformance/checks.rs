@@ -64,6 +64,19 @@ pub(super) async fn write<B: Backend>(
         .unwrap_or_else(|e| panic!("write at {offset}: {e}"));
 }
 
+/// Writes the `i`th of `ranges` with `pattern(seed + i, ..)`, keeping `oracle` in step.
+pub(super) async fn write_ranges<B: Backend>(
+    b: &B,
+    oracle: &mut [u8],
+    ranges: &[(u64, u64)],
+    seed: u64,
+) {
+    for (i, &(offset, len)) in ranges.iter().enumerate() {
+        let data = pattern(seed + i as u64, len as usize);
+        write(b, oracle, offset, data, false).await;
+    }
+}
+
 pub(super) async fn read<B: Backend>(b: &B, offset: u64, len: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(len as usize);
     let mut pos = offset;

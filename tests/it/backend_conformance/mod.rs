@@ -18,6 +18,28 @@
 //! device. **Its contents are destroyed.** Use a loop device over a sparse file of a few
 //! MiB (loop devices make discarded ranges read as zeroes, which the suite checks).
 
+/// Instantiates each `$case` of module `$cases` as a test in a module `$suite`, run on
+/// the fixture that `$fixture` (an `Option<_>`, which may use `.await`) makes; `None`
+/// skips the suite (no block device given).
+macro_rules! suite {
+    ($suite:ident, $cases:ident, $fixture:expr, [$($case:ident),*]) => {
+        mod $suite {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let fixture: Option<_> = $fixture;
+                    let Some(fixture) = fixture else {
+                        eprintln!("skipped: STRATA_TEST_BLOCK_DEVICE is not set");
+                        return;
+                    };
+                    $cases::$case(fixture).await;
+                }
+            )*
+        }
+    };
+}
+
 mod checks;
 mod model;
 mod read_only;
@@ -282,25 +304,33 @@ fn new_image(dir: Option<&str>, size: u64, cluster: u64) -> (ImageDir, PathBuf) 
     (tmp, path)
 }
 
+impl<B: Backend> Fixture<B> {
+    /// A fixture serving, with `b`, the fresh standalone image `path` in `tmp`, which has
+    /// `cluster`-byte clusters: zeroes, every one of its own layer (depth 1).
+    fn over_image(b: B, size: u64, cluster: u64, (tmp, path): (ImageDir, PathBuf)) -> Self {
+        let mut f = Fixture::new(
+            b,
+            size,
+            Some(Guard::Dir {
+                _dir: tmp,
+                top: path,
+            }),
+        );
+        f.depths = Depths::Image(Arc::new(Layout {
+            cluster,
+            top: 1,
+            raw_len: 0,
+            owner: vec![0; size.div_ceil(cluster) as usize],
+        }));
+        f
+    }
+}
+
 /// A standalone Strata image with `cluster`-byte clusters, served by [`ImageBackend`].
 fn image_in(dir: Option<&str>, size: u64, cluster: u64) -> Fixture<ImageBackend> {
-    let (tmp, path) = new_image(dir, size, cluster);
-    let b = ImageBackend::new(image::open(&path, true).expect("open image"));
-    let mut f = Fixture::new(
-        b,
-        size,
-        Some(Guard::Dir {
-            _dir: tmp,
-            top: path,
-        }),
-    );
-    f.depths = Depths::Image(Arc::new(Layout {
-        cluster,
-        top: 1,
-        raw_len: 0,
-        owner: vec![0; size.div_ceil(cluster) as usize],
-    }));
-    f
+    let image = new_image(dir, size, cluster);
+    let b = ImageBackend::new(image::open(&image.1, true).expect("open image"));
+    Fixture::over_image(b, size, cluster, image)
 }
 
 /// A standalone image in the system temporary directory.
@@ -315,23 +345,9 @@ fn image_target(size: u64, cluster: u64) -> Fixture<ImageBackend> {
 
 /// `backend::open` on a Strata image, as the command line serves one.
 fn opened_image(size: u64) -> Fixture<SharedBackend> {
-    let (tmp, path) = new_image(None, size, KIB64);
-    let b = backend::open(path.to_str().unwrap(), false).expect("open image path");
-    let mut f = Fixture::new(
-        b,
-        size,
-        Some(Guard::Dir {
-            _dir: tmp,
-            top: path,
-        }),
-    );
-    f.depths = Depths::Image(Arc::new(Layout {
-        cluster: KIB64,
-        top: 1,
-        raw_len: 0,
-        owner: vec![0; size.div_ceil(KIB64) as usize],
-    }));
-    f
+    let image = new_image(None, size, KIB64);
+    let b = backend::open(image.1.to_str().unwrap(), false).expect("open image path");
+    Fixture::over_image(b, size, KIB64, image)
 }
 
 /// What building an overlay stack left behind: the files, what the top image reads as,

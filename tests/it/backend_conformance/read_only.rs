@@ -10,7 +10,7 @@ use strata::backend::{self, Backend, ImageBackend, RawBackend, ZeroFlags};
 use strata::image;
 
 use super::checks::{
-    assert_depths, assert_not_hole, check_disk, check_sparse, check_status, pattern, write,
+    assert_depths, assert_not_hole, check_disk, check_sparse, check_status, pattern, write_ranges,
 };
 use super::{
     CHUNK, Fixture, Guard, KIB4, KIB64, SIZE, block_device, image_file, memory, overlay, raw,
@@ -35,10 +35,7 @@ async fn prefill<W: Backend, B: Backend>(
     }
     let mut contents = f.initial();
     let written = vec![(CHUNK - 7, 3 * CHUNK), (f.size - 10, 10)];
-    for (i, &(at, len)) in written.iter().enumerate() {
-        let data = pattern(20 + i as u64, len as usize);
-        write(&*f.b, &mut contents, at, data, false).await;
-    }
+    write_ranges(&*f.b, &mut contents, &written, 20).await;
     f.b.flush().await.expect("flush");
     Prefilled {
         f: wrap(f),
@@ -150,24 +147,12 @@ mod ro_cases {
 /// allowed) to `Option<Prefilled<_>>`.
 macro_rules! read_only {
     ($suite:ident, $prefilled:expr) => {
-        read_only!(@cases $suite, $prefilled,
-            [capabilities, reads_pass_through, refuses_modification]);
-    };
-    (@cases $suite:ident, $prefilled:expr, [$($case:ident),*]) => {
-        mod $suite {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    let prefilled: Option<_> = $prefilled;
-                    let Some(prefilled) = prefilled else {
-                        eprintln!("skipped: STRATA_TEST_BLOCK_DEVICE is not set");
-                        return;
-                    };
-                    ro_cases::$case(prefilled).await;
-                }
-            )*
-        }
+        suite!(
+            $suite,
+            ro_cases,
+            $prefilled,
+            [capabilities, reads_pass_through, refuses_modification]
+        );
     };
 }
 

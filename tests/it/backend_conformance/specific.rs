@@ -265,33 +265,20 @@ async fn layers_pass_allocation_depth_through() {
             depth: 0,
         },
     ];
-    let depth = |r: strata::Result<Vec<DepthExtent>>| r.expect("allocation_depth");
-    assert_eq!(
-        depth(TwoLayers.allocation_depth(query.0, query.1).await),
-        expected
-    );
     let shared: SharedBackend = Arc::new(TwoLayers);
-    assert_eq!(
-        depth(shared.allocation_depth(query.0, query.1).await),
-        expected,
-        "SharedBackend"
-    );
-    assert_eq!(
-        depth(
-            ReadOnly::new(TwoLayers)
-                .allocation_depth(query.0, query.1)
-                .await
-        ),
-        expected,
-        "ReadOnly"
-    );
-    assert_eq!(
-        depth(
-            ReadOnly::new(shared)
-                .allocation_depth(query.0, query.1)
-                .await
-        ),
-        expected,
-        "ReadOnly over SharedBackend"
-    );
+    let depths = depths_of(&TwoLayers, query).await;
+    assert_eq!(depths, expected, "TwoLayers");
+    let depths = depths_of(&shared, query).await;
+    assert_eq!(depths, expected, "SharedBackend");
+    let depths = depths_of(&ReadOnly::new(TwoLayers), query).await;
+    assert_eq!(depths, expected, "ReadOnly");
+    let depths = depths_of(&ReadOnly::new(shared), query).await;
+    assert_eq!(depths, expected, "ReadOnly over SharedBackend");
+}
+
+/// The allocation depth `b` reports for `(offset, len)`, which must succeed.
+async fn depths_of<B: Backend>(b: &B, (offset, len): (u64, u64)) -> Vec<DepthExtent> {
+    b.allocation_depth(offset, len)
+        .await
+        .expect("allocation_depth")
 }

@@ -8,7 +8,7 @@ use strata::backend::{Backend, ZeroFlags};
 
 use super::checks::{
     all_zero, assert_depths, assert_not_hole, assert_same, awkward_ranges, check_disk,
-    check_sparse, check_status, pattern, read, trim, write,
+    check_sparse, check_status, pattern, read, trim, write, write_ranges,
 };
 use super::{
     CHUNK, Fixture, KIB4, KIB64, READ_STEP, SIZE, block_device, image_file, image_in, image_target,
@@ -178,16 +178,7 @@ mod cases {
         let b = &*f.b;
         let mut oracle = f.initial();
         let ranges = awkward_ranges(f.size);
-        for (i, &(offset, len)) in ranges.iter().enumerate() {
-            write(
-                b,
-                &mut oracle,
-                offset,
-                pattern(10 + i as u64, len as usize),
-                false,
-            )
-            .await;
-        }
+        write_ranges(b, &mut oracle, &ranges, 10).await;
         for &(offset, len) in &ranges {
             assert_not_hole(b, offset, len).await;
         }
@@ -210,16 +201,7 @@ mod cases {
             assert_depths(b, &f.depths, &[], offset, len).await;
         }
         let written = [(CHUNK + 5, 2 * CHUNK), (f.size - 3, 2)];
-        for (i, &(at, len)) in written.iter().enumerate() {
-            write(
-                b,
-                &mut oracle,
-                at,
-                pattern(60 + i as u64, len as usize),
-                false,
-            )
-            .await;
-        }
+        write_ranges(b, &mut oracle, &written, 60).await;
         for (offset, len) in [
             (0, f.size),
             (0, CHUNK),
@@ -298,27 +280,28 @@ mod cases {
 /// `Option<Fixture<_>>` (`None` skips).
 macro_rules! conformance {
     ($suite:ident, $fixture:expr) => {
-        conformance!(@cases $suite, $fixture, [
-            size, capabilities, fresh_disk_reads_initial_contents, write_then_read_back, overwrite,
-            fua_write, flush, trim_reads_zero, write_zeroes, fast_write_zeroes, block_status,
-            allocation_depth, read_sparse, concurrent_writes, cache
-        ]);
-    };
-    (@cases $suite:ident, $fixture:expr, [$($case:ident),*]) => {
-        mod $suite {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    let fixture: Option<_> = $fixture;
-                    let Some(fixture) = fixture else {
-                        eprintln!("skipped: STRATA_TEST_BLOCK_DEVICE is not set");
-                        return;
-                    };
-                    cases::$case(fixture).await;
-                }
-            )*
-        }
+        suite!(
+            $suite,
+            cases,
+            $fixture,
+            [
+                size,
+                capabilities,
+                fresh_disk_reads_initial_contents,
+                write_then_read_back,
+                overwrite,
+                fua_write,
+                flush,
+                trim_reads_zero,
+                write_zeroes,
+                fast_write_zeroes,
+                block_status,
+                allocation_depth,
+                read_sparse,
+                concurrent_writes,
+                cache
+            ]
+        );
     };
 }
 

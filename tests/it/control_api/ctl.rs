@@ -5,13 +5,11 @@ use std::ffi::OsStr;
 use crate::support::control::Running;
 use crate::support::{run_ok, strata};
 
-use super::{export_arg, raw_image};
+use super::serve_raw;
 
 #[test]
 fn ctl_prints_text_and_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let raw = raw_image(dir.path(), "r.img", 1 << 20);
-    let server = Running::serve(&[OsStr::new("--export"), export_arg("r", &raw).as_os_str()]);
+    let (dir, raw, server) = serve_raw("r", &[]);
 
     server
         .ctl(&["server"])

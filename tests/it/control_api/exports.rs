@@ -15,20 +15,14 @@ use crate::support::spec::{
 };
 use crate::support::wire::info_data;
 
-use super::{export_arg, raw_image, strata_image};
+use super::{raw_image, serve_raw, strata_image};
 
 #[test]
 fn exports_are_listed_with_counters_that_follow_nbd_io() {
-    let dir = tempfile::tempdir().unwrap();
-    let raw = raw_image(dir.path(), "disk.img", 1 << 20);
-    let server = Running::serve(&[
-        OsStr::new("--export"),
-        export_arg("disk", &raw).as_os_str(),
-        OsStr::new("--export"),
-        OsStr::new("mem=memory:2M"),
-        OsStr::new("--description"),
-        OsStr::new("test disks"),
-    ]);
+    let (_dir, raw, server) = serve_raw(
+        "disk",
+        &["--export", "mem=memory:2M", "--description", "test disks"],
+    );
     let list = server.get("/v1/exports");
     assert_eq!(list.status, 200, "{list:?}");
     let list = list.json();
@@ -232,14 +226,7 @@ fn exports_added_at_run_time_work_with_qemu_io() {
 
 #[test]
 fn removing_an_export_waits_for_its_clients_unless_forced() {
-    let dir = tempfile::tempdir().unwrap();
-    let raw = raw_image(dir.path(), "busy.img", 1 << 20);
-    let server = Running::serve(&[
-        OsStr::new("--export"),
-        export_arg("busy", &raw).as_os_str(),
-        OsStr::new("--export"),
-        OsStr::new("idle=memory:1M"),
-    ]);
+    let (_dir, raw, server) = serve_raw("busy", &["--export", "idle=memory:1M"]);
 
     let r = server.call("DELETE", "/v1/exports/idle", None);
     assert_eq!(r.status, 200, "{r:?}");

@@ -14,8 +14,12 @@ mod exports;
 mod listeners;
 mod snapshots;
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use tempfile::TempDir;
+
+use crate::support::control::Running;
 use crate::support::{run_ok, strata};
 
 fn raw_image(dir: &Path, name: &str, size: u64) -> PathBuf {
@@ -30,8 +34,20 @@ fn strata_image(dir: &Path, name: &str, size: &str) -> PathBuf {
     path
 }
 
-fn export_arg(name: &str, image: &Path) -> std::ffi::OsString {
-    let mut arg = std::ffi::OsString::from(format!("{name}="));
+fn export_arg(name: &str, image: &Path) -> OsString {
+    let mut arg = OsString::from(format!("{name}="));
     arg.push(image);
     arg
+}
+
+/// A server with a control socket that serves a 1 MiB raw file, `NAME.img` in a scratch
+/// directory, as export `name`, then takes the `more` arguments (other exports,
+/// options). Returns the directory, the file and the server.
+fn serve_raw(name: &str, more: &[&str]) -> (TempDir, PathBuf, Running) {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = raw_image(dir.path(), &format!("{name}.img"), 1 << 20);
+    let mut args = vec![OsString::from("--export"), export_arg(name, &raw)];
+    args.extend(more.iter().map(OsString::from));
+    let server = Running::serve(&args.iter().map(OsString::as_os_str).collect::<Vec<_>>());
+    (dir, raw, server)
 }

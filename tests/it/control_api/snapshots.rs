@@ -7,18 +7,11 @@ use serde_json::json;
 
 use crate::support::control::Running;
 
-use super::{export_arg, raw_image, strata_image};
+use super::{export_arg, serve_raw, strata_image};
 
 #[test]
 fn snapshot_endpoints_need_a_strata_image() {
-    let dir = tempfile::tempdir().unwrap();
-    let raw = raw_image(dir.path(), "plain.img", 1 << 20);
-    let server = Running::serve(&[
-        OsStr::new("--export"),
-        export_arg("plain", &raw).as_os_str(),
-        OsStr::new("--export"),
-        OsStr::new("ram=memory:1M"),
-    ]);
+    let (_dir, _raw, server) = serve_raw("plain", &["--export", "ram=memory:1M"]);
     for export in ["plain", "ram"] {
         let base = format!("/v1/exports/{export}");
         let requests = [
@@ -68,26 +61,17 @@ fn bad_snapshot_names_are_refused() {
     assert_eq!(server.export("vm")["kind"], "image");
     let long = "s".repeat(65);
     for bad in ["", ".hidden", "-dash", "a/b", "a b", "é", long.as_str()] {
-        let r = server.call(
-            "POST",
-            "/v1/exports/vm/snapshots",
-            Some(json!({"name": bad})),
-        );
-        assert_eq!(r.status, 400, "{bad:?}: {r:?}");
-        assert!(
-            r.error().contains("invalid snapshot name"),
-            "{bad:?}: {r:?}"
-        );
-        let r = server.call(
-            "POST",
-            "/v1/exports/vm/rollback",
-            Some(json!({"snapshot": bad})),
-        );
-        assert_eq!(r.status, 400, "{bad:?}: {r:?}");
-        assert!(
-            r.error().contains("invalid snapshot name"),
-            "{bad:?}: {r:?}"
-        );
+        for (path, body) in [
+            ("/v1/exports/vm/snapshots", json!({"name": bad})),
+            ("/v1/exports/vm/rollback", json!({"snapshot": bad})),
+        ] {
+            let r = server.call("POST", path, Some(body));
+            assert_eq!(r.status, 400, "{path} {bad:?}: {r:?}");
+            assert!(
+                r.error().contains("invalid snapshot name"),
+                "{path} {bad:?}: {r:?}"
+            );
+        }
     }
     for bad in [".hidden", "-dash", "a%20b", "%C3%A9", long.as_str()] {
         for (method, path, body) in [

@@ -3,7 +3,6 @@
 use std::io::{Read, Seek, SeekFrom, Write};
 
 use crate::support::client::{Client, EXTENDED, SIMPLE, STRUCTURED};
-use crate::support::daemon::Daemon;
 use crate::support::pattern;
 use crate::support::spec::{CMD_WRITE, EPERM};
 
@@ -18,7 +17,7 @@ fn serves_the_exports_of_a_configuration() {
     let site = Site::new();
     site.raw("vm1.raw", 1 << 20, 0);
     site.raw("golden.raw", 1 << 20, 0x5a);
-    let file = site.config(
+    let (mut server, addr) = site.serve(
         r#"
 listen = ["127.0.0.1:0", "unix:nbd.sock"]
 handshake_timeout = 5
@@ -43,8 +42,6 @@ image = "memory:1M"
 allow = ["unix"]
 "#,
     );
-    let mut server = Daemon::serve_config(&file, &[]);
-    let addr = server.tcp_addr();
     server.wait_for("listening on unix:");
 
     assert_eq!(
@@ -139,7 +136,7 @@ fn certificates(site: &Site) {
 fn an_export_that_requires_tls_is_invisible_to_plaintext_clients() {
     let site = Site::new();
     certificates(&site);
-    let file = site.config(
+    let (_server, addr) = site.serve(
         r#"
 listen = ["127.0.0.1:0"]
 [tls]
@@ -157,8 +154,6 @@ image = "memory:2M"
 require_tls = true
 "#,
     );
-    let mut server = Daemon::serve_config(&file, &[]);
-    let addr = server.tcp_addr();
     assert_eq!(list(addr), ["open"], "plaintext clients do not see it");
     assert_unknown(addr, "secret");
     let mut c = Client::tcp(addr).unwrap();

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use crate::support::Endpoint;
 use crate::support::client::{Client, Stream};
+use crate::support::daemon::Daemon;
 use crate::support::spec::{
     C_FIXED_NO_ZEROES, CMD_WRITE, OPT_GO, OPT_LIST, REP_ACK, REP_ERR_UNKNOWN, REP_SERVER,
 };
@@ -54,6 +55,26 @@ impl Site {
         std::fs::write(&path, text).unwrap();
         path
     }
+
+    /// Writes `strata.toml` and serves it: the server, and the TCP address it listens on.
+    fn serve(&self, text: &str) -> (Daemon, SocketAddr) {
+        let mut server = Daemon::serve_config(&self.config(text), &[]);
+        let addr = server.tcp_addr();
+        (server, addr)
+    }
+}
+
+/// A configuration that listens on a TCP port of its choice and serves each
+/// `(name, image)`, one line a setting and no blank lines (so that a test can name the
+/// line of any field).
+fn exports_toml(exports: &[(&str, &str)]) -> String {
+    let mut text = String::from("listen = [\"127.0.0.1:0\"]\n");
+    for (name, image) in exports {
+        text.push_str(&format!(
+            "[[exports]]\nname = \"{name}\"\nimage = \"{image}\"\n"
+        ));
+    }
+    text
 }
 
 /// The names `NBD_OPT_LIST` returns.

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::support::client::{Client, SIMPLE, STRUCTURED};
-use crate::support::daemon::{Daemon, WAIT};
+use crate::support::daemon::WAIT;
 use crate::support::{pattern, poll};
 
-use super::{Site, assert_unknown, list, write_ok};
+use super::{Site, assert_unknown, exports_toml, list, write_ok};
 
 /// Writes and reads back on `c` until told to stop (or 100000 rounds), counting rounds.
 fn keep_busy(
@@ -46,25 +46,11 @@ fn sighup_adds_changes_and_removes_exports_and_leaves_the_others_alone() {
     let site = Site::new();
     site.raw("old.raw", 1 << 20, 0x11);
     site.raw("new.raw", 1 << 20, 0x22);
-    let file = site.config(
-        r#"
-listen = ["127.0.0.1:0"]
-
-[[exports]]
-name = "keep"
-image = "memory:1M"
-
-[[exports]]
-name = "change"
-image = "old.raw"
-
-[[exports]]
-name = "remove"
-image = "memory:1M"
-"#,
-    );
-    let mut server = Daemon::serve_config(&file, &[]);
-    let addr = server.tcp_addr();
+    let (mut server, addr) = site.serve(&exports_toml(&[
+        ("keep", "memory:1M"),
+        ("change", "old.raw"),
+        ("remove", "memory:1M"),
+    ]));
 
     let mut keep = Client::tcp(addr).unwrap();
     keep.handshake("keep", STRUCTURED).unwrap();
@@ -82,23 +68,11 @@ image = "memory:1M"
     let busy = keep_busy(keep, stop.clone(), rounds.clone());
     wait_past(&rounds, 0, 10);
 
-    site.config(
-        r#"
-listen = ["127.0.0.1:0"]
-
-[[exports]]
-name = "keep"
-image = "memory:1M"
-
-[[exports]]
-name = "change"
-image = "new.raw"
-
-[[exports]]
-name = "added"
-image = "memory:2M"
-"#,
-    );
+    site.config(&exports_toml(&[
+        ("keep", "memory:1M"),
+        ("change", "new.raw"),
+        ("added", "memory:2M"),
+    ]));
     server.signal(libc::SIGHUP);
     server.wait_for("reload complete");
 
@@ -143,18 +117,13 @@ image = "memory:2M"
 #[test]
 fn a_reload_with_an_invalid_file_keeps_the_running_configuration() {
     let site = Site::new();
-    let file = site
-        .config("listen = [\"127.0.0.1:0\"]\n[[exports]]\nname = \"a\"\nimage = \"memory:1M\"\n");
-    let mut server = Daemon::serve_config(&file, &[]);
-    let addr = server.tcp_addr();
+    let (mut server, addr) = site.serve(&exports_toml(&[("a", "memory:1M")]));
     let mut a = Client::tcp(addr).unwrap();
     a.handshake("a", SIMPLE).unwrap();
     write_ok(&mut a, 0, b"before");
 
-    site.config(
-        "listen = [\"127.0.0.1:0\"]\n[[exports]]\nname = \"a\"\nimage = \"memory:1M\"\n\
-         [[exports]]\nname = \"a\"\nimage = \"missing.raw\"\n",
-    );
+    // exports[1] starts at line 5 of the file.
+    let file = site.config(&exports_toml(&[("a", "memory:1M"), ("a", "missing.raw")]));
     server.signal(libc::SIGHUP);
     server.wait_for("keeping the running configuration");
     let log = server.log();
@@ -182,10 +151,7 @@ fn a_reload_with_an_invalid_file_keeps_the_running_configuration() {
     site.config("[[exports]\n");
     server.signal(libc::SIGHUP);
     server.wait_for_nth("keeping the running configuration", 2);
-    site.config(
-        "listen = [\"127.0.0.1:0\"]\n[[exports]]\nname = \"a\"\nimage = \"memory:1M\"\n\
-         [[exports]]\nname = \"b\"\nimage = \"memory:1M\"\n",
-    );
+    site.config(&exports_toml(&[("a", "memory:1M"), ("b", "memory:1M")]));
     server.signal(libc::SIGHUP);
     server.wait_for("reload complete");
     assert_eq!(list(addr), ["a", "b"]);
@@ -195,10 +161,7 @@ fn a_reload_with_an_invalid_file_keeps_the_running_configuration() {
 #[test]
 fn server_settings_changed_by_a_reload_wait_for_a_restart() {
     let site = Site::new();
-    let file = site
-        .config("listen = [\"127.0.0.1:0\"]\n[[exports]]\nname = \"a\"\nimage = \"memory:1M\"\n");
-    let mut server = Daemon::serve_config(&file, &[]);
-    let addr = server.tcp_addr();
+    let (mut server, addr) = site.serve(&exports_toml(&[("a", "memory:1M")]));
     site.config(
         "listen = [\"127.0.0.1:0\", \"unix:more.sock\"]\nmax_connections = 3\n\
          [[exports]]\nname = \"a\"\nimage = \"memory:1M\"\n",

@@ -2,10 +2,11 @@
 //! unsafe rebases, and a rebase that would make the chain loop.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use strata::image::ZeroMode;
+use tempfile::TempDir;
 
 use crate::support::{MIB, assert_same_bytes, pattern};
 
@@ -100,22 +101,22 @@ fn commit_into_a_strata_base() {
 // rebase
 // ---------------------------------------------------------------------------------------
 
-/// base1.raw and an overlay ov.strata changed by [`change_overlay`]; returns the
-/// overlay's contents.
-fn overlay_on_raw(d: &Path) -> Vec<u8> {
+/// A scratch directory holding base1.raw and an overlay ov.strata changed by
+/// [`change_overlay`]; returns the directory, the overlay's path and its contents.
+fn overlay_on_raw() -> (TempDir, PathBuf, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, ov) = (dir.path(), dir.path().join("ov.strata"));
     let mut expected = raw_file(&d.join("base1.raw"), 5, 20 * CS as usize);
     strata_ok(d, &["create", "-b", "base1.raw", "ov.strata"]);
-    change_overlay(&d.join("ov.strata"), &mut expected, 50);
-    assert_same_bytes("overlay", &read_image(&d.join("ov.strata")), &expected);
-    expected
+    change_overlay(&ov, &mut expected, 50);
+    assert_same_bytes("overlay", &read_image(&ov), &expected);
+    (dir, ov, expected)
 }
 
 #[test]
 fn rebase_onto_another_base_keeps_the_contents() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, ov, contents) = overlay_on_raw();
     let d = dir.path();
-    let ov = d.join("ov.strata");
-    let contents = overlay_on_raw(d);
     // The new base: the old one with a few clusters changed, as a Strata image.
     strata_ok(d, &["convert", "base1.raw", "base2.strata"]);
     write_image(
@@ -162,10 +163,8 @@ fn rebase_onto_another_base_keeps_the_contents() {
 
 #[test]
 fn rebase_without_backing_flattens() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, ov, contents) = overlay_on_raw();
     let d = dir.path();
-    let ov = d.join("ov.strata");
-    let contents = overlay_on_raw(d);
     let v = strata_ok(d, &["rebase", "--json", "--no-backing", p(&ov)]).json();
     assert!(num(&v, "copied") > 0, "{v:#}");
     let info = info_json(d, &ov);
@@ -178,10 +177,8 @@ fn rebase_without_backing_flattens() {
 
 #[test]
 fn unsafe_rebase_only_rewrites_the_reference() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, ov, contents) = overlay_on_raw();
     let d = dir.path();
-    let ov = d.join("ov.strata");
-    let contents = overlay_on_raw(d);
     let before = info_json(d, &ov);
     // The base moves: an unsafe rebase points the overlay at it without copying.
     fs::create_dir(d.join("moved")).unwrap();

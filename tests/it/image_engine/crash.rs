@@ -264,14 +264,22 @@ struct Setup {
     header: Header,
 }
 
-/// A raw base on a simulated disk: a pattern with a hole in it.
-fn raw_lower(len: u64) -> Lower {
+/// A raw base on a simulated disk, a pattern with a hole in it, and the backing entry
+/// of an image over it.
+fn raw_lower(len: u64) -> (Lower, Backing) {
     let mut bytes = pattern(7, 0, len);
     let hole = (len / 3) as usize;
     bytes[hole..hole + 20000].fill(0);
     let storage = SimStorage::with_contents(bytes);
     let identity = image::fingerprint(&storage, len).unwrap();
-    Lower::raw(Arc::new(storage), Path::new("base.raw"), identity).unwrap()
+    let lower = Lower::raw(Arc::new(storage), Path::new("base.raw"), identity).unwrap();
+    let backing = Backing {
+        kind: BackingKind::Raw,
+        path: "base.raw".into(),
+        size: len,
+        identity: lower.identity.1,
+    };
+    (lower, backing)
 }
 
 impl Scenario {
@@ -281,23 +289,11 @@ impl Scenario {
         let (lower, backing) = match self.under {
             Under::Nothing => (None, None),
             Under::Raw => {
-                let lower = raw_lower(raw_len);
-                let backing = Backing {
-                    kind: BackingKind::Raw,
-                    path: "base.raw".into(),
-                    size: raw_len,
-                    identity: lower.identity.1,
-                };
+                let (lower, backing) = raw_lower(raw_len);
                 (Some(lower), Some(backing))
             }
             Under::Strata => {
-                let raw = raw_lower(raw_len);
-                let raw_backing = Backing {
-                    kind: BackingKind::Raw,
-                    path: "base.raw".into(),
-                    size: raw_len,
-                    identity: raw.identity.1,
-                };
+                let (raw, raw_backing) = raw_lower(raw_len);
                 let mid = SimStorage::new();
                 let h = header(self.size, self.cluster_bits, 2, Some(raw_backing));
                 image::write_new(&mid, &h).unwrap();

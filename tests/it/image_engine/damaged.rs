@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use strata::ErrorKind;
 use strata::image::format::{self, Header};
 use strata::image::{self, CreateOptions, layer};
+use tempfile::TempDir;
 
 use crate::support::{images_open, scratch, spawn};
 
@@ -33,6 +34,23 @@ fn edited(src: &Path, dst: &Path, edit: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
     dst.to_path_buf()
 }
 
+/// A new image `disk.strata` in a scratch directory, of `size` bytes with `cluster`-byte
+/// clusters (the default for `None`), and each of `writes`, `(seed, offset, length)`,
+/// committed in turn. The caller holds `images_open()`.
+fn written_image(
+    size: u64,
+    cluster: Option<u64>,
+    writes: &[(u64, u64, u64)],
+) -> (TempDir, PathBuf) {
+    let (dir, path) = scratch("disk.strata");
+    create(&path, Some(size), cluster, None);
+    let chain = open_rw(&path);
+    for &(seed, at, len) in writes {
+        chain.write(at, &pattern(seed, at, len), true).unwrap();
+    }
+    (dir, path)
+}
+
 /// The metadata of the image at `path`.
 fn scan_file(path: &Path) -> layer::Scan {
     let storage = strata::image::storage::FileStorage::open_unlocked(path).unwrap();
@@ -43,57 +61,40 @@ fn scan_file(path: &Path) -> layer::Scan {
 fn truncated_images_are_refused() {
     const CS: u64 = 4096;
     let _images = images_open();
-    let (dir, path) = scratch("disk.strata");
-    create(&path, Some(4 << 20), Some(CS), None);
-    {
-        // Three clusters, then their map page pair, then one more cluster.
-        let chain = open_rw(&path);
-        chain.write(0, &pattern(1, 0, 3 * CS), true).unwrap();
-        chain
-            .write(10 * CS, &pattern(2, 10 * CS, CS), true)
-            .unwrap();
-    }
+    // Three clusters, then their map page pair, then one more cluster.
+    let (dir, path) = written_image(4 << 20, Some(CS), &[(1, 0, 3 * CS), (2, 10 * CS, CS)]);
     let scan = scan_file(&path);
     let pair = scan.pairs[&0].offset;
     let last = std::fs::metadata(&path).unwrap().len() - CS;
-    let cut =
-        |name: &str, len: u64| edited(&path, &dir.path().join(name), |b| b.truncate(len as usize));
-    let header_only = cut("header.strata", 5000);
-    refused_both_ways(
-        &header_only,
-        ErrorKind::Corrupt,
-        &header_only,
-        &["truncated: 5000 bytes", "header"],
-    );
-    let table = cut("table.strata", scan.header.data_start() - 100);
-    refused_both_ways(
-        &table,
-        ErrorKind::Corrupt,
-        &table,
-        &["corrupt image", "truncated", "map table"],
-    );
-    let data = cut("data.strata", last);
-    refused_both_ways(
-        &data,
-        ErrorKind::Corrupt,
-        &data,
-        &["corrupt image", "cluster 10", "past the end of the file"],
-    );
-    let map = cut("map.strata", pair + 100);
-    refused_both_ways(
-        &map,
-        ErrorKind::Corrupt,
-        &map,
-        &["corrupt image", "map page 0", "outside the file"],
-    );
+    // Copies cut short at four places, each named for the part the cut falls in.
+    let cuts: [(&str, u64, &[&str]); 4] = [
+        ("header.strata", 5000, &["truncated: 5000 bytes", "header"]),
+        (
+            "table.strata",
+            scan.header.data_start() - 100,
+            &["corrupt image", "truncated", "map table"],
+        ),
+        (
+            "data.strata",
+            last,
+            &["corrupt image", "cluster 10", "past the end of the file"],
+        ),
+        (
+            "map.strata",
+            pair + 100,
+            &["corrupt image", "map page 0", "outside the file"],
+        ),
+    ];
+    for (name, len, words) in cuts {
+        let cut = edited(&path, &dir.path().join(name), |b| b.truncate(len as usize));
+        refused_both_ways(&cut, ErrorKind::Corrupt, &cut, words);
+    }
 }
 
 #[test]
 fn damaged_headers_are_refused_and_one_torn_copy_is_survived() {
     let _images = images_open();
-    let (dir, path) = scratch("disk.strata");
-    create(&path, Some(1 << 20), None, None);
-    open_rw(&path).write(0, &pattern(1, 0, 5000), true).unwrap();
+    let (dir, path) = written_image(1 << 20, None, &[(1, 0, 5000)]);
     // A second header version (an unknown compatible feature bit: kept, ignored), in
     // slot 1.
     {
@@ -166,18 +167,10 @@ fn damaged_headers_are_refused_and_one_torn_copy_is_survived() {
 fn damaged_map_pages_are_refused_and_one_torn_copy_is_survived() {
     const CS: u64 = 4096;
     let _images = images_open();
-    let (dir, path) = scratch("disk.strata");
-    create(&path, Some(4 << 20), Some(CS), None);
-    {
-        // Three commits: map page 0 twice (its second version adds cluster 1), then
-        // page 1, which rewrites the L1 page.
-        let chain = open_rw(&path);
-        for (seed, c) in [(1, 0), (2, 1), (3, 600)] {
-            chain
-                .write(c * CS, &pattern(seed, c * CS, CS), true)
-                .unwrap();
-        }
-    }
+    // Three commits: map page 0 twice (its second version adds cluster 1), then page 1,
+    // which rewrites the L1 page.
+    let writes = [(1, 0, CS), (2, CS, CS), (3, 600 * CS, CS)];
+    let (dir, path) = written_image(4 << 20, Some(CS), &writes);
     let scan = scan_file(&path);
     let slot = |offset: u64, newest: usize, which: usize| {
         (offset + [newest, 1 - newest][which] as u64 * 4096) as usize
@@ -262,9 +255,7 @@ fn damaged_map_pages_are_refused_and_one_torn_copy_is_survived() {
 fn a_page_whose_sequence_number_cannot_be_followed_is_not_current() {
     const CS: u64 = 4096;
     let _images = images_open();
-    let (_dir, path) = scratch("disk.strata");
-    create(&path, Some(1 << 20), Some(CS), None);
-    open_rw(&path).write(0, &pattern(1, 0, CS), true).unwrap();
+    let (_dir, path) = written_image(1 << 20, Some(CS), &[(1, 0, CS)]);
     let scan = scan_file(&path);
     let pair = scan.pairs[&0];
     // The pair's unused slot gets the same entries under sequence u64::MAX.

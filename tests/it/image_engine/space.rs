@@ -83,12 +83,17 @@ fn assert_survives(disk: &SimStorage, expected: &[(u64, Vec<u8>)], what: &str) {
     }
 }
 
-/// A fresh 4 MiB image with 4 KiB clusters on a simulated disk, and the image opened.
-fn fresh_sim_image() -> (Arc<SimStorage>, Chain) {
+/// A fresh 4 MiB image with 4 KiB clusters on a simulated disk, opened, holding `len`
+/// bytes of data at offset 0, committed; the disk then has room for `room` more bytes
+/// only. Returns the disk, the image and the data.
+fn nearly_full_sim_image(len: u64, room: u64) -> (Arc<SimStorage>, Chain, Vec<u8>) {
     let sim = Arc::new(SimStorage::new());
     image::write_new(sim.as_ref(), &header(4 << 20, 12, 1, None)).unwrap();
     let chain = open_sim(sim.clone(), None, "fresh");
-    (sim, chain)
+    let first = pattern(1, 0, len);
+    chain.write(0, &first, true).unwrap();
+    sim.set_capacity(Some(sim.len().unwrap() + room));
+    (sim, chain, first)
 }
 
 /// Asserts that `err` says the disk holding the image is full, naming the image.
@@ -101,14 +106,9 @@ fn assert_no_space(err: &strata::Error) {
 #[test]
 fn running_out_of_space_fails_writes_cleanly_and_keeps_the_image_sound() {
     const CS: u64 = 4096;
-    let (sim, chain) = fresh_sim_image();
-    // Ten clusters, flushed: the first map page has its pair now.
-    let first = pattern(1, 0, 10 * CS);
-    chain.write(0, &first, false).unwrap();
-    chain.flush().unwrap();
-
-    // Room for three more clusters.
-    sim.set_capacity(Some(sim.len().unwrap() + 3 * CS));
+    // Ten clusters, flushed: the first map page has its pair now. Then room for three
+    // more clusters.
+    let (sim, chain, first) = nearly_full_sim_image(10 * CS, 3 * CS);
     let three = pattern(2, 20 * CS, 3 * CS);
     chain.write(20 * CS, &three, false).unwrap();
     let mut expected = first.clone();
@@ -158,13 +158,9 @@ fn running_out_of_space_fails_writes_cleanly_and_keeps_the_image_sound() {
 #[test]
 fn running_out_of_space_in_a_flush_keeps_the_last_commit() {
     const CS: u64 = 4096;
-    let (sim, chain) = fresh_sim_image();
-    let first = pattern(1, 0, 3 * CS);
-    chain.write(0, &first, true).unwrap();
-
     // Room for one cluster: a write to the second map page fits, the page pair its
     // commit needs does not.
-    sim.set_capacity(Some(sim.len().unwrap() + CS));
+    let (sim, chain, first) = nearly_full_sim_image(3 * CS, CS);
     let far = pattern(2, 600 * CS, CS);
     chain.write(600 * CS, &far, false).unwrap();
     for _ in 0..2 {

@@ -1,6 +1,7 @@
 //! Out of space: writes beyond the file size limit fail with `ENOSPC`.
 
 use std::fs;
+use std::path::Path;
 
 use crate::support::client::{Client, SIMPLE};
 use crate::support::spec::{CMD_FLUSH, CMD_TRIM, CMD_WRITE, ENOSPC};
@@ -18,6 +19,17 @@ fn conn(server: &Server) -> Client {
     let mut c = Client::tcp(*addr).unwrap();
     c.handshake(server.export_name(), SIMPLE).unwrap();
     c
+}
+
+/// Stops `server` (SIGTERM: it must exit cleanly), checks `disk.strata` in `d` and
+/// returns what it holds, whose first 20 MiB must be `expected`'s (`what` says when).
+fn stop_and_read(mut server: Server, d: &Path, expected: &[u8], what: &str) -> Vec<u8> {
+    server.stop_cleanly_with(libc::SIGTERM);
+    assert_clean(d, "disk.strata");
+    let got = contents(d, "disk.strata");
+    let head = 20 * MIB as usize;
+    assert_same_bytes(what, &got[..head], &expected[..head]);
+    got
 }
 
 #[test]
@@ -45,7 +57,7 @@ fn writes_beyond_the_file_size_limit_fail_with_enospc() {
 
     // The file may not grow at all: new clusters cannot be stored.
     let len = fs::metadata(&img).unwrap().len();
-    let mut server = file(&img).file_size_limit(len).start();
+    let server = file(&img).file_size_limit(len).start();
     let mut c = conn(&server);
     let new = pattern(61, CS as usize);
     assert_eq!(
@@ -96,14 +108,7 @@ fn writes_beyond_the_file_size_limit_fail_with_enospc() {
         &expected[..4 * CS as usize],
     );
     drop((c, c2));
-    server.stop_cleanly_with(libc::SIGTERM);
-    assert_clean(d, "disk.strata");
-    let got = contents(d, "disk.strata");
-    assert_same_bytes(
-        "before the failed write",
-        &got[..20 * MIB as usize],
-        &expected[..20 * MIB as usize],
-    );
+    let got = stop_and_read(server, d, &expected, "before the failed write");
     assert_same_bytes(
         "after the failed write",
         &got[22 * MIB as usize..],
@@ -113,7 +118,7 @@ fn writes_beyond_the_file_size_limit_fail_with_enospc() {
     // Room for one more cluster, not for the map page a far cluster needs: the write
     // succeeds, the flush that would make it durable fails and says so.
     let len = fs::metadata(&img).unwrap().len();
-    let mut server = file(&img).file_size_limit(len + CS).start();
+    let server = file(&img).file_size_limit(len + CS).start();
     let mut c = conn(&server);
     let far = 40 * MIB;
     assert_eq!(
@@ -148,14 +153,7 @@ fn writes_beyond_the_file_size_limit_fail_with_enospc() {
         &expected[..4 * CS as usize],
     );
     drop(c);
-    server.stop_cleanly_with(libc::SIGTERM);
-    assert_clean(d, "disk.strata");
-    let got = contents(d, "disk.strata");
-    assert_same_bytes(
-        "flushed data after restart",
-        &got[..20 * MIB as usize],
-        &expected[..20 * MIB as usize],
-    );
+    let got = stop_and_read(server, d, &expected, "flushed data after restart");
     assert!(
         got[far as usize..(far + CS) as usize]
             .iter()

@@ -2,11 +2,11 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::{run_timeout, scratch, strata};
 
-use super::{Launcher, golden};
+use super::{golden, serve_unix, succeeds};
 
 fn vm_cmd(root: &Path) -> Command {
     let mut c = strata();
@@ -66,11 +66,7 @@ fn bad_input_gets_clear_messages() {
 
     // An unreachable server: the VM never starts, the bundle is as it was.
     let url = format!("nbd+unix:///x?socket={}/nothing.sock", dir.path().display());
-    let r = run_timeout(
-        vm_cmd(&root).args(["create", "far", "--qemu", "/bin/true", "--disk", &url]),
-        Duration::from_secs(30),
-    );
-    assert!(r.success(), "{}", r.report());
+    succeeds(vm_cmd(&root).args(["create", "far", "--qemu", "/bin/true", "--disk", &url]));
     let config = std::fs::read(root.join("far/config.json")).unwrap();
     fails_with(
         vm_cmd(&root).args(["run", "far"]),
@@ -86,24 +82,9 @@ fn bad_input_gets_clear_messages() {
 
     // A server that answers but has no such export.
     let sock = dir.path().join("s.sock");
-    let mut server = strata();
-    server
-        .arg("serve")
-        .arg("--listen")
-        .arg(format!("unix:{}", sock.display()))
-        .arg(&image);
-    let server = Launcher::spawn(server, dir.path().join("s.log"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "{}", server.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let server = serve_unix(&sock, &[image.as_os_str()], &sock, dir.path().join("s.log"));
     let url = format!("nbd+unix:///wrong?socket={}", sock.display());
-    let r = run_timeout(
-        vm_cmd(&root).args(["create", "wrong", "--qemu", "/bin/true", "--disk", &url]),
-        Duration::from_secs(30),
-    );
-    assert!(r.success(), "{}", r.report());
+    succeeds(vm_cmd(&root).args(["create", "wrong", "--qemu", "/bin/true", "--disk", &url]));
     fails_with(
         vm_cmd(&root).args(["run", "wrong"]),
         "has no export named \"wrong\"",
@@ -112,13 +93,11 @@ fn bad_input_gets_clear_messages() {
     drop(server);
 
     // Hosts that cannot run the VM.
-    let r = run_timeout(
+    succeeds(
         vm_cmd(&root)
             .args(["create", "mac", "--platform", "macos", "--disk"])
             .arg(&image),
-        Duration::from_secs(30),
     );
-    assert!(r.success(), "{}", r.report());
     if cfg!(not(target_os = "macos")) {
         fails_with(
             vm_cmd(&root).args(["run", "mac"]),
@@ -129,7 +108,7 @@ fn bad_input_gets_clear_messages() {
             "installing macOS needs a Mac",
         );
     }
-    let r = run_timeout(
+    succeeds(
         vm_cmd(&root)
             .args([
                 "create",
@@ -139,21 +118,17 @@ fn bad_input_gets_clear_messages() {
                 "--disk",
             ])
             .arg(&image),
-        Duration::from_secs(30),
     );
-    assert!(r.success(), "{}", r.report());
     fails_with(
         vm_cmd(&root).args(["run", "noqemu"]),
         "qemu-system-nonesuch is not installed",
     );
     // A QEMU that fails at once: reported, and the overlay made for the run is gone.
-    let r = run_timeout(
+    succeeds(
         vm_cmd(&root)
             .args(["create", "badqemu", "--qemu", "/bin/false", "--disk"])
             .arg(&image),
-        Duration::from_secs(30),
     );
-    assert!(r.success(), "{}", r.report());
     fails_with(
         vm_cmd(&root)
             .args(["run", "badqemu", "--serve"])
@@ -172,13 +147,12 @@ fn bad_input_gets_clear_messages() {
         "{}",
         r.report()
     );
-    let r = run_timeout(vm_cmd(&root).arg("list"), Duration::from_secs(30));
-    assert!(r.success(), "{}", r.report());
+    let r = succeeds(vm_cmd(&root).arg("list"));
     for name in ["far", "wrong", "mac", "noqemu"] {
         assert!(r.stdout.contains(name), "{}", r.stdout);
     }
     // Resume without checkpoints.
-    let r = run_timeout(
+    succeeds(
         vm_cmd(&root)
             .args([
                 "create",
@@ -189,9 +163,7 @@ fn bad_input_gets_clear_messages() {
                 "--disk",
             ])
             .arg(&image),
-        Duration::from_secs(30),
     );
-    assert!(r.success(), "{}", r.report());
     fails_with(vm_cmd(&root).args(["resume", "local"]), "has no checkpoint");
     fails_with(
         vm_cmd(&root).args(["run", "local", "--serve"]).arg(&image),

@@ -3,24 +3,17 @@
 
 use std::time::{Duration, Instant};
 
-use super::guest::build_guest;
 use super::{
-    GOLDEN, GUEST_TIMEOUT, MARKER, MARKER_OFFSET, TICK_OFFSET, Vm, golden, last_tick, raw_copy,
+    GOLDEN, GUEST_TIMEOUT, MARKER, MARKER_OFFSET, Rig, TICK_OFFSET, Vm, last_tick, raw_copy,
     read_at, wait_for,
 };
 
 #[test]
 fn boot_write_poweroff_checkpoint_resume() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(guest) = build_guest(dir.path()) else {
+    let Some(rig) = Rig::new() else {
         return;
     };
-    let golden = golden(dir.path());
-    let vm = Vm {
-        root: dir.path().join("vms"),
-        name: "e2e",
-    };
-    vm.create(&guest, golden.to_str().unwrap(), &["--overlay"]);
+    let vm = rig.vm("e2e", rig.golden_disk(), &["--overlay"]);
     let overlay = vm.bundle().join("disk.strata");
     assert!(overlay.is_file());
 
@@ -43,25 +36,21 @@ fn boot_write_poweroff_checkpoint_resume() {
         console.contains("golden says GOLDEN-IMAGE-0001"),
         "{console}"
     );
-    assert!(
-        first.log().contains("VM stopped: the guest powered off"),
-        "{}",
-        first.log()
-    );
+    first.assert_logged("VM stopped: the guest powered off");
     eprintln!(
         "TIMING boot to poweroff: {:.2} s",
         boot_to_poweroff.as_secs_f64()
     );
 
     // The bytes, through Strata: the marker in the overlay, the golden image untouched.
-    let raw = raw_copy(&overlay, &dir.path().join("after-boot1.raw"));
+    let raw = raw_copy(&overlay, &rig.path().join("after-boot1.raw"));
     assert_eq!(read_at(&raw, 0, GOLDEN.len()), GOLDEN);
     assert_eq!(
         read_at(&raw, MARKER_OFFSET, MARKER.len()),
         MARKER.as_bytes()
     );
     assert_eq!(
-        read_at(&golden, MARKER_OFFSET, MARKER.len()),
+        read_at(&rig.golden, MARKER_OFFSET, MARKER.len()),
         vec![0; MARKER.len()]
     );
 
@@ -84,13 +73,8 @@ fn boot_write_poweroff_checkpoint_resume() {
         "{}",
         r.stdout
     );
-    let status = second.wait(Duration::from_secs(30));
-    assert!(status.success(), "{}", second.log());
-    assert!(
-        second.log().contains("suspended to checkpoint ckpt-1"),
-        "{}",
-        second.log()
-    );
+    second.assert_exits_ok();
+    second.assert_logged("suspended to checkpoint ckpt-1");
     eprintln!(
         "TIMING suspend (pause + snapshot + state + stop): {:.2} s: {}",
         suspend_time.as_secs_f64(),
@@ -111,7 +95,7 @@ fn boot_write_poweroff_checkpoint_resume() {
     let state = vm.bundle().join("checkpoints/ckpt-1.state");
     assert!(std::fs::metadata(&state).unwrap().len() > 0);
     let snapshot = vm.bundle().join("disk.strata@vm.ckpt-1");
-    let raw = raw_copy(&snapshot, &dir.path().join("ckpt-1.raw"));
+    let raw = raw_copy(&snapshot, &rig.path().join("ckpt-1.raw"));
     assert_eq!(
         read_at(&raw, MARKER_OFFSET, MARKER.len()),
         MARKER.as_bytes()
@@ -150,11 +134,7 @@ fn boot_write_poweroff_checkpoint_resume() {
         boots_before,
         "the guest booted again instead of resuming\n{console}"
     );
-    assert!(
-        third.log().contains("resumed from checkpoint ckpt-1"),
-        "{}",
-        third.log()
-    );
+    third.assert_logged("resumed from checkpoint ckpt-1");
     let r = vm.ctl(&["status", "e2e"]);
     assert!(
         r.success() && r.stdout.contains("\"running\""),
@@ -169,13 +149,7 @@ fn boot_write_poweroff_checkpoint_resume() {
         "{}",
         r.report()
     );
-    let r = vm.ctl(&["stop", "e2e", "--force"]);
-    assert!(r.success(), "{}", r.report());
-    assert!(
-        third.wait(Duration::from_secs(30)).success(),
-        "{}",
-        third.log()
-    );
+    vm.force_stop(&mut third);
     assert!(!vm.bundle().join("launcher.sock").exists());
     assert!(!vm.bundle().join("nbd.sock").exists());
     let r = vm.ctl(&["resume", "e2e", "--checkpoint", "ckpt-1"]);
@@ -238,21 +212,15 @@ fn boot_write_poweroff_checkpoint_resume() {
     assert!(r.success(), "{}\n{}", r.report(), fourth.log());
     assert!(!vm.bundle().join("checkpoints/scratch.state").exists());
     assert!(!vm.bundle().join("disk.strata@vm.scratch").exists());
-    let r = vm.ctl(&["stop", "e2e", "--force"]);
-    assert!(r.success(), "{}", r.report());
-    assert!(
-        fourth.wait(Duration::from_secs(30)).success(),
-        "{}",
-        fourth.log()
-    );
-    let before = raw_copy(&overlay, &dir.path().join("before-delete.raw"));
+    vm.force_stop(&mut fourth);
+    let before = raw_copy(&overlay, &rig.path().join("before-delete.raw"));
     let r = vm.ctl(&["delete-checkpoint", "e2e", "ckpt-1"]);
     assert!(r.success(), "{}", r.report());
     let r = vm.ctl(&["checkpoints", "e2e"]);
     assert!(!r.stdout.contains("ckpt-1"), "{}", r.report());
     assert!(!vm.bundle().join("checkpoints/ckpt-1.state").exists());
     assert!(!vm.bundle().join("disk.strata@vm.ckpt-1").exists());
-    let after = raw_copy(&overlay, &dir.path().join("after-delete.raw"));
+    let after = raw_copy(&overlay, &rig.path().join("after-delete.raw"));
     assert!(
         std::fs::read(&before).unwrap() == std::fs::read(&after).unwrap(),
         "deleting a checkpoint changed the disk"

@@ -2,10 +2,9 @@
 
 use std::time::Duration;
 
-use crate::support::{poll, run_timeout, strata};
+use crate::support::{poll, strata};
 
-use super::guest::build_guest;
-use super::{GUEST_TIMEOUT, Launcher, MARKER, MARKER_OFFSET, Vm, golden, last_tick};
+use super::{GUEST_TIMEOUT, Launcher, MARKER, MARKER_OFFSET, Rig, Vm, last_tick, succeeds};
 
 /// Waits until the launcher says the VM runs and the guest has ticked `ticks` times
 /// since the console held `seen` bytes.
@@ -30,26 +29,20 @@ fn wait_running(vm: &Vm, launcher: &Launcher, seen: usize, ticks: u64) {
 /// of taking the same checkpoint afterwards.
 #[test]
 fn a_crashed_suspend_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(guest) = build_guest(dir.path()) else {
+    let Some(rig) = Rig::new() else {
         return;
     };
     // A golden image that has the marker already: the guest ticks at once.
-    let golden = golden(dir.path());
     {
         use std::os::unix::fs::FileExt as _;
         let f = std::fs::OpenOptions::new()
             .write(true)
-            .open(&golden)
+            .open(&rig.golden)
             .unwrap();
         f.write_all_at(format!("{MARKER}\n").as_bytes(), MARKER_OFFSET)
             .unwrap();
     }
-    let vm = Vm {
-        root: dir.path().join("vms"),
-        name: "crash",
-    };
-    vm.create(&guest, golden.to_str().unwrap(), &["--overlay"]);
+    let vm = rig.vm("crash", rig.golden_disk(), &["--overlay"]);
     for (round, failpoint) in ["vm-suspend-snapshotted", "vm-suspend-saved"]
         .iter()
         .enumerate()
@@ -64,11 +57,7 @@ fn a_crashed_suspend_loses_nothing() {
         assert!(!r.success(), "{}", r.report());
         let status = run.wait(Duration::from_secs(30));
         assert!(!status.success(), "{}", run.log());
-        assert!(
-            run.log().contains(&format!("failpoint {failpoint}")),
-            "{}",
-            run.log()
-        );
+        run.assert_logged(&format!("failpoint {failpoint}"));
         // Nothing listed; the bundle is whole and not locked.
         let r = vm.ctl(&["checkpoints", "crash"]);
         assert!(r.success() && !r.stdout.contains("c1"), "{}", r.report());
@@ -85,12 +74,8 @@ fn a_crashed_suspend_loses_nothing() {
     wait_running(&vm, &run, seen, 2);
     let r = vm.ctl(&["suspend", "crash", "--checkpoint", "c1", "--stop"]);
     assert!(r.success(), "{}\n{}", r.report(), run.log());
-    assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.log());
+    run.assert_exits_ok();
     let r = vm.ctl(&["checkpoints", "crash"]);
     assert!(r.stdout.contains("c1"), "{}", r.report());
-    let r = run_timeout(
-        strata().arg("check").arg(vm.bundle().join("disk.strata")),
-        Duration::from_secs(30),
-    );
-    assert!(r.success(), "{}", r.report());
+    succeeds(strata().arg("check").arg(vm.bundle().join("disk.strata")));
 }

@@ -18,11 +18,15 @@ mod crash;
 mod guest;
 mod remote;
 
+use std::ffi::OsStr;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{harden, poll, run_timeout, spawn, strata};
+use tempfile::TempDir;
+
+use crate::support::{CmdOutput, harden, poll, run_timeout, spawn, strata};
 
 use guest::Guest;
 
@@ -60,6 +64,20 @@ impl Launcher {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (30 s at most) for the launcher to exit, which it must do successfully.
+    #[track_caller]
+    fn assert_exits_ok(&mut self) {
+        let status = self.wait(Duration::from_secs(30));
+        assert!(status.success(), "{}", self.log());
+    }
+
+    /// Asserts that the log says `want`.
+    #[track_caller]
+    fn assert_logged(&self, want: &str) {
+        let log = self.log();
+        assert!(log.contains(want), "{want:?} is not in the log\n{log}");
+    }
+
     /// Waits for the launcher to exit; panics with its log after `timeout`.
     fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let exited = poll(timeout, || self.child.try_wait().unwrap());
@@ -83,6 +101,32 @@ impl Drop for Launcher {
             eprintln!("--- launcher log ---\n{}", self.log());
         }
     }
+}
+
+/// `strata serve --listen unix:SOCKET ARGS...` in the background, its log in `log`;
+/// returns once `ready` (the NBD socket, or another socket the server makes) accepts
+/// connections.
+fn serve_unix(socket: &Path, args: &[&OsStr], ready: &Path, log: PathBuf) -> Launcher {
+    let mut cmd = strata();
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()))
+        .args(args);
+    let server = Launcher::spawn(cmd, log);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(ready).is_err() {
+        assert!(Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server
+}
+
+/// Runs `cmd` (bounded), which must succeed.
+#[track_caller]
+fn succeeds(cmd: &mut Command) -> CmdOutput {
+    let r = run_timeout(cmd, Duration::from_secs(30));
+    assert!(r.success(), "{}", r.report());
+    r
 }
 
 /// Waits until `file` holds a line containing `want`; returns the file's contents.
@@ -140,6 +184,44 @@ fn raw_copy(image: &Path, out: &Path) -> PathBuf {
     out.to_path_buf()
 }
 
+/// What the VM tests start from: a scratch directory holding the test guest and a
+/// golden image ([`golden`]), and the root of the VM bundles, `vms/`, in it.
+struct Rig {
+    dir: TempDir,
+    guest: Guest,
+    golden: PathBuf,
+}
+
+impl Rig {
+    /// `None` when the guest cannot be made here (the test then returns: see
+    /// [`guest::build_guest`]).
+    fn new() -> Option<Rig> {
+        let dir = tempfile::tempdir().unwrap();
+        let guest = guest::build_guest(dir.path())?;
+        let golden = golden(dir.path());
+        Some(Rig { dir, guest, golden })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Creates the VM `name` of the test guest on `disk` (see [`Vm::create`]).
+    fn vm(&self, name: &'static str, disk: &str, extra: &[&str]) -> Vm {
+        let vm = Vm {
+            root: self.path().join("vms"),
+            name,
+        };
+        vm.create(&self.guest, disk, extra);
+        vm
+    }
+
+    /// The golden image as a `--disk` argument.
+    fn golden_disk(&self) -> &str {
+        self.golden.to_str().unwrap()
+    }
+}
+
 fn golden(dir: &Path) -> PathBuf {
     let path = dir.join("golden.raw");
     let f = std::fs::File::create(&path).unwrap();
@@ -170,7 +252,7 @@ impl Vm {
     }
 
     fn create(&self, guest: &Guest, disk: &str, extra: &[&str]) {
-        let r = run_timeout(
+        succeeds(
             self.cmd()
                 .args(["create", self.name, "--disk", disk])
                 .args([
@@ -188,9 +270,7 @@ impl Vm {
                 .arg(&guest.initrd)
                 .args(["--cmdline", "console=ttyS0 quiet"])
                 .args(extra),
-            Duration::from_secs(30),
         );
-        assert!(r.success(), "{}", r.report());
     }
 
     fn launch(&self, args: &[&str], log: &str) -> Launcher {
@@ -199,7 +279,15 @@ impl Vm {
         Launcher::spawn(c, self.root.join(log))
     }
 
-    fn ctl(&self, args: &[&str]) -> crate::support::CmdOutput {
+    fn ctl(&self, args: &[&str]) -> CmdOutput {
         run_timeout(self.cmd().args(args), Duration::from_secs(120))
+    }
+
+    /// Stops the VM with `stop --force`; `run`, its launcher, must then exit successfully.
+    #[track_caller]
+    fn force_stop(&self, run: &mut Launcher) {
+        let r = self.ctl(&["stop", self.name, "--force"]);
+        assert!(r.success(), "{}", r.report());
+        run.assert_exits_ok();
     }
 }

@@ -1,92 +1,70 @@
 //! A VM on a disk it does not own: a throwaway overlay served for one run, and a disk
 //! server that vanishes under a running VM.
 
+use std::ffi::OsStr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::support::{run_timeout, strata};
+use crate::support::strata;
 
-use super::guest::build_guest;
-use super::{GUEST_TIMEOUT, Launcher, MARKER, MARKER_OFFSET, Vm, golden, read_at, wait_for};
+use super::{
+    GUEST_TIMEOUT, MARKER, MARKER_OFFSET, Rig, Vm, read_at, serve_unix, succeeds, wait_for,
+};
 
 /// A throwaway VM from a golden image in one command, and a disk server that vanishes
 /// under a running VM: the guest's I/O errors are reported, a suspend then fails
 /// cleanly, and the checkpoint taken before is still there.
 #[test]
 fn serve_discard_and_a_vanishing_server() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(guest) = build_guest(dir.path()) else {
+    let Some(rig) = Rig::new() else {
         return;
     };
-    let golden = golden(dir.path());
+    let dir = rig.path();
 
     // run --serve --discard: boots on a fresh overlay, which is gone afterwards.
-    let vm = Vm {
-        root: dir.path().join("vms"),
-        name: "tmp",
-    };
-    vm.create(&guest, golden.to_str().unwrap(), &[]);
+    let vm = rig.vm("tmp", rig.golden_disk(), &[]);
     let mut run = vm.launch(
-        &[
-            "run",
-            "tmp",
-            "--serve",
-            golden.to_str().unwrap(),
-            "--discard",
-        ],
+        &["run", "tmp", "--serve", rig.golden_disk(), "--discard"],
         "serve.log",
     );
     assert!(run.wait(GUEST_TIMEOUT).success(), "{}", run.log());
-    assert!(run.log().contains("discarded"), "{}", run.log());
+    run.assert_logged("discarded");
     assert!(!vm.bundle().join("disk.strata").exists());
     assert_eq!(
-        read_at(&golden, MARKER_OFFSET, 4),
+        read_at(&rig.golden, MARKER_OFFSET, 4),
         vec![0; 4],
         "golden untouched"
     );
 
     // An external server with a control API, serving an image that already has the
     // marker, so that the guest ticks.
-    let image = dir.path().join("remote.strata");
-    let r = run_timeout(
+    let image = dir.join("remote.strata");
+    succeeds(
         strata()
             .arg("create")
             .arg(&image)
             .arg("--backing")
-            .arg(&golden),
-        Duration::from_secs(30),
+            .arg(&rig.golden),
     );
-    assert!(r.success(), "{}", r.report());
-    write_marker(&image, dir.path());
-    let nbd = dir.path().join("remote.sock");
-    let control = dir.path().join("remote-control.sock");
-    let mut server = strata();
-    server
-        .arg("serve")
-        .arg("--listen")
-        .arg(format!("unix:{}", nbd.display()))
-        .arg("--control")
-        .arg(&control)
-        .args(["--name", "remote"])
-        .arg(&image);
-    let mut server = Launcher::spawn(server, dir.path().join("server.log"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !control.exists() {
-        assert!(Instant::now() < deadline, "{}", server.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let remote = Vm {
-        root: dir.path().join("vms"),
-        name: "remote",
-    };
+    write_marker(&image, dir);
+    let nbd = dir.join("remote.sock");
+    let control = dir.join("remote-control.sock");
+    let args = [
+        OsStr::new("--control"),
+        control.as_os_str(),
+        OsStr::new("--name"),
+        OsStr::new("remote"),
+        image.as_os_str(),
+    ];
+    let mut server = serve_unix(&nbd, &args, &control, dir.join("server.log"));
     let url = format!("nbd+unix:///remote?socket={}", nbd.display());
-    remote.create(
-        &guest,
+    let remote = rig.vm(
+        "remote",
         &url,
         &["--control", control.to_str().unwrap(), "--timeout", "1"],
     );
     let mut run = remote.launch(&["run", "remote"], "remote.log");
-    let context = || std::fs::read_to_string(dir.path().join("vms/remote.log")).unwrap_or_default();
+    let context = || std::fs::read_to_string(dir.join("vms/remote.log")).unwrap_or_default();
     wait_for(
         &remote.console(),
         "STRATA-E2E-TICK 2",
@@ -147,22 +125,9 @@ fn remote_console(vm: &Vm) -> String {
 /// marker goes in with the NBD crate's client instead.
 fn write_marker(image: &Path, dir: &Path) {
     let sock = dir.join("marker.sock");
-    let mut server = strata();
-    server
-        .arg("serve")
-        .arg("--listen")
-        .arg(format!("unix:{}", sock.display()))
-        .arg(image);
-    let mut server = Launcher::spawn(server, dir.join("marker-server.log"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let stream = loop {
-        if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "{}", server.log());
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stream = stream;
+    let log = dir.join("marker-server.log");
+    let mut server = serve_unix(&sock, &[image.as_os_str()], &sock, log);
+    let mut stream = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     let name = image.file_stem().unwrap().to_string_lossy().into_owned();
     let export = nbd::client::handshake(&mut stream, name.as_bytes()).expect("handshake");
     let mut client = nbd::client::NbdClient::new(&mut stream, &export);
