@@ -1,14 +1,16 @@
 //! Volumes with history on the command line: `strata create --history` and `strata
 //! history`. The work is in [`strata::history`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 use strata::api::{HistoryView, PointInfo};
 use strata::history::engine::DEFAULT_SEGMENT_BYTES;
-use strata::history::{CreateHistory, History};
+use strata::history::{CreateHistory, History, PointSpec};
+use strata::image::tools;
 use strata::size::format_size;
 
 use super::image::CreateArgs;
@@ -134,4 +136,24 @@ pub(crate) fn render(view: &HistoryView, all: bool) -> String {
         out += &table.render();
     }
     out
+}
+
+/// `strata convert` of a volume with history: its live disk, or the disk at `at`.
+pub fn convert(
+    volume: &Path,
+    at: Option<&str>,
+    dst: &Path,
+    format: tools::OutputFormat,
+    cluster_size: Option<u64>,
+    progress: tools::Progress<'_>,
+) -> strata::Result<tools::CopyReport> {
+    let history = Arc::new(History::inspect(volume)?);
+    match at {
+        None => tools::convert_from(history.as_ref(), dst, format, cluster_size, progress),
+        Some(text) => {
+            let point = history.resolve(PointSpec::parse(text)?)?;
+            let view = history.view(point)?;
+            tools::convert_from(&view, dst, format, cluster_size, progress)
+        }
+    }
 }

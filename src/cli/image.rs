@@ -122,10 +122,15 @@ pub enum OutFormat {
 /// `strata convert`
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
-    /// Source: a Strata image (its whole chain is read) or a raw file or device.
+    /// Source: a Strata image (its whole chain is read), a raw file or device, or a
+    /// volume with history (its live disk, or the disk at `--at`).
     pub source: PathBuf,
     /// Destination file (must not exist).
     pub destination: PathBuf,
+    /// Copy the disk as it was at this restore point of a volume with history: a seq,
+    /// an RFC 3339 time (the latest point at or before it) or a time ago (`-10m`).
+    #[arg(long, value_name = "POINT", allow_hyphen_values = true)]
+    pub at: Option<String>,
     /// Destination format.
     #[arg(short = 'O', long = "to", value_enum, default_value = "strata")]
     pub format: OutFormat,
@@ -349,13 +354,24 @@ pub fn convert(a: ConvertArgs) -> CmdResult {
         OutFormat::Raw => tools::OutputFormat::Raw,
     };
     let bar = Bar::bytes("convert", a.json);
-    let r = tools::convert(
-        &a.source,
-        &a.destination,
-        format,
-        a.cluster_size,
-        &|d, t| bar.update(d, t),
-    )?;
+    let progress = |d, t| bar.update(d, t);
+    let r = if strata::history::is_volume(&a.source) {
+        super::history::convert(
+            &a.source,
+            a.at.as_deref(),
+            &a.destination,
+            format,
+            a.cluster_size,
+            &progress,
+        )?
+    } else if a.at.is_some() {
+        return Err(strata::Error::msg(
+            strata::ErrorKind::InvalidInput,
+            "--at needs a volume with history (strata create --history)",
+        ));
+    } else {
+        tools::convert(&a.source, &a.destination, format, a.cluster_size, &progress)?
+    };
     bar.finish();
     print_copy(a.json, "converted", &r);
     Ok(ExitCode::SUCCESS)

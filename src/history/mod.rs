@@ -14,6 +14,7 @@
 //! - [`files`]: where the files live (a directory, or a simulated one for crash tests).
 
 pub mod checkpoint;
+mod copy;
 pub mod engine;
 pub mod files;
 pub mod index;
