@@ -36,6 +36,9 @@ pub struct Checkpoint {
     pub index: Index,
     /// The restore points, oldest first.
     pub points: Vec<Point>,
+    /// The `seq` of the last record that changed the disk (a flush after it makes a
+    /// point if it is newer than the newest point).
+    pub latest_change: u64,
 }
 
 struct Out(Vec<u8>);
@@ -113,6 +116,7 @@ impl Checkpoint {
         o.u32(0);
         o.u64(self.position.offset);
         o.u64(self.position.next_seq);
+        o.u64(self.latest_change);
         let epochs = self.index.epochs();
         o.u64(epochs.len() as u64);
         for e in epochs {
@@ -200,6 +204,7 @@ impl Checkpoint {
             offset: i.u64()?,
             next_seq: i.u64()?,
         };
+        let latest_change = i.u64()?;
         let n = i.count(24)?;
         let mut epochs = Vec::with_capacity(n);
         for _ in 0..n {
@@ -275,6 +280,7 @@ impl Checkpoint {
             position,
             index,
             points,
+            latest_change,
         })
     }
 }
@@ -319,6 +325,7 @@ mod tests {
                 next_seq: 5,
             },
             index,
+            latest_change: 3,
             points: vec![Point {
                 seq: 2,
                 time_us: 9,
@@ -335,6 +342,7 @@ mod tests {
         let back = Checkpoint::decode(&bytes, [3; 16]).unwrap();
         assert_eq!(back.position, c.position);
         assert_eq!(back.points, c.points);
+        assert_eq!(back.latest_change, 3);
         assert_eq!(back.index.epochs(), c.index.epochs());
         for b in 0..1000 {
             assert_eq!(back.index.current(b), c.index.current(b), "block {b}");

@@ -78,6 +78,10 @@ pub struct History {
     pub(super) points: Mutex<Vec<Point>>,
     /// The highest `seq` of a point record appended so far.
     pub(super) latest_mark: AtomicU64,
+    /// The highest `seq` of a record that changed the disk (a write, zeroing or
+    /// rollback; not a relocation): a flush makes a point only if it is newer than the
+    /// latest point.
+    pub(super) latest_change: AtomicU64,
     /// Points held by readers (views being served, operations in progress): `seq` → count.
     pub(super) pins: Mutex<BTreeMap<u64, usize>>,
     /// Live bytes of block versions, by segment.
@@ -90,6 +94,8 @@ pub struct History {
     pub(super) recovery: Recovery,
     pub(super) checkpointed: Mutex<Position>,
     pub(super) dropped_for_space: AtomicU64,
+    /// Bytes copied by the reclaimer since the volume was opened.
+    pub(super) reclaimed_bytes: AtomicU64,
     _lock: Option<Arc<dyn Storage>>,
 }
 
@@ -259,10 +265,12 @@ impl History {
             position,
             mut index,
             mut points,
+            mut latest_change,
         } = start.unwrap_or_else(|| Checkpoint {
             position: Position::START,
             index: Index::new(blocks),
             points: Vec::new(),
+            latest_change: 0,
         });
         if index.blocks() != blocks {
             return Err(Error::msg(
@@ -272,6 +280,9 @@ impl History {
         }
         let mut latest_mark = points.last().map_or(0, |p| p.seq);
         let replayed = replay(&*files, id, position, !read_only, |r| {
+            if r.record.changes_disk() {
+                latest_change = r.record.seq;
+            }
             apply_replayed(&mut index, &mut points, &mut latest_mark, &r)
         })?;
         recovery.records = replayed.records;
@@ -307,6 +318,7 @@ impl History {
             index: RwLock::new(index),
             points: Mutex::new(points),
             latest_mark: AtomicU64::new(latest_mark),
+            latest_change: AtomicU64::new(latest_change),
             pins: Mutex::new(BTreeMap::new()),
             usage: Mutex::new(usage),
             base,
@@ -316,6 +328,7 @@ impl History {
             recovery,
             checkpointed: Mutex::new(position),
             dropped_for_space: AtomicU64::new(0),
+            reclaimed_bytes: AtomicU64::new(0),
             _lock: None,
         })
     }
@@ -412,11 +425,13 @@ impl History {
             };
             let index = read(&self.index).clone();
             let points = lock(&self.points).clone();
+            let latest_change = self.latest_change.load(Ordering::SeqCst);
             (
                 Checkpoint {
                     position,
                     index,
                     points,
+                    latest_change,
                 },
                 tail.next_seq,
                 position,
@@ -452,6 +467,9 @@ impl History {
                 let r = make(seq);
                 if r.is_point() {
                     self.latest_mark.fetch_max(seq, Ordering::SeqCst);
+                }
+                if r.changes_disk() {
+                    self.latest_change.fetch_max(seq, Ordering::SeqCst);
                 }
                 r
             },

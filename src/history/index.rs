@@ -242,13 +242,33 @@ impl Index {
     /// Points the version `(block, seq)` at `loc` (the log moved its bytes), wherever it
     /// is kept. Returns the location it had, or `None` if no such version is kept.
     pub fn relocate(&mut self, block: u64, seq: u64, loc: Loc) -> Option<Loc> {
-        let cur = self.slot(block);
+        let cur = self.current(block);
         if cur.seq == seq && cur.loc != Loc::Base {
-            return Some(std::mem::replace(&mut cur.loc, loc));
+            return Some(std::mem::replace(&mut self.slot(block).loc, loc));
         }
         let list = self.older.get_mut(&block)?;
         let i = list.binary_search_by_key(&seq, |v| v.seq).ok()?;
         Some(std::mem::replace(&mut list[i].loc, loc))
+    }
+
+    /// Like [`Index::relocate`], only if the version is still at `old`: a copy made
+    /// while the version moved or went is not used. Returns whether it moved.
+    pub fn relocate_from(&mut self, block: u64, seq: u64, new: Loc, old: Loc) -> bool {
+        let cur = self.current(block);
+        if cur.seq == seq && cur.loc == old {
+            self.slot(block).loc = new;
+            return true;
+        }
+        let Some(list) = self.older.get_mut(&block) else {
+            return false;
+        };
+        match list.binary_search_by_key(&seq, |v| v.seq) {
+            Ok(i) if list[i].loc == old => {
+                list[i].loc = new;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Starts a new live epoch at `seq` whose disk is that of the point `(epoch, at)`.

@@ -188,6 +188,7 @@ impl History {
                 if point {
                     self.latest_mark.fetch_max(seq, Ordering::SeqCst);
                 }
+                self.latest_change.fetch_max(seq, Ordering::SeqCst);
                 Record {
                     point,
                     block: first,
@@ -310,7 +311,7 @@ impl History {
         let seq = {
             let _gate = read(&self.gate);
             let last_point = self.latest_mark.load(Ordering::SeqCst);
-            let latest = self.log.next_seq() - 1;
+            let latest = self.latest_change.load(Ordering::SeqCst);
             if latest <= last_point {
                 last_point
             } else {

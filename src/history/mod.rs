@@ -23,6 +23,7 @@ pub mod log;
 pub mod manifest;
 pub mod point;
 mod ranges;
+pub mod reclaim;
 pub mod record;
 pub mod replay;
 pub mod retention;

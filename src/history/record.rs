@@ -146,6 +146,14 @@ impl Record {
         HEADER_LEN as u64 + self.payload_len()
     }
 
+    /// Whether the record changes what the disk reads (a relocation only moves bytes).
+    pub fn changes_disk(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::Write | Kind::Zero | Kind::Trim | Kind::Rollback
+        )
+    }
+
     /// Whether the record is a restore point.
     pub fn is_point(&self) -> bool {
         self.kind == Kind::Flush || self.point

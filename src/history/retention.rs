@@ -235,11 +235,17 @@ impl History {
         Ok(out)
     }
 
-    /// What a live volume does in the background: retention, then a checkpoint when
-    /// enough log was written since the last.
+    /// What a live volume does in the background: retention, reclaiming the emptiest
+    /// segments, then a checkpoint when enough log was written since the last.
     pub fn maintain(&self) -> Result<()> {
         self.expire(crate::time::now_us())?;
+        self.reclaim()?;
         self.maybe_checkpoint()
+    }
+
+    /// Bytes copied by the reclaimer since the volume was opened.
+    pub fn reclaimed_bytes(&self) -> u64 {
+        self.reclaimed_bytes.load(Ordering::Relaxed)
     }
 
     /// Names the newest point `name`: a snapshot, kept whatever the window. The disk's

@@ -6,6 +6,7 @@
 
 mod crash;
 mod model;
+mod space;
 
 use std::path::Path;
 use std::sync::Arc;

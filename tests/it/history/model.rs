@@ -25,6 +25,7 @@ enum Op {
     Rollback(usize),
     Expire,
     Checkpoint,
+    Reclaim,
     Reopen,
 }
 
@@ -37,6 +38,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::Rollback),
         1 => Just(Op::Expire),
         1 => Just(Op::Checkpoint),
+        1 => Just(Op::Reclaim),
         1 => Just(Op::Reopen),
     ]
 }
@@ -134,6 +136,9 @@ proptest! {
                     prop_assert_eq!(left.last().map(|p| p.seq), newest);
                 }
                 Op::Checkpoint => h.checkpoint().unwrap(),
+                Op::Reclaim => {
+                    h.reclaim().unwrap();
+                }
                 Op::Reopen => {
                     drop(h);
                     h = open(&files, &base);
