@@ -52,7 +52,7 @@ impl Slot {
 #[derive(Debug)]
 struct State {
     /// The segment being appended to, and the offset of its tail.
-    active: Option<(u32, Arc<dyn Storage>, u64)>,
+    active: Option<Active>,
     last_number: u32,
     next_seq: u64,
     /// Reserved and not yet applied.
@@ -64,7 +64,23 @@ struct State {
     durable: u64,
     syncing: bool,
     failed: Option<String>,
+    /// Threads waiting on `changed`: the others need no wake-up call.
+    waiters: usize,
 }
+
+/// The segment being appended to.
+#[derive(Debug)]
+struct Active {
+    number: u32,
+    storage: Arc<dyn Storage>,
+    /// Where the next record goes.
+    tail: u64,
+    /// How far space is reserved (or `u64::MAX` where the file system cannot reserve).
+    reserved: u64,
+}
+
+/// Space is reserved in a segment this much at a time, ahead of the tail.
+const RESERVE_CHUNK: u64 = 4 << 20;
 
 impl State {
     fn written(&self) -> u64 {
@@ -116,6 +132,7 @@ impl Log {
                 durable: tail.next_seq - 1,
                 syncing: false,
                 failed: None,
+                waiters: 0,
             }),
             changed: Condvar::new(),
             segments: RwLock::new(segments),
@@ -139,9 +156,9 @@ impl Log {
     /// Seals the active segment: the space reserved past its last record goes back to
     /// the file system. Its bytes stay as they are.
     fn seal(st: &mut State) {
-        if let Some((n, storage, tail)) = st.active.take() {
-            if let Err(e) = storage.set_len(tail) {
-                tracing::warn!("sealing segment {}: {e}", segment_name(n));
+        if let Some(a) = st.active.take() {
+            if let Err(e) = a.storage.set_len(a.tail) {
+                tracing::warn!("sealing segment {}: {e}", segment_name(a.number));
             }
         }
     }
@@ -151,8 +168,20 @@ impl Log {
         Self::seal(&mut self.lock());
     }
 
-    /// Starts segment `last_number + 1` at `next_seq`, its space reserved.
-    fn start_segment(&self, st: &mut State, now_us: u64) -> Result<()> {
+    /// Reserves space in `storage` up to at least `end`, a chunk at a time. A file
+    /// system that cannot reserve space is written without.
+    fn reserve(storage: &dyn Storage, from: u64, end: u64, limit: u64) -> std::io::Result<u64> {
+        let to = end.max(from + RESERVE_CHUNK).min(limit.max(end));
+        match storage.allocate(from, to - from) {
+            Ok(()) => Ok(to),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(u64::MAX),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Starts segment `last_number + 1` at `next_seq`, with space reserved for a record
+    /// of `len` bytes.
+    fn start_segment(&self, st: &mut State, len: u64, now_us: u64) -> Result<()> {
         let number = st.last_number + 1;
         let name = segment_name(number);
         let storage = self.files.create(&name)?;
@@ -162,19 +191,18 @@ impl Log {
             first_seq: st.next_seq,
             created_us: now_us,
         };
-        let started = storage
-            .allocate(0, self.segment_bytes)
-            .or_else(|e| match e.kind() {
-                std::io::ErrorKind::Unsupported => Ok(()),
-                _ => Err(e),
-            })
-            .and_then(|()| storage.write_at(&[&header.encode()], 0));
-        if let Err(e) = started {
-            let _ = self.files.remove(&name);
-            return Err(Error::from(e)
-                .with_op("start segment")
-                .with_message(format!("segment {name}")));
-        }
+        let first = HEADER_LEN as u64;
+        let started = Self::reserve(storage.as_ref(), 0, first + len, self.segment_bytes)
+            .and_then(|r| storage.write_at(&[&header.encode()], 0).map(|()| r));
+        let reserved = match started {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = self.files.remove(&name);
+                return Err(Error::from(e)
+                    .with_op("start segment")
+                    .with_message(format!("segment {name}")));
+            }
+        };
         Self::seal(st);
         st.last_number = number;
         st.names_dirty = true;
@@ -183,7 +211,12 @@ impl Log {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(number, Arc::clone(&storage));
-        st.active = Some((number, storage, HEADER_LEN as u64));
+        st.active = Some(Active {
+            number,
+            storage,
+            tail: first,
+            reserved,
+        });
         Ok(())
     }
 
@@ -204,23 +237,31 @@ impl Log {
             let full = st
                 .active
                 .as_ref()
-                .is_none_or(|a| a.2 > HEADER_LEN as u64 && a.2 + len > self.segment_bytes);
+                .is_none_or(|a| a.tail > HEADER_LEN as u64 && a.tail + len > self.segment_bytes);
             if full {
-                self.start_segment(&mut st, now_us)?;
+                self.start_segment(&mut st, len, now_us)?;
             }
             let seq = st.next_seq;
-            st.next_seq += 1;
-            st.in_flight.insert(seq);
-            let (number, storage, tail) = st.active.as_mut().expect("a segment was started");
+            let a = st.active.as_mut().expect("a segment was started");
+            if a.tail + len > a.reserved {
+                a.reserved = Self::reserve(
+                    a.storage.as_ref(),
+                    a.reserved,
+                    a.tail + len,
+                    self.segment_bytes,
+                )
+                .map_err(|e| Error::from(e).with_op("append"))?;
+            }
             let slot = Slot {
                 seq,
-                segment: *number,
-                offset: *tail,
+                segment: a.number,
+                offset: a.tail,
             };
-            *tail += len;
-            let storage = Arc::clone(storage);
-            let number = *number;
-            st.dirty.insert(number);
+            a.tail += len;
+            let storage = Arc::clone(&a.storage);
+            st.next_seq += 1;
+            st.in_flight.insert(slot.seq);
+            st.dirty.insert(slot.segment);
             (record, slot, storage)
         };
         debug_assert_eq!(record.seq, slot.seq);
@@ -248,8 +289,22 @@ impl Log {
     pub fn applied(&self, seq: u64) {
         let mut st = self.lock();
         st.in_flight.remove(&seq);
+        let waiting = st.waiters > 0;
         drop(st);
-        self.changed.notify_all();
+        if waiting {
+            self.changed.notify_all();
+        }
+    }
+
+    /// Waits on `changed`, counted so that [`Log::applied`] knows someone listens.
+    fn wait<'a>(&self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        st.waiters += 1;
+        let mut st = self
+            .changed
+            .wait(st)
+            .unwrap_or_else(PoisonError::into_inner);
+        st.waiters -= 1;
+        st
     }
 
     /// Every record at or before this `seq` is written and applied.
@@ -271,10 +326,7 @@ impl Log {
     pub fn wait_written(&self, seq: u64) {
         let mut st = self.lock();
         while st.written() < seq {
-            st = self
-                .changed
-                .wait(st)
-                .unwrap_or_else(PoisonError::into_inner);
+            st = self.wait(st);
         }
     }
 
@@ -287,10 +339,7 @@ impl Log {
                 return Ok(());
             }
             if st.written() < seq || st.syncing {
-                st = self
-                    .changed
-                    .wait(st)
-                    .unwrap_or_else(PoisonError::into_inner);
+                st = self.wait(st);
                 continue;
             }
             let target = st.written();
@@ -350,7 +399,7 @@ impl Log {
     /// next record starts a segment.
     pub fn position(&self) -> (Option<(u32, u64)>, Tail) {
         let st = self.lock();
-        let active = st.active.as_ref().map(|a| (a.0, a.2));
+        let active = st.active.as_ref().map(|a| (a.number, a.tail));
         (
             active,
             Tail {
@@ -368,7 +417,7 @@ impl Log {
 
     /// The segment being appended to.
     pub fn active(&self) -> Option<u32> {
-        self.lock().active.as_ref().map(|a| a.0)
+        self.lock().active.as_ref().map(|a| a.number)
     }
 
     /// Removes a sealed segment nothing reads any more.

@@ -11,7 +11,8 @@ use std::sync::{Condvar, Mutex, PoisonError};
 /// The locks. See the [module documentation](self).
 #[derive(Debug, Default)]
 pub struct RangeLocks {
-    held: Mutex<Vec<(u64, u64)>>,
+    /// The ranges held, and how many threads wait for one to go.
+    held: Mutex<(Vec<(u64, u64)>, usize)>,
     freed: Condvar,
 }
 
@@ -26,13 +27,15 @@ impl RangeLocks {
     /// Waits until no held range overlaps `[start, end)`, then holds it.
     pub fn lock(&self, start: u64, end: u64) -> Held<'_> {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        while held.iter().any(|&(s, e)| s < end && start < e) {
+        while held.0.iter().any(|&(s, e)| s < end && start < e) {
+            held.1 += 1;
             held = self
                 .freed
                 .wait(held)
                 .unwrap_or_else(PoisonError::into_inner);
+            held.1 -= 1;
         }
-        held.push((start, end));
+        held.0.push((start, end));
         Held {
             locks: self,
             range: (start, end),
@@ -47,11 +50,15 @@ impl Drop for Held<'_> {
             .held
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(i) = held.iter().position(|r| *r == self.range) {
-            held.swap_remove(i);
+        if let Some(i) = held.0.iter().position(|r| *r == self.range) {
+            held.0.swap_remove(i);
         }
+        // Waking costs a system call: only when someone waits.
+        let waiting = held.1 > 0;
         drop(held);
-        self.locks.freed.notify_all();
+        if waiting {
+            self.locks.freed.notify_all();
+        }
     }
 }
 
