@@ -19,9 +19,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    AddExport, CloneAt, Deleted, Dirty, DirtyQuery, ErrorBody, ExportList, ExportView,
-    HistoryView, RemoveQuery, Removed, Rollback, RolledBack, ServeAt, ServeSnapshot, ServerView,
-    Snapshot, SnapshotList, TakeSnapshot, Taken,
+    AddExport, CloneAt, Deleted, Dirty, DirtyQuery, ErrorBody, ExportList, ExportView, HistoryView,
+    RemoveQuery, Removed, Rollback, RolledBack, ServeAt, ServeSnapshot, ServerView, Snapshot,
+    SnapshotList, TakeSnapshot, Taken,
 };
 use crate::{Error, ErrorKind};
 

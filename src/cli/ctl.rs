@@ -364,7 +364,12 @@ pub async fn run(args: CtlArgs) -> strata::Result<ExitCode> {
                 image: ctl.server_path(image)?,
             };
             ctl.show(&Call::clone_at(export, &body), |v| {
-                format!("serving {} as export {}: {}\n", serves(&v), v.name, v.description)
+                format!(
+                    "serving {} as export {}: {}\n",
+                    serves(&v),
+                    v.name,
+                    v.description
+                )
             })
             .await?;
         }
@@ -510,7 +515,10 @@ fn render_export(e: &ExportView) -> String {
             ),
             _ => "no restore point yet".to_owned(),
         };
-        ("history", format!("kept {}; {points}", duration(h.window_s)))
+        (
+            "history",
+            format!("kept {}; {points}", duration(h.window_s)),
+        )
     });
     let mut pairs = vec![
         ("name", e.name.clone()),

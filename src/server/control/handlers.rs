@@ -257,7 +257,11 @@ pub(super) fn add_served(
     let export = state.exports.try_insert(export).inspect_err(|_| {
         volume.unserve(&name);
     })?;
-    info!(export = name, of = live.name(), "control API: serving {what}");
+    info!(
+        export = name,
+        of = live.name(),
+        "control API: serving {what}"
+    );
     Ok((StatusCode::CREATED, Json(export_view(&export))))
 }
 
@@ -387,7 +391,13 @@ pub(super) async fn export_snapshot(
         export: name.clone(),
         snapshot: snap.clone(),
     });
-    Ok(add_served(&state, export, &live, &volume, &format!("snapshot {snap}"))?)
+    Ok(add_served(
+        &state,
+        export,
+        &live,
+        &volume,
+        &format!("snapshot {snap}"),
+    )?)
 }
 
 pub(super) async fn dirty(
