@@ -139,6 +139,17 @@ fn lock_dir(dir: &Path, writable: bool) -> Result<Arc<dyn Storage>> {
 impl History {
     /// Makes a volume in the directory `dir`, which must not exist.
     pub fn create(dir: &Path, options: &CreateHistory) -> Result<Manifest> {
+        Self::create_filled(dir, options, |_| Ok(()))
+    }
+
+    /// Makes a volume in `dir` as [`History::create`] does, letting `fill` write the
+    /// disk it starts with into its base image (given by path) before the volume
+    /// appears under its name: a crash while filling leaves no volume behind.
+    pub(super) fn create_filled(
+        dir: &Path,
+        options: &CreateHistory,
+        fill: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<Manifest> {
         if dir.exists() {
             return Err(Error::msg(ErrorKind::AlreadyExists, "already exists").with_path(dir));
         }
@@ -162,6 +173,7 @@ impl History {
                 backing: options.base.clone(),
             };
             let header = image::create(&staging.join(BASE), &base_opts)?;
+            fill(&staging.join(BASE))?;
             let manifest = Manifest {
                 format: FORMAT,
                 id: image::format_id(&image::random_id()?),

@@ -350,7 +350,8 @@ impl History {
     }
 
     /// Says which layer holds each part of the range: 1 for the log, the base chain's
-    /// own depth plus nothing for the rest (its top, an empty overlay, holds nothing).
+    /// own depth for the rest (its top holds nothing, or, in a clone, the disk the clone
+    /// started with, which is the volume's own data like the log's: depth 1 as well).
     pub fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthExtent>> {
         let mut out: Vec<DepthExtent> = Vec::new();
         self.runs(offset, len.min(STATUS_SPAN), None, |pos, n, loc| {
@@ -400,7 +401,7 @@ impl History {
 
     /// Calls `f(offset, len, loc)` for each run of blocks of one kind in the range; `f`
     /// returns whether it described the whole run (if not, the walk stops there).
-    fn runs(
+    pub(super) fn runs(
         &self,
         offset: u64,
         len: u64,

@@ -11,9 +11,11 @@
 //! - [`log`]: appending records and group commit; [`replay`]: reading them back.
 //! - [`checkpoint`], [`manifest`]: the index and the volume's settings at rest.
 //! - [`engine`], [`io`], [`retention`]: the volume: open, data path, points over time.
+//! - [`clone`]: a new volume that starts as another's disk at a restore point.
 //! - [`files`]: where the files live (a directory, or a simulated one for crash tests).
 
 pub mod checkpoint;
+pub mod clone;
 mod copy;
 pub mod engine;
 pub mod files;

@@ -71,10 +71,20 @@ impl Drop for PointView {
 impl History {
     /// The restore points, oldest first: those made durable.
     pub fn points(&self) -> Vec<Point> {
+        self.shown_points(<[Point]>::to_vec)
+    }
+
+    /// The oldest and the newest restore point, without copying the list.
+    pub fn point_bounds(&self) -> Option<(Point, Point)> {
+        self.shown_points(|p| Some((*p.first()?, *p.last()?)))
+    }
+
+    /// Runs `f` on the points shown (those made durable), oldest first.
+    fn shown_points<T>(&self, f: impl FnOnce(&[Point]) -> T) -> T {
         let durable = self.log_durable();
         let points = lock(&self.points);
         let n = points.partition_point(|p| p.seq <= durable);
-        points[..n].to_vec()
+        f(&points[..n])
     }
 
     fn log_durable(&self) -> u64 {

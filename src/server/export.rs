@@ -62,6 +62,26 @@ pub enum Source {
         /// The snapshot's name.
         snapshot: String,
     },
+    /// A restore point of a volume with history, served read-only.
+    Point {
+        /// The volume the point belongs to, which must be told when the export goes.
+        volume: Arc<Volume>,
+        /// The export that serves that volume's live disk.
+        export: String,
+        /// The point.
+        point: crate::history::Point,
+    },
+}
+
+impl Source {
+    /// The volume whose snapshot or restore point this serves, which must be told when
+    /// the export goes.
+    pub fn served_from(&self) -> Option<&Arc<Volume>> {
+        match self {
+            Source::Snapshot { volume, .. } | Source::Point { volume, .. } => Some(volume),
+            _ => None,
+        }
+    }
 }
 
 /// Per-export counters: connections, requests by kind, errors by errno, and a latency
@@ -274,8 +294,9 @@ impl Export {
     }
 
     /// A short name for what the export serves: `image` (a Strata image, with
-    /// snapshots), `history` (a volume with history), `snapshot`, `raw` (a file or
-    /// block device), `memory`, or `backend`.
+    /// snapshots), `history` (a volume with history), `snapshot`, `point` (a restore
+    /// point of a volume with history), `raw` (a file or block device), `memory`, or
+    /// `backend`.
     pub fn kind(&self) -> &'static str {
         if let Some(v) = &self.volume {
             return if v.history().is_some() {
@@ -289,6 +310,7 @@ impl Export {
             Source::Memory => "memory",
             Source::Raw(_) => "raw",
             Source::Snapshot { .. } => "snapshot",
+            Source::Point { .. } => "point",
         }
     }
 
