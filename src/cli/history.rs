@@ -13,7 +13,7 @@ use strata::history::{CreateHistory, History, PointSpec};
 use strata::image::tools;
 use strata::size::format_size;
 
-use super::image::CreateArgs;
+use super::image::{CheckArgs, CreateArgs};
 use super::output::{Table, duration, print_json};
 
 type CmdResult = strata::Result<ExitCode>;
@@ -156,4 +156,48 @@ pub fn convert(
             tools::convert_from(&view, dst, format, cluster_size, progress)
         }
     }
+}
+
+/// `strata check` of a volume with history.
+pub fn check(a: &CheckArgs) -> CmdResult {
+    let report = strata::history::check::check(&a.image, a.repair)?;
+    if a.json {
+        print_json(&report);
+    } else {
+        for p in &report.problems {
+            println!("error: {p}");
+        }
+        for r in &report.repaired {
+            println!("repaired: {r}");
+        }
+        if report.torn_bytes > 0 || report.segments_after_tear > 0 {
+            println!(
+                "note: a torn log tail of {} ({} later segments): records a crash left \
+                 incomplete, never acknowledged as durable; the next writable open cuts it \
+                 (or --repair)",
+                format_size(report.torn_bytes),
+                report.segments_after_tear
+            );
+        }
+        if report.bad_checkpoints > 0 {
+            println!(
+                "note: {} damaged checkpoints passed over (the log is replayed from an older one)",
+                report.bad_checkpoints
+            );
+        }
+        println!(
+            "{}: {} restore points, {} segments ({}), {} records after the checkpoint{}",
+            a.image.display(),
+            report.points,
+            report.segments,
+            format_size(report.log_bytes),
+            report.records_replayed,
+            if report.is_clean() { "; no errors" } else { "" }
+        );
+    }
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

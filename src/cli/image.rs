@@ -249,6 +249,9 @@ pub fn info(a: InfoArgs) -> CmdResult {
 
 /// `strata check`
 pub fn check(a: CheckArgs) -> CmdResult {
+    if strata::history::is_volume(&a.image) {
+        return super::history::check(&a);
+    }
     let report = tools::check(&a.image, a.repair)?;
     let clean = report.is_clean();
     if a.json {

@@ -58,7 +58,7 @@ pub struct Recovery {
     pub records: u64,
     /// Bytes of a torn tail cut off.
     pub cut_bytes: u64,
-    /// Segments after the tear, removed.
+    /// Segments after the tear (removed by a writable open).
     pub cut_segments: usize,
     /// Checkpoints that did not check out and were passed over.
     pub bad_checkpoints: usize,

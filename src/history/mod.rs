@@ -14,6 +14,7 @@
 //! - [`clone`]: a new volume that starts as another's disk at a restore point.
 //! - [`files`]: where the files live (a directory, or a simulated one for crash tests).
 
+pub mod check;
 pub mod checkpoint;
 pub mod clone;
 mod copy;

@@ -48,7 +48,7 @@ pub struct Replayed {
     pub records: u64,
     /// Bytes cut off after the last whole record (a torn tail).
     pub cut_bytes: u64,
-    /// Segments removed because they followed the cut.
+    /// Segments after the cut: removed when repairing, left unread otherwise.
     pub cut_segments: Vec<u32>,
 }
 
@@ -133,6 +133,14 @@ pub fn replay(
                 f == next_seq
             }
         });
+        if from == Position::START && segments.is_empty() && first_seq.is_some_and(|f| f != 1) {
+            return Err(corrupt(format!(
+                "the log starts at segment {} (record {}), and no checkpoint covers what came \
+                 before",
+                segment_name(n),
+                first_seq.unwrap_or(0)
+            )));
+        }
         if !continues && n == from.segment && from.offset > HEADER_LEN as u64 {
             return Err(corrupt(format!(
                 "segment {} holds records the last checkpoint counts on, but its header is damaged",
@@ -220,9 +228,6 @@ pub fn replay(
             }
             files.sync_names()?;
         }
-    }
-    if !repair {
-        cut_segments.clear();
     }
     let last_number = numbers.iter().copied().max().unwrap_or(0).max(last_number);
     Ok(Replayed {

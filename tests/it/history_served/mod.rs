@@ -8,6 +8,7 @@
 //! - `kill`: a hundred `kill -9` rounds under load, each followed by the prefix check.
 //! - `clients`: qemu-io and qemu-img against a served volume and its points.
 
+mod check;
 mod clients;
 mod kill;
 mod stream;
