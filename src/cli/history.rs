@@ -24,15 +24,37 @@ const SHOWN: usize = 20;
 /// `strata history`: works on a volume being served too (it takes no lock and reads
 /// the log as far as it was written).
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct HistoryArgs {
+    /// Turn history on for an existing image.
+    #[command(subcommand)]
+    pub command: Option<HistoryCommand>,
     /// The volume (a directory made by `strata create --history`).
-    pub volume: PathBuf,
+    #[arg(required = true)]
+    pub volume: Option<PathBuf>,
     /// List every point, not only the newest ones.
     #[arg(long)]
     pub all: bool,
     /// Print JSON: `{"points": [{"seq", "time", "kind"}, ...]}`, oldest first.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `strata history enable`
+#[derive(clap::Subcommand, Debug)]
+pub enum HistoryCommand {
+    /// Turn history on for an existing Strata image, in place: the image becomes the
+    /// read-only base (renamed NAME.before-history) of a volume with history at its path.
+    Enable {
+        /// The image (not in use, without snapshots).
+        image: PathBuf,
+        /// How long restore points are kept (e.g. 24h).
+        #[arg(long, value_name = "DURATION", value_parser = super::image::duration_arg)]
+        window: Duration,
+        /// The most space the history may take.
+        #[arg(long, value_name = "SIZE", value_parser = super::image::size_arg)]
+        max_bytes: Option<u64>,
+    },
 }
 
 /// `strata create --history`
@@ -84,7 +106,26 @@ pub fn create(a: &CreateArgs, window: Duration) -> CmdResult {
 
 /// `strata history`
 pub fn list(a: &HistoryArgs) -> CmdResult {
-    let history = History::inspect(&a.volume)?;
+    if let Some(HistoryCommand::Enable {
+        image,
+        window,
+        max_bytes,
+    }) = &a.command
+    {
+        let m = strata::history::enable::enable(image, *window, *max_bytes)?;
+        println!(
+            "{} keeps its history now: restore points kept {}; its former image is {}",
+            image.display(),
+            duration(m.window_secs),
+            strata::history::enable::renamed(image).display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let volume = a
+        .volume
+        .as_deref()
+        .expect("clap requires a volume without a subcommand");
+    let history = History::inspect(volume)?;
     let view = HistoryView::of(&history);
     if a.json {
         print_json(&view);

@@ -11,7 +11,7 @@ use strata::size::{format_size, parse_size};
 use super::output::print_json;
 use super::progress::Bar;
 
-fn size_arg(s: &str) -> Result<u64, String> {
+pub(crate) fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
 
@@ -43,7 +43,7 @@ pub struct CreateArgs {
     pub json: bool,
 }
 
-fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
+pub(crate) fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
     strata::time::parse_duration(s).map_err(|e| e.to_string())
 }
 

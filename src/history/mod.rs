@@ -18,6 +18,7 @@ pub mod check;
 pub mod checkpoint;
 pub mod clone;
 mod copy;
+pub mod enable;
 pub mod engine;
 pub mod files;
 pub mod index;

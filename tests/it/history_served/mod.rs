@@ -10,6 +10,7 @@
 
 mod check;
 mod clients;
+mod enable;
 mod kill;
 mod stream;
 
