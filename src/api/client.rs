@@ -357,6 +357,7 @@ impl ControlTarget {
     pub async fn take_snapshot(&self, export: &str, name: &str) -> crate::Result<Taken> {
         let body = TakeSnapshot {
             name: name.to_owned(),
+            at: None,
         };
         self.send(&Call::take_snapshot(export, &body)).await
     }
@@ -439,7 +440,13 @@ mod tests {
         assert_eq!(c.method(), &Method::POST);
         assert_eq!(c.path(), "/v1/exports/vm1/snapshots/s%2F1/export");
         assert_eq!(c.body.as_deref(), Some(&b"{}"[..]));
-        let c = Call::take_snapshot("vm1", &TakeSnapshot { name: "s".into() });
+        let c = Call::take_snapshot(
+            "vm1",
+            &TakeSnapshot {
+                name: "s".into(),
+                at: None,
+            },
+        );
         assert_eq!(c.body.as_deref(), Some(&br#"{"name":"s"}"#[..]));
         assert_eq!(Call::server().path(), "/v1/server");
         assert_eq!(Call::exports().path(), "/v1/exports");

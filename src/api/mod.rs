@@ -182,6 +182,10 @@ pub struct SnapshotList {
 pub struct TakeSnapshot {
     /// The snapshot's name.
     pub name: String,
+    /// For a volume with history: name this restore point (a seq, an RFC 3339 time or a
+    /// time ago) instead of the disk as it is now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
 }
 
 /// The answer to taking a snapshot.

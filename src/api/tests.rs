@@ -269,7 +269,13 @@ fn request_bodies_take_defaults_and_refuse_unknown_fields() {
     let minimal: AddExport = serde_json::from_str(r#"{"name":"m","image":"memory:1M"}"#).unwrap();
     assert!(!minimal.read_only && minimal.format == FormatChoice::Auto);
     assert!(minimal.description.is_empty());
-    golden(&TakeSnapshot { name: "mon".into() }, r#"{"name":"mon"}"#);
+    golden(
+        &TakeSnapshot {
+            name: "mon".into(),
+            at: None,
+        },
+        r#"{"name":"mon"}"#,
+    );
     golden(
         &Rollback {
             snapshot: Some("mon".into()),

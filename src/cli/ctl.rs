@@ -87,12 +87,16 @@ enum CtlCommand {
         /// Export name.
         export: String,
     },
-    /// Take a snapshot of an export.
+    /// Take a snapshot of an export (for a volume with history: name a restore point).
     Snapshot {
         /// Export name.
         export: String,
         /// Snapshot name.
         name: String,
+        /// Volume with history: name this restore point (a seq, an RFC 3339 time or a
+        /// time ago such as -10m) instead of the disk as it is now.
+        #[arg(long, value_name = "POINT", allow_hyphen_values = true)]
+        at: Option<String>,
     },
     /// Delete a snapshot, keeping what it holds in the layer above.
     DeleteSnapshot {
@@ -264,8 +268,11 @@ pub async fn run(args: CtlArgs) -> strata::Result<ExitCode> {
             ctl.show(&Call::snapshots(export), |v| render_snapshots(&v.snapshots))
                 .await?;
         }
-        CtlCommand::Snapshot { export, name } => {
-            let body = TakeSnapshot { name: name.clone() };
+        CtlCommand::Snapshot { export, name, at } => {
+            let body = TakeSnapshot {
+                name: name.clone(),
+                at: at.clone(),
+            };
             ctl.show(&Call::take_snapshot(export, &body), |v| {
                 format!(
                     "snapshot {} of {export} taken; requests waited {} us\n",

@@ -261,17 +261,10 @@ impl History {
     /// Names the newest point `name`: a snapshot, kept whatever the window. The disk's
     /// writes so far are flushed first, so the point is the disk as it is now.
     pub fn snapshot(&self, name: &str) -> Result<Pin> {
-        crate::names::SNAPSHOT.check(name)?;
         if self.read_only {
             return Err(
                 Error::msg(ErrorKind::ReadOnly, "volume opened read-only").with_op("snapshot")
             );
-        }
-        if self.manifest().snapshots.iter().any(|s| s.name == name) {
-            return Err(Error::msg(
-                ErrorKind::AlreadyExists,
-                format!("snapshot {name:?} already exists"),
-            ));
         }
         self.flush()?;
         let point = *self.points().last().ok_or_else(|| {
@@ -280,18 +273,51 @@ impl History {
                 "the volume has no restore point to name",
             )
         })?;
-        let pin = Pin {
-            name: name.to_owned(),
-            seq: point.seq,
-            epoch: point.epoch,
-            time_us: crate::time::now_us(),
-        };
+        self.name_point(name, point)
+    }
+
+    /// Names `point` (one kept now) `name`: a snapshot, kept whatever the window, with
+    /// its `qemu:dirty-bitmap:NAME` context for what changed since.
+    pub fn name_point(&self, name: &str, point: Point) -> Result<Pin> {
+        crate::names::SNAPSHOT.check(name)?;
+        if self.read_only {
+            return Err(
+                Error::msg(ErrorKind::ReadOnly, "volume opened read-only").with_op("snapshot")
+            );
+        }
         let mut m = lock(&self.manifest);
-        let mut next = m.clone();
-        next.snapshots.push(pin.clone());
-        next.store(&*self.files)?;
-        *m = next;
-        Ok(pin)
+        if m.snapshots.iter().any(|s| s.name == name) {
+            return Err(Error::msg(
+                ErrorKind::AlreadyExists,
+                format!("snapshot {name:?} already exists"),
+            ));
+        }
+        // Held while it is named, so that retention cannot drop it in between.
+        self.pin(point.seq);
+        let kept = lock(&self.points)
+            .binary_search_by_key(&point.seq, |p| p.seq)
+            .is_ok();
+        let result = if kept {
+            let pin = Pin {
+                name: name.to_owned(),
+                seq: point.seq,
+                epoch: point.epoch,
+                time_us: point.time_us,
+            };
+            let mut next = m.clone();
+            next.snapshots.push(pin.clone());
+            next.store(&*self.files).map(|()| {
+                *m = next;
+                pin
+            })
+        } else {
+            Err(Error::msg(
+                ErrorKind::NotFound,
+                format!("restore point {} has left the retention window", point.seq),
+            ))
+        };
+        self.unpin(point.seq);
+        result
     }
 
     /// Removes the name of a snapshot; its point is then kept only while the window

@@ -113,6 +113,24 @@ impl Volume {
         Ok(())
     }
 
+    /// Names `point` of a volume with history as the snapshot `name`.
+    pub async fn snapshot_at(&self, name: &str, point: Point) -> Result<Taken> {
+        self.check_writable()?;
+        let h = self.history().ok_or_else(not_history)?;
+        let _op = self.ops.lock().await;
+        let (hh, n) = (Arc::clone(h), name.to_owned());
+        blocking(move || hh.name_point(&n, point)).await?;
+        let snapshot = self
+            .history_snapshots(h)
+            .into_iter()
+            .find(|s| s.name == name)
+            .expect("the snapshot was just named");
+        Ok(Taken {
+            snapshot,
+            pause: std::time::Duration::ZERO,
+        })
+    }
+
     /// Returns the live disk of a volume with history to `point`. Refused with
     /// `connected` clients unless `force`.
     pub async fn rollback_to(&self, point: Point, force: bool, connected: usize) -> Result<()> {

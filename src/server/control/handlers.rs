@@ -287,7 +287,10 @@ pub(super) async fn take_snapshot(
 ) -> ApiResult<(StatusCode, Json<Taken>)> {
     names::SNAPSHOT.check(&req.name)?;
     let volume = find_volume(&state, &name)?;
-    let taken = volume.snapshot(&req.name).await?;
+    let taken = match &req.at {
+        Some(at) => super::history::snapshot_at(&volume, &req.name, at).await?,
+        None => volume.snapshot(&req.name).await?,
+    };
     let pause_us = u64::try_from(taken.pause.as_micros()).unwrap_or(u64::MAX);
     info!(
         export = name,

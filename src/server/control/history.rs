@@ -41,6 +41,22 @@ fn history_of(export: &Export) -> Result<(Arc<Volume>, Arc<History>)> {
     ))
 }
 
+/// Names the point `at` of `volume` (a volume with history) as the snapshot `name`.
+pub(super) async fn snapshot_at(
+    volume: &Volume,
+    name: &str,
+    at: &str,
+) -> Result<crate::volume::Taken> {
+    let history = volume.history().ok_or_else(|| {
+        Error::msg(
+            ErrorKind::InvalidInput,
+            "a snapshot at a restore point needs a volume with history (strata create --history)",
+        )
+    })?;
+    let point = resolve(history, at)?;
+    volume.snapshot_at(name, point).await
+}
+
 /// The point `text` names in `history`.
 fn resolve(history: &History, text: &str) -> Result<Point> {
     history.resolve(PointSpec::parse(text)?)

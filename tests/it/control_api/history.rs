@@ -51,8 +51,13 @@ fn read(c: &mut Client, offset: u64, len: usize) -> Vec<u8> {
     c.read(0, offset, len).unwrap().unwrap()
 }
 
+/// A server with a control socket serving a new volume with history as `vm`.
+pub(super) fn history_volume_server() -> (tempfile::TempDir, Running) {
+    serve_history(&[])
+}
+
 /// The seq of the newest point `vm` lists.
-fn newest_seq(server: &Running) -> u64 {
+pub(super) fn newest_seq(server: &Running) -> u64 {
     let h = server.get("/v1/exports/vm/history").json();
     h["points"].as_array().unwrap().last().unwrap()["seq"]
         .as_u64()

@@ -13,6 +13,7 @@ mod ctl;
 mod errors;
 mod exports;
 mod history;
+mod history_clients;
 mod listeners;
 mod snapshots;
 
