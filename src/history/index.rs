@@ -139,6 +139,8 @@ pub struct Index {
     pages: Vec<Option<Box<[Version; PAGE]>>>,
     older: HashMap<u64, Vec<Version>>,
     epochs: Vec<Epoch>,
+    /// Current versions whose bytes are in the log.
+    data_blocks: u64,
 }
 
 impl Index {
@@ -149,6 +151,7 @@ impl Index {
             blocks,
             pages: vec![None; pages],
             older: HashMap::new(),
+            data_blocks: 0,
             epochs: vec![Epoch {
                 start: 0,
                 parent: None,
@@ -191,6 +194,20 @@ impl Index {
         self.pages[p].as_ref().map_or(Version::BASE, |page| page[i])
     }
 
+    /// Replaces the current version of `block`, keeping the count of data blocks.
+    fn replace_current(&mut self, block: u64, v: Version) -> Version {
+        let old = std::mem::replace(self.slot(block), v);
+        let was = u64::from(old.loc.segment().is_some());
+        let is = u64::from(v.loc.segment().is_some());
+        self.data_blocks = self.data_blocks + is - was;
+        old
+    }
+
+    /// How many blocks of the live disk have their bytes in the log.
+    pub fn data_blocks(&self) -> u64 {
+        self.data_blocks
+    }
+
     fn slot(&mut self, block: u64) -> &mut Version {
         let (p, i) = split(block);
         &mut self.pages[p].get_or_insert_with(|| Box::new([Version::BASE; PAGE]))[i]
@@ -227,7 +244,7 @@ impl Index {
         keep: impl Fn(u64) -> bool,
     ) -> Option<Version> {
         debug_assert!(block < self.blocks);
-        let old = std::mem::replace(self.slot(block), version);
+        let old = self.replace_current(block, version);
         if old.loc == Loc::Base {
             return None;
         }
@@ -300,7 +317,7 @@ impl Index {
                 if list.is_empty() {
                     self.older.remove(&block);
                 }
-                *self.slot(block) = target;
+                self.replace_current(block, target);
             }
         }
         self.epochs.push(Epoch {
@@ -399,7 +416,7 @@ impl Index {
             if b >= blocks {
                 return None;
             }
-            *index.slot(b) = v;
+            index.replace_current(b, v);
         }
         for (b, v) in older {
             if b >= blocks || v.loc == Loc::Base {

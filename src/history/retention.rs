@@ -229,7 +229,12 @@ impl History {
             }
             points.iter().map(|p| (p.epoch, p.seq)).collect()
         };
-        let dead = write(&self.index).prune(&retained);
+        // Points kept or added never make a version unread: prune only after a drop.
+        let dead = if out.points + out.for_space > 0 {
+            write(&self.index).prune(&retained)
+        } else {
+            Vec::new()
+        };
         out.versions = dead.len();
         {
             let mut usage = lock(&self.usage);
@@ -372,12 +377,7 @@ impl History {
 
     /// Bytes of the log holding current versions.
     pub fn live_bytes(&self) -> u64 {
-        let ix = read(&self.index);
-        let blocks = ix.blocks();
-        (0..blocks)
-            .filter(|&b| ix.current(b).loc.segment().is_some())
-            .count() as u64
-            * super::index::BLOCK
+        read(&self.index).data_blocks() * super::index::BLOCK
     }
 
     /// Removes sealed segments no kept version reads, once a checkpoint past them means

@@ -251,6 +251,8 @@ proptest! {
                 Op::Rollback(_) | Op::Prune(_) => {}
             }
             let live = ix.live_epoch();
+            let data = (0..blocks).filter(|&b| ix.current(b).loc.segment().is_some()).count() as u64;
+            prop_assert_eq!(ix.data_blocks(), data, "the count of data blocks");
             for b in 0..blocks {
                 prop_assert_eq!(ix.current(b), model.read(b, live, u64::MAX), "live block {}", b);
                 for &(e, s) in &points {
