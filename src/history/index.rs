@@ -333,23 +333,22 @@ impl Index {
     pub fn prune(&mut self, points: &[(u32, u64)]) -> Vec<Version> {
         let groups = self.group_points(points);
         let mut dead = Vec::new();
-        let blocks: Vec<u64> = self.older.keys().copied().collect();
-        for block in blocks {
-            let cur = self.current(block);
-            let list = self.older.remove(&block).unwrap_or_default();
-            let needed = needed_versions(&list, cur, &groups);
-            let mut kept = Vec::new();
-            for (v, need) in list.into_iter().zip(needed) {
-                if need {
-                    kept.push(v);
-                } else {
-                    dead.push(v);
+        let pages = &self.pages;
+        // In place: this runs every second under the index's write lock, over every
+        // block with older versions, so it neither rehashes nor reallocates the lists.
+        self.older.retain(|&block, list| {
+            let (p, i) = split(block);
+            let cur = pages[p].as_ref().map_or(Version::BASE, |page| page[i]);
+            let mut needed = needed_versions(list, cur, &groups).into_iter();
+            list.retain(|v| {
+                let need = needed.next().expect("one flag per version");
+                if !need {
+                    dead.push(*v);
                 }
-            }
-            if !kept.is_empty() {
-                self.older.insert(block, kept);
-            }
-        }
+                need
+            });
+            !list.is_empty()
+        });
         dead
     }
 

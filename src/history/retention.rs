@@ -74,6 +74,11 @@ impl History {
         self.shown_points(<[Point]>::to_vec)
     }
 
+    /// How many restore points are shown, without copying the list.
+    pub fn point_count(&self) -> usize {
+        self.shown_points(<[Point]>::len)
+    }
+
     /// The oldest and the newest restore point, without copying the list.
     pub fn point_bounds(&self) -> Option<(Point, Point)> {
         self.shown_points(|p| Some((*p.first()?, *p.last()?)))

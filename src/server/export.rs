@@ -12,6 +12,7 @@ use crate::access::{Access, Client};
 use crate::api::StatsSnapshot;
 use crate::backend::{Capabilities, DynBackend, SharedBackend, Spec};
 use crate::error::{Error, ErrorKind};
+use crate::history::History;
 use crate::proto::consts::QEMU_DIRTY_BITMAP;
 use crate::proto::consts::transmission_flags as tf;
 use crate::proto::handshake::default_meta_contexts;
@@ -168,6 +169,7 @@ impl ExportStats {
             requests: requests.map(get),
             errors: self.errors.each_ref().map(get),
             latency: self.latency.each_ref().map(Histogram::snapshot),
+            history: None,
         }
     }
 
@@ -345,7 +347,13 @@ impl Export {
 
     /// The export's counters, read now for the metrics text.
     pub fn metrics_sample(&self) -> metrics::ExportSample {
-        self.stats.sample(&self.name)
+        let mut sample = self.stats.sample(&self.name);
+        sample.history = self
+            .volume
+            .as_ref()
+            .and_then(|v| v.history())
+            .map(|h| history_sample(h));
+        sample
     }
 
     /// Counts a client connection until the returned guard is dropped.
@@ -421,6 +429,20 @@ impl Export {
             },
             meta_contexts: self.meta_contexts(),
         }
+    }
+}
+
+/// What the metrics show of a volume with history.
+fn history_sample(h: &History) -> metrics::HistorySample {
+    let now = crate::time::now_us();
+    metrics::HistorySample {
+        points: h.point_count() as u64,
+        oldest_point_age: h
+            .point_bounds()
+            .map(|(oldest, _)| Duration::from_micros(now.saturating_sub(oldest.time_us))),
+        history_bytes: h.history_bytes(),
+        reclaimed_bytes: h.reclaimed_bytes(),
+        dropped_for_space: h.dropped_for_space(),
     }
 }
 
