@@ -1,9 +1,10 @@
 //! The log: records appended to segment files, made durable in groups.
 //!
 //! Appends reserve a `seq` and a place at the tail under a short lock, then write
-//! concurrently. A segment is created with its whole size reserved on the file system,
-//! so that a write into it cannot fail for want of space: a full disk shows up when a
-//! segment is started, before any `seq` is handed out, and the log stays a clean prefix.
+//! concurrently. Space is reserved on the file system ahead of the tail (4 MiB at a
+//! time), so that a write into a reserved place cannot fail for want of space: a full
+//! disk shows up when space is reserved, before any `seq` is handed out, and the log
+//! stays a clean prefix.
 //!
 //! A flush makes durable every record up to a `seq`: it waits until every record before
 //! it is written and applied (the *written* watermark), then syncs the segments touched
@@ -232,8 +233,9 @@ impl Log {
         let (record, slot, storage) = {
             let mut st = self.lock();
             Self::refuse_if_failed(&st)?;
-            let record = make(st.next_seq);
-            let len = record.total_len();
+            // The record is made only once its place is sure: `make` may note its seq
+            // (a point, a change), which must not happen for an append that fails.
+            let len = HEADER_LEN as u64 + payload.iter().map(|p| p.len() as u64).sum::<u64>();
             let full = st
                 .active
                 .as_ref()
@@ -257,6 +259,8 @@ impl Log {
                 segment: a.number,
                 offset: a.tail,
             };
+            let record = make(seq);
+            debug_assert_eq!(record.total_len(), len, "the payload is the record's");
             a.tail += len;
             let storage = Arc::clone(&a.storage);
             st.next_seq += 1;

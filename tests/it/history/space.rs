@@ -32,8 +32,16 @@ fn a_full_disk_fails_writes_cleanly_and_recovers_when_space_returns() {
     }
     let e = failed.expect("the segment filled up and no other could start");
     assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
-    let kept = read_all(&h);
+    // A FUA write refused the same way leaves no trace: the flush after it neither
+    // waits for it nor makes a point of it.
     h.flush().expect("what was written before stays durable");
+    let listed = h.points().len();
+    let refused = h.write(0, &bytes(500, SIZE as usize), true).unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::NoSpace, "{refused}");
+    let kept = read_all(&h);
+    h.flush()
+        .expect("a refused write leaves nothing to wait for");
+    assert_eq!(h.points().len(), listed, "no point for refused writes");
     assert_eq!(
         &h.points()[..points.len()],
         &points[..],
