@@ -77,6 +77,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod failpoint;
+pub mod history;
 pub mod image;
 pub mod mapping;
 pub mod names;
@@ -84,6 +85,7 @@ pub mod proto;
 pub mod server;
 pub mod size;
 mod sys;
+pub mod time;
 pub mod vm;
 pub mod volume;
 

@@ -19,8 +19,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    AddExport, Deleted, Dirty, DirtyQuery, ErrorBody, ExportList, ExportView, RemoveQuery, Removed,
-    Rollback, RolledBack, ServeSnapshot, ServerView, Snapshot, SnapshotList, TakeSnapshot, Taken,
+    AddExport, CloneAt, Deleted, Dirty, DirtyQuery, ErrorBody, ExportList, ExportView, HistoryView,
+    RemoveQuery, Removed, Rollback, RolledBack, ServeAt, ServeSnapshot, ServerView, Snapshot,
+    SnapshotList, TakeSnapshot, Taken,
 };
 use crate::{Error, ErrorKind};
 
@@ -142,6 +143,25 @@ impl Call<ExportView> {
         );
         Call::new(Method::POST, path, Some(body))
     }
+
+    /// `POST /v1/exports/{export}/serve-at`
+    pub fn serve_at(export: &str, body: &ServeAt) -> Self {
+        let path = format!("{}/serve-at", export_path(export));
+        Call::new(Method::POST, path, Some(body))
+    }
+
+    /// `POST /v1/exports/{export}/clone`
+    pub fn clone_at(export: &str, body: &CloneAt) -> Self {
+        let path = format!("{}/clone", export_path(export));
+        Call::new(Method::POST, path, Some(body))
+    }
+}
+
+impl Call<HistoryView> {
+    /// `GET /v1/exports/{export}/history`
+    pub fn history(export: &str) -> Self {
+        Call::get(format!("{}/history", export_path(export)))
+    }
 }
 
 impl Call<Removed> {
@@ -184,12 +204,16 @@ impl Call<RolledBack> {
 }
 
 impl Call<Dirty> {
-    /// `GET /v1/exports/{export}/dirty?since=...`
+    /// `GET /v1/exports/{export}/dirty?since=...` or `?since_point=...`
     pub fn dirty(export: &str, query: &DirtyQuery) -> Self {
+        let params: Vec<String> = [("since", &query.since), ("since_point", &query.since_point)]
+            .into_iter()
+            .filter_map(|(key, value)| Some(format!("{key}={}", encode(value.as_ref()?))))
+            .collect();
         Call::get(format!(
-            "{}/dirty?since={}",
+            "{}/dirty?{}",
             export_path(export),
-            encode(&query.since)
+            params.join("&")
         ))
     }
 }
@@ -333,6 +357,7 @@ impl ControlTarget {
     pub async fn take_snapshot(&self, export: &str, name: &str) -> crate::Result<Taken> {
         let body = TakeSnapshot {
             name: name.to_owned(),
+            at: None,
         };
         self.send(&Call::take_snapshot(export, &body)).await
     }
@@ -356,7 +381,8 @@ impl ControlTarget {
         destroy_newer: bool,
     ) -> crate::Result<RolledBack> {
         let body = Rollback {
-            snapshot: name.to_owned(),
+            snapshot: Some(name.to_owned()),
+            at: None,
             force,
             destroy_newer,
         };
@@ -386,15 +412,41 @@ mod tests {
         let c = Call::dirty(
             "vm1",
             &DirtyQuery {
-                since: "mon day".into(),
+                since: Some("mon day".into()),
+                since_point: None,
             },
         );
         assert_eq!(c.path(), "/v1/exports/vm1/dirty?since=mon%20day");
+        let c = Call::dirty(
+            "vm1",
+            &DirtyQuery {
+                since: None,
+                since_point: Some("2026-01-01T00:00:00+01:00".into()),
+            },
+        );
+        assert_eq!(
+            c.path(),
+            "/v1/exports/vm1/dirty?since_point=2026-01-01T00%3A00%3A00%2B01%3A00"
+        );
+        assert_eq!(Call::history("vm1").path(), "/v1/exports/vm1/history");
+        let at = ServeAt {
+            at: "-10m".into(),
+            as_name: None,
+        };
+        let c = Call::serve_at("vm1", &at);
+        assert_eq!(c.path(), "/v1/exports/vm1/serve-at");
+        assert_eq!(c.body.as_deref(), Some(&br#"{"at":"-10m"}"#[..]));
         let c = Call::serve_snapshot("vm1", "s/1", &ServeSnapshot::default());
         assert_eq!(c.method(), &Method::POST);
         assert_eq!(c.path(), "/v1/exports/vm1/snapshots/s%2F1/export");
         assert_eq!(c.body.as_deref(), Some(&b"{}"[..]));
-        let c = Call::take_snapshot("vm1", &TakeSnapshot { name: "s".into() });
+        let c = Call::take_snapshot(
+            "vm1",
+            &TakeSnapshot {
+                name: "s".into(),
+                at: None,
+            },
+        );
         assert_eq!(c.body.as_deref(), Some(&br#"{"name":"s"}"#[..]));
         assert_eq!(Call::server().path(), "/v1/server");
         assert_eq!(Call::exports().path(), "/v1/exports");

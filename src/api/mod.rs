@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 use crate::image::FormatChoice;
 
 pub mod client;
+mod history;
+
+pub use history::{CloneAt, HistorySummary, HistoryView, PointInfo, PointOf, PointRef, ServeAt};
 
 /// `GET /v1/server`: the server's version, uptime, addresses and connections.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,14 +53,21 @@ pub struct ExportView {
     pub size: u64,
     /// Does it refuse writes?
     pub read_only: bool,
-    /// What it serves: `image`, `raw`, `memory`, `snapshot` or `backend`. Text rather
-    /// than an enum, so that a client reads the kinds of a newer server too.
+    /// What it serves: `image`, `history`, `raw`, `memory`, `snapshot`, `point` or
+    /// `backend`. Text rather than an enum, so that a client reads the kinds of a newer
+    /// server too.
     pub kind: String,
     /// The file served, if any (`null` for memory disks and snapshots).
     pub image: Option<PathBuf>,
     /// For a snapshot served as an export: whose snapshot it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_of: Option<SnapshotOf>,
+    /// For a restore point served as an export: whose point it is, and which.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point_of: Option<PointOf>,
+    /// For a volume with history: its window and its oldest and newest points.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistorySummary>,
     /// Its counters.
     pub stats: StatsSnapshot,
 }
@@ -172,6 +182,10 @@ pub struct SnapshotList {
 pub struct TakeSnapshot {
     /// The snapshot's name.
     pub name: String,
+    /// For a volume with history: name this restore point (a seq, an RFC 3339 time or a
+    /// time ago) instead of the disk as it is now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
 }
 
 /// The answer to taking a snapshot.
@@ -190,12 +204,17 @@ pub struct Deleted {
     pub copied: u64,
 }
 
-/// `POST /v1/exports/{name}/rollback`: return the live disk to a snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `POST /v1/exports/{name}/rollback`: return the live disk to a snapshot, or (for a
+/// volume with history) to a restore point; exactly one of the two is given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rollback {
     /// The snapshot to return to.
-    pub snapshot: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// The restore point to return to: a seq, an RFC 3339 time or a time ago (`-10m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
     /// Even with clients connected.
     #[serde(default)]
     pub force: bool,
@@ -210,8 +229,12 @@ pub struct Rollback {
 pub struct RolledBack {
     /// The export rolled back.
     pub export: String,
-    /// The snapshot it returned to.
-    pub snapshot: String,
+    /// The snapshot it returned to, for a rollback to a snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// The restore point it returned to, for a rollback to a point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<PointRef>,
 }
 
 /// `POST /v1/exports/{name}/snapshots/{snap}/export`: serve a snapshot read-only.
@@ -223,20 +246,30 @@ pub struct ServeSnapshot {
     pub name: Option<String>,
 }
 
-/// The query of `GET /v1/exports/{name}/dirty`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The query of `GET /v1/exports/{name}/dirty`: exactly one of the two.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DirtyQuery {
     /// The snapshot to compare the live disk with.
-    pub since: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// The restore point to compare the live disk with (a volume with history): a seq,
+    /// an RFC 3339 time or a time ago (`-10m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_point: Option<String>,
 }
 
-/// The answer to `GET /v1/exports/{name}/dirty`: what was written since a snapshot.
+/// The answer to `GET /v1/exports/{name}/dirty`: what was written since a snapshot or a
+/// restore point.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dirty {
-    /// The snapshot compared with.
+    /// The snapshot, or the restore point as it was asked for.
     pub since: String,
-    /// The image's cluster size, left out when it cannot be read.
+    /// The restore point compared with, when one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<PointRef>,
+    /// The size of the units changes are tracked in (an image's clusters, a volume with
+    /// history's 4 KiB blocks), left out when it cannot be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_size: Option<u64>,
     /// The ranges written, in order.

@@ -32,6 +32,13 @@ fn stats() -> StatsSnapshot {
 
 const STATS: &str = r#"{"connections":1,"total_connections":3,"reads":18233,"writes":5120,"flushes":41,"trims":2,"zeroes":0,"block_status":12,"caches":0,"bytes_read":1195376640,"bytes_written":335544320,"errors":0}"#;
 
+fn point() -> PointRef {
+    PointRef {
+        seq: 42,
+        time: "2026-01-01T00:00:00.000000Z".into(),
+    }
+}
+
 fn snapshot(exported_as: Option<&str>) -> Snapshot {
     Snapshot {
         name: "mon".into(),
@@ -68,6 +75,8 @@ fn exports_send_a_null_image_and_leave_out_snapshot_of() {
         kind: "image".into(),
         image: Some("/var/lib/strata/vm1.strata".into()),
         snapshot_of: None,
+        point_of: None,
+        history: None,
         stats: stats(),
     };
     let image_json = format!(
@@ -85,10 +94,53 @@ fn exports_send_a_null_image_and_leave_out_snapshot_of() {
             export: "vm1".into(),
             snapshot: "mon".into(),
         }),
+        point_of: None,
+        history: None,
         stats: StatsSnapshot::default(),
     };
     let snap_json = r#"{"name":"vm1@mon","description":"snapshot mon of vm1","size":4096,"read_only":true,"kind":"snapshot","image":null,"snapshot_of":{"export":"vm1","snapshot":"mon"},"stats":{"connections":0,"total_connections":0,"reads":0,"writes":0,"flushes":0,"trims":0,"zeroes":0,"block_status":0,"caches":0,"bytes_read":0,"bytes_written":0,"errors":0}}"#;
     golden(&snap, snap_json);
+    let history = ExportView {
+        name: "vm2".into(),
+        description: String::new(),
+        size: 4096,
+        read_only: false,
+        kind: "history".into(),
+        image: Some("/var/lib/strata/vm2".into()),
+        snapshot_of: None,
+        point_of: None,
+        history: Some(HistorySummary {
+            window_s: 86400,
+            oldest_point: Some(point()),
+            newest_point: None,
+        }),
+        stats: StatsSnapshot::default(),
+    };
+    let zero_stats = r#"{"connections":0,"total_connections":0,"reads":0,"writes":0,"flushes":0,"trims":0,"zeroes":0,"block_status":0,"caches":0,"bytes_read":0,"bytes_written":0,"errors":0}"#;
+    golden(
+        &history,
+        &format!(
+            r#"{{"name":"vm2","description":"","size":4096,"read_only":false,"kind":"history","image":"/var/lib/strata/vm2","history":{{"window_s":86400,"oldest_point":{{"seq":42,"time":"2026-01-01T00:00:00.000000Z"}},"newest_point":null}},"stats":{zero_stats}}}"#
+        ),
+    );
+    let point_view = ExportView {
+        name: "vm2@42".into(),
+        read_only: true,
+        kind: "point".into(),
+        image: None,
+        point_of: Some(PointOf {
+            export: "vm2".into(),
+            point: point(),
+        }),
+        history: None,
+        ..history
+    };
+    golden(
+        &point_view,
+        &format!(
+            r#"{{"name":"vm2@42","description":"","size":4096,"read_only":true,"kind":"point","image":null,"point_of":{{"export":"vm2","seq":42,"time":"2026-01-01T00:00:00.000000Z"}},"stats":{zero_stats}}}"#
+        ),
+    );
     golden(
         &ExportList {
             exports: vec![image, snap],
@@ -133,9 +185,18 @@ fn snapshots_send_a_null_export() {
     golden(
         &RolledBack {
             export: "vm1".into(),
-            snapshot: "mon".into(),
+            snapshot: Some("mon".into()),
+            point: None,
         },
         r#"{"export":"vm1","snapshot":"mon"}"#,
+    );
+    golden(
+        &RolledBack {
+            export: "vm1".into(),
+            snapshot: None,
+            point: Some(point()),
+        },
+        r#"{"export":"vm1","point":{"seq":42,"time":"2026-01-01T00:00:00.000000Z"}}"#,
     );
 }
 
@@ -154,6 +215,7 @@ fn dirty_leaves_out_an_unknown_cluster_size() {
     golden(
         &Dirty {
             since: "nightly".into(),
+            point: None,
             cluster_size: Some(65536),
             ranges: ranges.clone(),
             bytes: 196_608,
@@ -163,11 +225,22 @@ fn dirty_leaves_out_an_unknown_cluster_size() {
     golden(
         &Dirty {
             since: "nightly".into(),
+            point: None,
             cluster_size: None,
             ranges: Vec::new(),
             bytes: 0,
         },
         r#"{"since":"nightly","ranges":[],"bytes":0}"#,
+    );
+    golden(
+        &Dirty {
+            since: "-10m".into(),
+            point: Some(point()),
+            cluster_size: Some(4096),
+            ranges: Vec::new(),
+            bytes: 0,
+        },
+        r#"{"since":"-10m","point":{"seq":42,"time":"2026-01-01T00:00:00.000000Z"},"cluster_size":4096,"ranges":[],"bytes":0}"#,
     );
 }
 
@@ -196,14 +269,51 @@ fn request_bodies_take_defaults_and_refuse_unknown_fields() {
     let minimal: AddExport = serde_json::from_str(r#"{"name":"m","image":"memory:1M"}"#).unwrap();
     assert!(!minimal.read_only && minimal.format == FormatChoice::Auto);
     assert!(minimal.description.is_empty());
-    golden(&TakeSnapshot { name: "mon".into() }, r#"{"name":"mon"}"#);
+    golden(
+        &TakeSnapshot {
+            name: "mon".into(),
+            at: None,
+        },
+        r#"{"name":"mon"}"#,
+    );
     golden(
         &Rollback {
-            snapshot: "mon".into(),
+            snapshot: Some("mon".into()),
+            at: None,
             force: false,
             destroy_newer: true,
         },
         r#"{"snapshot":"mon","force":false,"destroy_newer":true}"#,
+    );
+    golden(
+        &Rollback {
+            at: Some("-10m".into()),
+            force: true,
+            ..Rollback::default()
+        },
+        r#"{"at":"-10m","force":true,"destroy_newer":false}"#,
+    );
+    golden(
+        &ServeAt {
+            at: "42".into(),
+            as_name: Some("vm1@before".into()),
+        },
+        r#"{"at":"42","as":"vm1@before"}"#,
+    );
+    golden(
+        &ServeAt {
+            at: "42".into(),
+            as_name: None,
+        },
+        r#"{"at":"42"}"#,
+    );
+    golden(
+        &CloneAt {
+            at: "2026-01-01T00:00:00Z".into(),
+            name: "vm2".into(),
+            image: "/var/lib/strata/vm2".into(),
+        },
+        r#"{"at":"2026-01-01T00:00:00Z","name":"vm2","image":"/var/lib/strata/vm2"}"#,
     );
     golden(&ServeSnapshot::default(), "{}");
     golden(
@@ -224,6 +334,8 @@ fn request_bodies_take_defaults_and_refuse_unknown_fields() {
     }
     assert!(serde_json::from_str::<ServeSnapshot>(r#"{"as":"x"}"#).is_err());
     assert!(serde_json::from_str::<Rollback>(r#"{"snapshot":"s","forced":true}"#).is_err());
+    assert!(serde_json::from_str::<ServeAt>(r#"{"at":"1","name":"x"}"#).is_err());
+    assert!(serde_json::from_str::<CloneAt>(r#"{"at":"1","name":"x"}"#).is_err());
 }
 
 #[test]

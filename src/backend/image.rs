@@ -52,14 +52,8 @@ impl ImageBackend {
         F: FnOnce(&Chain) -> Result<T> + Send + 'static,
         T: Send + 'static,
     {
-        if self.inline {
-            return f(&self.chain);
-        }
         let chain = Arc::clone(&self.chain);
-        match tokio::task::spawn_blocking(move || f(&chain)).await {
-            Ok(r) => r,
-            Err(e) => Err(Error::msg(ErrorKind::Io, "image task failed").with_source(e)),
-        }
+        super::blocking::offload(self.inline, "image", move || f(&chain)).await
     }
 }
 

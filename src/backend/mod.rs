@@ -57,8 +57,10 @@ macro_rules! backend_methods {
     };
 }
 
+mod blocking;
 pub mod faulty;
 mod filter;
+pub mod history;
 pub mod image;
 pub mod memory;
 pub mod raw;
@@ -346,8 +348,9 @@ backend_methods!(dyn_backend);
 /// A backend chosen at run time.
 pub type SharedBackend = Arc<dyn DynBackend>;
 
-/// What a spec names: `memory:SIZE`, or the path of a Strata image, a raw file or a
-/// block device, told apart by the file's first bytes once, when the spec is read.
+/// What a spec names: `memory:SIZE`, the directory of a volume with history, or the path
+/// of a Strata image, a raw file or a block device, told apart by the file's first bytes
+/// once, when the spec is read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Spec {
     /// An in-memory disk of this many bytes.
@@ -356,6 +359,8 @@ pub enum Spec {
     Raw(PathBuf),
     /// A Strata image.
     Image(PathBuf),
+    /// A volume with history (a directory).
+    History(PathBuf),
 }
 
 impl Spec {
@@ -367,6 +372,9 @@ impl Spec {
             return Ok(Spec::Memory(crate::size::parse_size(size)?));
         }
         let path = Path::new(spec);
+        if format.is_none() && crate::history::is_volume(path) {
+            return Ok(Spec::History(path.to_path_buf()));
+        }
         let format = match format {
             Some(f) => f,
             None => crate::image::probe(path)?,
@@ -386,6 +394,9 @@ impl Spec {
             Spec::Memory(size) => Arc::new(MemoryBackend::new(*size)),
             Spec::Raw(path) => Arc::new(RawBackend::open(path, read_only)?),
             Spec::Image(path) => Arc::new(ImageBackend::new(crate::image::open(path, !read_only)?)),
+            Spec::History(path) => Arc::new(history::HistoryBackend::new(Arc::new(
+                crate::history::History::open(path, read_only)?,
+            ))),
         };
         Ok(if read_only {
             Arc::new(ReadOnly::new(backend))

@@ -11,14 +11,16 @@ use clap::{Args, Subcommand};
 use serde::de::DeserializeOwned;
 use strata::api::client::{Call, ControlTarget as Target, decode};
 use strata::api::{
-    AddExport, Dirty, DirtyQuery, ExportView, RemoveQuery, Rollback, ServeSnapshot, ServerView,
-    Snapshot, TakeSnapshot,
+    AddExport, CloneAt, Dirty, DirtyQuery, ExportView, PointRef, RemoveQuery, Rollback, ServeAt,
+    ServeSnapshot, ServerView, Snapshot, TakeSnapshot,
 };
+use strata::history::PointSpec;
 use strata::image::FormatChoice;
 use strata::size::format_size;
 use strata::{Error, ErrorKind};
 
-use super::output::{Table, duration, fields, timestamp};
+use super::output::{Table, duration, fields};
+use strata::time::seconds_utc;
 
 /// `strata ctl`
 #[derive(Args, Debug)]
@@ -85,12 +87,16 @@ enum CtlCommand {
         /// Export name.
         export: String,
     },
-    /// Take a snapshot of an export.
+    /// Take a snapshot of an export (for a volume with history: name a restore point).
     Snapshot {
         /// Export name.
         export: String,
         /// Snapshot name.
         name: String,
+        /// Volume with history: name this restore point (a seq, an RFC 3339 time or a
+        /// time ago such as -10m) instead of the disk as it is now.
+        #[arg(long, value_name = "POINT", allow_hyphen_values = true)]
+        at: Option<String>,
     },
     /// Delete a snapshot, keeping what it holds in the layer above.
     DeleteSnapshot {
@@ -99,12 +105,23 @@ enum CtlCommand {
         /// Snapshot name.
         name: String,
     },
-    /// Return an export's disk to a snapshot's contents.
+    /// Return an export's disk to a snapshot's contents, or (a volume with history) to
+    /// a restore point.
     Rollback {
         /// Export name.
         export: String,
         /// Snapshot name.
-        name: String,
+        #[arg(required_unless_present = "at")]
+        name: Option<String>,
+        /// A restore point instead of a snapshot: a seq, an RFC 3339 time or a time
+        /// ago (-10m).
+        #[arg(
+            long,
+            value_name = "POINT",
+            allow_hyphen_values = true,
+            conflicts_with_all = ["name", "destroy_newer"]
+        )]
+        at: Option<String>,
         /// Even with clients connected (they see the disk change under them).
         #[arg(long)]
         force: bool,
@@ -122,13 +139,48 @@ enum CtlCommand {
         #[arg(long = "as", value_name = "EXPORT_NAME")]
         as_name: Option<String>,
     },
-    /// The ranges of an export written since a snapshot.
+    /// The ranges of an export written since a snapshot or a restore point.
     Dirty {
         /// Export name.
         export: String,
-        /// Snapshot name.
-        #[arg(long, value_name = "SNAPSHOT")]
+        /// A restore point (a seq, an RFC 3339 time, a time ago such as -10m), or else a
+        /// snapshot name. A name of digits alone is read as a seq.
+        #[arg(long, value_name = "POINT|SNAPSHOT", allow_hyphen_values = true)]
         since: String,
+    },
+    /// The restore points of an export that serves a volume with history.
+    History {
+        /// Export name.
+        export: String,
+        /// List every point, not only the newest ones.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Serve the disk of a volume with history at a restore point, read-only, as an
+    /// export of its own.
+    ServeAt {
+        /// Export name.
+        export: String,
+        /// The point: a seq, an RFC 3339 time or a time ago (-10m).
+        #[arg(allow_hyphen_values = true)]
+        point: String,
+        /// Name of the new export (default EXPORT@SEQ).
+        #[arg(long = "as", value_name = "EXPORT_NAME")]
+        as_name: Option<String>,
+    },
+    /// Make a new volume with history that starts as the disk at a restore point, and
+    /// serve it as a writable export.
+    Clone {
+        /// Export name.
+        export: String,
+        /// The point: a seq, an RFC 3339 time or a time ago (-10m).
+        #[arg(allow_hyphen_values = true)]
+        point: String,
+        /// Name of the new export.
+        name: String,
+        /// The new volume's directory, which must not exist. Over --socket a relative
+        /// path starts from the current directory.
+        image: String,
     },
 }
 
@@ -190,18 +242,9 @@ pub async fn run(args: CtlArgs) -> strata::Result<ExitCode> {
             format,
             description,
         } => {
-            // Over the socket the server runs on this machine: a relative path means
-            // what it means here.
-            let image = match &ctl.target {
-                Target::Unix(_) if !image.starts_with("memory:") => std::path::absolute(image)
-                    .map_err(|e| Error::from(e).with_path(image))?
-                    .to_string_lossy()
-                    .into_owned(),
-                _ => image.clone(),
-            };
             let body = AddExport {
                 name: name.clone(),
-                image,
+                image: ctl.server_path(image)?,
                 read_only: *read_only,
                 format: *format,
                 description: description.clone().unwrap_or_default(),
@@ -225,8 +268,11 @@ pub async fn run(args: CtlArgs) -> strata::Result<ExitCode> {
             ctl.show(&Call::snapshots(export), |v| render_snapshots(&v.snapshots))
                 .await?;
         }
-        CtlCommand::Snapshot { export, name } => {
-            let body = TakeSnapshot { name: name.clone() };
+        CtlCommand::Snapshot { export, name, at } => {
+            let body = TakeSnapshot {
+                name: name.clone(),
+                at: at.clone(),
+            };
             ctl.show(&Call::take_snapshot(export, &body), |v| {
                 format!(
                     "snapshot {} of {export} taken; requests waited {} us\n",
@@ -247,16 +293,23 @@ pub async fn run(args: CtlArgs) -> strata::Result<ExitCode> {
         CtlCommand::Rollback {
             export,
             name,
+            at,
             force,
             destroy_newer,
         } => {
             let body = Rollback {
                 snapshot: name.clone(),
+                at: at.clone(),
                 force: *force,
                 destroy_newer: *destroy_newer,
             };
-            ctl.show(&Call::rollback(export, &body), |_| {
-                format!("export {export} rolled back to snapshot {name}\n")
+            ctl.show(&Call::rollback(export, &body), |v| {
+                let to = match (&v.snapshot, &v.point) {
+                    (_, Some(p)) => point_text(p),
+                    (Some(s), None) => format!("snapshot {s}"),
+                    (None, None) => "the state asked for".to_owned(),
+                };
+                format!("export {export} rolled back to {to}\n")
             })
             .await?;
         }
@@ -274,11 +327,58 @@ pub async fn run(args: CtlArgs) -> strata::Result<ExitCode> {
             .await?;
         }
         CtlCommand::Dirty { export, since } => {
-            let query = DirtyQuery {
-                since: since.clone(),
+            let query = if PointSpec::parse(since).is_ok() {
+                DirtyQuery {
+                    since: None,
+                    since_point: Some(since.clone()),
+                }
+            } else {
+                DirtyQuery {
+                    since: Some(since.clone()),
+                    since_point: None,
+                }
             };
             ctl.show(&Call::dirty(export, &query), |v| render_dirty(&v))
                 .await?;
+        }
+        CtlCommand::History { export, all } => {
+            ctl.show(&Call::history(export), |v| super::history::render(&v, *all))
+                .await?;
+        }
+        CtlCommand::ServeAt {
+            export,
+            point,
+            as_name,
+        } => {
+            let body = ServeAt {
+                at: point.clone(),
+                as_name: as_name.clone(),
+            };
+            ctl.show(&Call::serve_at(export, &body), |v| {
+                format!("serving {} read-only as export {}\n", serves(&v), v.name)
+            })
+            .await?;
+        }
+        CtlCommand::Clone {
+            export,
+            point,
+            name,
+            image,
+        } => {
+            let body = CloneAt {
+                at: point.clone(),
+                name: name.clone(),
+                image: ctl.server_path(image)?,
+            };
+            ctl.show(&Call::clone_at(export, &body), |v| {
+                format!(
+                    "serving {} as export {}: {}\n",
+                    serves(&v),
+                    v.name,
+                    v.description
+                )
+            })
+            .await?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -294,6 +394,19 @@ struct Ctl {
 }
 
 impl Ctl {
+    /// `path` as the server should read it: over the socket the server runs on this
+    /// machine, so a relative path means what it means here; over TCP it is sent as
+    /// given. `memory:SIZE` is never a path.
+    fn server_path(&self, path: &str) -> strata::Result<String> {
+        Ok(match &self.target {
+            Target::Unix(_) if !path.starts_with("memory:") => std::path::absolute(path)
+                .map_err(|e| Error::from(e).with_path(path))?
+                .to_string_lossy()
+                .into_owned(),
+            _ => path.to_owned(),
+        })
+    }
+
     /// Sends `call` and prints its answer: the server's JSON as it came with `--json`,
     /// else the text `render` makes of it.
     async fn show<A: DeserializeOwned>(
@@ -335,11 +448,19 @@ fn serves(export: &ExportView) -> String {
     if let Some(of) = &export.snapshot_of {
         return format!("snapshot {} of {}", of.snapshot, of.export);
     }
+    if let Some(of) = &export.point_of {
+        return format!("{} of {}", point_text(&of.point), of.export);
+    }
     match (&export.image, export.kind.as_str()) {
         (Some(path), _) => path.display().to_string(),
         (None, "memory") => "memory".to_owned(),
         (None, _) => "-".to_owned(),
     }
+}
+
+/// A restore point as the text output names it.
+fn point_text(p: &PointRef) -> String {
+    format!("restore point {} ({})", p.seq, p.time)
 }
 
 fn render_server(v: &ServerView) -> String {
@@ -393,7 +514,20 @@ fn render_exports(exports: &[ExportView]) -> String {
 fn render_export(e: &ExportView) -> String {
     let stats = &e.stats;
     let counted = |count: u64, bytes: u64| format!("{count} ({})", format_size(bytes));
-    fields(&[
+    let history = e.history.as_ref().map(|h| {
+        let points = match (&h.oldest_point, &h.newest_point) {
+            (Some(oldest), Some(newest)) => format!(
+                "points from seq {} ({}) to seq {} ({})",
+                oldest.seq, oldest.time, newest.seq, newest.time
+            ),
+            _ => "no restore point yet".to_owned(),
+        };
+        (
+            "history",
+            format!("kept {}; {points}", duration(h.window_s)),
+        )
+    });
+    let mut pairs = vec![
         ("name", e.name.clone()),
         ("kind", e.kind.clone()),
         ("serves", serves(e)),
@@ -431,7 +565,11 @@ fn render_export(e: &ExportView) -> String {
         ("block status", stats.block_status.to_string()),
         ("cache", stats.caches.to_string()),
         ("errors", stats.errors.to_string()),
-    ])
+    ];
+    if let Some(line) = history {
+        pairs.insert(3, line);
+    }
+    fields(&pairs)
 }
 
 fn render_snapshots(snapshots: &[Snapshot]) -> String {
@@ -440,7 +578,7 @@ fn render_snapshots(snapshots: &[Snapshot]) -> String {
         .map(|s| {
             vec![
                 s.name.clone(),
-                timestamp(s.created),
+                seconds_utc(s.created),
                 format_size(s.allocated),
                 s.exported_as.clone().unwrap_or_else(|| "-".to_owned()),
             ]
@@ -471,7 +609,7 @@ fn render_dirty(v: &Dirty) -> String {
         "{} range(s), {} written since {}",
         v.ranges.len(),
         format_size(v.bytes),
-        v.since
+        v.point.as_ref().map_or_else(|| v.since.clone(), point_text)
     );
     if let Some(cs) = v.cluster_size {
         let _ = write!(out, " (in clusters of {})", format_size(cs));

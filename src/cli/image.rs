@@ -11,7 +11,7 @@ use strata::size::{format_size, parse_size};
 use super::output::print_json;
 use super::progress::Bar;
 
-fn size_arg(s: &str) -> Result<u64, String> {
+pub(crate) fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
 
@@ -30,9 +30,21 @@ pub struct CreateArgs {
     /// copy-on-write overlay of it.
     #[arg(short, long)]
     pub backing: Option<PathBuf>,
+    /// Keep every flushed state of the disk as a restore point for this long (e.g. 24h):
+    /// the image is then a volume with history, a directory.
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+    pub history: Option<std::time::Duration>,
+    /// The most space the history may take; over it the oldest restore points go first,
+    /// even inside the window (named snapshots are kept).
+    #[arg(long, value_name = "SIZE", value_parser = size_arg, requires = "history")]
+    pub history_max_bytes: Option<u64>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+pub(crate) fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    strata::time::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// `strata info`
@@ -110,10 +122,15 @@ pub enum OutFormat {
 /// `strata convert`
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
-    /// Source: a Strata image (its whole chain is read) or a raw file or device.
+    /// Source: a Strata image (its whole chain is read), a raw file or device, or a
+    /// volume with history (its live disk, or the disk at `--at`).
     pub source: PathBuf,
     /// Destination file (must not exist).
     pub destination: PathBuf,
+    /// Copy the disk as it was at this restore point of a volume with history: a seq,
+    /// an RFC 3339 time (the latest point at or before it) or a time ago (`-10m`).
+    #[arg(long, value_name = "POINT", allow_hyphen_values = true)]
+    pub at: Option<String>,
     /// Destination format.
     #[arg(short = 'O', long = "to", value_enum, default_value = "strata")]
     pub format: OutFormat,
@@ -129,6 +146,9 @@ type CmdResult = strata::Result<ExitCode>;
 
 /// `strata create`
 pub fn create(a: CreateArgs) -> CmdResult {
+    if let Some(window) = a.history {
+        return super::history::create(&a, window);
+    }
     let header = image::create(
         &a.image,
         &image::CreateOptions {
@@ -229,6 +249,9 @@ pub fn info(a: InfoArgs) -> CmdResult {
 
 /// `strata check`
 pub fn check(a: CheckArgs) -> CmdResult {
+    if strata::history::is_volume(&a.image) {
+        return super::history::check(&a);
+    }
     let report = tools::check(&a.image, a.repair)?;
     let clean = report.is_clean();
     if a.json {
@@ -334,13 +357,24 @@ pub fn convert(a: ConvertArgs) -> CmdResult {
         OutFormat::Raw => tools::OutputFormat::Raw,
     };
     let bar = Bar::bytes("convert", a.json);
-    let r = tools::convert(
-        &a.source,
-        &a.destination,
-        format,
-        a.cluster_size,
-        &|d, t| bar.update(d, t),
-    )?;
+    let progress = |d, t| bar.update(d, t);
+    let r = if strata::history::is_volume(&a.source) {
+        super::history::convert(
+            &a.source,
+            a.at.as_deref(),
+            &a.destination,
+            format,
+            a.cluster_size,
+            &progress,
+        )?
+    } else if a.at.is_some() {
+        return Err(strata::Error::msg(
+            strata::ErrorKind::InvalidInput,
+            "--at needs a volume with history (strata create --history)",
+        ));
+    } else {
+        tools::convert(&a.source, &a.destination, format, a.cluster_size, &progress)?
+    };
     bar.finish();
     print_copy(a.json, "converted", &r);
     Ok(ExitCode::SUCCESS)

@@ -9,6 +9,7 @@ use strata::config::{self, LogFormat};
 use tracing::error;
 
 mod ctl;
+mod history;
 mod image;
 mod output;
 mod progress;
@@ -50,6 +51,8 @@ enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Print the ranges of an image written since one of its snapshots.
     Diff(snapshot::DiffArgs),
+    /// List the restore points of a volume with history.
+    History(history::HistoryArgs),
     /// Manage a running server through its control API.
     Ctl(ctl::CtlArgs),
     /// Boot, suspend and resume VMs whose disk is an NBD export.
@@ -125,6 +128,7 @@ pub fn main() -> ExitCode {
             Command::Convert(a) => image::convert(a),
             Command::Snapshot(a) => snapshot::run(a).await,
             Command::Diff(a) => snapshot::diff(&a),
+            Command::History(a) => history::list(&a),
             Command::Ctl(a) => ctl::run(a).await,
             Command::Vm(a) => vm::run(a).await,
         }

@@ -75,38 +75,9 @@ pub(crate) fn duration(secs: u64) -> String {
     }
 }
 
-/// Seconds since the epoch as a UTC date and time.
-pub(crate) fn timestamp(secs: u64) -> String {
-    // Days to a civil date, after Howard Hinnant's algorithm.
-    let days = i64::try_from(secs / 86400).unwrap_or(0);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let t = secs % 86400;
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        t / 3600,
-        t / 60 % 60,
-        t % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dates_are_utc() {
-        assert_eq!(timestamp(0), "1970-01-01 00:00:00");
-        assert_eq!(timestamp(951_782_400), "2000-02-29 00:00:00");
-        assert_eq!(timestamp(1_700_000_000), "2023-11-14 22:13:20");
-    }
 
     #[test]
     fn tables_align() {

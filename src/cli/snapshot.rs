@@ -12,7 +12,8 @@ use strata::image::snapshot;
 use strata::size::format_size;
 use strata::volume::{self, DirtyRange, RollbackOptions, Volume};
 
-use super::output::{print_json, timestamp};
+use super::output::print_json;
+use strata::time::seconds_utc;
 
 type CmdResult = strata::Result<ExitCode>;
 
@@ -84,7 +85,7 @@ fn print_snapshots(list: &[volume::SnapshotInfo]) {
         println!(
             "{:<24} {:<20} {:>10}  {}",
             s.name,
-            timestamp(s.created),
+            seconds_utc(s.created),
             format_size(s.allocated),
             s.path.display()
         );

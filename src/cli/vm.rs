@@ -16,7 +16,8 @@ use strata::vm::spec::{Accel, Network, SyncMode};
 use strata::vm::{Disk, NbdUrl, Platform, VmSpec};
 use strata::{Error, ErrorKind};
 
-use super::output::{Table, timestamp};
+use super::output::Table;
+use strata::time::seconds_utc;
 
 /// `strata vm`
 #[derive(Args, Debug)]
@@ -56,6 +57,11 @@ enum VmCommand {
         /// With --serve: delete the overlay when the VM stops.
         #[arg(long, requires = "serve")]
         discard: bool,
+        /// Boot from the disk as it was at this restore point (a seq, an RFC 3339 time
+        /// or a time ago such as -10m) of a volume with history, on a clone deleted when
+        /// the VM stops; the live disk is left alone. Crash-consistent: no memory state.
+        #[arg(long, value_name = "POINT", allow_hyphen_values = true)]
+        at: Option<String>,
     },
     /// Stop a running VM: ask the guest to shut down, then stop it after 30 s.
     Stop {
@@ -278,11 +284,13 @@ pub async fn run(args: VmArgs) -> strata::Result<ExitCode> {
             headless,
             serve,
             discard,
+            at,
         } => {
             let options = RunOptions {
                 headless: headless.then_some(true),
                 serve,
                 discard,
+                at,
                 resume: None,
             };
             run_vm(&root, &name, options).await
@@ -578,7 +586,7 @@ fn checkpoints(root: &Path, name: &str) -> strata::Result<ExitCode> {
         .map(|c| {
             vec![
                 c.name,
-                timestamp(c.created),
+                seconds_utc(c.created),
                 c.snapshot,
                 format_size(c.state_bytes),
                 c.driver,

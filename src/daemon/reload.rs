@@ -268,19 +268,24 @@ async fn replace(exports: &Exports, def: &ExportDef) -> Replaced {
 }
 
 /// The old export keeps its file locked, so it goes first; then the file is opened
-/// again. Refused while snapshots of the image are served, which keep it open.
+/// again. Refused while snapshots or restore points of the image are served, which keep
+/// it open.
 async fn reopen_in_place(exports: &Exports, old: Arc<Export>, def: &ExportDef) -> Replaced {
     let snapshots: Vec<String> = exports
         .all()
         .iter()
-        .filter(|e| matches!(e.source(), Source::Snapshot { export, .. } if *export == def.name))
+        .filter(|e| {
+            matches!(e.source(),
+                Source::Snapshot { export, .. } | Source::Point { export, .. }
+                    if *export == def.name)
+        })
         .map(|e| e.name().to_owned())
         .collect();
     if !snapshots.is_empty() {
         error!(
             export = def.name,
-            "reload: the export's snapshots are served ({}); remove them to change how \
-             its image is opened. Still serving the old definition",
+            "reload: the export's snapshots or restore points are served ({}); remove \
+             them to change how its image is opened. Still serving the old definition",
             snapshots.join(", ")
         );
         return Replaced::KeptOld;

@@ -30,6 +30,7 @@ struct State {
     current: Vec<u8>,
     unsynced: Vec<Op>,
     capacity: Option<u64>,
+    allocated: u64,
     syncs: u64,
 }
 
@@ -153,7 +154,8 @@ impl SimStorage {
     fn record(&self, op: Op) -> io::Result<()> {
         let mut st = self.state.lock().expect("sim lock");
         if let (Some(cap), Op::Write { offset, data }) = (st.capacity, &op) {
-            if offset + data.len() as u64 > cap {
+            let end = offset + data.len() as u64;
+            if end > cap && end > st.allocated {
                 return Err(io::Error::from_raw_os_error(libc::ENOSPC));
             }
         }
@@ -185,6 +187,15 @@ impl Storage for SimStorage {
         st.durable = st.current.clone();
         st.unsynced.clear();
         st.syncs += 1;
+        Ok(())
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut st = self.state.lock().expect("sim lock");
+        if st.capacity.is_some_and(|cap| offset + len > cap) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        st.allocated = st.allocated.max(offset + len);
         Ok(())
     }
 

@@ -55,6 +55,13 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn write_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()>;
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
+    /// Reserves space for a range without changing the length, so that writes into it
+    /// cannot fail for want of space. Fails with `ENOSPC` if there is none, and with
+    /// [`io::ErrorKind::Unsupported`] where the file system cannot promise it.
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Err(io::ErrorKind::Unsupported.into())
+    }
     /// Releases the storage of a range; it reads as zeroes afterwards.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Current length in bytes.
@@ -156,17 +163,23 @@ impl FileStorage {
         Self::from_file(file, path, false, false)
     }
 
+    /// Opens `path` without taking any lock, for a file that a lock held on something
+    /// else protects (a segment of a volume with history, under the volume's lock).
+    pub fn open_without_lock(path: &Path, writable: bool) -> Result<FileStorage> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| Error::from(e).with_op("open").with_path(path))?;
+        Self::from_file(file, path, writable, false)
+    }
+
     /// Opens `path` for writing without taking any lock, for merging clusters into a
     /// read-only snapshot layer that this process serves (and so holds a shared lock
     /// on): the clusters added are copies of what the layer below already returns, so
     /// readers of the layer see the same bytes throughout.
     pub(crate) fn open_for_merge(path: &Path) -> Result<FileStorage> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::from(e).with_op("open").with_path(path))?;
-        Self::from_file(file, path, true, false)
+        Self::open_without_lock(path, true)
     }
 
     /// Creates `path`, which must not exist, and locks it exclusively.
@@ -307,6 +320,13 @@ impl Storage for FileStorage {
 
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.block_device {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        sys::fallocate(&self.file, sys::falloc::KEEP_SIZE, offset, len)
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {

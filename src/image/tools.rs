@@ -307,6 +307,17 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
     Ok(report)
 }
 
+/// A disk the copying tools read from. Strata chains and raw files are read here;
+/// other engines (a volume with history at a restore point) implement it too.
+pub trait Disk {
+    /// Its size in bytes.
+    fn size(&self) -> u64;
+    /// Fills `buf` from `offset`.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Ranges of `[0, size)` that may hold non-zero data.
+    fn data_ranges(&self) -> Result<Vec<(u64, u64)>>;
+}
+
 /// A disk the tools read from: a Strata chain or a raw file.
 enum Source {
     Strata(Box<Chain>),
@@ -327,7 +338,9 @@ impl Source {
             Format::Foreign(name) => Err(super::refuse_foreign(path, name)),
         }
     }
+}
 
+impl Disk for Source {
     fn size(&self) -> u64 {
         match self {
             Source::Strata(c) => c.size(),
@@ -347,7 +360,6 @@ impl Source {
         }
     }
 
-    /// Ranges of `[0, size)` that may hold non-zero data.
     fn data_ranges(&self) -> Result<Vec<(u64, u64)>> {
         match self {
             Source::Strata(c) => {
@@ -450,7 +462,17 @@ pub fn convert(
     cluster_size: Option<u64>,
     progress: Progress<'_>,
 ) -> Result<CopyReport> {
-    let source = Source::open(src)?;
+    convert_from(&Source::open(src)?, dst, format, cluster_size, progress)
+}
+
+/// Copies the disk `source` to a new file `dst`, as [`convert`] does.
+pub fn convert_from(
+    source: &dyn Disk,
+    dst: &Path,
+    format: OutputFormat,
+    cluster_size: Option<u64>,
+    progress: Progress<'_>,
+) -> Result<CopyReport> {
     let size = source.size();
     let target = match format {
         OutputFormat::Raw => {
@@ -471,7 +493,7 @@ pub fn convert(
             Target::Strata(Box::new(super::open(dst, true)?))
         }
     };
-    let result = copy_ranges(&source, &target, &source.data_ranges()?, size, progress);
+    let result = copy_ranges(source, &target, &source.data_ranges()?, size, progress);
     match result {
         Ok(report) => Ok(report),
         Err(e) => {
@@ -483,7 +505,7 @@ pub fn convert(
 }
 
 fn copy_ranges(
-    source: &Source,
+    source: &dyn Disk,
     target: &Target,
     ranges: &[(u64, u64)],
     size: u64,

@@ -12,6 +12,7 @@ use crate::access::{Access, Client};
 use crate::api::StatsSnapshot;
 use crate::backend::{Capabilities, DynBackend, SharedBackend, Spec};
 use crate::error::{Error, ErrorKind};
+use crate::history::History;
 use crate::proto::consts::QEMU_DIRTY_BITMAP;
 use crate::proto::consts::transmission_flags as tf;
 use crate::proto::handshake::default_meta_contexts;
@@ -62,6 +63,26 @@ pub enum Source {
         /// The snapshot's name.
         snapshot: String,
     },
+    /// A restore point of a volume with history, served read-only.
+    Point {
+        /// The volume the point belongs to, which must be told when the export goes.
+        volume: Arc<Volume>,
+        /// The export that serves that volume's live disk.
+        export: String,
+        /// The point.
+        point: crate::history::Point,
+    },
+}
+
+impl Source {
+    /// The volume whose snapshot or restore point this serves, which must be told when
+    /// the export goes.
+    pub fn served_from(&self) -> Option<&Arc<Volume>> {
+        match self {
+            Source::Snapshot { volume, .. } | Source::Point { volume, .. } => Some(volume),
+            _ => None,
+        }
+    }
 }
 
 /// Per-export counters: connections, requests by kind, errors by errno, and a latency
@@ -148,6 +169,7 @@ impl ExportStats {
             requests: requests.map(get),
             errors: self.errors.each_ref().map(get),
             latency: self.latency.each_ref().map(Histogram::snapshot),
+            history: None,
         }
     }
 
@@ -274,16 +296,23 @@ impl Export {
     }
 
     /// A short name for what the export serves: `image` (a Strata image, with
-    /// snapshots), `snapshot`, `raw` (a file or block device), `memory`, or `backend`.
+    /// snapshots), `history` (a volume with history), `snapshot`, `point` (a restore
+    /// point of a volume with history), `raw` (a file or block device), `memory`, or
+    /// `backend`.
     pub fn kind(&self) -> &'static str {
-        if self.volume.is_some() {
-            return "image";
+        if let Some(v) = &self.volume {
+            return if v.history().is_some() {
+                "history"
+            } else {
+                "image"
+            };
         }
         match self.source {
             Source::Backend => "backend",
             Source::Memory => "memory",
             Source::Raw(_) => "raw",
             Source::Snapshot { .. } => "snapshot",
+            Source::Point { .. } => "point",
         }
     }
 
@@ -318,7 +347,13 @@ impl Export {
 
     /// The export's counters, read now for the metrics text.
     pub fn metrics_sample(&self) -> metrics::ExportSample {
-        self.stats.sample(&self.name)
+        let mut sample = self.stats.sample(&self.name);
+        sample.history = self
+            .volume
+            .as_ref()
+            .and_then(|v| v.history())
+            .map(|h| history_sample(h));
+        sample
     }
 
     /// Counts a client connection until the returned guard is dropped.
@@ -397,6 +432,20 @@ impl Export {
     }
 }
 
+/// What the metrics show of a volume with history.
+fn history_sample(h: &History) -> metrics::HistorySample {
+    let now = crate::time::now_us();
+    metrics::HistorySample {
+        points: h.point_count() as u64,
+        oldest_point_age: h
+            .point_bounds()
+            .map(|(oldest, _)| Duration::from_micros(now.saturating_sub(oldest.time_us))),
+        history_bytes: h.history_bytes(),
+        reclaimed_bytes: h.reclaimed_bytes(),
+        dropped_for_space: h.dropped_for_space(),
+    }
+}
+
 /// Opens the export `name` for `spec` (`memory:SIZE`, or the path of a Strata image, a
 /// raw file or a block device), the way `strata serve` and the control API do: Strata
 /// images become [`Volume`]s (with snapshots), everything else a plain backend.
@@ -410,7 +459,7 @@ pub fn open_export(
 ) -> crate::Result<Export> {
     let spec = Spec::parse(spec, format)?;
     let source = match &spec {
-        Spec::Image(path) => {
+        Spec::Image(path) | Spec::History(path) => {
             let volume = Volume::open(path, read_only)?;
             return Ok(Export::with_volume(name, description, volume));
         }

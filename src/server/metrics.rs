@@ -299,6 +299,25 @@ pub struct ExportSample {
     pub errors: [u64; ERRNOS.len()],
     /// Latency by kind of request, in the order of [`OPS`].
     pub latency: [HistogramSnapshot; OPS.len()],
+    /// The restore points and space of the volume with history the export serves, if
+    /// it serves one.
+    pub history: Option<HistorySample>,
+}
+
+/// The state of a volume with history, read at scrape time for [`render`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistorySample {
+    /// Restore points kept.
+    pub points: u64,
+    /// How old the oldest point kept is; `None` before the first point.
+    pub oldest_point_age: Option<Duration>,
+    /// Bytes of log holding no current version: history, and garbage not yet reclaimed.
+    pub history_bytes: u64,
+    /// Bytes the reclaimer copied since the volume was opened.
+    pub reclaimed_bytes: u64,
+    /// Points dropped inside the window because the history was over its byte cap, since
+    /// the volume was opened.
+    pub dropped_for_space: u64,
 }
 
 /// The content type of [`render`]'s output.
@@ -445,15 +464,26 @@ fn render_server(out: &mut String, server: &ServerStats, g: Gauges) {
     }
 }
 
+/// A family with one integer sample per export, given as (escaped name, value).
+fn per_export<'a>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    rows: impl Iterator<Item = (&'a String, u64)>,
+) {
+    family(out, name, kind, help);
+    for (export, v) in rows {
+        let _ = writeln!(out, "{name}{{export=\"{export}\"}} {v}");
+    }
+}
+
 fn render_exports(out: &mut String, exports: &[ExportSample]) {
     let labels: Vec<String> = exports.iter().map(|e| escape_label(&e.name)).collect();
     let samples = || labels.iter().zip(exports);
     let simple =
         |out: &mut String, name: &str, kind: &str, help: &str, get: fn(&ExportSample) -> u64| {
-            family(out, name, kind, help);
-            for (export, sample) in samples() {
-                let _ = writeln!(out, "{name}{{export=\"{export}\"}} {}", get(sample));
-            }
+            per_export(out, name, kind, help, samples().map(|(e, s)| (e, get(s))));
         };
     simple(
         out,
@@ -533,6 +563,66 @@ fn render_exports(out: &mut String, exports: &[ExportSample]) {
             let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count());
         }
     }
+    render_history(out, &labels, exports);
+}
+
+/// The families of volumes with history, rendered only when an export serves one.
+fn render_history(out: &mut String, labels: &[String], exports: &[ExportSample]) {
+    let with_history: Vec<(&String, HistorySample)> = labels
+        .iter()
+        .zip(exports)
+        .filter_map(|(label, e)| Some((label, e.history?)))
+        .collect();
+    if with_history.is_empty() {
+        return;
+    }
+    let simple =
+        |out: &mut String, name: &str, kind: &str, help: &str, get: fn(&HistorySample) -> u64| {
+            let rows = with_history.iter().map(|(e, s)| (*e, get(s)));
+            per_export(out, name, kind, help, rows);
+        };
+    simple(
+        out,
+        "strata_export_history_points",
+        "gauge",
+        "Restore points kept by the volume with history the export serves.",
+        |h| h.points,
+    );
+    let name = "strata_export_history_oldest_point_age_seconds";
+    family(
+        out,
+        name,
+        "gauge",
+        "Age of the oldest restore point kept (absent before the first point).",
+    );
+    for (export, sample) in &with_history {
+        if let Some(age) = sample.oldest_point_age {
+            let _ = write!(out, "{name}{{export=\"{export}\"}} ");
+            float(out, age.as_secs_f64());
+            out.push('\n');
+        }
+    }
+    simple(
+        out,
+        "strata_export_history_bytes",
+        "gauge",
+        "Bytes of the volume's log holding no current version: history and garbage.",
+        |h| h.history_bytes,
+    );
+    simple(
+        out,
+        "strata_export_history_reclaimed_bytes_total",
+        "counter",
+        "Bytes copied out of mostly-unread segments to free them, since the volume was opened.",
+        |h| h.reclaimed_bytes,
+    );
+    simple(
+        out,
+        "strata_export_history_points_dropped_for_space_total",
+        "counter",
+        "Restore points dropped inside the window because the history was over its byte cap, since the volume was opened.",
+        |h| h.dropped_for_space,
+    );
 }
 
 #[cfg(test)]
@@ -594,6 +684,7 @@ mod tests {
             requests,
             errors,
             latency,
+            history: None,
         };
         let server = ServerStats::default();
         server.count_accepted();
@@ -637,5 +728,74 @@ mod tests {
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }
+        assert!(
+            !text.contains("strata_export_history_"),
+            "history families without a volume with history"
+        );
+    }
+
+    fn empty_sample(name: &str) -> ExportSample {
+        let none = Histogram::default().snapshot();
+        ExportSample {
+            name: name.to_owned(),
+            connections: 0,
+            total_connections: 0,
+            bytes_read: 0,
+            bytes_written: 0,
+            requests: [0; OPS.len()],
+            errors: [0; ERRNOS.len()],
+            latency: [(); OPS.len()].map(|()| none.clone()),
+            history: None,
+        }
+    }
+
+    #[test]
+    fn history_series_belong_to_exports_with_history() {
+        let plain = empty_sample("plain");
+        let fresh = ExportSample {
+            history: Some(HistorySample {
+                points: 0,
+                oldest_point_age: None,
+                history_bytes: 0,
+                reclaimed_bytes: 0,
+                dropped_for_space: 0,
+            }),
+            ..empty_sample("fresh")
+        };
+        let busy = ExportSample {
+            history: Some(HistorySample {
+                points: 12,
+                oldest_point_age: Some(Duration::from_millis(61_500)),
+                history_bytes: 1 << 20,
+                reclaimed_bytes: 65536,
+                dropped_for_space: 3,
+            }),
+            ..empty_sample("busy")
+        };
+        let text = render(
+            &[plain, fresh, busy],
+            &ServerStats::default(),
+            Gauges::default(),
+        );
+        for expected in [
+            "# TYPE strata_export_history_points gauge",
+            "# TYPE strata_export_history_oldest_point_age_seconds gauge",
+            "# TYPE strata_export_history_bytes gauge",
+            "# TYPE strata_export_history_reclaimed_bytes_total counter",
+            "# TYPE strata_export_history_points_dropped_for_space_total counter",
+            "strata_export_history_points{export=\"fresh\"} 0",
+            "strata_export_history_points{export=\"busy\"} 12",
+            "strata_export_history_oldest_point_age_seconds{export=\"busy\"} 61.5",
+            "strata_export_history_bytes{export=\"busy\"} 1048576",
+            "strata_export_history_reclaimed_bytes_total{export=\"busy\"} 65536",
+            "strata_export_history_points_dropped_for_space_total{export=\"busy\"} 3",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        assert!(!text.contains("strata_export_history_points{export=\"plain\"}"));
+        assert!(
+            !text.contains("strata_export_history_oldest_point_age_seconds{export=\"fresh\"}"),
+            "no age before the first point"
+        );
     }
 }

@@ -13,9 +13,10 @@ use std::path::{Path, PathBuf};
 /// own, never those of its own layer or above.
 const LAYERS: &[&[&str]] = &[
     &["error", "sys", "failpoint"],
-    &["size", "names", "block", "mapping", "access"],
+    &["size", "names", "block", "mapping", "access", "time"],
     &["proto"],
     &["image"],
+    &["history"],
     &["backend"],
     &["volume", "api"],
     &["server"],

@@ -423,6 +423,105 @@ fn metrics_are_prometheus_text_and_follow_real_io() {
     assert_eq!(http(s, "GET", "/v1/exports", &[], None).status, 404);
 }
 
+#[test]
+fn metrics_show_the_history_of_a_volume() {
+    if !strata_only("the metrics endpoint") {
+        return;
+    }
+    let metrics = Metrics::new();
+    let dir = metrics.dir.path();
+    strata_at_ok(
+        dir,
+        &[
+            "create",
+            "vol",
+            "--size",
+            "16M",
+            "--history",
+            "1h",
+            "--history-max-bytes",
+            "256K",
+        ],
+    );
+    let vol = dir.join("vol");
+    let server = file(&vol)
+        .name("vol")
+        .listen(Transport::Unix)
+        .args(metrics.args())
+        .start();
+    let export = [("export", "vol")];
+    let points = "strata_export_history_points";
+    let age = "strata_export_history_oldest_point_age_seconds";
+    let bytes = "strata_export_history_bytes";
+    let reclaimed = "strata_export_history_reclaimed_bytes_total";
+    let dropped = "strata_export_history_points_dropped_for_space_total";
+    let before = metrics.scrape();
+    assert_value(&before, points, &export, 0.0);
+    assert!(
+        !before.iter().any(|s| s.name == age),
+        "an age before the first point"
+    );
+    assert_value(&before, bytes, &export, 0.0);
+    assert_value(&before, reclaimed, &export, 0.0);
+    assert_value(&before, dropped, &export, 0.0);
+
+    // Rounds over the same 64 KiB, each flushed: a point per round, and each round
+    // leaves the one before as history.
+    let started = Instant::now();
+    let mut c = Client::connect(server.endpoint()).unwrap();
+    c.handshake("vol", STRUCTURED).unwrap();
+    let round = |c: &mut Client, n: u8| {
+        for i in 0..16u64 {
+            c.write(0, i * 4096, &[n; 4096]).unwrap().unwrap();
+        }
+        c.flush().unwrap().unwrap();
+    };
+    for n in 1..=3 {
+        round(&mut c, n);
+    }
+    let after = metrics.scrape();
+    assert_value(&after, points, &export, 3.0);
+    let oldest = value(&after, age, &export);
+    assert!(
+        (0.0..=started.elapsed().as_secs_f64()).contains(&oldest),
+        "oldest point {oldest} s old"
+    );
+    let history = value(&after, bytes, &export);
+    assert!(
+        (2.0 * 65536.0..3.0 * 65536.0).contains(&history),
+        "two rounds of history and their records' headers, not {history}"
+    );
+    {
+        let _guard = images_open();
+        let seen = strata::history::History::inspect(&vol).unwrap();
+        assert_eq!(history, seen.history_bytes() as f64, "the engine's figure");
+        assert_eq!(seen.points().len(), 3);
+    }
+    assert_value(&after, dropped, &export, 0.0);
+
+    // Past the cap, retention drops the oldest points inside the window; what is kept
+    // and what was dropped add up to every point made (the window keeps them all).
+    for n in 4..=7 {
+        round(&mut c, n);
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = metrics.scrape();
+        let (kept, gone) = (value(&now, points, &export), value(&now, dropped, &export));
+        if gone > 0.0 && kept + gone == 7.0 {
+            assert!(kept >= 1.0, "the newest point is always kept");
+            assert_value(&now, reclaimed, &export, 0.0);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no points dropped for space: {kept} kept, {gone} dropped"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.disconnect().unwrap();
+}
+
 fn tcp_from(source: &str, to: SocketAddr) -> io::Result<TcpStream> {
     // Bind the client end to a chosen loopback address, to play several clients.
     let s = socket2_connect(SocketAddr::new(source.parse().unwrap(), 0), to)?;

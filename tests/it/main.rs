@@ -14,6 +14,8 @@ mod config;
 mod control_api;
 mod deploy;
 mod faults;
+mod history;
+mod history_served;
 mod hostile;
 mod image_cli;
 mod image_crash;

@@ -13,10 +13,11 @@ use axum::response::Response;
 use tracing::{info, warn};
 
 use super::ControlState;
+use super::history::{dirty_since_point, rollback_to_point};
 use crate::api::{
-    AddExport, Deleted, Dirty, DirtyQuery, DirtyRange, ExportList, ExportView, RemoveQuery,
-    Removed, Rollback, RolledBack, ServeSnapshot, ServerView, Snapshot, SnapshotList, SnapshotOf,
-    TakeSnapshot, Taken,
+    AddExport, Deleted, Dirty, DirtyQuery, DirtyRange, ExportList, ExportView, HistorySummary,
+    PointOf, PointRef, RemoveQuery, Removed, Rollback, RolledBack, ServeSnapshot, ServerView,
+    Snapshot, SnapshotList, SnapshotOf, TakeSnapshot, Taken,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::names;
@@ -26,7 +27,7 @@ use crate::server::metrics_listener::metrics_response;
 use crate::volume::{self, RollbackOptions, Volume};
 
 /// What the API shows of an export.
-fn export_view(export: &Export) -> ExportView {
+pub(super) fn export_view(export: &Export) -> ExportView {
     let snapshot_of = match export.source() {
         Source::Snapshot {
             export, snapshot, ..
@@ -36,6 +37,14 @@ fn export_view(export: &Export) -> ExportView {
         }),
         _ => None,
     };
+    let point_of = match export.source() {
+        Source::Point { export, point, .. } => Some(PointOf {
+            export: export.clone(),
+            point: PointRef::of(point),
+        }),
+        _ => None,
+    };
+    let history = (export.volume().and_then(|v| v.history())).map(|h| HistorySummary::of(h));
     ExportView {
         name: export.name().to_owned(),
         description: export.description().to_owned(),
@@ -44,6 +53,8 @@ fn export_view(export: &Export) -> ExportView {
         kind: export.kind().to_owned(),
         image: export.image_path().map(Path::to_path_buf),
         snapshot_of,
+        point_of,
+        history,
         stats: export.stats().snapshot(),
     }
 }
@@ -83,7 +94,7 @@ pub(super) async fn list_exports(State(state): Api) -> Json<ExportList> {
 }
 
 /// The export `name`, which must exist.
-fn find(state: &ControlState, name: &str) -> Result<Arc<Export>> {
+pub(super) fn find(state: &ControlState, name: &str) -> Result<Arc<Export>> {
     // The empty name would find the default export; the API names exports exactly.
     state
         .exports
@@ -105,7 +116,7 @@ pub(super) async fn get_export(
 }
 
 /// Runs blocking work (opening files, reading metadata) off the network threads.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     tokio::task::spawn_blocking(work)
@@ -179,7 +190,7 @@ pub(super) async fn remove_export(
     if let Err(e) = export.backend().flush().await {
         warn!(export = name, "flush after removal failed: {e}");
     }
-    if let Source::Snapshot { volume, .. } = export.source() {
+    if let Some(volume) = export.source().served_from() {
         volume.unserve(&name);
     }
     info!(
@@ -193,26 +204,65 @@ pub(super) async fn remove_export(
     }))
 }
 
-/// The volume of an image export; other exports have no snapshots.
-fn volume_of(export: &Export) -> Result<Arc<Volume>> {
+/// What an export serves, in a few words, for refusals of what it cannot do.
+pub(super) fn serves(export: &Export) -> String {
     if let Some(volume) = export.volume() {
-        return Ok(volume.clone());
+        let what = if volume.history().is_some() {
+            "the volume with history"
+        } else {
+            "the Strata image"
+        };
+        return format!("{what} {}", volume.path().display());
     }
-    let serves = match export.source() {
+    match export.source() {
         Source::Snapshot {
             export, snapshot, ..
         } => format!("snapshot {snapshot:?} of export {export:?}"),
+        Source::Point { export, point, .. } => {
+            format!("restore point {} of export {export:?}", point.seq)
+        }
         Source::Raw(path) => format!("the raw file {}", path.display()),
         Source::Memory => "an in-memory disk".to_owned(),
         Source::Backend => "a backend without snapshots".to_owned(),
-    };
+    }
+}
+
+/// The volume of an image export; other exports have no snapshots.
+pub(super) fn volume_of(export: &Export) -> Result<Arc<Volume>> {
+    if let Some(volume) = export.volume() {
+        return Ok(volume.clone());
+    }
     Err(Error::msg(
         ErrorKind::InvalidInput,
         format!(
-            "export {:?} serves {serves}: snapshots need a Strata image",
-            export.name()
+            "export {:?} serves {}: snapshots need a Strata image",
+            export.name(),
+            serves(export)
         ),
     ))
+}
+
+/// Adds `export`, which serves `what` (a snapshot or restore point of `volume`, which
+/// `live` serves) with the access rules of `live`, and answers with its view; if it
+/// cannot be added, `volume` forgets it was served.
+pub(super) fn add_served(
+    state: &ControlState,
+    export: Export,
+    live: &Export,
+    volume: &Volume,
+    what: &str,
+) -> Result<(StatusCode, Json<ExportView>)> {
+    let name = export.name().to_owned();
+    let export = export.with_access(live.access().clone());
+    let export = state.exports.try_insert(export).inspect_err(|_| {
+        volume.unserve(&name);
+    })?;
+    info!(
+        export = name,
+        of = live.name(),
+        "control API: serving {what}"
+    );
+    Ok((StatusCode::CREATED, Json(export_view(&export))))
 }
 
 /// The volume of the export `name`, which must exist and have one.
@@ -237,7 +287,10 @@ pub(super) async fn take_snapshot(
 ) -> ApiResult<(StatusCode, Json<Taken>)> {
     names::SNAPSHOT.check(&req.name)?;
     let volume = find_volume(&state, &name)?;
-    let taken = volume.snapshot(&req.name).await?;
+    let taken = match &req.at {
+        Some(at) => super::history::snapshot_at(&volume, &req.name, at).await?,
+        None => volume.snapshot(&req.name).await?,
+    };
     let pause_us = u64::try_from(taken.pause.as_micros()).unwrap_or(u64::MAX);
     info!(
         export = name,
@@ -270,24 +323,50 @@ pub(super) async fn rollback(
     PathArgs(name): PathArgs<String>,
     JsonBody(req): JsonBody<Rollback>,
 ) -> ApiResult<Json<RolledBack>> {
-    names::SNAPSHOT.check(&req.snapshot)?;
+    let (snapshot, at) = match (req.snapshot, req.at) {
+        (Some(snapshot), None) => (snapshot, None),
+        (None, Some(at)) => (String::new(), Some(at)),
+        _ => return Err(one_of("snapshot", "at").into()),
+    };
     let export = find(&state, &name)?;
-    let volume = volume_of(&export)?;
     let connected = usize::try_from(export.stats().connections()).unwrap_or(usize::MAX);
+    if let Some(at) = at {
+        if req.destroy_newer {
+            return Err(Error::msg(
+                ErrorKind::InvalidInput,
+                "destroy_newer applies to snapshots of Strata images: a rollback to a \
+                 restore point loses no point",
+            )
+            .into());
+        }
+        let point = rollback_to_point(&export, &at, req.force, connected).await?;
+        return Ok(Json(RolledBack {
+            export: name,
+            snapshot: None,
+            point: Some(point),
+        }));
+    }
+    names::SNAPSHOT.check(&snapshot)?;
+    let volume = volume_of(&export)?;
     let options = RollbackOptions {
         force: req.force,
         destroy_newer: req.destroy_newer,
     };
-    volume.rollback(&req.snapshot, options, connected).await?;
-    info!(
-        export = name,
-        snapshot = req.snapshot,
-        "control API: rolled back"
-    );
+    volume.rollback(&snapshot, options, connected).await?;
+    info!(export = name, snapshot, "control API: rolled back");
     Ok(Json(RolledBack {
         export: name,
-        snapshot: req.snapshot,
+        snapshot: Some(snapshot),
+        point: None,
     }))
+}
+
+/// The refusal of a request that must name exactly one of `a` and `b`.
+fn one_of(a: &str, b: &str) -> Error {
+    Error::msg(
+        ErrorKind::InvalidInput,
+        format!("give exactly one of {a:?} and {b:?}"),
+    )
 }
 
 pub(super) async fn export_snapshot(
@@ -314,22 +393,14 @@ pub(super) async fn export_snapshot(
         volume: volume.clone(),
         export: name.clone(),
         snapshot: snap.clone(),
-    })
-    .with_access(live.access().clone());
-    let export = match state.exports.try_insert(export) {
-        Ok(export) => export,
-        Err(e) => {
-            volume.unserve(&export_name);
-            return Err(e.into());
-        }
-    };
-    info!(
-        export = export_name,
-        snapshot = snap,
-        of = name,
-        "control API: serving a snapshot"
-    );
-    Ok((StatusCode::CREATED, Json(export_view(&export))))
+    });
+    Ok(add_served(
+        &state,
+        export,
+        &live,
+        &volume,
+        &format!("snapshot {snap}"),
+    )?)
 }
 
 pub(super) async fn dirty(
@@ -337,22 +408,39 @@ pub(super) async fn dirty(
     PathArgs(name): PathArgs<String>,
     QueryArgs(query): QueryArgs<DirtyQuery>,
 ) -> ApiResult<Json<Dirty>> {
-    names::SNAPSHOT.check(&query.since)?;
-    let volume = find_volume(&state, &name)?;
-    let ranges: Vec<DirtyRange> = (volume.dirty(&query.since).await?.into_iter())
+    let (since, point, ranges, volume) = match (query.since, query.since_point) {
+        (Some(since), None) => {
+            names::SNAPSHOT.check(&since)?;
+            let volume = find_volume(&state, &name)?;
+            let ranges = volume.dirty(&since).await?;
+            (since, None, ranges, volume)
+        }
+        (None, Some(at)) => {
+            let export = find(&state, &name)?;
+            let (point, ranges) = dirty_since_point(&export, &at).await?;
+            (at, Some(point), ranges, volume_of(&export)?)
+        }
+        _ => return Err(one_of("since", "since_point").into()),
+    };
+    let ranges: Vec<DirtyRange> = (ranges.into_iter())
         .map(|r| DirtyRange {
             offset: r.offset,
             length: r.length,
         })
         .collect();
-    let path = volume.path().to_path_buf();
-    let cluster_size = blocking(move || crate::image::tools::header(&path))
-        .await
-        .ok()
-        .map(|h| h.cluster_size());
+    let cluster_size = if volume.history().is_some() {
+        Some(crate::history::index::BLOCK)
+    } else {
+        let path = volume.path().to_path_buf();
+        blocking(move || crate::image::tools::header(&path))
+            .await
+            .ok()
+            .map(|h| h.cluster_size())
+    };
     let bytes = ranges.iter().map(|r| r.length).sum();
     Ok(Json(Dirty {
-        since: query.since,
+        since,
+        point,
         cluster_size,
         ranges,
         bytes,

@@ -1,6 +1,6 @@
 //! The control API: HTTP/JSON for operators and VM launchers to inspect and manage a
-//! running server (exports, their counters, snapshots). `docs/api.md` documents every
-//! endpoint.
+//! running server (exports, their counters, snapshots, restore points). `docs/api.md`
+//! documents every endpoint.
 //!
 //! It listens on a Unix socket, created with mode 0600 so that only the server's user can
 //! connect (no token needed), and optionally on TCP, where every request must carry
@@ -12,8 +12,8 @@
 //! routes or methods) get the status that layer chose, with the same JSON shape.
 //!
 //! This file holds what the API is made of: its listeners, its state and its routes; the
-//! endpoints are in `handlers.rs`, the HTTP plumbing it shares with the metrics listener
-//! in [`super::http`].
+//! endpoints are in `handlers.rs` (those of volumes with history in `history.rs`), the
+//! HTTP plumbing it shares with the metrics listener in [`super::http`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,6 +32,7 @@ use crate::access::Access;
 use crate::error::{Error, ErrorKind, Result};
 
 mod handlers;
+mod history;
 
 pub use super::http::{ApiError, Token, status_for};
 
@@ -192,6 +193,9 @@ fn router(state: Arc<ControlState>) -> Router {
         )
         .route("/v1/exports/{name}/rollback", post(h::rollback))
         .route("/v1/exports/{name}/dirty", get(h::dirty))
+        .route("/v1/exports/{name}/history", get(history::list))
+        .route("/v1/exports/{name}/serve-at", post(history::serve_at))
+        .route("/v1/exports/{name}/clone", post(history::clone))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

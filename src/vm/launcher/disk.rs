@@ -59,8 +59,12 @@ impl DiskAccess {
     }
 }
 
-/// Removes an overlay with its snapshots and manifest.
+/// Removes an overlay with its snapshots and manifest (or a clone's directory).
 pub(super) fn remove_overlay(overlay: &Path) {
+    if overlay.is_dir() {
+        let _ = std::fs::remove_dir_all(overlay);
+        return;
+    }
     let (Some(dir), Some(name)) = (overlay.parent(), overlay.file_name()) else {
         return;
     };
@@ -75,6 +79,81 @@ pub(super) fn remove_overlay(overlay: &Path) {
             }
         }
     }
+}
+
+/// The bundle's clone of a disk at a point, for `run --at`.
+const AT_CLONE: &str = "disk-at";
+
+/// Serves a clone of the VM's disk (or of `--serve`'s image) as it was at `at`: a
+/// volume with history, read without taking it from whoever serves it. The clone goes
+/// when the VM ends.
+async fn open_at(
+    bundle: &Bundle,
+    spec: &VmSpec,
+    options: &RunOptions,
+    at: &str,
+    report: &Report,
+) -> Result<DiskAccess> {
+    let source = match (&options.serve, &spec.disk) {
+        (Some(image), _) => {
+            std::path::absolute(image).map_err(|e| Error::from(e).with_path(image))?
+        }
+        (None, Disk::Image { path }) => bundle.dir().join(path),
+        (None, Disk::Url { .. }) => {
+            return Err(Error::msg(
+                ErrorKind::NotSupported,
+                "--at needs the VM's disk to be a local volume with history; for a disk served \
+                 elsewhere, clone the point there (strata ctl clone) and run a VM on that export",
+            ));
+        }
+    };
+    if !crate::history::is_volume(&source) {
+        return Err(Error::msg(
+            ErrorKind::InvalidInput,
+            "--at needs a volume with history (strata create --history)",
+        )
+        .with_path(&source));
+    }
+    let clone = bundle.path(AT_CLONE);
+    remove_overlay(&clone);
+    let (spec_at, source2, clone2) = (at.to_owned(), source.clone(), clone.clone());
+    let point = tokio::task::spawn_blocking(move || -> Result<crate::history::Point> {
+        let history = std::sync::Arc::new(crate::history::History::inspect(&source2)?);
+        let point = history.resolve(crate::history::PointSpec::parse(&spec_at)?)?;
+        history.view(point)?.clone_to(&clone2)?;
+        Ok(point)
+    })
+    .await
+    .map_err(|e| Error::msg(ErrorKind::Io, "clone task failed").with_source(e))??;
+    report(&format!(
+        "booting from {} as it was at restore point {} ({}), on a clone ({})",
+        source.display(),
+        point.seq,
+        crate::time::rfc3339_us(point.time_us),
+        clone.display()
+    ));
+    let local = match LocalServer::start(
+        &clone,
+        &bundle.path("nbd.sock"),
+        &bundle.path("control.sock"),
+        false,
+    )
+    .await
+    {
+        Ok(l) => l,
+        Err(e) => {
+            remove_overlay(&clone);
+            return Err(e);
+        }
+    };
+    Ok(DiskAccess {
+        url: local.url.clone(),
+        control: Some(local.control.clone()),
+        export: serve::EXPORT.to_owned(),
+        identity: image_identity(&clone),
+        local: Some(local),
+        discard: Some(clone),
+    })
 }
 
 fn image_identity(path: &Path) -> String {
@@ -93,6 +172,9 @@ pub(super) async fn open_disk(
 ) -> Result<DiskAccess> {
     let nbd_sock = bundle.path("nbd.sock");
     let control_sock = bundle.path("control.sock");
+    if let Some(at) = &options.at {
+        return open_at(bundle, spec, options, at, report).await;
+    }
     if let Some(image) = &options.serve {
         let overlay = bundle.path(bundle::OVERLAY);
         if overlay.exists() {

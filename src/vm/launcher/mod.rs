@@ -39,6 +39,8 @@ pub struct RunOptions {
     pub serve: Option<PathBuf>,
     /// With `serve`: delete the overlay when the VM ends.
     pub discard: bool,
+    /// Boot from a clone of the disk (a volume with history) at this restore point.
+    pub at: Option<String>,
     /// Resume from a checkpoint instead of booting.
     pub resume: Option<ResumeOptions>,
 }

@@ -6,11 +6,14 @@
 //! and unknown routes and exports (`errors`), the control listeners (`listeners`), and
 //! what the API itself promises around snapshots (`snapshots`: which exports have them,
 //! name checks). Snapshots themselves, through the API and `strata ctl`, are tested in
-//! snapshot_online.rs.
+//! snapshot_online.rs; restore points of volumes with history, through both, in
+//! `history`.
 
 mod ctl;
 mod errors;
 mod exports;
+mod history;
+mod history_clients;
 mod listeners;
 mod snapshots;
 

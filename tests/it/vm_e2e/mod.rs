@@ -12,6 +12,7 @@
 //! leaves the machine: the guest has no network device. The guest is made in `guest`;
 //! driving the launcher is done here.
 
+mod at;
 mod bad_input;
 mod boot;
 mod crash;

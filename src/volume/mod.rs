@@ -18,10 +18,14 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tracing::info;
 
+use crate::backend::history::HistoryBackend;
 use crate::backend::{ImageBackend, SharedBackend, Switchable};
 use crate::block::DirtyExtent;
 use crate::error::{Error, ErrorKind, Result};
+use crate::history::History;
 use crate::image::{self, Chain, snapshot};
+
+mod history;
 
 /// A snapshot of a volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -72,11 +76,20 @@ pub struct DirtyRange {
     pub length: u64,
 }
 
-/// A Strata image served with snapshots. See the [module documentation](self).
+/// What is behind a volume.
+enum Kind {
+    /// A Strata image: snapshots are files of its chain.
+    Image(Arc<Switchable<ImageBackend>>),
+    /// A volume with history: snapshots are named restore points.
+    History(HistoryBackend),
+}
+
+/// A Strata image, or a volume with history, served with snapshots. See the [module
+/// documentation](self).
 pub struct Volume {
     path: PathBuf,
     read_only: bool,
-    switch: Arc<Switchable<ImageBackend>>,
+    kind: Kind,
     backend: SharedBackend,
     /// Serialises snapshot operations.
     ops: tokio::sync::Mutex<()>,
@@ -112,6 +125,9 @@ impl Volume {
     /// Opens the Strata image at `path` for serving (finishing or undoing any snapshot
     /// operation a crash interrupted first), read-write unless `read_only`.
     pub fn open(path: &Path, read_only: bool) -> Result<Arc<Volume>> {
+        if crate::history::is_volume(path) {
+            return history::open(path, read_only);
+        }
         if !read_only {
             if let Some((live, _)) = snapshot::owner_of(path) {
                 return Err(Error::msg(
@@ -132,7 +148,7 @@ impl Volume {
         Ok(Arc::new(Volume {
             path: path.to_path_buf(),
             read_only,
-            switch,
+            kind: Kind::Image(switch),
             backend: shared,
             ops: tokio::sync::Mutex::new(()),
             served: Mutex::new(BTreeMap::new()),
@@ -150,8 +166,26 @@ impl Volume {
         &self.backend
     }
 
+    /// The image's switch, or an error naming what a volume with history does instead.
+    fn switch(&self) -> &Arc<Switchable<ImageBackend>> {
+        match &self.kind {
+            Kind::Image(s) => s,
+            Kind::History(_) => {
+                unreachable!("image operations are not called on a volume with history")
+            }
+        }
+    }
+
     fn chain(&self) -> Arc<Chain> {
-        Arc::clone(self.switch.current().chain())
+        Arc::clone(self.switch().current().chain())
+    }
+
+    /// The volume with history behind this volume, if it is one.
+    pub fn history(&self) -> Option<&Arc<History>> {
+        match &self.kind {
+            Kind::History(h) => Some(h.history()),
+            Kind::Image(_) => None,
+        }
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -181,6 +215,9 @@ impl Volume {
 
     /// The volume's snapshots, newest first.
     pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        if let Some(h) = self.history() {
+            return Ok(self.history_snapshots(h));
+        }
         let chain = self.chain();
         Ok(snapshot::in_chain(&chain)
             .iter()
@@ -197,13 +234,16 @@ impl Volume {
     pub async fn snapshot(&self, name: &str) -> Result<Taken> {
         self.check_writable()?;
         let _op = self.ops.lock().await;
+        if let Some(h) = self.history() {
+            return self.history_snapshot(h, name).await;
+        }
         let chain = self.chain();
         let prepared = {
             let (live, name, chain) = (self.path.clone(), name.to_owned(), Arc::clone(&chain));
             blocking(move || snapshot::prepare(&live, &name, &chain)).await?
         };
         let start = Instant::now();
-        let mut paused = self.switch.pause().await;
+        let mut paused = self.switch().pause().await;
         let new = {
             let chain = Arc::clone(&chain);
             blocking(move || snapshot::switch(prepared, &chain)).await?
@@ -265,6 +305,11 @@ impl Volume {
         self.check_writable()?;
         let _op = self.ops.lock().await;
         self.refuse_served(&[name])?;
+        if let Some(h) = self.history() {
+            let (h, name) = (Arc::clone(h), name.to_owned());
+            blocking(move || h.delete_snapshot(&name)).await?;
+            return Ok(0);
+        }
         let chain = self.chain();
         let snap = snapshot::find(&chain, name)?;
         let below_live = snap.layer + 1 == usize::from(chain.top_index());
@@ -283,7 +328,7 @@ impl Volume {
             })
             .await?
         };
-        let mut paused = self.switch.pause().await;
+        let mut paused = self.switch().pause().await;
         Self::drain_replies(&chain).await?;
         let new = {
             let (chain, snap) = (Arc::clone(&chain), snap.clone());
@@ -323,17 +368,14 @@ impl Volume {
     ) -> Result<()> {
         self.check_writable()?;
         let _op = self.ops.lock().await;
+        if let Some(h) = self.history() {
+            refuse_connected(connected, options.force)?;
+            let point = history::pinned(h, name)?;
+            return self.history_rollback(h, point).await;
+        }
         let chain = self.chain();
         let snap = snapshot::find(&chain, name)?;
-        if connected > 0 && !options.force {
-            return Err(Error::msg(
-                ErrorKind::Busy,
-                format!(
-                    "{connected} client(s) connected: the disk would change under them; \
-                     disconnect them or force the rollback"
-                ),
-            ));
-        }
+        refuse_connected(connected, options.force)?;
         let newer: Vec<String> = snapshot::in_chain(&chain)
             .into_iter()
             .filter(|s| s.layer > snap.layer)
@@ -356,7 +398,7 @@ impl Volume {
             blocking(move || snapshot::prepare_rollback(&live, &chain, &snap, newer)).await?
         };
         let rollback = Arc::new(rollback);
-        let mut paused = self.switch.pause().await;
+        let mut paused = self.switch().pause().await;
         let switched = {
             let rollback = Arc::clone(&rollback);
             blocking(move || snapshot::switch_rollback(&rollback)).await
@@ -381,6 +423,10 @@ impl Volume {
 
     /// The ranges of the live disk written since snapshot `since`.
     pub async fn dirty(&self, since: &str) -> Result<Vec<DirtyRange>> {
+        if let Some(h) = self.history() {
+            let point = history::pinned(h, since)?;
+            return history::dirty_since(h, point).await;
+        }
         let chain = self.chain();
         let snap = snapshot::find(&chain, since)?;
         blocking(move || dirty_ranges(&chain, snap.layer)).await
@@ -389,6 +435,11 @@ impl Volume {
     /// Opens snapshot `name` read-only, to be served as the export `export_name`;
     /// the snapshot cannot be deleted until [`Volume::unserve`] is called for it.
     pub fn serve_snapshot(&self, name: &str, export_name: &str) -> Result<SharedBackend> {
+        if let Some(h) = self.history() {
+            let backend = history::serve_point(h, history::pinned(h, name)?)?;
+            lock(&self.served).insert(export_name.to_owned(), name.to_owned());
+            return Ok(backend);
+        }
         let snap = snapshot::find(&self.chain(), name)?;
         let backend = ImageBackend::new(image::open(&snap.path, false)?);
         lock(&self.served).insert(export_name.to_owned(), name.to_owned());
@@ -399,6 +450,21 @@ impl Volume {
     pub fn unserve(&self, export_name: &str) {
         lock(&self.served).remove(export_name);
     }
+}
+
+/// Refuses a rollback under `connected` clients unless forced: their disk would change
+/// under them.
+fn refuse_connected(connected: usize, force: bool) -> Result<()> {
+    if connected > 0 && !force {
+        return Err(Error::msg(
+            ErrorKind::Busy,
+            format!(
+                "{connected} client(s) connected: the disk would change under them; \
+                 disconnect them or force the rollback"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The ranges of `chain` written since the snapshot at layer `layer`.
